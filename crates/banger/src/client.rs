@@ -1,0 +1,179 @@
+//! The CLI's side of the API: HTTP/1.1 over the daemon's unix socket, and starting `bangerd`
+//! in the background when nothing answers.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use banger_host::Layout;
+use banger_proto::{ApiError, DaemonStatus};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+/// An error answer from the daemon.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .body.message)]
+pub struct ApiErrorAnswer {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The daemon's error body.
+    pub body: ApiError,
+}
+
+/// A client bound to one daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    layout: Layout,
+}
+
+impl Client {
+    pub fn new(layout: Layout) -> Self {
+        Self { layout }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(&self.layout.socket).await
+    }
+
+    /// Sends one request; returns the status and raw body.
+    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<(StatusCode, Bytes)> {
+        let stream = self
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach bangerd at {}", self.layout.socket.display()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("http handshake with bangerd failed")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder().method(method).uri(path).header("host", "bangerd");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).context("cannot build request")?;
+        let resp = sender.send_request(req).await.context("request to bangerd failed")?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.context("cannot read bangerd's answer")?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Sends a request and decodes a JSON answer, turning error answers into [`ApiErrorAnswer`].
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
+        let body = body.map(serde_json::to_vec).transpose().context("cannot encode request")?;
+        let (status, bytes) = self.send(method, path, body).await?;
+        if !status.is_success() {
+            let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
+                code: "http".into(),
+                message: format!("bangerd answered {status}: {}", String::from_utf8_lossy(&bytes)),
+            });
+            return Err(ApiErrorAnswer { status, body }.into());
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("cannot decode bangerd's answer to {path}"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// The daemon's status, or `None` when nothing answers on the socket.
+    pub async fn probe(&self) -> Option<DaemonStatus> {
+        self.get("/v1/health").await.ok()
+    }
+
+    /// Makes sure a daemon answers, starting one if needed. Returns its status and whether it
+    /// was started now.
+    pub async fn ensure_daemon(&self) -> anyhow::Result<(DaemonStatus, bool)> {
+        if let Some(status) = self.probe().await {
+            return Ok((status, false));
+        }
+        let status = self.start_daemon().await?;
+        Ok((status, true))
+    }
+
+    /// Starts `bangerd` in the background and waits until it answers.
+    pub async fn start_daemon(&self) -> anyhow::Result<DaemonStatus> {
+        let exe = bangerd_path()?;
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("--state-dir")
+            .arg(&self.layout.state_dir)
+            .arg("--socket")
+            .arg(&self.layout.socket)
+            .arg("--detached")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Its own process group: a Ctrl-C at this terminal must not stop the daemon.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(exit) = child.try_wait().context("cannot watch bangerd")? {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt as _;
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                let why = stderr.trim().trim_start_matches("bangerd: ");
+                bail!("bangerd could not start ({exit}): {why}");
+            }
+            if let Some(status) = self.probe().await {
+                eprintln!("started bangerd (pid {}); log: {}", status.pid, status.log_file);
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "bangerd did not answer on {} within 15 s; see its log {}",
+                    self.layout.socket.display(),
+                    self.layout.log_file().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the socket stops answering and the daemon with `pid` has exited.
+    pub async fn wait_stopped(&self, pid: u32, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while banger_host::process::pid_alive(pid, "") || self.connect().await.is_ok() {
+            if Instant::now() > deadline {
+                bail!("bangerd (pid {pid}) did not stop within {} s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Where `bangerd` is: `$BANGER_BANGERD`, beside this executable, or on `PATH`.
+fn bangerd_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BANGER_BANGERD").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join("bangerd")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("bangerd"))
+        .find(|p| p.is_file())
+        .context("bangerd not found beside banger or on PATH; install it (see README) or set BANGER_BANGERD")
+}

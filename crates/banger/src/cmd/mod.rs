@@ -1,0 +1,24 @@
+//! One module per verb group; each parses its arguments and calls the daemon.
+
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod op;
+pub mod vm;
+
+/// Parses a size for clap: MiB, or a number with a unit (`512M`, `2G`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    banger_core::size::parse_mib(text).map_err(|e| e.to_string())
+}
+
+/// A path segment for a user-given reference (a name or id), percent-encoding anything that is
+/// not unreserved so that no input can change the request's path.
+pub fn segment(reference: &str) -> String {
+    reference
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

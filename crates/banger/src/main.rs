@@ -1,0 +1,77 @@
+//! `banger`: the command-line client. It parses arguments, talks to `bangerd` over its unix
+//! socket (starting it when nothing answers) and prints data on stdout, progress and errors on
+//! stderr.
+//!
+//! Exit codes: 0 ok, 1 failed, 2 usage error.
+
+mod client;
+mod cmd;
+mod output;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// banger turns this host into a fleet of disposable microVMs.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true, after_help = "Exit codes: 0 ok, 1 failed, 2 usage error.")]
+pub struct Cli {
+    /// bangerd's state directory [default: /var/lib/banger as root, $XDG_DATA_HOME/banger otherwise]
+    #[arg(long, global = true, env = "BANGER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// bangerd's API socket [default: /run/banger/bangerd.sock as root, $XDG_RUNTIME_DIR/banger/bangerd.sock otherwise]
+    #[arg(long, global = true, env = "BANGER_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, inspect, change and delete VMs.
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCommand),
+    /// Follow and cancel asynchronous operations (VM creates, image pulls).
+    #[command(subcommand, name = "op")]
+    Op(cmd::op::OpCommand),
+    /// Start, stop and inspect the bangerd daemon.
+    #[command(subcommand)]
+    Daemon(cmd::daemon::DaemonCommand),
+    /// Show the configuration in force.
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCommand),
+    /// Check that this host has what banger needs, with the fix for anything missing.
+    Doctor(cmd::doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let layout = banger_host::Layout::resolve(cli.state_dir, cli.socket);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("banger: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = client::Client::new(layout);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Vm(c) => cmd::vm::run(&client, c).await,
+            Command::Op(c) => cmd::op::run(&client, c).await,
+            Command::Daemon(c) => cmd::daemon::run(&client, c).await,
+            Command::Config(c) => cmd::config::run(&client, c).await,
+            Command::Doctor(a) => cmd::doctor::run(&client, a),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("banger: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP/JSON API under `/v1`, served on the daemon's unix socket. Handlers are thin: they
+//! parse, call a daemon method and map its answer. The OpenAPI document at
+//! `GET /v1/openapi.json` is generated from these handlers' annotations and the wire types.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use banger_core::OperationRecord;
+use banger_proto::{
+    ApiError, ConfigView, CreateVmRequest, DaemonStatus, OperationList, UpdateVmRequest, VmList, VmView,
+};
+use utoipa::OpenApi;
+
+use crate::daemon::Daemon;
+use crate::error::ApiFailure;
+
+type Shared = State<Arc<Daemon>>;
+type ApiResult<T> = Result<Json<T>, ApiFailure>;
+
+/// The generated OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "bangerd", description = "banger's daemon API, served on a unix socket"),
+    paths(
+        health, shutdown, config, list_vms, create_vm, show_vm, update_vm, delete_vm, list_ops, show_op, cancel_op,
+        openapi
+    ),
+    components(schemas(
+        ApiError,
+        DaemonStatus,
+        ConfigView,
+        CreateVmRequest,
+        UpdateVmRequest,
+        VmView,
+        VmList,
+        OperationRecord,
+        OperationList
+    ))
+)]
+pub struct ApiDoc;
+
+/// The router, with the daemon as state.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/daemon/shutdown", post(shutdown))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/config", get(config))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{vm}", get(show_vm).patch(update_vm).delete(delete_vm))
+        .route("/v1/operations", get(list_ops))
+        .route("/v1/operations/{op}", get(show_op))
+        .route("/v1/operations/{op}/cancel", post(cancel_op))
+        .fallback(|| async { ApiFailure::not_found("no such endpoint; see GET /v1/openapi.json") })
+        .with_state(daemon)
+}
+
+fn body<T>(parsed: Result<Json<T>, JsonRejection>, what: &str) -> Result<T, ApiFailure> {
+    parsed.map(|Json(v)| v).map_err(|rejection| {
+        ApiFailure::invalid(format!(
+            "invalid request body: {}; send a JSON {what} object (see GET /v1/openapi.json)",
+            rejection.body_text()
+        ))
+    })
+}
+
+/// The daemon's status.
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = DaemonStatus)))]
+async fn health(State(d): Shared) -> ApiResult<DaemonStatus> {
+    let pid = std::process::id();
+    Ok(Json(DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid,
+        state_dir: d.layout.state_dir.display().to_string(),
+        socket: d.layout.socket.display().to_string(),
+        log_file: d.layout.log_file().display().to_string(),
+        started_at: banger_core::time::format_rfc3339(d.started_at),
+        uptime_secs: d.started_at.elapsed().map(|e| e.as_secs()).unwrap_or(0),
+        vms: d.store.list_vms()?.len(),
+        rss_kib: banger_host::process::rss_kib(pid),
+    }))
+}
+
+/// Asks the daemon to shut down cleanly.
+#[utoipa::path(post, path = "/v1/daemon/shutdown", responses((status = 202, description = "shutting down")))]
+async fn shutdown(State(d): Shared) -> impl IntoResponse {
+    tracing::info!("shutdown requested over the api");
+    d.shutdown.notify_one();
+    StatusCode::ACCEPTED
+}
+
+/// The configuration in force.
+#[utoipa::path(get, path = "/v1/config", responses((status = 200, body = ConfigView)))]
+async fn config(State(d): Shared) -> ApiResult<ConfigView> {
+    Ok(Json(ConfigView {
+        source: crate::config::describe_source(d.config_source.as_deref()),
+        config: d.config.clone(),
+    }))
+}
+
+/// Every VM.
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList)))]
+async fn list_vms(State(d): Shared) -> ApiResult<VmList> {
+    let vms = d.store.list_vms()?.into_iter().map(|vm| d.vm_view(vm)).collect();
+    Ok(Json(VmList { vms }))
+}
+
+/// Starts creating a VM; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest, responses(
+    (status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn create_vm(
+    State(d): Shared,
+    req: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let op = d.begin_create_vm(body(req, "CreateVmRequest")?)?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// One VM, by name, id or id prefix.
+#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError)))]
+async fn show_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    Ok(Json(d.vm_view(d.store.find_vm(&vm)?)))
+}
+
+/// Changes a stopped VM.
+#[utoipa::path(patch, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body = UpdateVmRequest,
+    responses((status = 200, body = VmView), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn update_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    req: Result<Json<UpdateVmRequest>, JsonRejection>,
+) -> ApiResult<VmView> {
+    let updated = d.update_vm(&vm, body(req, "UpdateVmRequest")?).await?;
+    Ok(Json(d.vm_view(updated)))
+}
+
+/// Deletes a stopped VM and its files.
+#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    let deleted = d.delete_vm(&vm).await?;
+    Ok(Json(d.vm_view(deleted)))
+}
+
+/// Every kept operation.
+#[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = OperationList)))]
+async fn list_ops(State(d): Shared) -> ApiResult<OperationList> {
+    Ok(Json(OperationList { operations: d.ops.list()? }))
+}
+
+/// One operation, by id or id prefix.
+#[utoipa::path(get, path = "/v1/operations/{op}", params(("op" = String, Path, description = "id or id prefix")),
+    responses((status = 200, body = OperationRecord), (status = 404, body = ApiError)))]
+async fn show_op(State(d): Shared, Path(op): Path<String>) -> ApiResult<OperationRecord> {
+    Ok(Json(d.ops.get(&op)?))
+}
+
+/// Requests cancellation of a running operation.
+#[utoipa::path(post, path = "/v1/operations/{op}/cancel", params(("op" = String, Path, description = "id or id prefix")),
+    responses((status = 200, body = OperationRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn cancel_op(State(d): Shared, Path(op): Path<String>) -> ApiResult<OperationRecord> {
+    Ok(Json(d.ops.cancel(&op)?))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "the OpenAPI document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = ApiDoc::openapi();
+        let paths: Vec<&String> = doc.paths.paths.keys().collect();
+        for p in ["/v1/health", "/v1/vms", "/v1/vms/{vm}", "/v1/operations/{op}/cancel", "/v1/openapi.json"] {
+            assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");
+        }
+        let json = serde_json::to_string(&doc).expect("serialise");
+        assert!(json.contains("CreateVmRequest") && json.contains("OperationRecord"));
+    }
+}

@@ -1,0 +1,294 @@
+//! The one registry of asynchronous operations: begin → named stages with elapsed times →
+//! succeed, fail or cancel → prune. Running operations live in memory with a cancel flag; every
+//! change is also written to the store, so `banger op list` survives a restart and an operation
+//! cut short by a dying daemon shows up as `interrupted`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use banger_core::{new_id, OpState, OperationRecord};
+use banger_store::Store;
+use tokio::sync::Notify;
+
+use crate::error::ApiFailure;
+
+/// A cancellation request, checked at stage boundaries and awaitable inside long stages.
+#[derive(Default)]
+pub struct CancelFlag {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelFlag {
+    fn cancel(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once cancellation is requested.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "long stages (boots, pulls) select on it from the boot-path issue on")
+    )]
+    pub async fn cancelled(&self) {
+        loop {
+            let wait = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            wait.await;
+        }
+    }
+}
+
+/// The operation was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+struct Entry {
+    record: OperationRecord,
+    cancel: Arc<CancelFlag>,
+}
+
+/// The registry.
+pub struct OpRegistry {
+    running: Mutex<HashMap<String, Entry>>,
+    store: Arc<Store>,
+}
+
+/// The worker's side of one operation.
+pub struct OpHandle {
+    id: String,
+    registry: Arc<OpRegistry>,
+    cancel: Arc<CancelFlag>,
+}
+
+impl OpRegistry {
+    pub fn new(store: Arc<Store>) -> Arc<Self> {
+        Arc::new(Self { running: Mutex::new(HashMap::new()), store })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, record: &OperationRecord) {
+        if let Err(e) = self.store.upsert_operation(record) {
+            tracing::warn!(op = %record.id, error = %crate::error::chain(&e), "cannot persist operation");
+        }
+    }
+
+    /// Begins an operation of `kind` on `target`.
+    pub fn begin(self: &Arc<Self>, kind: &str, target: &str) -> OpHandle {
+        let record = OperationRecord::begin(new_id(), kind, target);
+        let cancel = Arc::new(CancelFlag::default());
+        self.persist(&record);
+        let id = record.id.clone();
+        self.map().insert(id.clone(), Entry { record, cancel: cancel.clone() });
+        OpHandle { id, registry: self.clone(), cancel }
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut OperationRecord)) -> Option<OperationRecord> {
+        let snapshot = {
+            let mut map = self.map();
+            let entry = map.get_mut(id)?;
+            f(&mut entry.record);
+            let snapshot = entry.record.clone();
+            if snapshot.state.is_terminal() {
+                map.remove(id);
+            }
+            snapshot
+        };
+        self.persist(&snapshot);
+        Some(snapshot)
+    }
+
+    /// An operation by id or id prefix, running or finished.
+    pub fn get(&self, reference: &str) -> Result<OperationRecord, ApiFailure> {
+        {
+            let map = self.map();
+            let mut hits = map.values().filter(|e| e.record.id.starts_with(reference));
+            if let Some(hit) = hits.next() {
+                if hits.next().is_none() {
+                    let mut record = hit.record.clone();
+                    record.refresh_elapsed();
+                    return Ok(record);
+                }
+            }
+        }
+        Ok(self.store.find_operation(reference)?)
+    }
+
+    /// Every kept operation, oldest first, running ones with fresh elapsed times.
+    pub fn list(&self) -> Result<Vec<OperationRecord>, ApiFailure> {
+        let mut all = self.store.list_operations()?;
+        let map = self.map();
+        for op in &mut all {
+            if let Some(entry) = map.get(&op.id) {
+                *op = entry.record.clone();
+                op.refresh_elapsed();
+            }
+        }
+        Ok(all)
+    }
+
+    /// Requests cancellation. The worker notices at its next stage boundary; a finished
+    /// operation is refused.
+    pub fn cancel(&self, reference: &str) -> Result<OperationRecord, ApiFailure> {
+        let record = self.get(reference)?;
+        if record.state.is_terminal() {
+            return Err(ApiFailure::conflict(format!("operation {} already {}", record.id, record.state.as_str())));
+        }
+        if let Some(entry) = self.map().get(&record.id) {
+            entry.cancel.cancel();
+        }
+        Ok(record)
+    }
+
+    /// Forgets finished operations older than `retention`; returns how many.
+    pub fn prune(&self, retention: std::time::Duration) -> usize {
+        let cutoff = std::time::SystemTime::now().checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
+        match self.store.prune_operations(&banger_core::time::format_rfc3339(cutoff)) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "cannot prune operations");
+                0
+            }
+        }
+    }
+}
+
+impl OpHandle {
+    /// The operation's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The operation's record now.
+    pub fn snapshot(&self) -> Result<OperationRecord, ApiFailure> {
+        self.registry.get(&self.id)
+    }
+
+    /// The cancel flag, for long stages that want to select on it.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "long stages (boots, pulls) select on it from the boot-path issue on")
+    )]
+    pub fn cancel_flag(&self) -> &CancelFlag {
+        &self.cancel
+    }
+
+    /// Enters stage `name`, unless cancellation was requested.
+    pub fn stage(&self, name: &str) -> Result<(), Cancelled> {
+        if self.cancel.is_set() {
+            return Err(Cancelled);
+        }
+        self.registry.update(&self.id, |r| r.enter_stage(name));
+        Ok(())
+    }
+
+    /// Ends the operation well.
+    pub fn succeed(self, result_id: Option<String>) {
+        self.registry.update(&self.id, |r| r.finish(OpState::Succeeded, None, result_id));
+    }
+
+    /// Ends the operation with `error`.
+    pub fn fail(self, error: String) {
+        self.registry.update(&self.id, |r| r.finish(OpState::Failed, Some(error), None));
+    }
+
+    /// Ends the operation as cancelled.
+    pub fn cancelled(self) {
+        self.registry.update(&self.id, |r| r.finish(OpState::Cancelled, Some("cancelled on request".into()), None));
+    }
+}
+
+impl Drop for OpHandle {
+    fn drop(&mut self) {
+        // A worker that panicked or returned without an outcome must not leave the operation
+        // running forever.
+        self.registry
+            .update(&self.id, |r| r.finish(OpState::Failed, Some("operation ended without an outcome".into()), None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_core::StageState;
+
+    fn registry() -> Arc<OpRegistry> {
+        OpRegistry::new(Arc::new(Store::open_in_memory().expect("store")))
+    }
+
+    #[test]
+    fn stages_are_recorded_with_elapsed_times() {
+        let reg = registry();
+        let op = reg.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        op.stage("validate").expect("validate");
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        op.stage("reserve").expect("reserve");
+        let mid = reg.get(&id).expect("get");
+        assert_eq!(mid.state, OpState::Running);
+        assert_eq!(mid.current_stage(), Some("reserve"));
+        assert!(mid.stages[0].elapsed_ms >= 15, "{:?}", mid.stages);
+        op.succeed(Some("vm1".into()));
+        let done = reg.get(&id).expect("get done");
+        assert_eq!(done.state, OpState::Succeeded);
+        assert_eq!(done.result_id.as_deref(), Some("vm1"));
+        assert!(done.stages.iter().all(|s| s.state == StageState::Done));
+        assert_eq!(reg.list().expect("list").len(), 1);
+    }
+
+    #[test]
+    fn cancel_stops_at_the_next_stage() {
+        let reg = registry();
+        let op = reg.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        op.stage("reserve").expect("reserve");
+        let seen = reg.cancel(&id[..8]).expect("cancel by prefix");
+        assert_eq!(seen.state, OpState::Running);
+        assert_eq!(op.stage("prepare"), Err(Cancelled));
+        op.cancelled();
+        let done = reg.get(&id).expect("get");
+        assert_eq!(done.state, OpState::Cancelled);
+        assert_eq!(done.stages.last().map(|s| s.state), Some(StageState::Failed));
+        assert!(reg.cancel(&id).is_err(), "a finished operation cannot be cancelled");
+    }
+
+    #[tokio::test]
+    async fn cancelled_future_wakes() {
+        let reg = registry();
+        let op = reg.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        let waiter = tokio::spawn(async move {
+            op.cancel_flag().cancelled().await;
+            op.cancelled();
+        });
+        tokio::task::yield_now().await;
+        reg.cancel(&id).expect("cancel");
+        tokio::time::timeout(std::time::Duration::from_secs(2), waiter).await.expect("woke").expect("join");
+        assert_eq!(reg.get(&id).expect("get").state, OpState::Cancelled);
+    }
+
+    #[test]
+    fn dropped_handles_fail_and_prune_forgets_old_ones() {
+        let reg = registry();
+        let op = reg.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        drop(op);
+        assert_eq!(reg.get(&id).expect("get").state, OpState::Failed);
+        assert_eq!(reg.prune(std::time::Duration::from_secs(3600)), 0, "recent ones are kept");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(reg.prune(std::time::Duration::ZERO), 1);
+        assert!(reg.get(&id).is_err());
+    }
+}

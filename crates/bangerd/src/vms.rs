@@ -1,0 +1,316 @@
+//! VM records: create (as an asynchronous operation), list, show, set and delete. Booting
+//! comes with the boot-path issue; here a VM is a durable record and its directory.
+//!
+//! A create runs in three phases so that no global lock is held across slow work:
+//! 1. validate and resolve defaults (no lock);
+//! 2. reserve: under the short reservation lock, check the name is free and insert the row;
+//! 3. prepare: make the VM's directory (no global lock).
+
+use std::sync::Arc;
+
+use banger_core::size::{check_range, DISK_MIB, MEMORY_MIB, VCPUS};
+use banger_core::vm::{transition, VmEvent};
+use banger_core::{
+    new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, VmRecord, VmSpec,
+};
+use banger_proto::{CreateVmRequest, UpdateVmRequest, VmView};
+use banger_store::StoreError;
+
+use crate::daemon::Daemon;
+use crate::error::{chain, ApiFailure};
+use crate::ops::{Cancelled, OpHandle};
+
+fn check_ref_name(what: &str, value: &str) -> Result<(), ApiFailure> {
+    validate_artifact_name(value).map_err(|e| ApiFailure::invalid(format!("invalid {what}: {e}")))
+}
+
+impl Daemon {
+    /// A VM as the API shows it.
+    pub fn vm_view(&self, record: VmRecord) -> VmView {
+        VmView { paths: record.paths(), alive: self.handles.alive(&record), record }
+    }
+
+    fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec, ApiFailure> {
+        let c = &self.config;
+        let spec = VmSpec {
+            image: req.image.clone().unwrap_or_else(|| c.default_image.clone()),
+            kernel: req.kernel.clone().unwrap_or_else(|| c.default_kernel.clone()),
+            vcpus: req.vcpus.unwrap_or(c.default_vcpus),
+            memory_mib: req.memory_mib.unwrap_or(c.default_memory_mib),
+            disk_mib: req.disk_mib.unwrap_or(c.default_disk_mib),
+        };
+        check_spec(&spec)?;
+        Ok(spec)
+    }
+
+    /// Validates a create request and starts its operation; the VM is recorded in the
+    /// background. Bad input and taken names are refused here, before anything is written.
+    pub fn begin_create_vm(self: &Arc<Self>, req: CreateVmRequest) -> Result<OperationRecord, ApiFailure> {
+        validate_name(&req.name)?;
+        let spec = self.resolve_spec(&req)?;
+        self.ensure_name_free(&req.name)?;
+        let op = self.ops.begin("vm.create", &req.name);
+        let _ = op.stage("validate");
+        let snapshot = op.snapshot()?;
+        let daemon = self.clone();
+        tokio::spawn(async move { daemon.run_create(op, req.name, spec).await });
+        Ok(snapshot)
+    }
+
+    fn ensure_name_free(&self, name: &str) -> Result<(), ApiFailure> {
+        match self.store.find_vm(name) {
+            Ok(vm) if vm.name == name => Err(StoreError::NameTaken { kind: "vm", name: name.to_owned() }.into()),
+            Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Ambiguous { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The create operation's body. Returns the new record; on failure or cancellation nothing
+    /// it made is left behind.
+    pub async fn run_create(self: Arc<Self>, op: OpHandle, name: String, spec: VmSpec) -> Result<VmRecord, ApiFailure> {
+        let result = self.create_stages(&op, &name, spec).await;
+        match &result {
+            Ok(vm) => {
+                tracing::info!(vm = %vm.name, id = %vm.id, op = %op.id(), "vm created");
+                op.succeed(Some(vm.id.clone()));
+            }
+            Err(CreateFailure::Cancelled) => op.cancelled(),
+            Err(CreateFailure::Api(e)) => {
+                tracing::warn!(vm = %name, op = %op.id(), error = %e, "vm create failed");
+                op.fail(e.message.clone());
+            }
+        }
+        result.map_err(|e| match e {
+            CreateFailure::Cancelled => ApiFailure::conflict(format!("creating vm '{name}' was cancelled")),
+            CreateFailure::Api(e) => e,
+        })
+    }
+
+    async fn create_stages(&self, op: &OpHandle, name: &str, spec: VmSpec) -> Result<VmRecord, CreateFailure> {
+        op.stage("reserve")?;
+        let vm = self.reserve(name, spec)?;
+        let undo = |d: &Self, vm: &VmRecord| {
+            if let Err(e) = d.store.delete_vm(&vm.id) {
+                tracing::error!(vm = %vm.name, error = %chain(&e), "cannot roll back vm row");
+            }
+            let _ = std::fs::remove_dir_all(&vm.vm_dir);
+        };
+        let prepared = op.stage("prepare").map_err(CreateFailure::from).and_then(|()| {
+            banger_host::paths::ensure_dir(std::path::Path::new(&vm.vm_dir), 0o700).map_err(|e| {
+                CreateFailure::Api(ApiFailure::internal(format!("cannot create vm directory {}: {e}", vm.vm_dir)))
+            })
+        });
+        if let Err(e) = prepared {
+            undo(self, &vm);
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Claims `name` and records the VM, under the reservation lock. Held for one check and
+    /// one insert: never across I/O beyond the store.
+    fn reserve(&self, name: &str, spec: VmSpec) -> Result<VmRecord, ApiFailure> {
+        let _guard = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_name_free(name)?;
+        let id = new_id();
+        let now = banger_core::time::now_rfc3339();
+        let vm = VmRecord {
+            vm_dir: self.layout.vm_dir(&id).display().to_string(),
+            id,
+            name: name.to_owned(),
+            spec,
+            desired_state: DesiredState::Stopped,
+            state: ObservedState::Created,
+            guest_ip: None,
+            created_at: now.clone(),
+            updated_at: now,
+            last_error: None,
+        };
+        self.store.insert_vm(&vm)?;
+        Ok(vm)
+    }
+
+    /// Changes a stopped VM's spec.
+    pub async fn update_vm(&self, reference: &str, req: UpdateVmRequest) -> Result<VmRecord, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let _guard = self.vm_locks.lock(&id).await;
+        let mut vm = self.store.find_vm(&id)?;
+        if self.handles.alive(&vm) {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is running; stop it first with `banger vm stop {}`",
+                vm.name, vm.name
+            )));
+        }
+        transition(vm.state, &VmEvent::Modify)?;
+        let UpdateVmRequest { image, kernel, vcpus, memory_mib, disk_mib } = req;
+        if image.is_none() && kernel.is_none() && vcpus.is_none() && memory_mib.is_none() && disk_mib.is_none() {
+            return Err(ApiFailure::invalid("nothing to change; pass --cpus, --memory, --disk, --image or --kernel"));
+        }
+        let mut spec = vm.spec.clone();
+        if let Some(disk) = disk_mib {
+            if disk < spec.disk_mib {
+                return Err(ApiFailure::invalid(format!(
+                    "the work disk can only grow: it is {} MiB, asked for {disk} MiB",
+                    spec.disk_mib
+                )));
+            }
+            spec.disk_mib = disk;
+        }
+        spec.image = image.unwrap_or(spec.image);
+        spec.kernel = kernel.unwrap_or(spec.kernel);
+        spec.vcpus = vcpus.unwrap_or(spec.vcpus);
+        spec.memory_mib = memory_mib.unwrap_or(spec.memory_mib);
+        check_spec(&spec)?;
+        vm.spec = spec;
+        vm.updated_at = banger_core::time::now_rfc3339();
+        self.store.update_vm(&vm)?;
+        tracing::info!(vm = %vm.name, "vm updated");
+        Ok(vm)
+    }
+
+    /// Deletes a stopped VM: its record, then its directory.
+    pub async fn delete_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let guard = self.vm_locks.lock(&id).await;
+        let vm = self.store.find_vm(&id)?;
+        if self.handles.alive(&vm) {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is running; stop it first with `banger vm stop {}`",
+                vm.name, vm.name
+            )));
+        }
+        transition(vm.state, &VmEvent::Delete)?;
+        self.store.delete_vm(&vm.id)?;
+        self.handles.release(&vm);
+        if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %vm.name, dir = %vm.vm_dir, error = %e, "cannot remove vm directory");
+            }
+        }
+        drop(guard);
+        self.vm_locks.forget(&vm.id);
+        tracing::info!(vm = %vm.name, id = %vm.id, "vm deleted");
+        Ok(vm)
+    }
+}
+
+fn check_spec(spec: &VmSpec) -> Result<(), ApiFailure> {
+    check_ref_name("image name", &spec.image)?;
+    check_ref_name("kernel name", &spec.kernel)?;
+    check_range("vcpus", u64::from(spec.vcpus), VCPUS)?;
+    check_range("memory (MiB)", spec.memory_mib, MEMORY_MIB)?;
+    check_range("disk (MiB)", spec.disk_mib, DISK_MIB)?;
+    Ok(())
+}
+
+enum CreateFailure {
+    Cancelled,
+    Api(ApiFailure),
+}
+
+impl From<Cancelled> for CreateFailure {
+    fn from(_: Cancelled) -> Self {
+        Self::Cancelled
+    }
+}
+
+impl From<ApiFailure> for CreateFailure {
+    fn from(e: ApiFailure) -> Self {
+        Self::Api(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_core::{Config, OpState};
+    use banger_host::Layout;
+    use banger_store::Store;
+
+    fn daemon(dir: &std::path::Path) -> Arc<Daemon> {
+        let layout = Layout::resolve(Some(dir.to_path_buf()), Some(dir.join("s.sock")));
+        Daemon::new(layout, Config::default(), None, Store::open(&dir.join("banger.db")).expect("store"))
+    }
+
+    fn req(name: &str) -> CreateVmRequest {
+        CreateVmRequest { name: name.into(), ..Default::default() }
+    }
+
+    async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
+        let spec = d.resolve_spec(&req(name))?;
+        let op = d.ops.begin("vm.create", name);
+        d.clone().run_create(op, name.into(), spec).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn twenty_concurrent_creates_of_one_name_have_one_winner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (d, barrier) = (d.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    create(&d, "contested").await
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        let mut losses = Vec::new();
+        for t in tasks {
+            match t.await.expect("join") {
+                Ok(_) => wins += 1,
+                Err(e) => losses.push(e),
+            }
+        }
+        assert_eq!(wins, 1);
+        assert_eq!(losses.len(), 19);
+        assert!(losses.iter().all(|e| e.code == "conflict" && e.message.contains("already exists")), "{losses:?}");
+        let vms = d.store.list_vms().expect("list");
+        assert_eq!(vms.len(), 1);
+        let dirs = std::fs::read_dir(d.layout.vms_dir()).expect("vms dir").count();
+        assert_eq!(dirs, 1, "losers leave no directory");
+        let ops = d.ops.list().expect("ops");
+        assert_eq!(ops.iter().filter(|o| o.state == OpState::Succeeded).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn begin_create_refuses_bad_input_before_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        for bad in [
+            req("Bad_Name"),
+            CreateVmRequest { vcpus: Some(0), ..req("ok") },
+            CreateVmRequest { memory_mib: Some(1), ..req("ok") },
+            CreateVmRequest { image: Some("no/such".into()), ..req("ok") },
+        ] {
+            let e = d.begin_create_vm(bad).err().expect("refused");
+            assert_eq!(e.code, "invalid_request", "{e:?}");
+        }
+        create(&d, "taken").await.expect("first");
+        let e = d.begin_create_vm(req("taken")).err().expect("duplicate refused");
+        assert_eq!(e.code, "conflict");
+        assert_eq!(d.store.list_vms().expect("list").len(), 1);
+        assert_eq!(d.ops.list().expect("ops").len(), 1, "refused creates record no operation");
+    }
+
+    #[tokio::test]
+    async fn set_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let vm = create(&d, "web").await.expect("create");
+        assert!(std::path::Path::new(&vm.vm_dir).is_dir());
+        let up = d
+            .update_vm("web", UpdateVmRequest { vcpus: Some(2), disk_mib: Some(4096), ..Default::default() })
+            .await
+            .expect("set");
+        assert_eq!((up.spec.vcpus, up.spec.disk_mib), (2, 4096));
+        let shrink = d.update_vm("web", UpdateVmRequest { disk_mib: Some(1024), ..Default::default() }).await;
+        assert!(shrink.is_err_and(|e| e.message.contains("only grow")));
+        assert!(d.update_vm("web", UpdateVmRequest::default()).await.is_err());
+        d.delete_vm(&vm.id[..6]).await.expect("delete by id prefix");
+        assert!(!std::path::Path::new(&vm.vm_dir).exists());
+        assert_eq!(d.delete_vm("web").await.err().map(|e| e.code), Some("not_found"));
+    }
+}

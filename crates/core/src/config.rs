@@ -1,0 +1,126 @@
+//! The daemon's configuration: every key has a default, so an empty or missing file is valid.
+//! Files are TOML; unknown keys are refused so that typos do not go unnoticed.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Which VMM drives guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmChoice {
+    /// QEMU when KVM is unusable for stock guests, otherwise Firecracker when installed.
+    #[default]
+    Auto,
+    /// QEMU `-M microvm`.
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+}
+
+/// banger's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// VMM selection: `auto`, `qemu` or `firecracker`.
+    pub vmm: VmmChoice,
+    /// Image used when `--image` is omitted.
+    pub default_image: String,
+    /// Kernel used when `--kernel` is omitted.
+    pub default_kernel: String,
+    /// vCPUs used when `--cpus` is omitted.
+    pub default_vcpus: u32,
+    /// Memory in MiB used when `--memory` is omitted.
+    pub default_memory_mib: u64,
+    /// Work disk in MiB used when `--disk` is omitted.
+    pub default_disk_mib: u64,
+    /// Group allowed to use the API socket (mode 0660); empty means owner only (0600).
+    pub socket_group: String,
+    /// Log filter, in `tracing` EnvFilter syntax (`info`, `bangerd=debug`, ...).
+    pub log_level: String,
+    /// How long finished operations are kept before they are pruned, in seconds.
+    pub operation_retention_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            vmm: VmmChoice::Auto,
+            default_image: "debian-bookworm".into(),
+            default_kernel: "debian-6.1-cloud".into(),
+            default_vcpus: 1,
+            default_memory_mib: 512,
+            default_disk_mib: 2048,
+            socket_group: String::new(),
+            log_level: "info".into(),
+            operation_retention_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid TOML, or a key or value that does not fit.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parses a config file's text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let parsed = toml_from_str(text).map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        parsed.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        Ok(parsed)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        use crate::size::{check_range, DISK_MIB, MEMORY_MIB, VCPUS};
+        check_range("default_vcpus", u64::from(self.default_vcpus), VCPUS).map_err(|e| e.to_string())?;
+        check_range("default_memory_mib", self.default_memory_mib, MEMORY_MIB).map_err(|e| e.to_string())?;
+        check_range("default_disk_mib", self.default_disk_mib, DISK_MIB).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn toml_from_str(text: &str) -> Result<Config, String> {
+    toml::from_str(text).map_err(|e| e.message().to_owned())
+}
+
+/// The configuration as TOML text, every key shown.
+impl Config {
+    /// Renders the configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::from_toml("", "x").ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn keys_override_and_round_trip() {
+        let c = Config::from_toml("vmm = \"qemu\"\ndefault_vcpus = 2\n", "x").expect("parse");
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.default_vcpus, 2);
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").ok(), Some(c));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let e = Config::from_toml("default_cpus = 2", "/etc/banger/config.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("default_cpus") && m.contains("/etc/banger")), "{e:?}");
+        assert!(Config::from_toml("default_vcpus = 0", "x").is_err());
+        assert!(Config::from_toml("vmm = \"xen\"", "x").is_err());
+    }
+}

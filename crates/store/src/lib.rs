@@ -1,0 +1,127 @@
+//! banger's durable store: one SQLite database (WAL, foreign keys on) holding what VMs, images,
+//! kernels and operations *are*. Transient handles (pids, taps, sockets) never come here.
+//!
+//! Every method takes the connection mutex for one short statement or transaction; nothing slow
+//! runs under it.
+
+mod migrate;
+mod ops;
+mod vms;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+pub use migrate::{MIGRATIONS, SCHEMA_VERSION};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open the store at {path}")]
+    Open {
+        /// The database file.
+        path: String,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer banger.
+    #[error("the store at {path} has schema version {found}, newer than this banger's {supported}; upgrade banger")]
+    TooNew {
+        /// The database file.
+        path: String,
+        /// Its schema version.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// A unique name is already taken.
+    #[error("a {kind} named '{name}' already exists")]
+    NameTaken {
+        /// `vm`, `image`, `kernel`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// No row matches.
+    #[error("no {kind} '{reference}'")]
+    NotFound {
+        /// `vm`, `operation`, ...
+        kind: &'static str,
+        /// What was looked up.
+        reference: String,
+    },
+    /// An id prefix matches more than one row.
+    #[error("'{reference}' matches more than one {kind}; give more of the id or the full name")]
+    Ambiguous {
+        /// `vm`, `operation`, ...
+        kind: &'static str,
+        /// What was looked up.
+        reference: String,
+    },
+    /// A stored row could not be read back.
+    #[error("corrupt {kind} row: {detail}")]
+    Corrupt {
+        /// The table's item kind.
+        kind: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Any other SQLite failure.
+    #[error("store query failed")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// The store: a single SQLite connection behind a mutex.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let conn = Connection::open(path).map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        Self::init(conn, &shown)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let conn =
+            Connection::open_in_memory().map_err(|source| StoreError::Open { path: ":memory:".into(), source })?;
+        Self::init(conn, ":memory:")
+    }
+
+    fn init(mut conn: Connection, shown: &str) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open { path: shown.to_owned(), source };
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        migrate::apply(&mut conn, shown)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// The journal mode SQLite reports (`wal` once opened on a file).
+    pub fn journal_mode(&self) -> Result<String, StoreError> {
+        Ok(self.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0))?)
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+        || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}

@@ -1,0 +1,121 @@
+//! Versioned schema migrations. `PRAGMA user_version` holds the number of migrations applied;
+//! each runs in its own transaction, so a failure leaves the previous version intact.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+/// The migrations, in order. Never edit a released one; append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE kernels (
+        name        TEXT PRIMARY KEY,
+        version     TEXT NOT NULL,
+        release     TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        dir         TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE images (
+        name        TEXT PRIMARY KEY,
+        source      TEXT NOT NULL,
+        init_mode   TEXT NOT NULL DEFAULT 'fast',
+        rootfs      TEXT NOT NULL,
+        work_seed   TEXT,
+        sha256      TEXT,
+        size_bytes  INTEGER NOT NULL DEFAULT 0,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id             TEXT PRIMARY KEY,
+        name           TEXT NOT NULL UNIQUE,
+        image          TEXT NOT NULL,
+        kernel         TEXT NOT NULL,
+        vcpus          INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib     INTEGER NOT NULL CHECK (memory_mib > 0),
+        disk_mib       INTEGER NOT NULL CHECK (disk_mib > 0),
+        desired_state  TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        guest_ip       TEXT UNIQUE,
+        vm_dir         TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        updated_at     TEXT NOT NULL,
+        last_error     TEXT
+    );
+    CREATE TABLE operations (
+        id           TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        target       TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        stages       TEXT NOT NULL,
+        error        TEXT,
+        result_id    TEXT,
+        created_at   TEXT NOT NULL,
+        finished_at  TEXT,
+        elapsed_ms   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX operations_created ON operations (created_at);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub(crate) fn apply(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
+    let open_err = |source| StoreError::Open { path: shown.to_owned(), source };
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { path: shown.to_owned(), found: current, supported: SCHEMA_VERSION });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let version = index + 1;
+        let tx = conn.transaction().map_err(open_err)?;
+        tx.execute_batch(sql).map_err(open_err)?;
+        tx.pragma_update(None, "user_version", i64::try_from(version).unwrap_or(i64::MAX)).map_err(open_err)?;
+        tx.commit().map_err(open_err)?;
+        tracing::info!(version, "store migrated");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    #[test]
+    fn migrates_an_empty_database_to_the_latest_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("banger.db");
+        let store = Store::open(&path).expect("open");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        assert_eq!(store.journal_mode().expect("mode"), "wal");
+        let tables: Vec<String> = {
+            let conn = store.conn();
+            let mut stmt =
+                conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").expect("prepare");
+            let rows = stmt.query_map([], |r| r.get(0)).expect("query");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        assert_eq!(tables, ["images", "kernels", "operations", "vms"]);
+        let fk: i64 = store.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).expect("fk");
+        assert_eq!(fk, 1);
+        drop(store);
+        // Re-opening applies nothing and keeps the version.
+        let again = Store::open(&path).expect("reopen");
+        assert_eq!(again.schema_version().expect("version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("banger.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 5).expect("set");
+        }
+        let err = Store::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("upgrade banger"), "{err}");
+    }
+}
