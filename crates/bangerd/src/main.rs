@@ -79,8 +79,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("bangerd")
         .build()
         .context("cannot start the async runtime")?;
-    let served = runtime.block_on(serve(daemon.clone()));
-    let _ = std::fs::remove_file(&daemon.layout.socket);
+    let served = runtime.block_on(serve(daemon));
     tracing::info!("bangerd stopped");
     drop(lock);
     served
@@ -152,12 +151,11 @@ async fn serve(daemon: Arc<daemon::Daemon>) -> anyhow::Result<()> {
             }
         }
     };
-    axum::serve(listener, api::router(daemon.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("api server failed")?;
+    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(shutdown).await;
     pruner.abort();
-    Ok(())
+    // Only the socket we bound is ours to remove.
+    let _ = std::fs::remove_file(&socket);
+    served.context("api server failed")
 }
 
 /// Binds the API socket. We hold the state dir's lock, so a socket file already there was left

@@ -285,11 +285,11 @@ mod tests {
             CreateVmRequest { memory_mib: Some(1), ..req("ok") },
             CreateVmRequest { image: Some("no/such".into()), ..req("ok") },
         ] {
-            let e = d.begin_create_vm(bad).err().expect("refused");
+            let e = d.begin_create_vm(bad).expect_err("refused");
             assert_eq!(e.code, "invalid_request", "{e:?}");
         }
         create(&d, "taken").await.expect("first");
-        let e = d.begin_create_vm(req("taken")).err().expect("duplicate refused");
+        let e = d.begin_create_vm(req("taken")).expect_err("duplicate refused");
         assert_eq!(e.code, "conflict");
         assert_eq!(d.store.list_vms().expect("list").len(), 1);
         assert_eq!(d.ops.list().expect("ops").len(), 1, "refused creates record no operation");

@@ -57,7 +57,7 @@ pub fn check_range(what: &'static str, value: u64, (min, max): (u64, u64)) -> Re
 
 /// Renders MiB for humans: `512M`, `2G`, `1.5G`.
 pub fn human_mib(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
     } else if mib >= 1024 {
         format!("{:.1}G", mib as f64 / 1024.0)

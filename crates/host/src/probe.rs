@@ -47,7 +47,7 @@ impl HostProbe for LinuxProbe {
 
     fn free_bytes(&self, path: &Path) -> Option<u64> {
         let stat = nix::sys::statvfs::statvfs(nearest_existing(path)?).ok()?;
-        Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+        Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
     }
 
     fn mode_and_gid(&self, path: &Path) -> Option<(u32, u32)> {
