@@ -1,0 +1,349 @@
+//! The agent channel: one multiplexed protocol over a single byte stream (virtio-serial under
+//! QEMU, a hybrid vsock socket under Firecracker), between the daemon (host) and
+//! `banger-agent` (guest).
+//!
+//! ## Framing
+//! Every frame is `len: u32 BE | channel: u32 BE | kind: u8 | payload`, where `len` counts the
+//! channel, kind and payload (so `len >= 5`), and payloads are at most [`MAX_PAYLOAD`] bytes.
+//!
+//! ## Channels
+//! The host opens a channel by sending a [`FrameKind::Request`] on a channel id it has not used
+//! on this connection (ids start at 1; 0 is reserved). Everything about that request travels on
+//! its channel, so any number of requests run at once. A channel ends with the guest's
+//! [`FrameKind::Response`], [`FrameKind::Exit`] or [`FrameKind::Error`].
+//!
+//! | request | host → guest after it | guest → host |
+//! |---|---|---|
+//! | `ping` | – | `Response(pong)` |
+//! | `exec` | `Stdin` chunks, empty `Stdin` = EOF; `Signal` | `Response(started)`, `Stdout`/`Stderr` chunks, `Exit` |
+//! | `read_file` | – | `Data` chunks, then `Response(file)` |
+//! | `write_file` | `Data` chunks, empty `Data` = end | `Response(written)` |
+//! | `ports` | – | `Response(ports)` |
+//! | `shutdown` | – | `Response(ok)`, then the guest powers off |
+//!
+//! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
+//! the host side of the stream goes away, the agent kills the processes of that connection and
+//! waits for the next one; the daemon reconnects.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest payload in one frame.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Bytes before the payload: length, channel, kind.
+pub const HEADER_LEN: usize = 9;
+/// Name of the virtio-serial port the agent serves on.
+pub const AGENT_PORT_NAME: &str = "banger.agent";
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Host → guest: JSON [`AgentRequest`]; opens the channel.
+    Request = 1,
+    /// Guest → host: JSON [`AgentResponse`].
+    Response = 2,
+    /// Host → guest: bytes for the command's stdin; empty means EOF.
+    Stdin = 3,
+    /// Guest → host: bytes the command wrote to stdout.
+    Stdout = 4,
+    /// Guest → host: bytes the command wrote to stderr.
+    Stderr = 5,
+    /// Guest → host: JSON [`ExitStatus`]; ends an exec channel.
+    Exit = 6,
+    /// Host → guest: JSON [`SignalRequest`] for a running command.
+    Signal = 7,
+    /// Guest → host: JSON [`AgentFailure`]; ends the channel.
+    Error = 8,
+    /// Either way: file contents; empty ends a host → guest upload.
+    Data = 9,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Request,
+            2 => Self::Response,
+            3 => Self::Stdin,
+            4 => Self::Stdout,
+            5 => Self::Stderr,
+            6 => Self::Exit,
+            7 => Self::Signal,
+            8 => Self::Error,
+            9 => Self::Data,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The channel it belongs to.
+    pub channel: u32,
+    /// What it carries.
+    pub kind: FrameKind,
+    /// The bytes.
+    pub payload: Vec<u8>,
+}
+
+/// A stream that does not follow the framing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A length below the header size or above the limit.
+    #[error("bad frame length {0}")]
+    BadLength(u32),
+    /// An unknown kind byte.
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    /// A JSON payload that does not parse.
+    #[error("bad {what} payload: {message}")]
+    BadJson {
+        /// What was expected.
+        what: &'static str,
+        /// What serde said.
+        message: String,
+    },
+}
+
+impl Frame {
+    /// A frame with raw bytes.
+    pub fn new(channel: u32, kind: FrameKind, payload: Vec<u8>) -> Self {
+        Self { channel, kind, payload }
+    }
+
+    /// A frame with a JSON payload.
+    pub fn json(channel: u32, kind: FrameKind, value: &impl Serialize) -> Self {
+        // Serialising these plain data types cannot fail.
+        Self::new(channel, kind, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// Decodes the payload as JSON.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self, what: &'static str) -> Result<T, FrameError> {
+        serde_json::from_slice(&self.payload).map_err(|e| FrameError::BadJson { what, message: e.to_string() })
+    }
+
+    /// The frame's bytes on the wire. Payloads over [`MAX_PAYLOAD`] must be split by the caller
+    /// (see [`chunks`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let len = u32::try_from(self.payload.len() + 5).unwrap_or(u32::MAX);
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&self.channel.to_be_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Splits `data` into payload-sized pieces.
+pub fn chunks(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.chunks(MAX_PAYLOAD)
+}
+
+/// Incremental decoder: feed bytes as they arrive, take whole frames out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let total = usize::try_from(len).unwrap_or(usize::MAX);
+        if total < 5 || total > MAX_PAYLOAD + 5 {
+            return Err(FrameError::BadLength(len));
+        }
+        if self.buf.len() < 4 + total {
+            return Ok(None);
+        }
+        let channel = u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
+        let kind = FrameKind::from_u8(self.buf[8]).ok_or(FrameError::BadKind(self.buf[8]))?;
+        let payload = self.buf[HEADER_LEN..4 + total].to_vec();
+        self.buf.drain(..4 + total);
+        Ok(Some(Frame { channel, kind, payload }))
+    }
+
+    /// Bytes received but not yet part of a whole frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// A request that opens a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// Is the agent there?
+    Ping,
+    /// Run a command.
+    Exec(ExecRequest),
+    /// Send a file's contents.
+    ReadFile {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Receive a file's contents in `Data` frames.
+    WriteFile {
+        /// Absolute guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// List listening TCP and UDP ports.
+    Ports,
+    /// Stop every process, sync, and power off.
+    Shutdown,
+}
+
+/// A command to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up on `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/root` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whether the host will send stdin; otherwise stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// A guest's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentResponse {
+    /// Answer to `ping`.
+    Pong {
+        /// The agent's version.
+        version: String,
+        /// Guest uptime in milliseconds.
+        uptime_ms: u64,
+        /// Guest kernel release.
+        kernel: String,
+    },
+    /// An exec's process started.
+    Started {
+        /// Its guest pid.
+        pid: u32,
+    },
+    /// A `read_file` finished.
+    File {
+        /// Bytes sent.
+        size: u64,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A `write_file` finished.
+    Written {
+        /// Bytes written.
+        size: u64,
+    },
+    /// Answer to `ports`.
+    Ports {
+        /// Listening sockets.
+        ports: Vec<ListeningPort>,
+    },
+    /// Generic success.
+    Ok,
+}
+
+/// A listening socket in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListeningPort {
+    /// `tcp`, `tcp6`, `udp` or `udp6`.
+    pub proto: String,
+    /// Bound address.
+    pub address: String,
+    /// Port number.
+    pub port: u16,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when it exited; 128 + signal when a signal ended it.
+    pub code: i32,
+    /// The signal that ended it, if any.
+    pub signal: Option<i32>,
+}
+
+/// A signal for a running command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalRequest {
+    /// Signal number.
+    pub signal: i32,
+}
+
+/// A request that failed in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFailure {
+    /// One line for humans.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_a_split_stream() {
+        let frames = vec![
+            Frame::json(
+                1,
+                FrameKind::Request,
+                &AgentRequest::Exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }),
+            ),
+            Frame::new(1, FrameKind::Stdin, b"hello".to_vec()),
+            Frame::new(1, FrameKind::Stdin, Vec::new()),
+            Frame::json(2, FrameKind::Exit, &ExitStatus { code: 7, signal: None }),
+        ];
+        let wire: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        let mut d = Decoder::default();
+        let mut out = Vec::new();
+        for byte in wire.chunks(3) {
+            d.push(byte);
+            while let Some(f) = d.next_frame().expect("decode") {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, frames);
+        assert_eq!(d.pending(), 0);
+        let req: AgentRequest = out[0].parse("request").expect("json");
+        assert!(matches!(req, AgentRequest::Exec(ExecRequest { ref argv, .. }) if argv == &["true"]));
+    }
+
+    #[test]
+    fn bad_streams_are_refused() {
+        let mut d = Decoder::default();
+        d.push(&[0, 0, 0, 2, 0, 0]);
+        assert_eq!(d.next_frame(), Err(FrameError::BadLength(2)));
+        let mut d = Decoder::default();
+        d.push(&[0, 0, 0, 5, 0, 0, 0, 1, 99]);
+        assert_eq!(d.next_frame(), Err(FrameError::BadKind(99)));
+        let mut d = Decoder::default();
+        d.push(&u32::MAX.to_be_bytes());
+        assert!(d.next_frame().is_err());
+    }
+
+    #[test]
+    fn json_shapes_are_stable() {
+        let ping = serde_json::to_string(&AgentRequest::Ping).expect("json");
+        assert_eq!(ping, r#"{"op":"ping"}"#);
+        let w = serde_json::to_string(&AgentRequest::WriteFile { path: "/x".into(), mode: 0o644 }).expect("json");
+        assert_eq!(w, r#"{"op":"write_file","path":"/x","mode":420}"#);
+        let started = serde_json::to_string(&AgentResponse::Started { pid: 9 }).expect("json");
+        assert_eq!(started, r#"{"type":"started","pid":9}"#);
+    }
+}
