@@ -6,6 +6,7 @@
 
 mod client;
 mod cmd;
+mod exec;
 mod output;
 mod progress;
 
@@ -33,6 +34,12 @@ enum Command {
     /// Create, list, inspect, change and delete VMs.
     #[command(subcommand)]
     Vm(cmd::vm::VmCommand),
+    /// Pull, list and delete guest kernels.
+    #[command(subcommand)]
+    Kernel(cmd::kernel::KernelCommand),
+    /// Build, list and delete root filesystem images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCommand),
     /// Follow and cancel asynchronous operations (VM creates, image pulls).
     #[command(subcommand, name = "op")]
     Op(cmd::op::OpCommand),
@@ -60,12 +67,16 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Vm(c) => cmd::vm::run(&client, c).await,
+            Command::Kernel(c) => cmd::kernel::run(&client, c).await,
+            Command::Image(c) => cmd::image::run(&client, c).await,
             Command::Op(c) => cmd::op::run(&client, c).await,
             Command::Daemon(c) => cmd::daemon::run(&client, c).await,
             Command::Config(c) => cmd::config::run(&client, c).await,
             Command::Doctor(a) => cmd::doctor::run(&client, a),
         }
     });
+    // A blocking stdin read may still be pending; do not wait for it.
+    runtime.shutdown_background();
     match result {
         Ok(code) => code,
         Err(e) => {

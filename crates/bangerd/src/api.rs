@@ -5,14 +5,15 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use banger_core::OperationRecord;
+use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_proto::{
-    ApiError, ConfigView, CreateVmRequest, DaemonStatus, OperationList, UpdateVmRequest, VmList, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ImageList, KernelList, OperationList,
+    PullKernelRequest, UpdateVmRequest, VmList, VmLogs, VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -27,7 +28,27 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
 #[openapi(
     info(title = "bangerd", description = "banger's daemon API, served on a unix socket"),
     paths(
-        health, shutdown, config, list_vms, create_vm, show_vm, update_vm, delete_vm, list_ops, show_op, cancel_op,
+        health,
+        shutdown,
+        config,
+        list_vms,
+        create_vm,
+        show_vm,
+        update_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        vm_logs,
+        vm_stats,
+        list_kernels,
+        pull_kernel,
+        delete_kernel,
+        list_images,
+        build_image,
+        delete_image,
+        list_ops,
+        show_op,
+        cancel_op,
         openapi
     ),
     components(schemas(
@@ -38,8 +59,16 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         UpdateVmRequest,
         VmView,
         VmList,
+        VmLogs,
+        VmStats,
         OperationRecord,
-        OperationList
+        OperationList,
+        KernelRecord,
+        KernelList,
+        PullKernelRequest,
+        ImageRecord,
+        ImageList,
+        BuildImageRequest
     ))
 )]
 pub struct ApiDoc;
@@ -53,6 +82,15 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/config", get(config))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{vm}", get(show_vm).patch(update_vm).delete(delete_vm))
+        .route("/v1/vms/{vm}/exec", post(crate::exec::exec))
+        .route("/v1/vms/{vm}/start", post(start_vm))
+        .route("/v1/vms/{vm}/stop", post(stop_vm))
+        .route("/v1/vms/{vm}/logs", get(vm_logs))
+        .route("/v1/vms/{vm}/stats", get(vm_stats))
+        .route("/v1/kernels", get(list_kernels).post(pull_kernel))
+        .route("/v1/kernels/{name}", axum::routing::delete(delete_kernel))
+        .route("/v1/images", get(list_images).post(build_image))
+        .route("/v1/images/{name}", axum::routing::delete(delete_image))
         .route("/v1/operations", get(list_ops))
         .route("/v1/operations/{op}", get(show_op))
         .route("/v1/operations/{op}/cancel", post(cancel_op))
@@ -147,6 +185,112 @@ async fn update_vm(
 async fn delete_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
     let deleted = d.delete_vm(&vm).await?;
     Ok(Json(d.vm_view(deleted)))
+}
+
+/// Boots a VM; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 202, body = OperationRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn start_vm(State(d): Shared, Path(vm): Path<String>) -> Result<impl IntoResponse, ApiFailure> {
+    Ok((StatusCode::ACCEPTED, Json(d.begin_start_vm(&vm)?)))
+}
+
+/// Stops a VM: agent power-off, then VMM quit, then kill. Answers once it is stopped.
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError)))]
+async fn stop_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    let stopped = d.stop_vm(&vm).await?;
+    Ok(Json(d.vm_view(stopped)))
+}
+
+/// Query of `GET /v1/vms/{vm}/logs`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct LogsQuery {
+    /// Only the last N lines.
+    tail: Option<usize>,
+}
+
+/// A VM's serial console log.
+#[utoipa::path(get, path = "/v1/vms/{vm}/logs", params(("vm" = String, Path, description = "name, id or id prefix"), LogsQuery),
+    responses((status = 200, body = VmLogs), (status = 404, body = ApiError)))]
+async fn vm_logs(State(d): Shared, Path(vm): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<VmLogs> {
+    let vm = d.store.find_vm(&vm)?;
+    let path = vm.paths().console_log;
+    let text = match q.tail {
+        Some(n) => crate::lifecycle::tail_lines(std::path::Path::new(&path), n) + "\n",
+        None => std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
+    };
+    Ok(Json(VmLogs { path, text }))
+}
+
+/// A VM's resource use.
+#[utoipa::path(get, path = "/v1/vms/{vm}/stats", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmStats), (status = 404, body = ApiError)))]
+async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats> {
+    let vm = d.store.find_vm(&vm)?;
+    let running = d.handles.alive(&vm);
+    let pid = d.handles.get(&vm).and_then(|h| h.pid).filter(|_| running);
+    let stats = pid.and_then(|p| d.vmm.stats(p).ok());
+    let uptime_secs = pid
+        .and_then(|p| std::fs::metadata(format!("/proc/{p}")).ok())
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.elapsed().ok())
+        .map(|e| e.as_secs());
+    Ok(Json(VmStats {
+        name: vm.name,
+        running,
+        pid,
+        cpu_time_ms: stats.map(|s| s.cpu_time_ms),
+        rss_kib: stats.map(|s| s.rss_kib),
+        uptime_secs,
+    }))
+}
+
+/// Pulled kernels and the catalog's names.
+#[utoipa::path(get, path = "/v1/kernels", responses((status = 200, body = KernelList)))]
+async fn list_kernels(State(d): Shared) -> ApiResult<KernelList> {
+    let catalog = banger_image::catalog::KERNELS.iter().map(|k| k.name.to_owned()).collect();
+    Ok(Json(KernelList { kernels: d.store.list_kernels()?, catalog }))
+}
+
+/// Pulls a kernel; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/kernels", request_body = PullKernelRequest,
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn pull_kernel(
+    State(d): Shared,
+    req: Result<Json<PullKernelRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    Ok((StatusCode::ACCEPTED, Json(d.begin_pull_kernel(body(req, "PullKernelRequest")?)?)))
+}
+
+/// Deletes a kernel no VM uses.
+#[utoipa::path(delete, path = "/v1/kernels/{name}", params(("name" = String, Path, description = "kernel name")),
+    responses((status = 200, body = KernelRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_kernel(State(d): Shared, Path(name): Path<String>) -> ApiResult<KernelRecord> {
+    Ok(Json(d.delete_kernel(&name)?))
+}
+
+/// Local images and the catalog's names.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = ImageList)))]
+async fn list_images(State(d): Shared) -> ApiResult<ImageList> {
+    let catalog = banger_image::catalog::IMAGES.iter().map(|i| i.name.to_owned()).collect();
+    Ok(Json(ImageList { images: d.store.list_images()?, catalog }))
+}
+
+/// Builds a catalog image; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/images", request_body = BuildImageRequest,
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn build_image(
+    State(d): Shared,
+    req: Result<Json<BuildImageRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    Ok((StatusCode::ACCEPTED, Json(d.begin_build_image(body(req, "BuildImageRequest")?)?)))
+}
+
+/// Deletes an image no VM uses.
+#[utoipa::path(delete, path = "/v1/images/{name}", params(("name" = String, Path, description = "image name")),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_image(State(d): Shared, Path(name): Path<String>) -> ApiResult<ImageRecord> {
+    Ok(Json(d.delete_image(&name)?))
 }
 
 /// Every kept operation.

@@ -21,8 +21,8 @@ pub struct HandleCache {
 /// What start-up reconciliation did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
-    /// VMs whose VMM is alive and now managed by this daemon.
-    pub adopted: Vec<String>,
+    /// VMs whose VMM is alive and now managed by this daemon, with the VMM's pid.
+    pub adopted: Vec<(VmRecord, u32)>,
     /// VMs whose VMM was gone; marked stopped and cleaned up.
     pub reaped: Vec<String>,
 }
@@ -37,8 +37,12 @@ impl HandleCache {
         self.map().get(&vm.id).is_some_and(VmHandles::is_alive)
     }
 
+    /// The handles of `vm`, if it has any.
+    pub fn get(&self, vm: &VmRecord) -> Option<VmHandles> {
+        self.map().get(&vm.id).cloned()
+    }
+
     /// Records `handles` for `vm`, in memory and in its scratch file.
-    #[cfg_attr(not(test), expect(dead_code, reason = "VM boot (the boot-path issue) publishes handles"))]
     pub fn publish(&self, vm: &VmRecord, handles: VmHandles) -> Result<(), banger_host::handles::HandlesError> {
         handles.store(Path::new(&vm.paths().handles))?;
         self.map().insert(vm.id.clone(), handles);
@@ -77,8 +81,16 @@ impl HandleCache {
             };
             if let Some(h) = handles.filter(VmHandles::is_alive) {
                 tracing::info!(vm = %vm.name, pid = ?h.pid, "adopted running vm");
+                if let Some(pid) = h.pid {
+                    report.adopted.push((vm.clone(), pid));
+                }
                 self.map().insert(vm.id.clone(), h);
-                report.adopted.push(vm.name.clone());
+                if vm.state != banger_core::ObservedState::Running {
+                    // Its VMM outlived the daemon that booted it: it is running now.
+                    vm.state = banger_core::ObservedState::Running;
+                    vm.updated_at = banger_core::time::now_rfc3339();
+                    store.update_vm(&vm)?;
+                }
                 continue;
             }
             if vm.state.is_active() || Path::new(&path).exists() {
@@ -145,7 +157,8 @@ mod tests {
 
         let cache = HandleCache::default();
         let report = cache.reconcile(&store).expect("reconcile");
-        assert_eq!(report, ReconcileReport { adopted: vec!["live".into()], reaped: vec!["dead".into()] });
+        let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
+        assert_eq!((adopted, report.reaped), (vec!["live"], vec!["dead".to_owned()]));
         assert!(cache.alive(&live));
         assert!(!cache.alive(&dead));
         assert!(!cache.alive(&idle));

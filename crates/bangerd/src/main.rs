@@ -1,11 +1,15 @@
 //! `bangerd`: banger's daemon. Serves the HTTP/JSON API on a unix socket, keeps durable state in
 //! SQLite under the state directory, and refuses to run twice for one state directory.
 
+mod agent_conn;
 mod api;
+mod artifacts;
 mod config;
 mod daemon;
 mod error;
+mod exec;
 mod handles;
+mod lifecycle;
 mod locks;
 mod ops;
 mod vms;
@@ -39,6 +43,9 @@ struct Args {
     /// Log to the log file only, not to stderr (used when the CLI starts the daemon).
     #[arg(long)]
     detached: bool,
+    /// VMM driver: auto, qemu or firecracker [default: the config's `vmm`]
+    #[arg(long, env = "BANGER_VMM")]
+    vmm: Option<banger_vmm::VmmChoice>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,9 +75,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     if interrupted > 0 {
         tracing::warn!(interrupted, "operations cut short by the previous daemon marked interrupted");
     }
-    let daemon = daemon::Daemon::new(layout, config, config_source, store);
+    let choice = args.vmm.unwrap_or(match config.vmm {
+        banger_core::config::VmmChoice::Auto => banger_vmm::VmmChoice::Auto,
+        banger_core::config::VmmChoice::Qemu => banger_vmm::VmmChoice::Qemu,
+        banger_core::config::VmmChoice::Firecracker => banger_vmm::VmmChoice::Firecracker,
+    });
+    let selection = banger_vmm::select(choice, &banger_vmm::HostFacts::probe())
+        .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
+    tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "vmm selected");
+    let daemon = daemon::Daemon::new(layout, config, config_source, store, selection.driver());
     let report = daemon.handles.reconcile(&daemon.store)?;
-    tracing::info!(adopted = ?report.adopted, reaped = ?report.reaped, "reconciled vms with the host");
+    let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
+    tracing::info!(?adopted, reaped = ?report.reaped, "reconciled vms with the host");
     daemon.ops.prune(Duration::from_secs(daemon.config.operation_retention_secs));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -79,7 +95,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("bangerd")
         .build()
         .context("cannot start the async runtime")?;
-    let served = runtime.block_on(serve(daemon));
+    let served = runtime.block_on(async {
+        for (vm, pid) in report.adopted {
+            daemon.spawn_monitor(vm, pid);
+        }
+        serve(daemon).await
+    });
     tracing::info!("bangerd stopped");
     drop(lock);
     served

@@ -165,7 +165,32 @@ impl OpRegistry {
     }
 }
 
+/// A cloneable way to report stages from a blocking thread.
+#[derive(Clone)]
+pub struct StageSink {
+    id: String,
+    registry: Arc<OpRegistry>,
+    cancel: Arc<CancelFlag>,
+}
+
+impl StageSink {
+    /// Enters stage `name` (a no-op once the operation ended).
+    pub fn stage(&self, name: &str) {
+        self.registry.update(&self.id, |r| r.enter_stage(name));
+    }
+
+    /// Whether cancellation was requested.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_set()
+    }
+}
+
 impl OpHandle {
+    /// A sink for stages reported from elsewhere (e.g. a blocking build).
+    pub fn sink(&self) -> StageSink {
+        StageSink { id: self.id.clone(), registry: self.registry.clone(), cancel: self.cancel.clone() }
+    }
+
     /// The operation's id.
     pub fn id(&self) -> &str {
         &self.id

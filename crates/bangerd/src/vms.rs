@@ -53,7 +53,8 @@ impl Daemon {
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
-        tokio::spawn(async move { daemon.run_create(op, req.name, spec).await });
+        let start = req.start;
+        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start).await });
         Ok(snapshot)
     }
 
@@ -67,8 +68,21 @@ impl Daemon {
 
     /// The create operation's body. Returns the new record; on failure or cancellation nothing
     /// it made is left behind.
-    pub async fn run_create(self: Arc<Self>, op: OpHandle, name: String, spec: VmSpec) -> Result<VmRecord, ApiFailure> {
-        let result = self.create_stages(&op, &name, spec).await;
+    pub async fn run_create(
+        self: Arc<Self>,
+        op: OpHandle,
+        name: String,
+        spec: VmSpec,
+        start: bool,
+    ) -> Result<VmRecord, ApiFailure> {
+        let mut result = self.create_stages(&op, &name, spec).await;
+        if let (true, Ok(vm)) = (start, &result) {
+            result = match self.start_vm(&op, &vm.id).await {
+                Ok(vm) => Ok(vm),
+                Err(crate::lifecycle::StartFailure::Cancelled) => Err(CreateFailure::Cancelled),
+                Err(crate::lifecycle::StartFailure::Api(e)) => Err(CreateFailure::Api(e)),
+            };
+        }
         match &result {
             Ok(vm) => {
                 tracing::info!(vm = %vm.name, id = %vm.id, op = %op.id(), "vm created");
@@ -229,7 +243,9 @@ mod tests {
 
     fn daemon(dir: &std::path::Path) -> Arc<Daemon> {
         let layout = Layout::resolve(Some(dir.to_path_buf()), Some(dir.join("s.sock")));
-        Daemon::new(layout, Config::default(), None, Store::open(&dir.join("banger.db")).expect("store"))
+        let vmm =
+            banger_vmm::select(banger_vmm::VmmChoice::Qemu, &banger_vmm::HostFacts::default()).expect("qemu").driver();
+        Daemon::new(layout, Config::default(), None, Store::open(&dir.join("banger.db")).expect("store"), vmm)
     }
 
     fn req(name: &str) -> CreateVmRequest {
@@ -239,7 +255,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
-        d.clone().run_create(op, name.into(), spec).await
+        d.clone().run_create(op, name.into(), spec, false).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

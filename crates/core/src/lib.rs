@@ -2,6 +2,7 @@
 //! validated, and the pure state transitions of a VM. Nothing here performs I/O beyond reading the
 //! clock and the system RNG.
 
+pub mod artifact;
 pub mod config;
 pub mod id;
 pub mod name;
@@ -10,6 +11,7 @@ pub mod size;
 pub mod time;
 pub mod vm;
 
+pub use artifact::{ImageRecord, InitMode, KernelRecord};
 pub use config::Config;
 pub use id::new_id;
 pub use name::{validate_artifact_name, validate_name, NameError};

@@ -3,9 +3,17 @@
 //! - [`kernel`] unpacks a Debian `linux-image-*.deb` and pulls the ELF `vmlinux` out of its bzImage.
 //! - [`modinfo`] reads `.modinfo` from kernel modules and orders them for loading.
 //! - [`initramfs`] writes deterministic gzip'd cpio archives and the guest initramfs.
+//! - [`catalog`] lists the kernels banger pulls and the images it builds.
+//! - [`kernel::pull`] fetches a kernel package (apt, file or URL) and publishes it.
+//! - [`rootfs`] builds an ext4 root image from a recipe with mmdebstrap.
+//! - [`host`] is the narrow trait over the host tools those run, with a real and a fake host.
 
 #![warn(missing_docs)]
 
+pub mod catalog;
+pub mod host;
 pub mod initramfs;
 pub mod kernel;
 pub mod modinfo;
+pub mod rootfs;
+mod staging;

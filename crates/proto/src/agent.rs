@@ -159,7 +159,7 @@ impl Decoder {
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         let total = usize::try_from(len).unwrap_or(usize::MAX);
-        if total < 5 || total > MAX_PAYLOAD + 5 {
+        if !(5..=MAX_PAYLOAD + 5).contains(&total) {
             return Err(FrameError::BadLength(len));
         }
         if self.buf.len() < 4 + total {

@@ -1,6 +1,6 @@
 //! The daemon's HTTP/JSON API types.
 
-use banger_core::{Config, OperationRecord, VmRecord};
+use banger_core::{Config, ImageRecord, KernelRecord, OperationRecord, VmRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -57,6 +57,9 @@ pub struct CreateVmRequest {
     pub memory_mib: Option<u64>,
     /// Work disk in MiB; the configured default when omitted.
     pub disk_mib: Option<u64>,
+    /// Boot the VM once it is recorded (the operation then also waits for its agent).
+    #[serde(default)]
+    pub start: bool,
 }
 
 /// `PATCH /v1/vms/{vm}`: the fields to change; the VM must not be running.
@@ -108,4 +111,66 @@ pub struct ConfigView {
     pub source: Option<String>,
     /// Every key with its value.
     pub config: Config,
+}
+
+/// `GET /v1/vms/{vm}/logs`: the VM's serial console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmLogs {
+    /// The console log file.
+    pub path: String,
+    /// Its contents (the last `tail` lines when asked).
+    pub text: String,
+}
+
+/// `GET /v1/vms/{vm}/stats`: resource use of a running VM's VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    /// The VM's name.
+    pub name: String,
+    /// Whether it is running.
+    pub running: bool,
+    /// VMM process id.
+    pub pid: Option<u32>,
+    /// Host CPU time the VMM used, in milliseconds.
+    pub cpu_time_ms: Option<u64>,
+    /// Resident memory of the VMM, in KiB.
+    pub rss_kib: Option<u64>,
+    /// Seconds since the VMM started.
+    pub uptime_secs: Option<u64>,
+}
+
+/// `POST /v1/kernels`: pull a kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullKernelRequest {
+    /// Catalog name, or the name to give a kernel from `from`.
+    pub name: String,
+    /// A local `.deb` path or a URL; the host's apt archive when omitted.
+    pub from: Option<String>,
+}
+
+/// `GET /v1/kernels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KernelList {
+    /// Pulled kernels.
+    pub kernels: Vec<KernelRecord>,
+    /// Names the catalog can pull.
+    pub catalog: Vec<String>,
+}
+
+/// `POST /v1/images`: build an image from a catalog recipe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImageRequest {
+    /// Catalog recipe name, e.g. `minimal`.
+    pub name: String,
+}
+
+/// `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    /// Local images.
+    pub images: Vec<ImageRecord>,
+    /// Names the catalog can build.
+    pub catalog: Vec<String>,
 }

@@ -4,6 +4,7 @@
 //! Every method takes the connection mutex for one short statement or transaction; nothing slow
 //! runs under it.
 
+mod artifacts;
 mod migrate;
 mod ops;
 mod vms;

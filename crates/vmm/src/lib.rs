@@ -1,1 +1,162 @@
 //! VMM drivers behind one trait.
+//!
+//! The daemon describes a boot with a [`LaunchSpec`], picks a driver with [`select`] (QEMU
+//! `microvm` today; Firecracker is a reserved slot) and holds it as `Arc<dyn Vmm>`. Drivers build
+//! their VMM's command line themselves, start it in its own session so it outlives the daemon,
+//! and answer "is this VMM still alive and ours" with one test ([`process::is_alive`]: the
+//! process is not a zombie and its command line names the VM directory, which survives pid
+//! reuse). See [`process`] for why VMMs are not double-forked and how they are reaped.
+//!
+//! Stopping a VM: a graceful shutdown is the guest agent's job. Drivers offer [`Vmm::quit`] (ask
+//! the VMM to exit now), [`Vmm::kill`] (SIGKILL, last resort) and [`Vmm::wait_exit`];
+//! [`Vmm::stop`] chains them.
+
+pub mod firecracker;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod select;
+pub mod spec;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use firecracker::FirecrackerDriver;
+pub use process::{is_alive, read_pidfile, StatsError, VmmStats};
+pub use qemu::{LaunchError, QemuDriver};
+pub use qmp::{QmpClient, QmpError, RunStatus};
+pub use select::{
+    host_tsc_khz, select, Accel, HostFacts, ParseVmmChoiceError, SelectError, Selection, VmmChoice, VmmKind,
+};
+pub use spec::{DiskSpec, LaunchSpec, NetSpec, SpecError, VmPaths, AGENT_PORT_NAME};
+
+/// The future a [`Vmm`] method returns (boxed, so the trait stays object-safe).
+pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A running VMM, as [`Vmm::launch`] leaves it: the control socket answers and the guest is
+/// booting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launched {
+    /// The VMM's pid. Store it with the VM dir: the pair is what liveness checks need.
+    pub pid: u32,
+    /// The VM directory.
+    pub vm_dir: PathBuf,
+    /// The VMM control socket (QMP).
+    pub control_socket: PathBuf,
+    /// The host end of the agent channel; connect to talk to the guest agent.
+    pub agent_socket: PathBuf,
+    /// The guest serial console log.
+    pub console_log: PathBuf,
+}
+
+/// How [`Vmm::stop`] ended the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// It was not running.
+    AlreadyGone,
+    /// It exited when asked over its control socket.
+    Quit,
+    /// It had to be killed.
+    Killed,
+}
+
+/// Why a VMM could not be controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The control socket failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// Sending a signal failed.
+    #[error("cannot signal vmm process {pid}; is the daemon running as root?")]
+    Signal {
+        /// The pid.
+        pid: u32,
+        /// The cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The process survived SIGKILL.
+    #[error("vmm process {pid} survived SIGKILL; it may be stuck in the kernel (check `ps -o stat {pid}`)")]
+    Unkillable {
+        /// The pid.
+        pid: u32,
+    },
+    /// The driver is not built.
+    #[error("the {kind} driver is not built yet; use --vmm qemu")]
+    Unsupported {
+        /// The VMM.
+        kind: VmmKind,
+    },
+}
+
+/// A VMM driver. Object-safe: the daemon holds an `Arc<dyn Vmm>`.
+///
+/// Process-level methods take the pid together with the VM directory so a reused pid is never
+/// mistaken for the VMM.
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// Which VMM this drives.
+    fn kind(&self) -> VmmKind;
+
+    /// Starts a VMM for `spec` and waits until its control socket answers. Stale sockets and
+    /// pidfile are removed first; the VMM's stderr goes to `<vm_dir>/vmm.stderr`. On failure the
+    /// VMM is killed and the error quotes the end of its stderr.
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> VmmFuture<'a, Result<Launched, LaunchError>>;
+
+    /// Whether `pid` is alive and is the VMM of `vm_dir` (zombies are dead). Reaps the VMM if
+    /// this driver spawned it and it has exited.
+    fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool;
+
+    /// Asks the VMM behind `control_socket` to exit now (QMP `quit`); the guest is not asked.
+    /// QEMU serves one QMP client at a time: while another client holds the socket this times
+    /// out (after 5 s) rather than waiting forever.
+    fn quit<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>>;
+
+    /// SIGKILLs `pid` if it is the VMM of `vm_dir`; returns whether a signal was sent.
+    fn kill(&self, pid: u32, vm_dir: &Path) -> Result<bool, ControlError>;
+
+    /// Waits up to `timeout` for the VMM to be gone (reaping it if ours); returns whether it is.
+    fn wait_exit<'a>(&'a self, pid: u32, vm_dir: &'a Path, timeout: Duration) -> VmmFuture<'a, bool>;
+
+    /// CPU time and resident memory of the VMM process.
+    fn stats(&self, pid: u32) -> Result<VmmStats, StatsError>;
+
+    /// Ends the VMM: [`Self::quit`], up to `timeout` for it to exit, then [`Self::kill`].
+    /// A failing control socket goes straight to the kill.
+    fn stop<'a>(
+        &'a self,
+        pid: u32,
+        vm_dir: &'a Path,
+        control_socket: &'a Path,
+        timeout: Duration,
+    ) -> VmmFuture<'a, Result<StopOutcome, ControlError>> {
+        Box::pin(async move {
+            if !self.is_alive(pid, vm_dir) {
+                return Ok(StopOutcome::AlreadyGone);
+            }
+            let quit = match self.quit(control_socket).await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(pid, error = %error, "quit over the control socket failed; killing");
+                    false
+                }
+            };
+            if quit && self.wait_exit(pid, vm_dir, timeout).await {
+                return Ok(StopOutcome::Quit);
+            }
+            let signalled = self.kill(pid, vm_dir)?;
+            if !self.wait_exit(pid, vm_dir, Duration::from_secs(5)).await {
+                return Err(ControlError::Unkillable { pid });
+            }
+            Ok(match (signalled, quit) {
+                (true, _) => StopOutcome::Killed,
+                (false, true) => StopOutcome::Quit,
+                (false, false) => StopOutcome::AlreadyGone,
+            })
+        })
+    }
+}

@@ -3,6 +3,8 @@
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod image;
+pub mod kernel;
 pub mod op;
 pub mod vm;
 

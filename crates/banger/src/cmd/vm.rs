@@ -4,12 +4,14 @@ use std::process::ExitCode;
 
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
-use banger_proto::{CreateVmRequest, UpdateVmRequest, VmList, VmView};
+use banger_core::OperationRecord;
+use banger_proto::{CreateVmRequest, UpdateVmRequest, VmList, VmLogs, VmStats, VmView};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
 use super::{parse_size, segment};
 use crate::client::Client;
+use crate::exec::ExecOptions;
 use crate::output;
 
 #[derive(Debug, Subcommand)]
@@ -26,6 +28,116 @@ pub enum VmCommand {
     /// Delete stopped VMs and their disks.
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
+    /// Boot a VM and wait until its agent answers.
+    Start(StartArgs),
+    /// Stop a VM: gracefully through its agent, then the VMM, then a kill.
+    Stop(RefArgs),
+    /// Stop then start a VM.
+    Restart(StartArgs),
+    /// Run a command in a running VM; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Create a VM, boot it, run a command in it, then stop it (and delete it with --rm).
+    /// Exits with the command's exit code.
+    Run(RunArgs),
+    /// Print a VM's serial console log.
+    Logs(LogsArgs),
+    /// Show a VM's resource use.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RefArgs {
+    /// Name, id or id prefix.
+    vm: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Name, id or id prefix.
+    vm: String,
+    /// Print the VM as JSON once it runs.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Name, id or id prefix.
+    vm: String,
+    /// Working directory in the guest [default: /root]
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long, short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Do not forward stdin (the command reads /dev/null).
+    #[arg(long, short = 'n')]
+    no_stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The VM's name [default: run-<random>]
+    #[arg(long)]
+    name: Option<String>,
+    /// Root filesystem image [default: the config's default_image]
+    #[arg(long)]
+    image: Option<String>,
+    /// Kernel [default: the config's default_kernel]
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory, e.g. 512M or 2G.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Work disk size, e.g. 4G.
+    #[arg(long, value_parser = parse_size)]
+    disk: Option<u64>,
+    /// Delete the VM when the command ends.
+    #[arg(long)]
+    rm: bool,
+    /// Working directory in the guest [default: /root]
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long, short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Do not forward stdin (the command reads /dev/null).
+    #[arg(long, short = 'n')]
+    no_stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Name, id or id prefix.
+    vm: String,
+    /// Only the last N lines.
+    #[arg(long, short = 'n')]
+    tail: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Name, id or id prefix.
+    vm: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +232,132 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             show(&vm, a.json)
         }
         VmCommand::Delete(a) => delete(client, a).await,
+        VmCommand::Start(a) => {
+            let op: OperationRecord =
+                client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
+            crate::progress::follow(client, op).await?;
+            let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&a.vm))).await?;
+            if a.json {
+                output::json(&vm)?;
+            } else {
+                eprintln!("{} is running", vm.record.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Stop(a) => {
+            let vm = stop(client, &a.vm).await?;
+            eprintln!("{} is {}", vm.record.name, vm.record.state.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Restart(a) => {
+            stop(client, &a.vm).await?;
+            let op: OperationRecord =
+                client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
+            crate::progress::follow(client, op).await?;
+            eprintln!("{} is running", a.vm);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Exec(a) => {
+            let opts = ExecOptions {
+                argv: a.command,
+                env: a.env,
+                cwd: a.workdir,
+                stdin: !a.no_stdin,
+                forward_interrupt: true,
+            };
+            let code = crate::exec::exec(client, &a.vm, opts).await?;
+            Ok(exit_code(code))
+        }
+        VmCommand::Run(a) => run_command(client, a).await,
+        VmCommand::Logs(a) => {
+            let path = match a.tail {
+                Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
+                None => format!("/v1/vms/{}/logs", segment(&a.vm)),
+            };
+            let logs: VmLogs = client.get(&path).await?;
+            print!("{}", logs.text);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Stats(a) => {
+            let stats: VmStats = client.get(&format!("/v1/vms/{}/stats", segment(&a.vm))).await?;
+            if a.json {
+                output::json(&stats)?;
+            } else {
+                let opt = |v: Option<u64>, f: &dyn Fn(u64) -> String| v.map_or_else(|| "-".to_owned(), f);
+                output::fields(&[
+                    ("name", stats.name.clone()),
+                    ("running", stats.running.to_string()),
+                    ("pid", stats.pid.map_or_else(|| "-".into(), |p| p.to_string())),
+                    ("cpu time", opt(stats.cpu_time_ms, &|ms| human_duration(std::time::Duration::from_millis(ms)))),
+                    ("memory", opt(stats.rss_kib, &|k| format!("{:.1} MiB RSS", k as f64 / 1024.0))),
+                    ("uptime", opt(stats.uptime_secs, &|s| human_duration(std::time::Duration::from_secs(s)))),
+                ])?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The process exit code for a guest command's exit code.
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
+
+async fn stop(client: &Client, vm: &str) -> anyhow::Result<VmView> {
+    client.call(Method::POST, &format!("/v1/vms/{}/stop", segment(vm)), None::<&()>).await
+}
+
+async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let name = a.name.clone().unwrap_or_else(|| format!("run-{}", &banger_core::new_id()[..8]));
+    let req = CreateVmRequest {
+        name: name.clone(),
+        image: a.image,
+        kernel: a.kernel,
+        vcpus: a.cpus,
+        memory_mib: a.memory,
+        disk_mib: a.disk,
+        start: true,
+    };
+    let opts =
+        ExecOptions { argv: a.command, env: a.env, cwd: a.workdir, stdin: !a.no_stdin, forward_interrupt: false };
+    let work = async {
+        let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
+        crate::progress::follow(client, op).await?;
+        crate::exec::exec(client, &name, opts).await
+    };
+    let outcome = tokio::select! {
+        r = work => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    // Whatever happened, leave nothing running (and nothing at all with --rm).
+    let cleanup = async {
+        let exists = client.get::<VmView>(&format!("/v1/vms/{}", segment(&name))).await.is_ok();
+        if !exists {
+            return Ok::<(), anyhow::Error>(());
+        }
+        stop(client, &name).await?;
+        if a.rm {
+            client.call::<VmView>(Method::DELETE, &format!("/v1/vms/{}", segment(&name)), None::<&()>).await?;
+        }
+        Ok(())
+    };
+    let cleaned = cleanup.await;
+    match outcome {
+        None => {
+            cleaned?;
+            eprintln!("interrupted; vm {name} {}", if a.rm { "deleted" } else { "stopped" });
+            Ok(ExitCode::from(130))
+        }
+        Some(Err(e)) => {
+            if let Err(c) = cleaned {
+                eprintln!("banger: cleaning up {name} failed too: {c:#}");
+            }
+            Err(e)
+        }
+        Some(Ok(code)) => {
+            cleaned?;
+            Ok(exit_code(code))
+        }
     }
 }
 
@@ -131,8 +369,9 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
         vcpus: a.cpus,
         memory_mib: a.memory,
         disk_mib: a.disk,
+        start: false,
     };
-    let op: banger_core::OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
+    let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
     let done = crate::progress::follow(client, op).await?;
     let id = done.result_id.unwrap_or(req.name);
     let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&id))).await?;

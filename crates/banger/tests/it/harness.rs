@@ -77,6 +77,12 @@ impl Env {
         Self { dir, state, socket }
     }
 
+    /// An env on given paths (not removed on drop; the daemon is still stopped).
+    pub fn at(state: PathBuf, socket: PathBuf) -> Self {
+        let dir = tempfile::Builder::new().prefix("banger-it-").tempdir().expect("tempdir");
+        Self { dir, state, socket }
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(banger_exe());
         c.args(args)

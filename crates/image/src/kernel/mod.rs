@@ -5,6 +5,7 @@
 //! without a leading `./`. The result is a directory holding `vmlinuz` (bzImage, for QEMU),
 //! `vmlinux` (ELF, for Firecracker), `config` and `modules/` (the `lib/modules/<release>` tree).
 
+pub mod pull;
 mod vmlinux;
 
 pub use vmlinux::{extract_vmlinux, VmlinuxError};

@@ -1,0 +1,500 @@
+//! Serving the host over the agent channel (framing and messages in `banger_proto::agent`).
+//!
+//! One reader (the serving thread) decodes frames and dispatches them; requests that take time
+//! run on their own threads and answer through a shared [`Writer`], which writes whole frames
+//! one at a time. Each host connection has a generation: frames of an older connection are
+//! dropped, never written into a newer one.
+//!
+//! On a virtio-serial port the host's absence looks like this: `poll` reports POLLHUP and
+//! `read` returns 0 until a client connects to QEMU's socket. So the agent polls until POLLHUP
+//! clears, serves, and on `read() == 0` kills the connection's processes, forgets its state and
+//! waits for the next host. A quick reconnect can hide the HUP entirely, so a request on a channel
+//! id that this connection already used (hosts number from 1 on each connection) also starts a
+//! new connection. Writes also block while no host is connected, hence the
+//! non-blocking fd and the generation check while waiting for POLLOUT.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_proto::agent::{
+    AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind, SignalRequest, AGENT_PORT_NAME, MAX_PAYLOAD,
+};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+
+use crate::exec::{self, ExecControl};
+use crate::{files, ports};
+
+/// Where to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A character device (the virtio-serial port), kept open across host connections.
+    Port(PathBuf),
+    /// Listen on a unix socket and serve one client at a time.
+    Listen(PathBuf),
+    /// Connect to a unix socket and serve that one connection.
+    Connect(PathBuf),
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The host asked for `shutdown` (already answered).
+    Shutdown,
+    /// The only connection closed (`Transport::Connect`).
+    Closed,
+}
+
+/// Serving could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The port or socket could not be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// What.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `accept` failed.
+    #[error("cannot accept a host connection")]
+    Accept(#[source] std::io::Error),
+    /// `poll` or `read` failed in a way that will not pass.
+    #[error("cannot read the agent channel")]
+    Read(#[source] Errno),
+    /// The virtio-serial port never showed up.
+    #[error("no virtio-serial port named '{AGENT_PORT_NAME}' within {0:?} (is virtio_console loaded?)")]
+    NoPort(Duration),
+}
+
+/// A frame could not be sent: the host it was for has gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the host connection has gone")]
+pub struct Gone;
+
+/// The one writer: the current connection's fd and its generation.
+#[derive(Debug, Default)]
+pub struct Writer {
+    generation: AtomicU64,
+    conn: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+impl Writer {
+    fn attach(&self, fd: Arc<OwnedFd>) -> u64 {
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *conn = Some(fd);
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn detach(&self) {
+        // Bump first: a writer waiting for POLLOUT notices and lets go of the lock.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *conn = None;
+    }
+
+    fn write(&self, generation: u64, bytes: &[u8]) -> Result<(), Gone> {
+        let conn = self.conn.lock().map_err(|_| Gone)?;
+        let fd = match conn.as_ref() {
+            Some(fd) if self.generation.load(Ordering::SeqCst) == generation => fd,
+            _ => return Err(Gone),
+        };
+        let mut done = 0;
+        while done < bytes.len() {
+            match nix::unistd::write(fd.as_fd(), &bytes[done..]) {
+                Ok(n) => done += n,
+                Err(Errno::EAGAIN) => {
+                    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(50u8));
+                    let broken = PollFlags::POLLHUP | PollFlags::POLLERR;
+                    if fds[0].revents().is_some_and(|r| r.intersects(broken)) {
+                        // No host on the port: writes block until one comes, or this
+                        // connection is replaced.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if self.generation.load(Ordering::SeqCst) != generation {
+                        return Err(Gone);
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => return Err(Gone),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the reader does with later frames on a channel.
+#[derive(Debug)]
+pub enum Route {
+    /// A running exec: its control and stdin (when asked for).
+    Exec {
+        /// Signals and kill.
+        control: Arc<ExecControl>,
+        /// Host stdin chunks.
+        stdin: Option<mpsc::Sender<Vec<u8>>>,
+    },
+    /// A `write_file` receiving `Data`.
+    Upload(mpsc::Sender<Vec<u8>>),
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+
+/// One channel's way back to the host.
+#[derive(Debug, Clone)]
+pub struct Link {
+    writer: Arc<Writer>,
+    generation: u64,
+    channel: u32,
+    routes: Routes,
+}
+
+impl Link {
+    /// Sends raw bytes, split into frames of at most `MAX_PAYLOAD`.
+    pub fn send(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), Gone> {
+        if payload.len() <= MAX_PAYLOAD {
+            return self.writer.write(self.generation, &Frame::new(self.channel, kind, payload).encode());
+        }
+        for piece in payload.chunks(MAX_PAYLOAD) {
+            self.writer.write(self.generation, &Frame::new(self.channel, kind, piece.to_vec()).encode())?;
+        }
+        Ok(())
+    }
+
+    /// Sends a JSON payload.
+    pub fn json(&self, kind: FrameKind, value: &impl serde::Serialize) -> Result<(), Gone> {
+        self.writer.write(self.generation, &Frame::json(self.channel, kind, value).encode())
+    }
+
+    /// Ends the channel with an `Error` frame.
+    pub fn fail(&self, message: &str) {
+        let _ = self.json(FrameKind::Error, &AgentFailure { message: message.to_owned() });
+    }
+
+    /// Forgets the channel's route: later frames on it are ignored.
+    pub fn finish(&self) {
+        if let Ok(mut routes) = self.routes.lock() {
+            routes.remove(&self.channel);
+        }
+    }
+}
+
+/// Finds `/dev/vportNpM` whose name is [`AGENT_PORT_NAME`], waiting up to `timeout`.
+pub fn find_port(timeout: Duration) -> Result<PathBuf, ServeError> {
+    let start = Instant::now();
+    loop {
+        if let Some(dev) = port_by_name(Path::new("/sys/class/virtio-ports"), AGENT_PORT_NAME) {
+            let path = Path::new("/dev").join(dev);
+            if path.exists() {
+                return Ok(path);
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(ServeError::NoPort(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn port_by_name(class: &Path, name: &str) -> Option<String> {
+    std::fs::read_dir(class).ok()?.flatten().find_map(|entry| {
+        let found = std::fs::read_to_string(entry.path().join("name")).ok()?;
+        (found.trim() == name).then(|| entry.file_name().to_string_lossy().into_owned())
+    })
+}
+
+/// Serves until the host asks for `shutdown` (or, for `Connect`, until the connection ends).
+pub fn serve(transport: &Transport) -> Result<Outcome, ServeError> {
+    let writer = Arc::new(Writer::default());
+    match transport {
+        Transport::Port(path) => {
+            let flags = nix::fcntl::OFlag::O_RDWR
+                | nix::fcntl::OFlag::O_NONBLOCK
+                | nix::fcntl::OFlag::O_CLOEXEC
+                | nix::fcntl::OFlag::O_NOCTTY;
+            let fd = nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())
+                .map_err(|e| ServeError::Open { path: path.clone(), source: e.into() })?;
+            // SAFETY: `open` just returned this fd and nothing else owns it.
+            let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+            loop {
+                wait_for_host(&fd)?;
+                log!("host connected on {}", path.display());
+                if connection(&writer, Arc::clone(&fd))? == Outcome::Shutdown {
+                    return Ok(Outcome::Shutdown);
+                }
+                log!("host disconnected; its processes were killed");
+            }
+        }
+        Transport::Listen(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener =
+                UnixListener::bind(path).map_err(|source| ServeError::Open { path: path.clone(), source })?;
+            loop {
+                let (stream, _) = listener.accept().map_err(ServeError::Accept)?;
+                if connection(&writer, stream_fd(stream, path)?)? == Outcome::Shutdown {
+                    let _ = std::fs::remove_file(path);
+                    return Ok(Outcome::Shutdown);
+                }
+            }
+        }
+        Transport::Connect(path) => {
+            let stream = UnixStream::connect(path).map_err(|source| ServeError::Open { path: path.clone(), source })?;
+            connection(&writer, stream_fd(stream, path)?)
+        }
+    }
+}
+
+fn stream_fd(stream: UnixStream, path: &Path) -> Result<Arc<OwnedFd>, ServeError> {
+    stream.set_nonblocking(true).map_err(|source| ServeError::Open { path: path.to_owned(), source })?;
+    Ok(Arc::new(OwnedFd::from(stream)))
+}
+
+/// Polls until POLLHUP clears, i.e. a host is connected to the port.
+fn wait_for_host(fd: &OwnedFd) -> Result<(), ServeError> {
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(ServeError::Read(e)),
+        }
+        if !fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Serves one host connection until it ends or asks for `shutdown`.
+fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeError> {
+    let mut generation = writer.attach(Arc::clone(&fd));
+    let mut routes: Routes = Arc::default();
+    // Highest channel id a request has opened on this connection (see `reconnected`).
+    let mut highest = 0u32;
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let outcome = 'conn: loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => break Err(ServeError::Read(e)),
+        }
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => break Ok(Outcome::Closed),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(Errno::EAGAIN | Errno::EINTR) => continue,
+            Err(e) => {
+                log!("reading the agent channel failed: {e}; dropping the connection");
+                break Ok(Outcome::Closed);
+            }
+        }
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if frame.kind == FrameKind::Request && reconnected(frame.channel, &mut highest) {
+                        log!("host reconnected (channel ids restarted); killing the old connection's processes");
+                        end_connection(writer, &routes);
+                        generation = writer.attach(Arc::clone(&fd));
+                        routes = Arc::default();
+                    }
+                    let link = Link {
+                        writer: Arc::clone(writer),
+                        generation,
+                        channel: frame.channel,
+                        routes: Arc::clone(&routes),
+                    };
+                    if dispatch(frame, link) {
+                        break 'conn Ok(Outcome::Shutdown);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The stream is out of step; tell the host on channel 0 and start afresh.
+                    log!("bad frame from the host: {e}; resetting the decoder");
+                    let link = Link { writer: Arc::clone(writer), generation, channel: 0, routes: Arc::clone(&routes) };
+                    link.fail(&format!("bad frame: {e}"));
+                    decoder = Decoder::default();
+                    break;
+                }
+            }
+        }
+    };
+    end_connection(writer, &routes);
+    outcome
+}
+
+/// Whether a request on `channel` means a new host connection. A host never reuses a channel
+/// id on one connection and numbers from 1, so an id at or below the highest seen means the
+/// host reconnected. This catches a reconnect the port did not show: when the old client goes
+/// and a new one comes quickly, the guest can process QEMU's "closed" and "open" messages
+/// together and `read` never returns 0.
+fn reconnected(channel: u32, highest: &mut u32) -> bool {
+    let restarted = channel <= *highest;
+    *highest = if restarted { channel } else { channel.max(*highest) };
+    restarted
+}
+
+/// Stops writing for the connection and SIGKILLs the processes it started.
+fn end_connection(writer: &Writer, routes: &Routes) {
+    writer.detach();
+    let routes: Vec<Route> = routes.lock().map(|mut r| r.drain().map(|(_, route)| route).collect()).unwrap_or_default();
+    for route in routes {
+        if let Route::Exec { control, .. } = route {
+            control.kill();
+        }
+    }
+}
+
+/// Handles one frame; true when the host asked for `shutdown` (answered already).
+fn dispatch(frame: Frame, link: Link) -> bool {
+    match frame.kind {
+        FrameKind::Request => {
+            let request: AgentRequest = match frame.parse("request") {
+                Ok(request) => request,
+                Err(e) => {
+                    link.fail(&e.to_string());
+                    return false;
+                }
+            };
+            return request_frame(request, link);
+        }
+        FrameKind::Stdin => {
+            let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(Route::Exec { stdin: slot @ Some(_), .. }) = routes.get_mut(&frame.channel) {
+                let eof = frame.payload.is_empty();
+                if let Some(tx) = slot.as_ref() {
+                    let _ = tx.send(frame.payload);
+                }
+                if eof {
+                    *slot = None;
+                }
+            }
+        }
+        FrameKind::Signal => match frame.parse::<SignalRequest>("signal") {
+            Ok(request) => {
+                let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(Route::Exec { control, .. }) = routes.get(&frame.channel) {
+                    match Signal::try_from(request.signal) {
+                        Ok(signal) => control.signal(signal),
+                        Err(_) => log!("ignoring unknown signal {}", request.signal),
+                    }
+                }
+            }
+            Err(e) => log!("ignoring a bad signal frame: {e}"),
+        },
+        FrameKind::Data => {
+            let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(Route::Upload(tx)) = routes.get(&frame.channel) {
+                let _ = tx.send(frame.payload);
+            }
+        }
+        other => log!("ignoring a {other:?} frame from the host on channel {}", frame.channel),
+    }
+    false
+}
+
+fn request_frame(request: AgentRequest, link: Link) -> bool {
+    match request {
+        AgentRequest::Ping => {
+            let _ = link.json(FrameKind::Response, &pong());
+        }
+        AgentRequest::Ports => {
+            let _ = link
+                .json(FrameKind::Response, &AgentResponse::Ports { ports: ports::listening(Path::new("/proc/net")) });
+        }
+        AgentRequest::Shutdown => {
+            let _ = link.json(FrameKind::Response, &AgentResponse::Ok);
+            return true;
+        }
+        AgentRequest::Exec(request) => {
+            let control = Arc::new(ExecControl::default());
+            let (tx, rx) = if request.stdin {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            insert_route(&link, Route::Exec { control: Arc::clone(&control), stdin: tx });
+            spawn_channel(link, "exec", move |link| exec::session(link, request, control, rx));
+        }
+        AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
+        AgentRequest::WriteFile { path, mode } => {
+            let (tx, rx) = mpsc::channel();
+            insert_route(&link, Route::Upload(tx));
+            spawn_channel(link, "write_file", move |link| files::write_file(&link, &path, mode, &rx));
+        }
+    }
+    false
+}
+
+fn insert_route(link: &Link, route: Route) {
+    if let Ok(mut routes) = link.routes.lock() {
+        routes.insert(link.channel, route);
+    }
+}
+
+fn spawn_channel(link: Link, name: &str, work: impl FnOnce(Link) + Send + 'static) {
+    let theirs = link.clone();
+    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(move || work(theirs)) {
+        link.fail(&format!("cannot start a thread: {e}"));
+        link.finish();
+    }
+}
+
+/// The answer to `ping`.
+fn pong() -> AgentResponse {
+    let uptime = std::fs::read_to_string("/proc/uptime").ok();
+    // "12345.67 ..." → milliseconds, without float casts.
+    let millis = uptime.as_deref().and_then(|u| u.split_whitespace().next()).and_then(|s| {
+        let (secs, frac) = s.split_once('.').unwrap_or((s, "0"));
+        let frac = format!("{frac:0<3}");
+        Some(secs.parse::<u64>().ok()? * 1000 + frac.get(..3)?.parse::<u64>().ok()?)
+    });
+    AgentResponse::Pong {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_ms: millis.unwrap_or(0),
+        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_found_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (port, name) in [("vport0p0", "other"), ("vport0p1", "banger.agent\n")] {
+            std::fs::create_dir(dir.path().join(port)).expect("mkdir");
+            std::fs::write(dir.path().join(port).join("name"), name).expect("write");
+        }
+        assert_eq!(port_by_name(dir.path(), AGENT_PORT_NAME).as_deref(), Some("vport0p1"));
+        assert_eq!(port_by_name(dir.path(), "nope"), None);
+    }
+
+    #[test]
+    fn restarted_channel_ids_mean_a_new_connection() {
+        let mut highest = 0;
+        assert!(!reconnected(1, &mut highest));
+        assert!(!reconnected(2, &mut highest));
+        assert!(!reconnected(5, &mut highest));
+        assert!(reconnected(1, &mut highest));
+        assert!(!reconnected(2, &mut highest));
+        assert!(reconnected(2, &mut highest));
+    }
+
+    #[test]
+    fn pong_reports_this_kernel() {
+        let AgentResponse::Pong { version, kernel, .. } = pong() else { panic!("not a pong") };
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert!(!kernel.is_empty());
+    }
+}

@@ -1,0 +1,137 @@
+//! The CLI's side of `POST /v1/vms/{vm}/exec`: upgrade the HTTP connection, send the exec
+//! request, forward stdin (and Ctrl-C as SIGINT), and write the command's output to our stdout
+//! and stderr as it arrives. Returns the command's exit code.
+
+use anyhow::{bail, Context as _};
+use banger_proto::agent::{
+    AgentFailure, AgentRequest, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest,
+};
+use banger_proto::ApiError;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::client::Client;
+use crate::cmd::segment;
+
+/// How to run the command.
+pub struct ExecOptions {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    pub cwd: Option<String>,
+    /// Forward our stdin.
+    pub stdin: bool,
+    /// Forward Ctrl-C to the command as SIGINT (otherwise the caller handles Ctrl-C).
+    pub forward_interrupt: bool,
+}
+
+/// Runs a command in `vm` and returns its exit code.
+pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Result<i32> {
+    let socket = &client.layout().socket;
+    let stream =
+        UnixStream::connect(socket).await.with_context(|| format!("cannot reach bangerd at {}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake")?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let req = Request::post(format!("/v1/vms/{}/exec", segment(vm)))
+        .header("host", "bangerd")
+        .header("connection", "upgrade")
+        .header("upgrade", "banger-exec")
+        .body(Empty::<Bytes>::new())
+        .context("cannot build the exec request")?;
+    let resp = sender.send_request(req).await.context("exec request failed")?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let err = serde_json::from_slice::<ApiError>(&body)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| format!("bangerd answered {status}: {}", String::from_utf8_lossy(&body)));
+        bail!(err);
+    }
+    let upgraded = hyper::upgrade::on(resp).await.context("exec upgrade failed")?;
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let request = AgentRequest::Exec(ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, stdin: opts.stdin });
+    tx.send(Frame::json(1, FrameKind::Request, &request)).ok();
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if wr.write_all(&frame.encode()).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    if opts.stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Frame::new(1, FrameKind::Stdin, Vec::new()));
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Frame::new(1, FrameKind::Stdin, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if opts.forward_interrupt {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                let sig = SignalRequest { signal: 2 };
+                if tx.send(Frame::json(1, FrameKind::Signal, &sig)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(frame) = decoder.next_frame().context("corrupt exec stream from bangerd")? {
+            match frame.kind {
+                FrameKind::Stdout => {
+                    stdout.write_all(&frame.payload).await?;
+                    stdout.flush().await?;
+                }
+                FrameKind::Stderr => {
+                    stderr.write_all(&frame.payload).await?;
+                    stderr.flush().await?;
+                }
+                FrameKind::Exit => {
+                    let status: ExitStatus = frame.parse("exit")?;
+                    return Ok(status.code);
+                }
+                FrameKind::Error => {
+                    let failure: AgentFailure = frame.parse("error")?;
+                    bail!(failure.message);
+                }
+                _ => {}
+            }
+        }
+        let n = rd.read(&mut buf).await.context("exec stream broke")?;
+        if n == 0 {
+            bail!("bangerd closed the exec stream before the command ended");
+        }
+        decoder.push(&buf[..n]);
+    }
+}

@@ -1,0 +1,15 @@
+//! The real-guest tier: real `bangerd`, real QEMU (TCG here), a real Debian kernel and a real
+//! image built with mmdebstrap. Runs only with `BANGER_REAL_GUEST=1`; with it set, a missing
+//! prerequisite fails the test with the reason.
+//!
+//! The kernel and the `minimal` image are prepared once into a template state dir under a
+//! cache dir (`BANGER_TEST_CACHE`, default `~/.cache/banger-test`), keyed by a version string;
+//! each test gets its own daemon and state dir whose artifacts are hard links into the template.
+
+#[path = "../it/harness.rs"]
+#[allow(dead_code, reason = "shared with the integration tests; not every helper is used here")]
+mod harness;
+mod template;
+
+mod boot;
+mod recovery;

@@ -1,0 +1,82 @@
+//! The prepared template: a state dir holding the pulled kernel and the built image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::harness::{bangerd_exe, Env};
+
+/// Bump when the catalog's kernel or image recipe changes.
+const TEMPLATE_KEY: &str = "template-v1-debian-6.1-cloud-minimal";
+
+pub fn enabled() -> bool {
+    std::env::var("BANGER_REAL_GUEST").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns `None`) when the tier is off; otherwise the template, prepared once.
+pub fn template() -> Option<&'static Path> {
+    if !enabled() {
+        eprintln!("real-guest tier off: set BANGER_REAL_GUEST=1 to run it");
+        return None;
+    }
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    Some(TEMPLATE.get_or_init(prepare))
+}
+
+fn require(program: &str, fix: &str) {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {program}")).output().is_ok_and(|o| o.status.success());
+    assert!(found, "real-guest tier: {program} is missing; {fix}");
+}
+
+fn prepare() -> PathBuf {
+    require("qemu-system-x86_64", "run scripts/deps (apt-get install qemu-system-x86)");
+    require("mmdebstrap", "run scripts/deps (apt-get install mmdebstrap)");
+    require("mkfs.ext4", "run scripts/deps (apt-get install e2fsprogs)");
+    let agent = std::env::var_os("BANGER_AGENT").map(PathBuf::from);
+    assert!(
+        agent.as_ref().is_some_and(|a| a.is_file()),
+        "real-guest tier: BANGER_AGENT must name the static banger-agent (scripts/test builds it)"
+    );
+    let cache = std::env::var_os("BANGER_TEST_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/banger-test"),
+        PathBuf::from,
+    );
+    let dir = cache.join(TEMPLATE_KEY);
+    let state = dir.join("state");
+    std::fs::create_dir_all(&dir).expect("cache dir");
+    // One preparer at a time, across test processes too.
+    let lock = std::fs::File::create(dir.with_extension("lock")).expect("lock file");
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).expect("flock");
+    if dir.join("ready").exists() {
+        return state;
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    let env = Env::at(state.clone(), dir.join("bangerd.sock"));
+    let started = std::time::Instant::now();
+    env.banger(&["kernel", "pull", "debian-6.1-cloud"]).ok();
+    eprintln!("template: kernel pulled in {:.1}s", started.elapsed().as_secs_f64());
+    let started = std::time::Instant::now();
+    env.banger(&["image", "build", "minimal"]).ok();
+    eprintln!("template: image built in {:.1}s", started.elapsed().as_secs_f64());
+    env.banger(&["daemon", "stop"]).ok();
+    std::fs::write(dir.join("ready"), bangerd_exe().display().to_string()).expect("ready marker");
+    state
+}
+
+/// A fresh env whose state dir shares the template's kernels and images (hard links).
+pub fn env_from(template: &Path) -> Env {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state).expect("state dir");
+    for sub in ["kernels", "images"] {
+        let status =
+            Command::new("cp").arg("-al").arg(template.join(sub)).arg(env.state.join(sub)).status().expect("cp");
+        assert!(status.success(), "cp -al {sub}");
+    }
+    for db in ["banger.db", "banger.db-wal", "banger.db-shm"] {
+        if template.join(db).exists() {
+            std::fs::copy(template.join(db), env.state.join(db)).expect("copy db");
+        }
+    }
+    env
+}

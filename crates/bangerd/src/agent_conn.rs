@@ -1,0 +1,307 @@
+//! The daemon's connection to one VM's agent: a single byte stream (the VMM's agent socket)
+//! multiplexed into channels, one per request (see `banger_proto::agent`). A reader task routes
+//! incoming frames to their channel; a writer task serialises outgoing ones. When the stream
+//! drops, every open channel ends and the next request reconnects.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_proto::agent::{AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+
+/// Why talking to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent socket could not be reached.
+    #[error("cannot connect to the agent socket {path}")]
+    Connect {
+        /// The socket.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stream dropped while a request was open.
+    #[error("the agent connection was lost")]
+    Lost,
+    /// The agent answered with an error.
+    #[error("the agent says: {0}")]
+    Failed(String),
+    /// The agent answered something unexpected.
+    #[error("unexpected answer from the agent: {0}")]
+    Unexpected(String),
+    /// No answer in time.
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+struct Live {
+    writer: mpsc::UnboundedSender<Frame>,
+    routes: Routes,
+    dead: Arc<AtomicBool>,
+}
+
+impl Live {
+    fn is_open(&self) -> bool {
+        !self.dead.load(Ordering::SeqCst) && !self.writer.is_closed()
+    }
+}
+
+/// One VM's agent connection.
+pub struct AgentConn {
+    socket: PathBuf,
+    live: tokio::sync::Mutex<Option<Live>>,
+    next: AtomicU32,
+}
+
+/// One open request.
+pub struct Channel {
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    writer: mpsc::UnboundedSender<Frame>,
+    routes: Routes,
+}
+
+impl Channel {
+    /// Sends a frame on this channel.
+    pub fn send(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), AgentError> {
+        self.writer.send(Frame::new(self.id, kind, payload)).map_err(|_| AgentError::Lost)
+    }
+
+    /// The next frame for this channel, or `None` when the connection dropped.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        self.rx.recv().await
+    }
+
+    /// Waits for the channel's final JSON response.
+    pub async fn response(&mut self) -> Result<AgentResponse, AgentError> {
+        loop {
+            let frame = self.recv().await.ok_or(AgentError::Lost)?;
+            match frame.kind {
+                FrameKind::Response => {
+                    return frame.parse("response").map_err(|e| AgentError::Unexpected(e.to_string()));
+                }
+                FrameKind::Error => {
+                    let f: AgentFailure = frame.parse("error").map_err(|e| AgentError::Unexpected(e.to_string()))?;
+                    return Err(AgentError::Failed(f.message));
+                }
+                // Streams (file data, output) belong to callers that read frames themselves.
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl AgentConn {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket, live: tokio::sync::Mutex::new(None), next: AtomicU32::new(1) }
+    }
+
+    async fn connect(&self) -> Result<Live, AgentError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| AgentError::Connect { path: self.socket.display().to_string(), source })?;
+        let (mut rd, mut wr) = stream.into_split();
+        let routes: Routes = Arc::default();
+        let (writer, mut outgoing) = mpsc::unbounded_channel::<Frame>();
+        tokio::spawn(async move {
+            while let Some(frame) = outgoing.recv().await {
+                if wr.write_all(&frame.encode()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let reader_routes = routes.clone();
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader_dead = dead.clone();
+        tokio::spawn(async move {
+            let mut decoder = Decoder::default();
+            let mut buf = vec![0u8; 64 * 1024];
+            'read: loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next_frame() {
+                        Ok(Some(frame)) => {
+                            let route =
+                                reader_routes.lock().unwrap_or_else(|p| p.into_inner()).get(&frame.channel).cloned();
+                            if let Some(route) = route {
+                                let _ = route.send(frame);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "agent stream is corrupt; dropping the connection");
+                            break 'read;
+                        }
+                    }
+                }
+            }
+            // Ending every route tells each open channel that the connection is gone; the flag
+            // makes the next request reconnect.
+            reader_dead.store(true, Ordering::SeqCst);
+            reader_routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        });
+        Ok(Live { writer, routes, dead })
+    }
+
+    /// Opens a channel with `request`, connecting first when needed.
+    pub async fn open(&self, request: &AgentRequest) -> Result<Channel, AgentError> {
+        let (writer, routes) = {
+            let mut live = self.live.lock().await;
+            if !live.as_ref().is_some_and(Live::is_open) {
+                *live = Some(self.connect().await?);
+            }
+            let l = live.as_ref().ok_or(AgentError::Lost)?;
+            (l.writer.clone(), l.routes.clone())
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        routes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let channel = Channel { id, rx, writer, routes };
+        channel.send(FrameKind::Request, serde_json::to_vec(request).unwrap_or_default())?;
+        Ok(channel)
+    }
+
+    /// Forgets the current connection (e.g. after the VMM stopped).
+    pub async fn reset(&self) {
+        *self.live.lock().await = None;
+    }
+
+    /// One request with a single JSON answer.
+    pub async fn call(&self, request: &AgentRequest, timeout: Duration) -> Result<AgentResponse, AgentError> {
+        let mut channel = self.open(request).await?;
+        tokio::time::timeout(timeout, channel.response()).await.map_err(|_| AgentError::Timeout(timeout))?
+    }
+
+    /// Pings until the agent answers or `timeout` passes; `gave_up` is asked between tries
+    /// (e.g. "has the VMM died?") and ends the wait early with its reason.
+    pub async fn wait_ready(
+        &self,
+        timeout: Duration,
+        mut gave_up: impl FnMut() -> Option<String>,
+    ) -> Result<AgentResponse, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(reason) = gave_up() {
+                return Err(reason);
+            }
+            let last = match self.call(&AgentRequest::Ping, Duration::from_millis(700)).await {
+                Ok(pong @ AgentResponse::Pong { .. }) => return Ok(pong),
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(e) => {
+                    if !matches!(e, AgentError::Timeout(_)) {
+                        self.reset().await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    e.to_string()
+                }
+            };
+            if Instant::now() > deadline {
+                return Err(format!("the guest agent did not become ready within {} s ({last})", timeout.as_secs()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::agent::ExitStatus;
+    use tokio::net::UnixListener;
+
+    /// A fake agent that answers pings and echoes exec stdin to stdout.
+    async fn fake_agent(listener: UnixListener, accept: usize) {
+        for _ in 0..accept {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (mut rd, mut wr) = stream.into_split();
+            let mut d = Decoder::default();
+            let mut buf = vec![0u8; 4096];
+            'conn: while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                d.push(&buf[..n]);
+                while let Ok(Some(f)) = d.next_frame() {
+                    let reply = match f.kind {
+                        FrameKind::Request => match f.parse::<AgentRequest>("req") {
+                            Ok(AgentRequest::Ping) => Some(Frame::json(
+                                f.channel,
+                                FrameKind::Response,
+                                &AgentResponse::Pong { version: "t".into(), uptime_ms: 1, kernel: "k".into() },
+                            )),
+                            Ok(AgentRequest::Shutdown) => break 'conn,
+                            _ => Some(Frame::json(f.channel, FrameKind::Response, &AgentResponse::Started { pid: 1 })),
+                        },
+                        FrameKind::Stdin if f.payload.is_empty() => {
+                            Some(Frame::json(f.channel, FrameKind::Exit, &ExitStatus { code: 3, signal: None }))
+                        }
+                        FrameKind::Stdin => Some(Frame::new(f.channel, FrameKind::Stdout, f.payload.clone())),
+                        _ => None,
+                    };
+                    if let Some(r) = reply {
+                        if wr.write_all(&r.encode()).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn channels_multiplex_and_reconnect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(fake_agent(listener, 2));
+        let conn = AgentConn::new(path);
+        let pong = conn.wait_ready(Duration::from_secs(5), || None).await.expect("ready");
+        assert!(matches!(pong, AgentResponse::Pong { .. }));
+
+        let exec = AgentRequest::Exec(Default::default());
+        let mut a = conn.open(&exec).await.expect("a");
+        let mut b = conn.open(&exec).await.expect("b");
+        assert!(matches!(a.response().await, Ok(AgentResponse::Started { .. })));
+        assert!(matches!(b.response().await, Ok(AgentResponse::Started { .. })));
+        b.send(FrameKind::Stdin, b"bee".to_vec()).expect("b stdin");
+        a.send(FrameKind::Stdin, b"ay".to_vec()).expect("a stdin");
+        assert_eq!(a.recv().await.map(|f| f.payload), Some(b"ay".to_vec()));
+        assert_eq!(b.recv().await.map(|f| f.payload), Some(b"bee".to_vec()));
+        a.send(FrameKind::Stdin, Vec::new()).expect("eof");
+        let exit: ExitStatus = a.recv().await.expect("exit").parse("exit").expect("json");
+        assert_eq!(exit.code, 3);
+
+        // The fake drops the stream on shutdown: open channels end, the next call reconnects.
+        let _ = conn.open(&AgentRequest::Shutdown).await.expect("shutdown");
+        assert!(b.recv().await.is_none(), "open channels end when the stream drops");
+        let again = conn.call(&AgentRequest::Ping, Duration::from_secs(5)).await;
+        assert!(matches!(again, Ok(AgentResponse::Pong { .. })), "{again:?}");
+    }
+
+    #[tokio::test]
+    async fn wait_ready_reports_why_it_gave_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = AgentConn::new(dir.path().join("missing.sock"));
+        let err = conn.wait_ready(Duration::from_millis(300), || None).await.expect_err("no agent");
+        assert!(err.contains("did not become ready") && err.contains("cannot connect"), "{err}");
+        let err = conn.wait_ready(Duration::from_secs(5), || Some("the vmm exited".into())).await.expect_err("gave up");
+        assert_eq!(err, "the vmm exited");
+    }
+}

@@ -1,0 +1,133 @@
+//! `POST /v1/vms/{vm}/exec`: runs a command in a VM with its stdio streamed both ways. The
+//! client asks for an HTTP upgrade (`Upgrade: banger-exec`); after `101 Switching Protocols`
+//! both sides speak the agent channel's framing (`banger_proto::agent`) on channel 1:
+//!
+//! - client → daemon: first a `Request` frame holding an `exec` request, then `Stdin` (empty =
+//!   EOF) and `Signal` frames;
+//! - daemon → client: the agent's `Response(started)`, `Stdout`, `Stderr`, then `Exit` or
+//!   `Error`, after which the daemon closes the stream.
+//!
+//! The daemon relays between that stream and a channel of the VM's agent connection. If the
+//! client goes away before the command ends, the command is killed.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind, SignalRequest};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::agent_conn::AgentConn;
+use crate::daemon::Daemon;
+use crate::error::ApiFailure;
+
+/// The upgrade protocol name.
+pub const EXEC_PROTOCOL: &str = "banger-exec";
+
+/// The exec endpoint (documented in the module docs; not in the OpenAPI document, since it
+/// leaves HTTP after the upgrade).
+pub async fn exec(State(d): State<Arc<Daemon>>, Path(vm): Path<String>, mut req: Request) -> Response {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(EXEC_PROTOCOL));
+    if !wants_upgrade {
+        return ApiFailure::invalid(format!("exec needs `Connection: upgrade` and `Upgrade: {EXEC_PROTOCOL}`"))
+            .into_response();
+    }
+    let conn = match d.running_agent(&vm) {
+        Ok(conn) => conn,
+        Err(e) => return e.into_response(),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => relay(TokioIo::new(upgraded), &conn).await,
+            Err(e) => tracing::warn!(error = %e, "exec upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, EXEC_PROTOCOL)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn send(io: &mut (impl AsyncWrite + Unpin), frame: Frame) -> bool {
+    io.write_all(&frame.encode()).await.is_ok() && io.flush().await.is_ok()
+}
+
+/// Sends the client a final error frame.
+async fn refuse(io: &mut (impl AsyncWrite + Unpin), message: impl Into<String>) {
+    let frame = Frame::json(1, FrameKind::Error, &AgentFailure { message: message.into() });
+    let _ = send(io, frame).await;
+}
+
+/// Relays one exec between the client stream `io` and the agent.
+pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn) {
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    // The first frame must be the exec request.
+    let request = loop {
+        match decoder.next_frame() {
+            Ok(Some(f)) if f.kind == FrameKind::Request => match f.parse::<AgentRequest>("request") {
+                Ok(r @ AgentRequest::Exec(_)) => break r,
+                Ok(_) => return refuse(&mut io, "only exec requests are relayed here").await,
+                Err(e) => return refuse(&mut io, e.to_string()).await,
+            },
+            Ok(Some(_)) => return refuse(&mut io, "the first frame must be an exec request").await,
+            Ok(None) => {}
+            Err(e) => return refuse(&mut io, e.to_string()).await,
+        }
+        match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => decoder.push(&buf[..n]),
+        }
+    };
+    let mut channel = match conn.open(&request).await {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut io, e.to_string()).await,
+    };
+    let mut client_open = true;
+    loop {
+        tokio::select! {
+            read = io.read(&mut buf), if client_open => {
+                let n = match read {
+                    Ok(0) | Err(_) => {
+                        // The client went away: nobody will read the output, end the command.
+                        let _ = channel.send(FrameKind::Signal, serde_json::to_vec(&SignalRequest { signal: 9 }).unwrap_or_default());
+                        client_open = false;
+                        continue;
+                    }
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                while let Ok(Some(f)) = decoder.next_frame() {
+                    if matches!(f.kind, FrameKind::Stdin | FrameKind::Signal) && channel.send(f.kind, f.payload).is_err() {
+                        break;
+                    }
+                }
+            }
+            frame = channel.recv() => {
+                let Some(mut frame) = frame else {
+                    refuse(&mut io, "the agent connection was lost (did the vm stop?)").await;
+                    return;
+                };
+                let last = matches!(frame.kind, FrameKind::Exit | FrameKind::Error);
+                frame.channel = 1;
+                if client_open && !send(&mut io, frame).await {
+                    client_open = false;
+                }
+                if last {
+                    let _ = io.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+}

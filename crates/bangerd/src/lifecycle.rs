@@ -1,0 +1,380 @@
+//! Booting and stopping VMs. Locks are held only to check and publish state: the VM lock is
+//! released while the VMM boots, the agent comes up, or the guest shuts down.
+//!
+//! Start: `Starting` is published under the VM lock; then, unlocked: kernel and image (pulled or
+//! built when missing), the overlay disk, the initramfs, the VMM launch (its handles are
+//! published at once, so a daemon crash from here on leaves an adoptable VM), and the wait for the
+//! agent. Finally `Running` is published under the lock — unless a stop came in meanwhile.
+//!
+//! Stop: `Stopping` under the lock; then the agent is asked to power off, then the VMM is told to
+//! quit, then killed; finally the handles are released and `Stopped` published.
+//!
+//! A monitor task per running VM notices a VMM that exits on its own (guest poweroff, crash,
+//! kill) and cleans up after it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_core::vm::{transition, VmEvent};
+use banger_core::{DesiredState, ObservedState, OperationRecord, VmRecord};
+use banger_host::VmHandles;
+use banger_proto::agent::AgentRequest;
+use banger_vmm::{DiskSpec, LaunchSpec};
+
+use crate::daemon::Daemon;
+use crate::error::{chain, ApiFailure};
+use crate::ops::{Cancelled, OpHandle};
+
+/// How long a guest may take from VMM start to its agent's first answer (TCG is slow).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a guest may take to power off when asked.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Console lines quoted in boot errors.
+const CONSOLE_TAIL: usize = 15;
+
+/// The last `n` lines of a text file, or a note that it is empty.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+impl Daemon {
+    /// Starts a VM as an operation.
+    pub fn begin_start_vm(self: &Arc<Self>, reference: &str) -> Result<OperationRecord, ApiFailure> {
+        let vm = self.store.find_vm(reference)?;
+        if self.handles.alive(&vm) {
+            return Err(ApiFailure::conflict(format!("vm '{}' is already running", vm.name)));
+        }
+        let op = self.ops.begin("vm.start", &vm.name);
+        let snapshot = op.snapshot()?;
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            match daemon.start_vm(&op, &vm.id).await {
+                Ok(vm) => op.succeed(Some(vm.id)),
+                Err(StartFailure::Cancelled) => op.cancelled(),
+                Err(StartFailure::Api(e)) => op.fail(e.message),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    /// Boots VM `id`, reporting stages on `op`.
+    pub async fn start_vm(self: &Arc<Self>, op: &OpHandle, id: &str) -> Result<VmRecord, StartFailure> {
+        // Publish Starting.
+        let vm = {
+            let _guard = self.vm_locks.lock(id).await;
+            let mut vm = self.store.find_vm(id)?;
+            if self.handles.alive(&vm) {
+                return Err(ApiFailure::conflict(format!("vm '{}' is already running", vm.name)).into());
+            }
+            vm.state = transition(vm.state, &VmEvent::Start).map_err(ApiFailure::from)?;
+            vm.desired_state = DesiredState::Running;
+            vm.last_error = None;
+            vm.updated_at = banger_core::time::now_rfc3339();
+            self.store.update_vm(&vm)?;
+            vm
+        };
+        match self.boot(op, &vm).await {
+            Ok(()) => {}
+            Err(e) => {
+                let message = match &e {
+                    StartFailure::Cancelled => "start cancelled".to_owned(),
+                    StartFailure::Api(a) => a.message.clone(),
+                };
+                self.abort_start(&vm, &message).await;
+                return Err(e);
+            }
+        }
+        // Publish Running, unless a stop overtook us.
+        let _guard = self.vm_locks.lock(id).await;
+        let mut vm = self.store.find_vm(id)?;
+        if vm.state != ObservedState::Starting {
+            return Err(ApiFailure::conflict(format!("vm '{}' was stopped while it booted", vm.name)).into());
+        }
+        vm.state = transition(vm.state, &VmEvent::Booted).map_err(ApiFailure::from)?;
+        vm.updated_at = banger_core::time::now_rfc3339();
+        self.store.update_vm(&vm)?;
+        tracing::info!(vm = %vm.name, "vm running");
+        Ok(vm)
+    }
+
+    async fn boot(self: &Arc<Self>, op: &OpHandle, vm: &VmRecord) -> Result<(), StartFailure> {
+        op.stage("kernel")?;
+        let kernel = self.ensure_kernel(op, &vm.spec.kernel).await?;
+        op.stage("image")?;
+        let (image, built) = self.ensure_image(op, &vm.spec.image).await?;
+        op.stage("disks")?;
+        let vm_dir = PathBuf::from(&vm.vm_dir);
+        let overlay = PathBuf::from(vm.paths().overlay_disk);
+        if !overlay.exists() {
+            let (path, size) = (overlay.clone(), vm.spec.disk_mib);
+            tokio::task::spawn_blocking(move || make_ext4(&path, size))
+                .await
+                .map_err(|e| ApiFailure::internal(e.to_string()))?
+                .map_err(ApiFailure::internal)?;
+        }
+        op.stage("initramfs")?;
+        let initramfs = self.initramfs_for(&kernel).await?;
+        op.stage("boot")?;
+        let mut spec = LaunchSpec::new(&vm.id, &vm.name, &vm_dir, &kernel.vmlinuz, initramfs);
+        spec.vcpus = vm.spec.vcpus;
+        spec.memory_mib = u32::try_from(vm.spec.memory_mib).unwrap_or(u32::MAX);
+        spec.kernel_elf = Some(kernel.vmlinux.clone());
+        spec.disks = vec![DiskSpec::read_only(&built.path), DiskSpec::writable(&overlay)];
+        spec.kernel_args = vec![
+            "banger.root=/dev/vda".into(),
+            "banger.overlay=/dev/vdb".into(),
+            format!("banger.hostname={}", vm.name),
+            format!("banger.init={}", image.init_mode.as_str()),
+        ];
+        let launched = self.vmm.launch(&spec).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
+        let handles = VmHandles {
+            pid: Some(launched.pid),
+            marker: format!("{}/", vm.vm_dir),
+            control_socket: Some(launched.control_socket.display().to_string()),
+            agent_socket: Some(launched.agent_socket.display().to_string()),
+            tap: None,
+            scratch_files: vec![
+                launched.control_socket.display().to_string(),
+                launched.agent_socket.display().to_string(),
+                spec.pidfile.display().to_string(),
+            ],
+        };
+        self.handles.publish(vm, handles).map_err(|e| ApiFailure::internal(chain(&e)))?;
+        self.spawn_monitor(vm.clone(), launched.pid);
+        op.stage("agent")?;
+        let agent = self.agent_for(vm);
+        let console = launched.console_log.clone();
+        let watched = vm.clone();
+        let this = self.clone();
+        let cancel = op.sink();
+        agent
+            .wait_ready(READY_TIMEOUT, move || {
+                if cancel.cancelled() {
+                    return Some("cancelled".into());
+                }
+                (!this.handles.alive(&watched)).then(|| "the vmm exited during boot".to_owned())
+            })
+            .await
+            .map_err(|why| {
+                ApiFailure::internal(format!(
+                    "vm '{}' did not become ready: {why}; last console lines:\n{}",
+                    vm.name,
+                    tail_lines(&console, CONSOLE_TAIL)
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// Ends a failed start: kill what was launched, release, mark failed.
+    async fn abort_start(&self, vm: &VmRecord, message: &str) {
+        self.terminate_vmm(vm).await;
+        let _guard = self.vm_locks.lock(&vm.id).await;
+        self.handles.release(vm);
+        self.drop_agent(vm);
+        if let Ok(mut now) = self.store.find_vm(&vm.id) {
+            now.state = ObservedState::Failed;
+            now.desired_state = DesiredState::Stopped;
+            now.last_error = Some(message.to_owned());
+            now.updated_at = banger_core::time::now_rfc3339();
+            let _ = self.store.update_vm(&now);
+        }
+        tracing::warn!(vm = %vm.name, error = message, "vm start failed");
+    }
+
+    /// Quits, then kills, the VM's VMM if it is alive.
+    async fn terminate_vmm(&self, vm: &VmRecord) {
+        let Some(h) = self.handles.get(vm) else { return };
+        let Some(pid) = h.pid else { return };
+        let control = PathBuf::from(h.control_socket.unwrap_or_default());
+        if let Err(e) = self.vmm.stop(pid, Path::new(&vm.vm_dir), &control, Duration::from_secs(5)).await {
+            tracing::error!(vm = %vm.name, error = %chain(&e), "cannot end the vmm");
+        }
+    }
+
+    /// Stops a VM: agent power-off, then VMM quit, then kill.
+    pub async fn stop_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let vm = {
+            let _guard = self.vm_locks.lock(&id).await;
+            let mut vm = self.store.find_vm(&id)?;
+            if !self.handles.alive(&vm) {
+                // Nothing runs: make the record say so.
+                self.handles.release(&vm);
+                self.drop_agent(&vm);
+                if vm.state.is_active() || vm.desired_state == DesiredState::Running {
+                    vm.state = if vm.state.is_active() { ObservedState::Stopped } else { vm.state };
+                    vm.desired_state = DesiredState::Stopped;
+                    vm.updated_at = banger_core::time::now_rfc3339();
+                    self.store.update_vm(&vm)?;
+                }
+                return Ok(vm);
+            }
+            vm.state = transition(vm.state, &VmEvent::Stop)?;
+            vm.desired_state = DesiredState::Stopped;
+            vm.updated_at = banger_core::time::now_rfc3339();
+            self.store.update_vm(&vm)?;
+            vm
+        };
+        let agent = self.agent_for(&vm);
+        let asked = agent.call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
+        let pid = self.handles.get(&vm).and_then(|h| h.pid);
+        let gone = match (asked, pid) {
+            (Ok(_), Some(pid)) => self.vmm.wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await,
+            (Err(e), _) => {
+                tracing::warn!(vm = %vm.name, error = %e, "graceful shutdown through the agent failed");
+                false
+            }
+            (_, None) => true,
+        };
+        if !gone {
+            self.terminate_vmm(&vm).await;
+        }
+        self.finish_stop(&vm.id, None).await
+    }
+
+    /// Releases a stopped VM's handles and publishes `Stopped` (or `Failed` with `error`).
+    async fn finish_stop(&self, id: &str, error: Option<String>) -> Result<VmRecord, ApiFailure> {
+        let _guard = self.vm_locks.lock(id).await;
+        let mut vm = self.store.find_vm(id)?;
+        if self.handles.alive(&vm) {
+            return Err(ApiFailure::internal(format!("vm '{}' is still running after stop", vm.name)));
+        }
+        self.handles.release(&vm);
+        self.drop_agent(&vm);
+        if vm.state.is_active() {
+            vm.state = transition(vm.state, &VmEvent::Exited).unwrap_or(ObservedState::Stopped);
+            if error.is_some() {
+                vm.last_error = error;
+            }
+            vm.updated_at = banger_core::time::now_rfc3339();
+            self.store.update_vm(&vm)?;
+        }
+        tracing::info!(vm = %vm.name, state = vm.state.as_str(), "vm stopped");
+        Ok(vm)
+    }
+
+    /// Watches VM `vm`'s VMM and cleans up when it exits on its own.
+    pub fn spawn_monitor(self: &Arc<Self>, vm: VmRecord, pid: u32) {
+        let daemon = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let dir = PathBuf::from(&vm.vm_dir);
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(d) = daemon.upgrade() else { return };
+                // `is_alive` also reaps the VMM when it is our child.
+                if d.vmm.is_alive(pid, &dir) {
+                    continue;
+                }
+                // Only act if these handles are still the VM's (a restart publishes new ones).
+                if d.handles.get(&vm).and_then(|h| h.pid) != Some(pid) {
+                    return;
+                }
+                let state = d.store.find_vm(&vm.id).map(|v| v.state).unwrap_or(ObservedState::Stopped);
+                let error = (state != ObservedState::Stopping).then(|| "the vmm exited unexpectedly".to_owned());
+                if let Err(e) = d.finish_stop(&vm.id, error).await {
+                    tracing::warn!(vm = %vm.name, error = %e, "cleanup after the vmm exited failed");
+                }
+                return;
+            }
+        });
+    }
+
+    /// The initramfs for `kernel` with this daemon's agent as `/init`, built once per agent
+    /// binary and cached beside the kernel.
+    async fn initramfs_for(&self, kernel: &banger_image::kernel::pull::PulledKernel) -> Result<PathBuf, ApiFailure> {
+        let agent = agent_binary()?;
+        let digest =
+            file_digest(&agent).map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", agent.display())))?;
+        let out = kernel.dir.join(format!("initramfs-{digest}.cpio.gz"));
+        if out.exists() {
+            return Ok(out);
+        }
+        let _guard = self.artifact_locks.lock(&format!("initramfs:{}", out.display())).await;
+        if out.exists() {
+            return Ok(out);
+        }
+        let (release, modules, target) = (kernel.release.clone(), kernel.modules.clone(), out.clone());
+        tokio::task::spawn_blocking(move || {
+            banger_image::initramfs::build_guest_initramfs(&agent, &release, &modules, &target)
+        })
+        .await
+        .map_err(|e| ApiFailure::internal(e.to_string()))?
+        .map_err(|e| ApiFailure::internal(format!("cannot build the initramfs: {}", chain(&e))))?;
+        Ok(out)
+    }
+}
+
+/// Makes a sparse ext4 file of `size_mib` at `path` (written to a temp name, then renamed).
+fn make_ext4(path: &Path, size_mib: u64) -> Result<(), String> {
+    let tmp = path.with_extension("ext4.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    file.set_len(size_mib * 1024 * 1024).map_err(|e| format!("cannot size {}: {e}", tmp.display()))?;
+    drop(file);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "banger-overlay"])
+        .arg(&tmp)
+        .output()
+        .map_err(|e| format!("cannot run mkfs.ext4 ({e}); install it with `apt-get install e2fsprogs`"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot publish {}: {e}", path.display()))
+}
+
+/// Where the static guest agent is: `$BANGER_AGENT`, beside this executable, or the install
+/// locations.
+pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
+    if let Some(p) = std::env::var_os("BANGER_AGENT").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("banger-agent")));
+    beside
+        .into_iter()
+        .chain(["/usr/local/lib/banger/banger-agent", "/usr/lib/banger/banger-agent"].map(PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            ApiFailure::internal(
+                "the guest agent binary is missing; install banger with scripts/install or set BANGER_AGENT to a static banger-agent",
+            )
+        })
+}
+
+fn file_digest(path: &Path) -> std::io::Result<String> {
+    use std::hash::{Hash as _, Hasher as _};
+    let bytes = std::fs::read(path)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Ok(format!("{:016x}", h.finish()))
+}
+
+/// Why a start failed.
+#[derive(Debug)]
+pub enum StartFailure {
+    /// Cancelled on request.
+    Cancelled,
+    /// Anything else.
+    Api(ApiFailure),
+}
+
+impl From<Cancelled> for StartFailure {
+    fn from(_: Cancelled) -> Self {
+        Self::Cancelled
+    }
+}
+
+impl From<ApiFailure> for StartFailure {
+    fn from(e: ApiFailure) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<banger_store::StoreError> for StartFailure {
+    fn from(e: banger_store::StoreError) -> Self {
+        Self::Api(e.into())
+    }
+}

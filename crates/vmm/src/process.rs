@@ -1,0 +1,432 @@
+//! VMM processes: spawning them in their own session, the one liveness test, signals, reaping,
+//! and resource figures from `/proc`.
+//!
+//! # Process model
+//! A VMM is spawned as a direct child of the daemon that calls `setsid()` before `exec`, so it has
+//! its own session and process group: no terminal or group signal aimed at the daemon reaches
+//! it, and when the daemon dies (even by SIGKILL) the VMM keeps running and is reparented to
+//! init, ready to be adopted by the next daemon through its pid and [`is_alive`].
+//!
+//! We do not double-fork. A double fork hands reaping to init, but on some hosts PID 1 is not a
+//! real init and never reaps (this development machine is one), so exited VMMs would pile up as
+//! zombies. Instead the driver that spawned a VMM remembers its pid ([`Children`]) and reaps it
+//! as soon as a liveness check sees it gone. A child's pid cannot be reused until its parent
+//! reaps it, so reaping only pids we spawned and have not yet reaped never steals another
+//! process's exit status. VMMs adopted after a daemon restart are init's children; we never reap
+//! those.
+
+use std::collections::HashSet;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// How often waits poll `/proc`.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Resource use of a VMM process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmStats {
+    /// CPU time used so far (user + system), in milliseconds.
+    pub cpu_time_ms: u64,
+    /// Resident memory in KiB.
+    pub rss_kib: u64,
+}
+
+/// Why [`stats`] has no figures.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// No such process (or a zombie).
+    #[error("vmm process {pid} is not running; start the vm first")]
+    NotRunning {
+        /// The pid.
+        pid: u32,
+    },
+    /// A `/proc` file did not read as expected.
+    #[error("cannot parse {}; is /proc mounted?", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line names `vm_dir`: some argument
+/// contains `<vm_dir>/`. The command line check guards against pid reuse.
+///
+/// This is the one liveness test; drivers add reaping on top (see the module docs).
+pub fn is_alive(pid: u32, vm_dir: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    match std::fs::read_to_string(proc_dir.join("stat")).ok().as_deref().and_then(parse_stat) {
+        Some(stat) if !matches!(stat.state, 'Z' | 'X' | 'x') => {}
+        _ => return false,
+    }
+    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    cmdline_names_dir(&cmdline, vm_dir)
+}
+
+/// Whether a NUL-separated command line has an argument containing `<dir>/`.
+fn cmdline_names_dir(cmdline: &[u8], dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let mut needle = dir.as_os_str().as_bytes().to_vec();
+    while needle.last() == Some(&b'/') {
+        needle.pop();
+    }
+    if needle.is_empty() {
+        return false;
+    }
+    needle.push(b'/');
+    cmdline.split(|&b| b == 0).any(|arg| arg.windows(needle.len()).any(|window| window == needle))
+}
+
+/// The fields of `/proc/<pid>/stat` we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    state: char,
+    /// User-mode CPU time in clock ticks.
+    utime: u64,
+    /// Kernel-mode CPU time in clock ticks.
+    stime: u64,
+}
+
+/// Parses `/proc/<pid>/stat`. The command name is parenthesised and may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3 (state); utime and stime are fields 14 and 15.
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        utime: fields.get(11)?.parse().ok()?,
+        stime: fields.get(12)?.parse().ok()?,
+    })
+}
+
+/// CPU time and resident memory of `pid`.
+pub fn stats(pid: u32) -> Result<VmmStats, StatsError> {
+    let stat_path = PathBuf::from(format!("/proc/{pid}/stat"));
+    let Ok(text) = std::fs::read_to_string(&stat_path) else {
+        return Err(StatsError::NotRunning { pid });
+    };
+    let stat = parse_stat(&text).ok_or(StatsError::Parse { path: stat_path })?;
+    if matches!(stat.state, 'Z' | 'X' | 'x') {
+        return Err(StatsError::NotRunning { pid });
+    }
+    let status_path = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(&status_path).map_err(|_| StatsError::NotRunning { pid })?;
+    let rss_kib = parse_vm_rss_kib(&status).ok_or(StatsError::Parse { path: status_path })?;
+    let ticks = stat.utime.saturating_add(stat.stime);
+    Ok(VmmStats { cpu_time_ms: ticks.saturating_mul(1000) / clock_ticks_per_second(), rss_kib })
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` text, in KiB.
+fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    let value = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    value.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// `sysconf(_SC_CLK_TCK)`, the unit of `/proc/<pid>/stat` CPU times.
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions and touches no memory of ours.
+    let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// Reads a pidfile (a decimal pid, as QEMU's `-pidfile` writes).
+pub fn read_pidfile(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|&pid| pid > 0)
+}
+
+/// Spawns `command` as a child in a session of its own and returns its pid. The child is not
+/// waited for: track it in [`Children`].
+pub(crate) fn spawn_in_own_session(command: &mut Command) -> io::Result<u32> {
+    // SAFETY: the hook runs in the forked child before exec and only calls setsid(2), which is
+    // async-signal-safe and allocates nothing.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+    }
+    // Dropping `Child` neither kills nor waits; `Children` reaps it.
+    Ok(command.spawn()?.id())
+}
+
+/// Sends SIGKILL to `pid` if [`is_alive`] says it is the VMM of `vm_dir`. Returns whether a
+/// signal was sent.
+pub fn kill(pid: u32, vm_dir: &Path) -> Result<bool, Errno> {
+    if !is_alive(pid, vm_dir) {
+        return Ok(false);
+    }
+    let Some(target) = to_pid(pid) else {
+        return Ok(false);
+    };
+    match signal::kill(target, Signal::SIGKILL) {
+        Ok(()) => Ok(true),
+        Err(Errno::ESRCH) => Ok(false),
+        Err(errno) => Err(errno),
+    }
+}
+
+fn to_pid(pid: u32) -> Option<Pid> {
+    i32::try_from(pid).ok().filter(|&p| p > 0).map(Pid::from_raw)
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExitReport(String);
+
+impl std::fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The VMM children a driver spawned and has not reaped yet (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Children {
+    pids: Mutex<HashSet<u32>>,
+}
+
+impl Children {
+    /// Remembers a freshly spawned child.
+    pub(crate) fn track(&self, pid: u32) {
+        self.pids.lock().unwrap_or_else(PoisonError::into_inner).insert(pid);
+    }
+
+    /// How many children are tracked.
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
+        self.pids.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Reaps `pid` if it is one of ours and has exited; returns how it ended.
+    pub(crate) fn reap(&self, pid: u32) -> Option<ExitReport> {
+        let mut pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pids.contains(&pid) {
+            return None;
+        }
+        let report = match waitpid(to_pid(pid)?, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(WaitStatus::Exited(_, code)) => ExitReport(format!("exit status {code}")),
+            Ok(WaitStatus::Signaled(_, sig, _)) => ExitReport(format!("killed by {sig}")),
+            Ok(other) => ExitReport(format!("{other:?}")),
+            // Someone else reaped it (e.g. a SIGCHLD handler set to SIG_IGN).
+            Err(_) => ExitReport("exit status unknown".into()),
+        };
+        pids.remove(&pid);
+        Some(report)
+    }
+
+    /// SIGKILLs `pid` if it is one of ours and waits for it (blocking; it dies at once).
+    pub(crate) fn kill_and_reap(&self, pid: u32) {
+        let mut pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pids.remove(&pid) {
+            return;
+        }
+        if let Some(target) = to_pid(pid) {
+            // Unreaped, so the pid is still ours even if it already exited.
+            let _ = signal::kill(target, Signal::SIGKILL);
+            let _ = waitpid(target, None);
+        }
+    }
+
+    /// [`is_alive`], reaping the child if it is ours and gone.
+    pub(crate) fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
+        let alive = is_alive(pid, vm_dir);
+        if !alive {
+            self.reap(pid);
+        }
+        alive
+    }
+
+    fn is_tracked(&self, pid: u32) -> bool {
+        self.pids.lock().unwrap_or_else(PoisonError::into_inner).contains(&pid)
+    }
+
+    /// Waits up to `timeout` for the VMM `pid` of `vm_dir` to be gone; returns whether it is.
+    /// A child of ours counts as gone once reaped: while it exits, its command line reads empty
+    /// before it turns zombie.
+    pub(crate) async fn wait_exit(&self, pid: u32, vm_dir: &Path, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let alive = self.is_alive(pid, vm_dir);
+            if !alive && !self.is_tracked(pid) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return !alive;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Waits up to `timeout` for our exited child `pid` to be reaped; returns how it ended.
+    pub(crate) async fn reap_within(&self, pid: u32, timeout: Duration) -> Option<ExitReport> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(report) = self.reap(pid) {
+                return Some(report);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// The last `max_lines` lines of the file at `path` (at most its last 8 KiB), for error messages.
+pub(crate) fn tail_lines(path: &Path, max_lines: usize) -> String {
+    const MAX_BYTES: u64 = 8 * 1024;
+    let read = || -> io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let text = read().unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(max_lines)..].join("\n");
+    if tail.is_empty() {
+        "(empty)".into()
+    } else {
+        tail
+    }
+}
+
+/// The first `name` on `PATH` (or `name` itself if it holds a `/`), if it is an executable file.
+pub(crate) fn find_program(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if name.components().count() > 1 || name.is_absolute() {
+        return executable(name).then(|| name.to_owned());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| executable(candidate))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "4242 (qemu) (x y)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 3 0 100 1 2";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat, ProcStat { state: 'S', utime: 250, stime: 75 });
+        assert_eq!(parse_stat("12 (x) Z 1"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn parses_rss() {
+        assert_eq!(parse_vm_rss_kib("Name:\tqemu\nVmRSS:\t  123456 kB\nThreads: 3\n"), Some(123_456));
+        assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\n"), None);
+    }
+
+    #[test]
+    fn cmdline_must_name_the_dir() {
+        let cmdline = b"qemu-system-x86_64\0-qmp\0unix:/var/vms/ab/qmp.sock,server=on\0";
+        assert!(cmdline_names_dir(cmdline, Path::new("/var/vms/ab")));
+        assert!(cmdline_names_dir(cmdline, Path::new("/var/vms/ab/")));
+        // A prefix of another VM's dir is not a match.
+        assert!(!cmdline_names_dir(cmdline, Path::new("/var/vms/a")));
+        assert!(!cmdline_names_dir(cmdline, Path::new("/")));
+        assert!(!cmdline_names_dir(b"", Path::new("/var/vms/ab")));
+    }
+
+    #[test]
+    fn stats_of_this_process() {
+        let stats = stats(std::process::id()).unwrap();
+        assert!(stats.rss_kib > 0);
+        assert!(matches!(super::stats(u32::MAX), Err(StatsError::NotRunning { .. })));
+    }
+
+    #[test]
+    fn pidfile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmm.pid");
+        std::fs::write(&path, "1234\n").unwrap();
+        assert_eq!(read_pidfile(&path), Some(1234));
+        std::fs::write(&path, "x").unwrap();
+        assert_eq!(read_pidfile(&path), None);
+        assert_eq!(read_pidfile(&dir.path().join("none")), None);
+    }
+
+    #[test]
+    fn finds_programs() {
+        assert!(find_program(Path::new("sh")).is_some());
+        assert!(find_program(Path::new("/bin/sh")).is_some());
+        assert!(find_program(Path::new("surely-not-a-program-banger")).is_none());
+        assert!(find_program(Path::new("/nonexistent/sh")).is_none());
+    }
+
+    #[test]
+    fn tails_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("err");
+        std::fs::write(&path, "a\nb\n\nc\nd\n").unwrap();
+        assert_eq!(tail_lines(&path, 2), "c\nd");
+        assert_eq!(tail_lines(&path, 10), "a\nb\nc\nd");
+        assert_eq!(tail_lines(&dir.path().join("none"), 3), "(empty)");
+    }
+
+    #[tokio::test]
+    async fn spawned_child_lives_in_its_own_session_and_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let marker = format!("{}/marker", vm_dir.display());
+        std::fs::write(&marker, "").unwrap();
+        // `tail -f` leaves no grandchild behind when killed, and its command line names the dir.
+        let mut command = Command::new("sh");
+        command.args(["-c", "exec tail -f \"$0\"", &marker]).stdin(Stdio::null()).stdout(Stdio::null());
+        let pid = spawn_in_own_session(&mut command).unwrap();
+        let children = Children::default();
+        children.track(pid);
+
+        assert!(children.is_alive(pid, &vm_dir));
+        assert!(!is_alive(pid, dir.path().join("other").as_path()));
+        let sid = nix::unistd::getsid(to_pid(pid)).unwrap();
+        assert_eq!(sid.as_raw(), i32::try_from(pid).unwrap(), "child leads its own session");
+
+        assert!(kill(pid, &vm_dir).unwrap());
+        assert!(children.wait_exit(pid, &vm_dir, Duration::from_secs(5)).await);
+        // Reaped: no zombie left, and the pid is forgotten.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists() || !is_alive(pid, &vm_dir));
+        assert_eq!(children.tracked(), 0);
+        assert!(!kill(pid, &vm_dir).unwrap());
+    }
+
+    #[test]
+    fn zombies_are_dead_and_reaped_with_their_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("{}/marker", dir.path().display());
+        let mut command = Command::new("sh");
+        command.args(["-c", "exit 3", &marker]);
+        let pid = spawn_in_own_session(&mut command).unwrap();
+        let children = Children::default();
+        children.track(pid);
+        // Wait for the exit without reaping: the child becomes a zombie.
+        let proc_stat = format!("/proc/{pid}/stat");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&proc_stat).ok().as_deref().and_then(parse_stat).map(|s| s.state) != Some('Z') {
+            assert!(std::time::Instant::now() < deadline, "child did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!is_alive(pid, dir.path()), "a zombie is dead");
+        assert_eq!(children.reap(pid), Some(ExitReport("exit status 3".into())));
+        assert!(!Path::new(&proc_stat).exists());
+    }
+}

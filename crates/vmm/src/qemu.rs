@@ -1,0 +1,554 @@
+//! The QEMU `microvm` driver: builds QEMU's command line from a [`LaunchSpec`], starts QEMU in its
+//! own session, and waits for its QMP socket.
+//!
+//! The guest gets: a serial console written to the console log, the kernel and initramfs, one
+//! `virtio-blk-device` per disk in spec order (`vda`, `vdb`, ...), a `virtio-serial-device` with
+//! one port named [`AGENT_PORT_NAME`] whose host end is a unix socket QEMU listens on, and no
+//! network at all (no `-netdev`, so the guest has no route anywhere). Under TCG the kernel gets
+//! `tsc_early_khz=<host TSC kHz>`: without it most TCG boots hang calibrating the TSC.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::process::{self, Children};
+use crate::qmp::{QmpClient, QmpError};
+use crate::select::{Accel, VmmKind};
+use crate::spec::{LaunchSpec, SpecError, AGENT_PORT_NAME};
+use crate::{ControlError, Launched, Vmm, VmmFuture, VmmStats};
+
+/// The QEMU binary banger runs by default.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Kernel parameters every QEMU guest gets, before the TSC hint and the spec's own.
+/// `reboot=t` + `-no-reboot` and `panic=-1` make a guest reboot or panic end QEMU.
+pub const BASE_KERNEL_ARGS: &[&str] = &["console=ttyS0", "reboot=t", "panic=-1", "quiet"];
+
+/// Default time QEMU has to open and answer its QMP socket.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many stderr lines a launch error quotes.
+const STDERR_LINES: usize = 15;
+
+/// Why a VM could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The spec cannot be booted as written.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The VMM binary is not installed.
+    #[error("{} not found; install it with `apt-get install qemu-system-x86` (see `banger doctor`)", binary.display())]
+    QemuNotFound {
+        /// The binary looked for.
+        binary: PathBuf,
+    },
+    /// A file the boot needs is missing.
+    #[error("{what} {} not found; re-pull or rebuild it (see `banger doctor`)", path.display())]
+    MissingFile {
+        /// What the file is (`kernel`, `initramfs`, `disk`, `vm dir`).
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A stale file could not be removed or a log file not created.
+    #[error("cannot prepare {}; check the vm dir's permissions", path.display())]
+    Prepare {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process could not be started.
+    #[error("cannot start {}", binary.display())]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM exited before its control socket answered.
+    #[error("the vmm exited during startup ({status}); its stderr ends with:\n{stderr}")]
+    Exited {
+        /// How it ended.
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// The control socket did not answer in time; the VMM was killed.
+    #[error("the vmm did not answer on its control socket within {timeout:?} and was killed; its stderr ends with:\n{stderr}")]
+    NotReady {
+        /// How long we waited.
+        timeout: Duration,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// The QMP handshake failed; the VMM was killed.
+    #[error("the qmp handshake failed and the vmm was killed; its stderr ends with:\n{stderr}")]
+    Handshake {
+        /// The cause.
+        #[source]
+        source: QmpError,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// The selected VMM is not built.
+    #[error("the {kind} driver is not built yet; use --vmm qemu")]
+    Unsupported {
+        /// The VMM.
+        kind: VmmKind,
+    },
+}
+
+/// The QEMU `microvm` driver.
+#[derive(Debug)]
+pub struct QemuDriver {
+    binary: PathBuf,
+    accel: Accel,
+    tsc_khz: Option<u32>,
+    ready_timeout: Duration,
+    control_timeout: Duration,
+    children: Children,
+}
+
+impl QemuDriver {
+    /// A driver running [`QEMU_BINARY`] from `PATH` with `accel`. `tsc_khz` is the host TSC
+    /// frequency given to TCG guests (see the module docs).
+    pub fn new(accel: Accel, tsc_khz: Option<u32>) -> Self {
+        Self {
+            binary: PathBuf::from(QEMU_BINARY),
+            accel,
+            tsc_khz,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            control_timeout: Duration::from_secs(5),
+            children: Children::default(),
+        }
+    }
+
+    /// Runs `binary` (a name looked up on `PATH`, or a path) instead of [`QEMU_BINARY`].
+    pub fn with_binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.binary = binary.into();
+        self
+    }
+
+    /// How long QEMU has to answer on its QMP socket after it starts.
+    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The accelerator this driver uses.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The kernel command line for a guest with the `extra` parameters.
+    pub fn kernel_cmdline(&self, extra: &[String]) -> String {
+        let tsc = match (self.accel, self.tsc_khz) {
+            (Accel::Tcg, Some(khz)) => Some(format!("tsc_early_khz={khz}")),
+            _ => None,
+        };
+        let base = BASE_KERNEL_ARGS.iter().map(|arg| (*arg).to_owned());
+        base.chain(tsc).chain(extra.iter().cloned()).collect::<Vec<_>>().join(" ")
+    }
+
+    /// QEMU's arguments (without the program name) for `spec`.
+    pub fn command_line(&self, spec: &LaunchSpec) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&OsStr]| args.push(parts.concat_os());
+        let os = OsStr::new;
+
+        push(&[os("-name")]);
+        push(&[os("guest="), &escape_opt(OsStr::new(&spec.name)), os(",debug-threads=on")]);
+        push(&[os("-M")]);
+        push(&[os("microvm,x-option-roms=off,rtc=on")]);
+        push(&[os("-accel")]);
+        push(&[os(self.accel.as_str())]);
+        push(&[os("-cpu")]);
+        push(&[os(match self.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        })]);
+        let memory = spec.memory_mib.to_string();
+        let vcpus = spec.vcpus.to_string();
+        for part in ["-m", &memory, "-smp", &vcpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            push(&[os(part)]);
+        }
+
+        push(&[os("-chardev")]);
+        push(&[os("file,id=con,path="), &escape_opt(spec.console_log.as_os_str())]);
+        push(&[os("-serial")]);
+        push(&[os("chardev:con")]);
+
+        push(&[os("-kernel")]);
+        push(&[spec.kernel.as_os_str()]);
+        push(&[os("-initrd")]);
+        push(&[spec.initramfs.as_os_str()]);
+        push(&[os("-append")]);
+        push(&[os(&self.kernel_cmdline(&spec.kernel_args))]);
+
+        for (index, disk) in spec.disks.iter().enumerate() {
+            let (readonly, extra) = if disk.read_only { ("on", "") } else { ("off", ",discard=unmap") };
+            push(&[os("-drive")]);
+            push(&[
+                os(&format!("id=d{index},file=")),
+                &escape_opt(disk.path.as_os_str()),
+                os(&format!(",format=raw,if=none,readonly={readonly},cache=writeback,aio=threads{extra}")),
+            ]);
+            push(&[os("-device")]);
+            push(&[os(&format!("virtio-blk-device,drive=d{index}"))]);
+        }
+
+        push(&[os("-device")]);
+        push(&[os("virtio-serial-device,max_ports=2")]);
+        push(&[os("-chardev")]);
+        push(&[os("socket,id=agent,path="), &escape_opt(spec.agent_socket.as_os_str()), os(",server=on,wait=off")]);
+        push(&[os("-device")]);
+        push(&[os("virtserialport,chardev=agent,name="), os(AGENT_PORT_NAME)]);
+
+        push(&[os("-qmp")]);
+        push(&[os("unix:"), &escape_opt(spec.control_socket.as_os_str()), os(",server=on,wait=off")]);
+        push(&[os("-pidfile")]);
+        push(&[spec.pidfile.as_os_str()]);
+        args
+    }
+
+    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+        spec.validate()?;
+        let binary = process::find_program(&self.binary)
+            .ok_or_else(|| LaunchError::QemuNotFound { binary: self.binary.clone() })?;
+        if !spec.vm_dir.is_dir() {
+            return Err(LaunchError::MissingFile { what: "vm dir", path: spec.vm_dir.clone() });
+        }
+        let inputs = [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)];
+        let disks = spec.disks.iter().map(|disk| ("disk", &disk.path));
+        if let Some((what, path)) = inputs.into_iter().chain(disks).find(|(_, path)| !path.is_file()) {
+            return Err(LaunchError::MissingFile { what, path: path.clone() });
+        }
+        // A stale socket makes QEMU fail to bind; a stale pidfile could name someone else.
+        for stale in [&spec.control_socket, &spec.agent_socket, &spec.pidfile] {
+            match std::fs::remove_file(stale) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(LaunchError::Prepare { path: stale.clone(), source: error });
+                }
+                _ => {}
+            }
+        }
+        let stderr_path = spec.stderr_log();
+        let stderr =
+            File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
+
+        let mut command = Command::new(&binary);
+        command
+            .args(self.command_line(spec))
+            .current_dir(&spec.vm_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let pid =
+            process::spawn_in_own_session(&mut command).map_err(|source| LaunchError::Spawn { binary, source })?;
+        self.children.track(pid);
+        tracing::debug!(vm = %spec.name, pid, "qemu started");
+        // Until QMP answers, a failure or a dropped future must not leave QEMU behind.
+        let guard = KillGuard { children: &self.children, pid };
+
+        let deadline = tokio::time::Instant::now() + self.ready_timeout;
+        loop {
+            if !process::is_alive(pid, &spec.vm_dir) {
+                let report = self.children.reap_within(pid, Duration::from_secs(1)).await;
+                let status = report.map_or_else(|| "exit status unknown".to_owned(), |s| s.to_string());
+                return Err(LaunchError::Exited { status, stderr: process::tail_lines(&stderr_path, STDERR_LINES) });
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                drop(guard);
+                return Err(LaunchError::NotReady {
+                    timeout: self.ready_timeout,
+                    stderr: process::tail_lines(&stderr_path, STDERR_LINES),
+                });
+            }
+            match QmpClient::connect(&spec.control_socket, remaining).await {
+                Ok(_client) => break,
+                // Not listening yet.
+                Err(QmpError::Connect { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(source) => {
+                    // QEMU opens its QMP socket before it checks every device: a bad command
+                    // line shows up as a reset connection and an exited process.
+                    let report = self.children.reap_within(pid, Duration::from_millis(500)).await;
+                    drop(guard);
+                    let stderr = process::tail_lines(&stderr_path, STDERR_LINES);
+                    return Err(match report {
+                        Some(status) => LaunchError::Exited { status: status.to_string(), stderr },
+                        None => LaunchError::Handshake { source, stderr },
+                    });
+                }
+            }
+        }
+        std::mem::forget(guard);
+        Ok(Launched {
+            pid,
+            vm_dir: spec.vm_dir.clone(),
+            control_socket: spec.control_socket.clone(),
+            agent_socket: spec.agent_socket.clone(),
+            console_log: spec.console_log.clone(),
+        })
+    }
+}
+
+/// Kills and reaps a half-started VMM when dropped.
+struct KillGuard<'a> {
+    children: &'a Children,
+    pid: u32,
+}
+
+impl Drop for KillGuard<'_> {
+    fn drop(&mut self) {
+        self.children.kill_and_reap(self.pid);
+    }
+}
+
+impl Vmm for QemuDriver {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> VmmFuture<'a, Result<Launched, LaunchError>> {
+        Box::pin(self.launch_inner(spec))
+    }
+
+    fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
+        self.children.is_alive(pid, vm_dir)
+    }
+
+    fn quit<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let mut client = QmpClient::connect(control_socket, self.control_timeout).await?;
+            client.quit().await?;
+            Ok(())
+        })
+    }
+
+    fn kill(&self, pid: u32, vm_dir: &Path) -> Result<bool, ControlError> {
+        process::kill(pid, vm_dir).map_err(|source| ControlError::Signal { pid, source })
+    }
+
+    fn wait_exit<'a>(&'a self, pid: u32, vm_dir: &'a Path, timeout: Duration) -> VmmFuture<'a, bool> {
+        Box::pin(self.children.wait_exit(pid, vm_dir, timeout))
+    }
+
+    fn stats(&self, pid: u32) -> Result<VmmStats, process::StatsError> {
+        process::stats(pid)
+    }
+}
+
+/// Escapes a QEMU option value: a comma is written twice.
+fn escape_opt(value: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(value.len());
+    for &byte in value.as_bytes() {
+        out.push(byte);
+        if byte == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// Concatenation of `OsStr` pieces.
+trait ConcatOs {
+    fn concat_os(&self) -> OsString;
+}
+
+impl ConcatOs for [&OsStr] {
+    fn concat_os(&self) -> OsString {
+        self.iter().fold(OsString::new(), |mut acc, part| {
+            acc.push(part);
+            acc
+        })
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::spec::DiskSpec;
+
+    fn spec() -> LaunchSpec {
+        let mut spec = LaunchSpec::new("01abc", "web", Path::new("/srv/vms/01abc"), "/k/vmlinuz", "/k/initrd.img");
+        spec.vcpus = 2;
+        spec.memory_mib = 1024;
+        spec.disks = vec![
+            DiskSpec::read_only("/images/base.ext4"),
+            DiskSpec::writable("/srv/vms/01abc/overlay.ext4"),
+            DiskSpec::writable("/srv/vms/01abc/work,1.ext4"),
+        ];
+        spec.kernel_args = vec!["banger.hostname=web".into()];
+        spec
+    }
+
+    fn args(driver: &QemuDriver, spec: &LaunchSpec) -> Vec<String> {
+        driver.command_line(spec).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    /// The value following `flag`, for every occurrence.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let driver = QemuDriver::new(Accel::Tcg, Some(2_596_096));
+        let args = args(&driver, &spec());
+        assert_eq!(values(&args, "-M"), ["microvm,x-option-roms=off,rtc=on"]);
+        assert_eq!(values(&args, "-accel"), ["tcg"]);
+        assert_eq!(values(&args, "-cpu"), ["max"]);
+        assert_eq!(values(&args, "-m"), ["1024"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert_eq!(values(&args, "-kernel"), ["/k/vmlinuz"]);
+        assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(
+            values(&args, "-append"),
+            ["console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596096 banger.hostname=web"]
+        );
+        assert_eq!(values(&args, "-serial"), ["chardev:con"]);
+        assert_eq!(values(&args, "-qmp"), ["unix:/srv/vms/01abc/qmp.sock,server=on,wait=off"]);
+        assert_eq!(values(&args, "-pidfile"), ["/srv/vms/01abc/vmm.pid"]);
+        assert_eq!(values(&args, "-name"), ["guest=web,debug-threads=on"]);
+    }
+
+    #[test]
+    fn kvm_command_line() {
+        let driver = QemuDriver::new(Accel::Kvm, Some(2_596_096));
+        let args = args(&driver, &spec());
+        assert_eq!(values(&args, "-accel"), ["kvm"]);
+        assert_eq!(values(&args, "-cpu"), ["host"]);
+        // The TSC hint is for TCG only: under KVM it would override kvmclock's figure.
+        assert_eq!(values(&args, "-append"), ["console=ttyS0 reboot=t panic=-1 quiet banger.hostname=web"]);
+    }
+
+    #[test]
+    fn tsc_hint_needs_a_frequency() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        assert_eq!(driver.kernel_cmdline(&[]), "console=ttyS0 reboot=t panic=-1 quiet");
+    }
+
+    #[test]
+    fn disks_in_order_with_readonly_flags() {
+        let args = args(&QemuDriver::new(Accel::Tcg, None), &spec());
+        assert_eq!(
+            values(&args, "-drive"),
+            [
+                "id=d0,file=/images/base.ext4,format=raw,if=none,readonly=on,cache=writeback,aio=threads",
+                "id=d1,file=/srv/vms/01abc/overlay.ext4,format=raw,if=none,readonly=off,cache=writeback,aio=threads,discard=unmap",
+                // Commas in paths are doubled.
+                "id=d2,file=/srv/vms/01abc/work,,1.ext4,format=raw,if=none,readonly=off,cache=writeback,aio=threads,discard=unmap",
+            ]
+        );
+        let devices = values(&args, "-device");
+        assert_eq!(
+            devices,
+            [
+                "virtio-blk-device,drive=d0",
+                "virtio-blk-device,drive=d1",
+                "virtio-blk-device,drive=d2",
+                "virtio-serial-device,max_ports=2",
+                "virtserialport,chardev=agent,name=banger.agent",
+            ]
+        );
+    }
+
+    #[test]
+    fn console_and_agent_chardevs() {
+        let args = args(&QemuDriver::new(Accel::Tcg, None), &spec());
+        assert_eq!(
+            values(&args, "-chardev"),
+            [
+                "file,id=con,path=/srv/vms/01abc/console.log",
+                "socket,id=agent,path=/srv/vms/01abc/agent.sock,server=on,wait=off",
+            ]
+        );
+    }
+
+    #[test]
+    fn no_network_of_any_kind() {
+        let args = args(&QemuDriver::new(Accel::Tcg, None), &spec());
+        assert!(!args.iter().any(|a| a == "-netdev" || a == "-net" || a == "-nic"), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("virtio-net") || a.contains("user,")), "{args:?}");
+        // -nodefaults keeps QEMU from adding a default NIC.
+        assert!(args.iter().any(|a| a == "-nodefaults"));
+    }
+
+    #[tokio::test]
+    async fn missing_qemu_is_reported_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec::new("id", "vm", dir.path(), "/k", "/i");
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary("no-such-qemu-banger");
+        let error = driver.launch(&spec).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "no-such-qemu-banger not found; install it with `apt-get install qemu-system-x86` (see `banger doctor`)"
+        );
+        let default_message = LaunchError::QemuNotFound { binary: QEMU_BINARY.into() }.to_string();
+        assert_eq!(
+            default_message,
+            "qemu-system-x86_64 not found; install it with `apt-get install qemu-system-x86` (see `banger doctor`)"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_inputs_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec::new("id", "vm", dir.path(), dir.path().join("vmlinuz"), "/i");
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary("/bin/sh");
+        let error = driver.launch(&spec).await.unwrap_err();
+        assert!(matches!(error, LaunchError::MissingFile { what: "kernel", .. }), "{error:?}");
+    }
+
+    /// A "VMM" that dies at once: the error carries its stderr and exit status.
+    #[tokio::test]
+    async fn early_exit_quotes_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(&fake, "#!/bin/sh\necho 'qemu: could not load kernel' >&2\nexit 1\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"").unwrap();
+        let spec = LaunchSpec::new("id", "vm", dir.path(), &kernel, &kernel);
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary(&fake);
+        let error = driver.launch(&spec).await.unwrap_err();
+        match &error {
+            LaunchError::Exited { status, stderr } => {
+                assert_eq!(status, "exit status 1");
+                assert_eq!(stderr, "qemu: could not load kernel");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A "VMM" that never opens its socket is killed after the timeout.
+    #[tokio::test]
+    async fn hung_vmm_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        // `tail -f` of the script itself: its command line names the vm dir, and it leaves no
+        // grandchild behind when killed.
+        std::fs::write(&fake, "#!/bin/sh\necho starting >&2\nexec tail -f \"$0\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"").unwrap();
+        let spec = LaunchSpec::new("id", "vm", dir.path(), &kernel, &kernel);
+        let driver =
+            QemuDriver::new(Accel::Tcg, None).with_binary(&fake).with_ready_timeout(Duration::from_millis(300));
+        let error = driver.launch(&spec).await.unwrap_err();
+        assert!(matches!(error, LaunchError::NotReady { .. }), "{error:?}");
+        assert!(error.to_string().contains("starting"), "{error}");
+        assert_eq!(driver.children.tracked(), 0, "killed and reaped");
+    }
+}
