@@ -53,7 +53,7 @@ pub async fn follow(client: &Client, mut op: OperationRecord) -> anyhow::Result<
         if op.state.is_terminal() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         op = client.get(&format!("/v1/operations/{}", op.id)).await?;
     }
     if let Some(bar) = spinner {

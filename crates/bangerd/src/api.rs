@@ -194,11 +194,19 @@ async fn start_vm(State(d): Shared, Path(vm): Path<String>) -> Result<impl IntoR
     Ok((StatusCode::ACCEPTED, Json(d.begin_start_vm(&vm)?)))
 }
 
+/// Query of `POST /v1/vms/{vm}/stop`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct StopQuery {
+    /// Do not ask the guest: quit the VMM at once (its disks may be left unclean).
+    #[serde(default)]
+    force: bool,
+}
+
 /// Stops a VM: agent power-off, then VMM quit, then kill. Answers once it is stopped.
-#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "name, id or id prefix")),
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "name, id or id prefix"), StopQuery),
     responses((status = 200, body = VmView), (status = 404, body = ApiError)))]
-async fn stop_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
-    let stopped = d.stop_vm(&vm).await?;
+async fn stop_vm(State(d): Shared, Path(vm): Path<String>, Query(q): Query<StopQuery>) -> ApiResult<VmView> {
+    let stopped = d.stop_vm(&vm, q.force).await?;
     Ok(Json(d.vm_view(stopped)))
 }
 

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use banger_core::{ImageRecord, InitMode, KernelRecord, OperationRecord};
+use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_image::catalog;
 use banger_image::host::SystemHost;
 use banger_image::kernel::pull::{open_kernel, pull_kernel, KernelPull, KernelSource, PulledKernel};
@@ -115,8 +115,7 @@ impl Daemon {
             .store
             .get_kernel(name)?
             .ok_or_else(|| ApiFailure::not_found(format!("no kernel '{name}'; see `banger kernel list`")))?;
-        let users: Vec<String> =
-            self.store.list_vms()?.into_iter().filter(|vm| vm.spec.kernel == name).map(|vm| vm.name).collect();
+        let users = self.vms_using(|vm| vm.spec.kernel == name)?;
         if !users.is_empty() {
             return Err(ApiFailure::conflict(format!(
                 "kernel '{name}' is used by vm {}; delete those vms or `banger vm set NAME --kernel OTHER` first",
@@ -204,8 +203,7 @@ impl Daemon {
             .store
             .get_image(name)?
             .ok_or_else(|| ApiFailure::not_found(format!("no image '{name}'; see `banger image list`")))?;
-        let users: Vec<String> =
-            self.store.list_vms()?.into_iter().filter(|vm| vm.spec.image == name).map(|vm| vm.name).collect();
+        let users = self.vms_using(|vm| vm.spec.image == name)?;
         if !users.is_empty() {
             return Err(ApiFailure::conflict(format!(
                 "image '{name}' is used by vm {}; delete those vms first",
@@ -217,6 +215,13 @@ impl Daemon {
             tracing::warn!(image = name, error = %chain(&e), "cannot remove image files");
         }
         Ok(image)
+    }
+}
+
+impl Daemon {
+    /// Names of the VMs for which `uses` holds.
+    fn vms_using(&self, uses: impl Fn(&banger_core::VmRecord) -> bool) -> Result<Vec<String>, ApiFailure> {
+        Ok(self.store.list_vms()?.into_iter().filter(|vm| uses(vm)).map(|vm| vm.name).collect())
     }
 }
 
@@ -236,10 +241,7 @@ fn image_record(b: &BuiltImage) -> ImageRecord {
             banger_image::rootfs::ImageSource::Catalog { entry } => format!("recipe:{entry}"),
             banger_image::rootfs::ImageSource::Recipe => "recipe".into(),
         },
-        init_mode: match m.init {
-            catalog::InitMode::Fast => InitMode::Fast,
-            catalog::InitMode::Systemd => InitMode::Systemd,
-        },
+        init_mode: m.init,
         rootfs: b.path.display().to_string(),
         work_seed: None,
         sha256: Some(m.sha256.clone()),

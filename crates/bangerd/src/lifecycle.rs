@@ -195,8 +195,9 @@ impl Daemon {
         }
     }
 
-    /// Stops a VM: agent power-off, then VMM quit, then kill.
-    pub async fn stop_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
+    /// Stops a VM: agent power-off, then VMM quit, then kill. With `force`, the guest is not
+    /// asked: the VMM quits at once (for VMs about to be deleted, whose disks do not matter).
+    pub async fn stop_vm(&self, reference: &str, force: bool) -> Result<VmRecord, ApiFailure> {
         let id = self.store.find_vm(reference)?.id;
         let vm = {
             let _guard = self.vm_locks.lock(&id).await;
@@ -219,16 +220,19 @@ impl Daemon {
             self.store.update_vm(&vm)?;
             vm
         };
-        let agent = self.agent_for(&vm);
-        let asked = agent.call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
         let pid = self.handles.get(&vm).and_then(|h| h.pid);
-        let gone = match (asked, pid) {
-            (Ok(_), Some(pid)) => self.vmm.wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await,
-            (Err(e), _) => {
-                tracing::warn!(vm = %vm.name, error = %e, "graceful shutdown through the agent failed");
-                false
+        let gone = if force {
+            false
+        } else {
+            let asked = self.agent_for(&vm).call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
+            match (asked, pid) {
+                (Ok(_), Some(pid)) => self.vmm.wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await,
+                (Err(e), _) => {
+                    tracing::warn!(vm = %vm.name, error = %e, "graceful shutdown through the agent failed");
+                    false
+                }
+                (_, None) => true,
             }
-            (_, None) => true,
         };
         if !gone {
             self.terminate_vmm(&vm).await;
@@ -326,15 +330,17 @@ fn make_ext4(path: &Path, size_mib: u64) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot publish {}: {e}", path.display()))
 }
 
-/// Where the static guest agent is: `$BANGER_AGENT`, beside this executable, or the install
-/// locations.
+/// Where the static guest agent is: `$BANGER_AGENT`, beside this executable, in `../lib/banger/`
+/// next to it (as `scripts/install` lays it out), or the usual install locations.
 pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
     if let Some(p) = std::env::var_os("BANGER_AGENT").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("banger-agent")));
-    beside
+    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+    let near_exe = exe_dir.map(|d| [d.join("banger-agent"), d.join("../lib/banger/banger-agent")]);
+    near_exe
         .into_iter()
+        .flatten()
         .chain(["/usr/local/lib/banger/banger-agent", "/usr/lib/banger/banger-agent"].map(PathBuf::from))
         .find(|p| p.is_file())
         .ok_or_else(|| {

@@ -75,11 +75,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if interrupted > 0 {
         tracing::warn!(interrupted, "operations cut short by the previous daemon marked interrupted");
     }
-    let choice = args.vmm.unwrap_or(match config.vmm {
-        banger_core::config::VmmChoice::Auto => banger_vmm::VmmChoice::Auto,
-        banger_core::config::VmmChoice::Qemu => banger_vmm::VmmChoice::Qemu,
-        banger_core::config::VmmChoice::Firecracker => banger_vmm::VmmChoice::Firecracker,
-    });
+    let choice = args.vmm.unwrap_or(config.vmm);
     let selection = banger_vmm::select(choice, &banger_vmm::HostFacts::probe())
         .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
     tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "vmm selected");

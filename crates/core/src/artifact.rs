@@ -21,7 +21,7 @@ pub struct KernelRecord {
 }
 
 /// How a guest's userspace starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum InitMode {
     /// banger-agent stays PID 1 in the guest's root: fastest.

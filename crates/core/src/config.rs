@@ -4,17 +4,53 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Which VMM drives guests.
+/// Which VMM drives guests (`vmm` in the config, `--vmm` on the daemon).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmChoice {
-    /// QEMU when KVM is unusable for stock guests, otherwise Firecracker when installed.
+    /// Let banger pick (QEMU for now).
     #[default]
     Auto,
     /// QEMU `-M microvm`.
     Qemu,
-    /// Firecracker.
+    /// Firecracker (not built yet).
     Firecracker,
+}
+
+impl VmmChoice {
+    /// The choice's name, as parsed by [`std::str::FromStr`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+}
+
+impl std::fmt::Display for VmmChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = ParseVmmChoiceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Auto, Self::Qemu, Self::Firecracker]
+            .into_iter()
+            .find(|choice| choice.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParseVmmChoiceError { given: s.to_owned() })
+    }
+}
+
+/// An unknown VMM name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown vmm {given:?}; use auto, qemu or firecracker")]
+pub struct ParseVmmChoiceError {
+    /// What was given.
+    pub given: String,
 }
 
 /// banger's configuration.

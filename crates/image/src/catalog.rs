@@ -23,25 +23,7 @@ pub struct KernelEntry {
     pub modules: &'static [&'static str],
 }
 
-/// How a guest's root filesystem starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InitMode {
-    /// banger's own init (the agent) sets the guest up; no systemd. Boots in seconds under TCG.
-    Fast,
-    /// The image's `/sbin/init` (systemd) runs after banger's initramfs switches root.
-    Systemd,
-}
-
-impl InitMode {
-    /// The lowercase name used in manifests and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Fast => "fast",
-            Self::Systemd => "systemd",
-        }
-    }
-}
+pub use banger_core::InitMode;
 
 /// A file a recipe writes into the root filesystem after bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

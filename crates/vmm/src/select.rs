@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,54 +15,7 @@ use crate::firecracker::FirecrackerDriver;
 use crate::qemu::QemuDriver;
 use crate::Vmm;
 
-/// What the user asked for (`--vmm auto|qemu|firecracker`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmmChoice {
-    /// Let banger pick (QEMU for now).
-    #[default]
-    Auto,
-    /// QEMU `microvm`.
-    Qemu,
-    /// Firecracker (not built yet).
-    Firecracker,
-}
-
-impl VmmChoice {
-    /// The choice's name, as parsed by [`FromStr`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Qemu => "qemu",
-            Self::Firecracker => "firecracker",
-        }
-    }
-}
-
-impl fmt::Display for VmmChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for VmmChoice {
-    type Err = ParseVmmChoiceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Auto, Self::Qemu, Self::Firecracker]
-            .into_iter()
-            .find(|choice| choice.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| ParseVmmChoiceError { given: s.to_owned() })
-    }
-}
-
-/// An unknown `--vmm` value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown vmm {given:?}; use auto, qemu or firecracker")]
-pub struct ParseVmmChoiceError {
-    /// What was given.
-    pub given: String,
-}
+pub use banger_core::config::{ParseVmmChoiceError, VmmChoice};
 
 /// Which VMM runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,7 @@ pub enum ImageCommand {
     Build(BuildArgs),
     /// List local images (and, with --catalog, the recipes the catalog can build).
     #[command(visible_alias = "ls")]
-    List(ListArgs),
+    List(super::CatalogListArgs),
     /// Delete an image no VM uses.
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
@@ -29,16 +29,6 @@ pub enum ImageCommand {
 pub struct BuildArgs {
     /// Catalog recipe name.
     name: String,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    /// Also list what the catalog can build.
-    #[arg(long)]
-    catalog: bool,
 }
 
 #[derive(Debug, Args)]

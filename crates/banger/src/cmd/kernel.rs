@@ -19,7 +19,7 @@ pub enum KernelCommand {
     Pull(PullArgs),
     /// List pulled kernels (and, with --catalog, the names the catalog can pull).
     #[command(visible_alias = "ls")]
-    List(ListArgs),
+    List(super::CatalogListArgs),
     /// Delete a pulled kernel.
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
@@ -32,16 +32,6 @@ pub struct PullArgs {
     /// A linux-image-*.deb file or URL instead of the host's apt archive.
     #[arg(long)]
     from: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    /// Also list what the catalog can pull.
-    #[arg(long)]
-    catalog: bool,
 }
 
 #[derive(Debug, Args)]

@@ -24,3 +24,14 @@ pub fn segment(reference: &str) -> String {
         })
         .collect()
 }
+
+/// `--json` and `--catalog` of the artifact list commands.
+#[derive(Debug, clap::Args)]
+pub struct CatalogListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also list what the catalog offers.
+    #[arg(long)]
+    pub catalog: bool,
+}

@@ -31,7 +31,7 @@ pub enum VmCommand {
     /// Boot a VM and wait until its agent answers.
     Start(StartArgs),
     /// Stop a VM: gracefully through its agent, then the VMM, then a kill.
-    Stop(RefArgs),
+    Stop(StopArgs),
     /// Stop then start a VM.
     Restart(StartArgs),
     /// Run a command in a running VM; exits with the command's exit code.
@@ -46,9 +46,12 @@ pub enum VmCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct RefArgs {
+pub struct StopArgs {
     /// Name, id or id prefix.
     vm: String,
+    /// Do not ask the guest to shut down: end the VMM at once (disks may be left unclean).
+    #[arg(long, short = 'f')]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -64,18 +67,8 @@ pub struct StartArgs {
 pub struct ExecArgs {
     /// Name, id or id prefix.
     vm: String,
-    /// Working directory in the guest [default: /root]
-    #[arg(long, short = 'w')]
-    workdir: Option<String>,
-    /// Environment variable for the command, KEY=VALUE (repeatable).
-    #[arg(long, short = 'e', value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Do not forward stdin (the command reads /dev/null).
-    #[arg(long, short = 'n')]
-    no_stdin: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
+    #[command(flatten)]
+    command: CommandArgs,
 }
 
 #[derive(Debug, Args)]
@@ -83,36 +76,13 @@ pub struct RunArgs {
     /// The VM's name [default: run-<random>]
     #[arg(long)]
     name: Option<String>,
-    /// Root filesystem image [default: the config's default_image]
-    #[arg(long)]
-    image: Option<String>,
-    /// Kernel [default: the config's default_kernel]
-    #[arg(long)]
-    kernel: Option<String>,
-    /// Virtual CPUs.
-    #[arg(long)]
-    cpus: Option<u32>,
-    /// Memory, e.g. 512M or 2G.
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
-    /// Work disk size, e.g. 4G.
-    #[arg(long, value_parser = parse_size)]
-    disk: Option<u64>,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// Delete the VM when the command ends.
     #[arg(long)]
     rm: bool,
-    /// Working directory in the guest [default: /root]
-    #[arg(long, short = 'w')]
-    workdir: Option<String>,
-    /// Environment variable for the command, KEY=VALUE (repeatable).
-    #[arg(long, short = 'e', value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Do not forward stdin (the command reads /dev/null).
-    #[arg(long, short = 'n')]
-    no_stdin: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
+    #[command(flatten)]
+    command: CommandArgs,
 }
 
 #[derive(Debug, Args)]
@@ -147,10 +117,9 @@ pub struct JsonFlag {
     json: bool,
 }
 
+/// What a new VM is made of.
 #[derive(Debug, Args)]
-pub struct CreateArgs {
-    /// The VM's name.
-    name: String,
+pub struct SpecArgs {
     /// Root filesystem image [default: the config's default_image]
     #[arg(long)]
     image: Option<String>,
@@ -166,6 +135,51 @@ pub struct CreateArgs {
     /// Work disk size, e.g. 4G [default: the config's default_disk_mib]
     #[arg(long, value_parser = parse_size)]
     disk: Option<u64>,
+}
+
+impl SpecArgs {
+    fn request(self, name: String, start: bool) -> CreateVmRequest {
+        CreateVmRequest {
+            name,
+            image: self.image,
+            kernel: self.kernel,
+            vcpus: self.cpus,
+            memory_mib: self.memory,
+            disk_mib: self.disk,
+            start,
+        }
+    }
+}
+
+/// A command to run in a guest.
+#[derive(Debug, Args)]
+pub struct CommandArgs {
+    /// Working directory in the guest [default: /root]
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long, short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Do not forward stdin (the command reads /dev/null).
+    #[arg(long, short = 'n')]
+    no_stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+impl CommandArgs {
+    fn options(self, forward_interrupt: bool) -> ExecOptions {
+        ExecOptions { argv: self.command, env: self.env, cwd: self.workdir, stdin: !self.no_stdin, forward_interrupt }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM's name.
+    name: String,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// Print the new VM as JSON.
     #[arg(long)]
     json: bool,
@@ -245,12 +259,12 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Stop(a) => {
-            let vm = stop(client, &a.vm).await?;
+            let vm = stop(client, &a.vm, a.force).await?;
             eprintln!("{} is {}", vm.record.name, vm.record.state.as_str());
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Restart(a) => {
-            stop(client, &a.vm).await?;
+            stop(client, &a.vm, false).await?;
             let op: OperationRecord =
                 client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
             crate::progress::follow(client, op).await?;
@@ -258,14 +272,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Exec(a) => {
-            let opts = ExecOptions {
-                argv: a.command,
-                env: a.env,
-                cwd: a.workdir,
-                stdin: !a.no_stdin,
-                forward_interrupt: true,
-            };
-            let code = crate::exec::exec(client, &a.vm, opts).await?;
+            let code = crate::exec::exec(client, &a.vm, a.command.options(true)).await?;
             Ok(exit_code(code))
         }
         VmCommand::Run(a) => run_command(client, a).await,
@@ -303,23 +310,15 @@ fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }
 
-async fn stop(client: &Client, vm: &str) -> anyhow::Result<VmView> {
-    client.call(Method::POST, &format!("/v1/vms/{}/stop", segment(vm)), None::<&()>).await
+async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {
+    let query = if force { "?force=true" } else { "" };
+    client.call(Method::POST, &format!("/v1/vms/{}/stop{query}", segment(vm)), None::<&()>).await
 }
 
 async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.clone().unwrap_or_else(|| format!("run-{}", &banger_core::new_id()[..8]));
-    let req = CreateVmRequest {
-        name: name.clone(),
-        image: a.image,
-        kernel: a.kernel,
-        vcpus: a.cpus,
-        memory_mib: a.memory,
-        disk_mib: a.disk,
-        start: true,
-    };
-    let opts =
-        ExecOptions { argv: a.command, env: a.env, cwd: a.workdir, stdin: !a.no_stdin, forward_interrupt: false };
+    let req = a.spec.request(name.clone(), true);
+    let opts = a.command.options(false);
     let work = async {
         let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
         crate::progress::follow(client, op).await?;
@@ -335,7 +334,8 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
         if !exists {
             return Ok::<(), anyhow::Error>(());
         }
-        stop(client, &name).await?;
+        // A VM about to be deleted needs no clean shutdown.
+        stop(client, &name, a.rm).await?;
         if a.rm {
             client.call::<VmView>(Method::DELETE, &format!("/v1/vms/{}", segment(&name)), None::<&()>).await?;
         }
@@ -362,15 +362,7 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
-    let req = CreateVmRequest {
-        name: a.name,
-        image: a.image,
-        kernel: a.kernel,
-        vcpus: a.cpus,
-        memory_mib: a.memory,
-        disk_mib: a.disk,
-        start: false,
-    };
+    let req = a.spec.request(a.name, false);
     let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
     let done = crate::progress::follow(client, op).await?;
     let id = done.result_id.unwrap_or(req.name);
