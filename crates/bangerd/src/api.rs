@@ -237,7 +237,7 @@ async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats
     let vm = d.store.find_vm(&vm)?;
     let running = d.handles.alive(&vm);
     let pid = d.handles.get(&vm).and_then(|h| h.pid).filter(|_| running);
-    let stats = pid.and_then(|p| d.vmm.stats(p).ok());
+    let stats = pid.and_then(|p| d.driver(vm.spec.vmm).stats(p).ok());
     let uptime_secs = pid
         .and_then(|p| std::fs::metadata(format!("/proc/{p}")).ok())
         .and_then(|m| m.modified().ok())

@@ -184,7 +184,7 @@ impl Daemon {
             None => {
                 if catalog::image(name).is_err() {
                     return Err(ApiFailure::not_found(format!(
-                        "image '{name}' is not local and not in the catalog; see `banger image list --catalog`"
+                        "image '{name}' is not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)"
                     )));
                 }
                 op.sink().stage("image build");

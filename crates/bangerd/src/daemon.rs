@@ -11,7 +11,9 @@ use banger_host::Layout;
 use banger_store::Store;
 use tokio::sync::Notify;
 
+use banger_core::config::{VmmChoice, VmmKind};
 use banger_core::VmRecord;
+use banger_vmm::{HostFacts, Selection, Vmm};
 
 use crate::agent_conn::AgentConn;
 use crate::error::ApiFailure;
@@ -43,8 +45,12 @@ pub struct Daemon {
     pub shutdown: Notify,
     /// One agent connection per VM that has been talked to (a leaf lock).
     agents: Mutex<HashMap<String, Arc<AgentConn>>>,
-    /// The VMM driver.
-    pub vmm: Arc<dyn banger_vmm::Vmm>,
+    /// One driver per VMM kind, for the daemon's life (a driver reaps the VMMs it spawned).
+    drivers: HashMap<VmmKind, Arc<dyn Vmm>>,
+    /// What new VMs use when they do not say (`--vmm` of the daemon, else the config).
+    pub default_vmm: VmmChoice,
+    /// Facts about this host that VMM selection depends on.
+    pub host: HostFacts,
     /// Per-artifact locks (`kernel:NAME`, `image:NAME`): one pull or build per name at a time.
     pub artifact_locks: VmLocks,
 }
@@ -56,8 +62,13 @@ impl Daemon {
         config: Config,
         config_source: Option<PathBuf>,
         store: Store,
-        vmm: Arc<dyn banger_vmm::Vmm>,
+        host: HostFacts,
+        default_vmm: VmmChoice,
     ) -> Arc<Self> {
+        let drivers = [VmmKind::Qemu, VmmKind::Firecracker]
+            .into_iter()
+            .map(|kind| (kind, Selection { kind, accel: host.accel(), tsc_khz: host.tsc_khz }.driver()))
+            .collect();
         let store = Arc::new(store);
         Arc::new(Self {
             ops: OpRegistry::new(store.clone()),
@@ -71,9 +82,26 @@ impl Daemon {
             started_at: SystemTime::now(),
             shutdown: Notify::new(),
             agents: Mutex::new(HashMap::new()),
-            vmm,
+            drivers,
+            default_vmm,
+            host,
             artifact_locks: VmLocks::default(),
         })
+    }
+
+    /// The driver of VMM `kind`.
+    pub fn driver(&self, kind: VmmKind) -> Arc<dyn Vmm> {
+        self.drivers
+            .get(&kind)
+            .cloned()
+            .unwrap_or_else(|| Selection { kind, accel: self.host.accel(), tsc_khz: None }.driver())
+    }
+
+    /// Resolves a VMM choice for a new VM on this host.
+    pub fn resolve_vmm(&self, choice: Option<VmmChoice>) -> Result<VmmKind, ApiFailure> {
+        banger_vmm::select(choice.unwrap_or(self.default_vmm), &self.host)
+            .map(|s| s.kind)
+            .map_err(|e| ApiFailure::invalid(e.to_string()))
     }
 
     /// The agent connection of `vm` (made on first use; it connects lazily).

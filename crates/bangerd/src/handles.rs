@@ -121,7 +121,14 @@ mod tests {
         VmRecord {
             id,
             name: name.into(),
-            spec: VmSpec { image: "i".into(), kernel: "k".into(), vcpus: 1, memory_mib: 256, disk_mib: 1024 },
+            spec: VmSpec {
+                image: "i".into(),
+                kernel: "k".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_mib: 1024,
+                vmm: banger_core::config::VmmKind::Qemu,
+            },
             desired_state: DesiredState::Running,
             state,
             guest_ip: None,

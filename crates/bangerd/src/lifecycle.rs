@@ -26,8 +26,6 @@ use crate::daemon::Daemon;
 use crate::error::{chain, ApiFailure};
 use crate::ops::{Cancelled, OpHandle};
 
-/// How long a guest may take from VMM start to its agent's first answer (TCG is slow).
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a guest may take to power off when asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Console lines quoted in boot errors.
@@ -130,7 +128,7 @@ impl Daemon {
             format!("banger.hostname={}", vm.name),
             format!("banger.init={}", image.init_mode.as_str()),
         ];
-        let launched = self.vmm.launch(&spec).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
+        let launched = self.driver(vm.spec.vmm).launch(&spec).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
         let handles = VmHandles {
             pid: Some(launched.pid),
             marker: format!("{}/", vm.vm_dir),
@@ -152,7 +150,7 @@ impl Daemon {
         let this = self.clone();
         let cancel = op.sink();
         agent
-            .wait_ready(READY_TIMEOUT, move || {
+            .wait_ready(Duration::from_secs(self.config.boot_timeout_secs), move || {
                 if cancel.cancelled() {
                     return Some("cancelled".into());
                 }
@@ -190,7 +188,9 @@ impl Daemon {
         let Some(h) = self.handles.get(vm) else { return };
         let Some(pid) = h.pid else { return };
         let control = PathBuf::from(h.control_socket.unwrap_or_default());
-        if let Err(e) = self.vmm.stop(pid, Path::new(&vm.vm_dir), &control, Duration::from_secs(5)).await {
+        if let Err(e) =
+            self.driver(vm.spec.vmm).stop(pid, Path::new(&vm.vm_dir), &control, Duration::from_secs(5)).await
+        {
             tracing::error!(vm = %vm.name, error = %chain(&e), "cannot end the vmm");
         }
     }
@@ -226,7 +226,9 @@ impl Daemon {
         } else {
             let asked = self.agent_for(&vm).call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
             match (asked, pid) {
-                (Ok(_), Some(pid)) => self.vmm.wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await,
+                (Ok(_), Some(pid)) => {
+                    self.driver(vm.spec.vmm).wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await
+                }
                 (Err(e), _) => {
                     tracing::warn!(vm = %vm.name, error = %e, "graceful shutdown through the agent failed");
                     false
@@ -266,11 +268,12 @@ impl Daemon {
         let daemon = Arc::downgrade(self);
         tokio::spawn(async move {
             let dir = PathBuf::from(&vm.vm_dir);
+            let Some(driver) = daemon.upgrade().map(|d| d.driver(vm.spec.vmm)) else { return };
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(d) = daemon.upgrade() else { return };
                 // `is_alive` also reaps the VMM when it is our child.
-                if d.vmm.is_alive(pid, &dir) {
+                if driver.is_alive(pid, &dir) {
                     continue;
                 }
                 // Only act if these handles are still the VM's (a restart publishes new ones).

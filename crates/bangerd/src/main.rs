@@ -43,7 +43,7 @@ struct Args {
     /// Log to the log file only, not to stderr (used when the CLI starts the daemon).
     #[arg(long)]
     detached: bool,
-    /// VMM driver: auto, qemu or firecracker [default: the config's `vmm`]
+    /// VMM for new VMs that do not choose one: auto, qemu or firecracker [default: the config's `vmm`]
     #[arg(long, env = "BANGER_VMM")]
     vmm: Option<banger_vmm::VmmChoice>,
 }
@@ -76,10 +76,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(interrupted, "operations cut short by the previous daemon marked interrupted");
     }
     let choice = args.vmm.unwrap_or(config.vmm);
-    let selection = banger_vmm::select(choice, &banger_vmm::HostFacts::probe())
+    let host = banger_vmm::HostFacts::probe();
+    let selection = banger_vmm::select(choice, &host)
         .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
-    tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "vmm selected");
-    let daemon = daemon::Daemon::new(layout, config, config_source, store, selection.driver());
+    tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "default vmm selected");
+    let daemon = daemon::Daemon::new(layout, config, config_source, store, host, choice);
     let report = daemon.handles.reconcile(&daemon.store)?;
     let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
     tracing::info!(?adopted, reaped = ?report.reaped, "reconciled vms with the host");

@@ -38,6 +38,7 @@ impl Daemon {
             vcpus: req.vcpus.unwrap_or(c.default_vcpus),
             memory_mib: req.memory_mib.unwrap_or(c.default_memory_mib),
             disk_mib: req.disk_mib.unwrap_or(c.default_disk_mib),
+            vmm: self.resolve_vmm(req.vmm)?,
         };
         check_spec(&spec)?;
         Ok(spec)
@@ -243,9 +244,8 @@ mod tests {
 
     fn daemon(dir: &std::path::Path) -> Arc<Daemon> {
         let layout = Layout::resolve(Some(dir.to_path_buf()), Some(dir.join("s.sock")));
-        let vmm =
-            banger_vmm::select(banger_vmm::VmmChoice::Qemu, &banger_vmm::HostFacts::default()).expect("qemu").driver();
-        Daemon::new(layout, Config::default(), None, Store::open(&dir.join("banger.db")).expect("store"), vmm)
+        let store = Store::open(&dir.join("banger.db")).expect("store");
+        Daemon::new(layout, Config::default(), None, store, banger_vmm::HostFacts::default(), Default::default())
     }
 
     fn req(name: &str) -> CreateVmRequest {
@@ -300,6 +300,7 @@ mod tests {
             CreateVmRequest { vcpus: Some(0), ..req("ok") },
             CreateVmRequest { memory_mib: Some(1), ..req("ok") },
             CreateVmRequest { image: Some("no/such".into()), ..req("ok") },
+            CreateVmRequest { vmm: Some(banger_core::config::VmmChoice::Firecracker), ..req("ok") },
         ] {
             let e = d.begin_create_vm(bad).expect_err("refused");
             assert_eq!(e.code, "invalid_request", "{e:?}");

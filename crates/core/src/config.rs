@@ -45,6 +45,37 @@ impl std::str::FromStr for VmmChoice {
     }
 }
 
+/// Which VMM runs a VM (what [`VmmChoice::Auto`] resolves to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    /// QEMU `microvm`.
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+}
+
+impl VmmKind {
+    /// The kind's name (`qemu`, `firecracker`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+
+    /// Parses a stored kind name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Qemu, Self::Firecracker].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An unknown VMM name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown vmm {given:?}; use auto, qemu or firecracker")]
@@ -75,6 +106,8 @@ pub struct Config {
     pub log_level: String,
     /// How long finished operations are kept before they are pruned, in seconds.
     pub operation_retention_secs: u64,
+    /// How long a guest may take from VMM start to its agent's first answer, in seconds.
+    pub boot_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -89,6 +122,7 @@ impl Default for Config {
             socket_group: String::new(),
             log_level: "info".into(),
             operation_retention_secs: 24 * 3600,
+            boot_timeout_secs: 120,
         }
     }
 }
@@ -119,6 +153,7 @@ impl Config {
         check_range("default_vcpus", u64::from(self.default_vcpus), VCPUS).map_err(|e| e.to_string())?;
         check_range("default_memory_mib", self.default_memory_mib, MEMORY_MIB).map_err(|e| e.to_string())?;
         check_range("default_disk_mib", self.default_disk_mib, DISK_MIB).map_err(|e| e.to_string())?;
+        check_range("boot_timeout_secs", self.boot_timeout_secs, (1, 3600)).map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -90,6 +90,8 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Work disk size in MiB.
     pub disk_mib: u64,
+    /// The VMM that runs it.
+    pub vmm: crate::config::VmmKind,
 }
 
 /// The durable record of a VM, as kept in the store.

@@ -60,6 +60,8 @@ pub struct CreateVmRequest {
     /// Boot the VM once it is recorded (the operation then also waits for its agent).
     #[serde(default)]
     pub start: bool,
+    /// VMM: `auto`, `qemu` or `firecracker`; the daemon's default when omitted.
+    pub vmm: Option<banger_core::config::VmmChoice>,
 }
 
 /// `PATCH /v1/vms/{vm}`: the fields to change; the VM must not be running.

@@ -57,6 +57,10 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX operations_created ON operations (created_at);
     "#,
+    // 2: each VM records the VMM that runs it.
+    r#"
+    ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -105,6 +109,27 @@ mod tests {
         // Re-opening applies nothing and keeps the version.
         let again = Store::open(&path).expect("reopen");
         assert_eq!(again.schema_version().expect("version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn upgrades_a_version_1_database_keeping_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("banger.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(MIGRATIONS[0]).expect("v1");
+            conn.pragma_update(None, "user_version", 1).expect("set");
+            conn.execute(
+                "INSERT INTO vms (id, name, image, kernel, vcpus, memory_mib, disk_mib, desired_state, state, vm_dir, \
+                 created_at, updated_at) VALUES ('aaaa', 'old', 'i', 'k', 1, 512, 2048, 'stopped', 'created', '/v', 't', 't')",
+                [],
+            )
+            .expect("row");
+        }
+        let store = Store::open(&path).expect("migrate");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        let vm = store.find_vm("old").expect("kept");
+        assert_eq!(vm.spec.vmm, banger_core::config::VmmKind::Qemu);
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The `vms` table.
 
+use banger_core::config::VmmKind;
 use banger_core::{DesiredState, ObservedState, VmRecord, VmSpec};
 use rusqlite::{params, OptionalExtension, Row};
 
 use crate::{is_unique_violation, Store, StoreError};
 
 const COLUMNS: &str = "id, name, image, kernel, vcpus, memory_mib, disk_mib, desired_state, state, guest_ip, vm_dir, \
-                       created_at, updated_at, last_error";
+                       created_at, updated_at, last_error, vmm";
 
 fn corrupt(detail: String) -> StoreError {
     StoreError::Corrupt { kind: "vm", detail }
@@ -19,7 +20,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let memory: i64 = row.get(5)?;
     let disk: i64 = row.get(6)?;
     let id: String = row.get(0)?;
-    let record = (|| {
+    let vmm: String = row.get(14)?;
+    let record = (|| -> Result<VmRecord, StoreError> {
         Ok(VmRecord {
             spec: VmSpec {
                 image: row.get(2)?,
@@ -27,6 +29,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
                 vcpus: u32::try_from(vcpus).map_err(|_| corrupt(format!("{id}: vcpus {vcpus}")))?,
                 memory_mib: u64::try_from(memory).map_err(|_| corrupt(format!("{id}: memory {memory}")))?,
                 disk_mib: u64::try_from(disk).map_err(|_| corrupt(format!("{id}: disk {disk}")))?,
+                vmm: VmmKind::parse(&vmm).ok_or_else(|| corrupt(format!("{id}: vmm {vmm:?}")))?,
             },
             desired_state: DesiredState::parse(&desired)
                 .ok_or_else(|| corrupt(format!("{id}: desired state {desired:?}")))?,
@@ -40,7 +43,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
             id: id.clone(),
         })
     })();
-    Ok(record.map_err(|e: StoreError| e))
+    Ok(record)
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -53,7 +56,7 @@ impl Store {
         let conn = self.conn();
         let result = conn.execute(
             &format!(
-                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ),
             params![
                 vm.id,
@@ -70,6 +73,7 @@ impl Store {
                 vm.created_at,
                 vm.updated_at,
                 vm.last_error,
+                vm.spec.vmm.as_str(),
             ],
         );
         match result {
@@ -84,7 +88,7 @@ impl Store {
         let conn = self.conn();
         let changed = conn.execute(
             "UPDATE vms SET name = ?2, image = ?3, kernel = ?4, vcpus = ?5, memory_mib = ?6, disk_mib = ?7, \
-             desired_state = ?8, state = ?9, guest_ip = ?10, vm_dir = ?11, updated_at = ?12, last_error = ?13 \
+             desired_state = ?8, state = ?9, guest_ip = ?10, vm_dir = ?11, updated_at = ?12, last_error = ?13, vmm = ?14 \
              WHERE id = ?1",
             params![
                 vm.id,
@@ -100,6 +104,7 @@ impl Store {
                 vm.vm_dir,
                 vm.updated_at,
                 vm.last_error,
+                vm.spec.vmm.as_str(),
             ],
         );
         match changed {
@@ -168,6 +173,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 512,
                 disk_mib: 2048,
+                vmm: VmmKind::Qemu,
             },
             desired_state: DesiredState::Stopped,
             state: ObservedState::Created,

@@ -15,33 +15,7 @@ use crate::firecracker::FirecrackerDriver;
 use crate::qemu::QemuDriver;
 use crate::Vmm;
 
-pub use banger_core::config::{ParseVmmChoiceError, VmmChoice};
-
-/// Which VMM runs a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmmKind {
-    /// QEMU `microvm`.
-    Qemu,
-    /// Firecracker.
-    Firecracker,
-}
-
-impl VmmKind {
-    /// The kind's name (`qemu`, `firecracker`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Qemu => "qemu",
-            Self::Firecracker => "firecracker",
-        }
-    }
-}
-
-impl fmt::Display for VmmKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use banger_core::config::{ParseVmmChoiceError, VmmChoice, VmmKind};
 
 /// How guest code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,6 +135,9 @@ pub struct SpecArgs {
     /// Work disk size, e.g. 4G [default: the config's default_disk_mib]
     #[arg(long, value_parser = parse_size)]
     disk: Option<u64>,
+    /// VMM: auto, qemu or firecracker [default: the daemon's, from the config's `vmm`]
+    #[arg(long)]
+    vmm: Option<banger_core::config::VmmChoice>,
 }
 
 impl SpecArgs {
@@ -147,6 +150,7 @@ impl SpecArgs {
             memory_mib: self.memory,
             disk_mib: self.disk,
             start,
+            vmm: self.vmm,
         }
     }
 }

@@ -98,3 +98,19 @@ fn unknown_artifacts_name_the_fix() {
     let list = env.banger(&["vm", "list", "--json"]).ok().json();
     assert_eq!(list["vms"].as_array().map(Vec::len), Some(0), "failed runs leave no vm");
 }
+
+#[test]
+fn a_guest_that_never_answers_times_out_with_its_console() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    // One second is far too short for a TCG boot: the agent cannot answer in time.
+    std::fs::write(env.state.join("config.toml"), "boot_timeout_secs = 1\n").expect("config");
+    let run = env.banger(&["vm", "run", "--rm", "--name", "slow", "--image", "minimal", "--", "true"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("did not become ready within 1 s"), "{}", run.stderr);
+    assert!(run.stderr.contains("last console lines"), "{}", run.stderr);
+    let list = env.banger(&["vm", "list", "--json"]).ok().json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(0), "--rm removes the failed vm");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().expect("ps");
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&env.state.display().to_string()), "no vmm left");
+}

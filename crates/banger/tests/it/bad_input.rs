@@ -20,6 +20,9 @@ fn invalid_names_are_refused_without_writing() {
     }
     env.banger(&["vm", "create", "ok", "--image", "../etc"]).fails(1, "invalid image name");
     env.banger(&["vm", "create", "ok", "--cpus", "0"]).fails(1, "vcpus 0 is out of range");
+    env.banger(&["vm", "create", "ok", "--vmm", "firecracker"])
+        .fails(1, "firecracker driver is not built yet; use --vmm qemu");
+    assert_eq!(env.banger(&["vm", "create", "ok", "--vmm", "xen"]).code, 2, "an unknown vmm is a usage error");
     assert!(vm_names(&env).is_empty());
     assert_eq!(op_count(&env), 0);
 }
