@@ -12,8 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ImageList, KernelList, OperationList,
-    PullKernelRequest, UpdateVmRequest, VmList, VmLogs, VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ImageList, ImageRecipe, KernelList,
+    OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest,
+    UpdateVmRequest, VmList, VmLogs, VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -68,7 +69,12 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         PullKernelRequest,
         ImageRecord,
         ImageList,
-        BuildImageRequest
+        BuildImageRequest,
+        ImageRecipe,
+        RecipeFile,
+        PullImageRequest,
+        RegisterImageRequest,
+        PromoteRequest
     ))
 )]
 pub struct ApiDoc;
@@ -90,7 +96,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/kernels", get(list_kernels).post(pull_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(delete_kernel))
         .route("/v1/images", get(list_images).post(build_image))
-        .route("/v1/images/{name}", axum::routing::delete(delete_image))
+        .route("/v1/images/{name}", get(show_image).delete(delete_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/register", post(register_image))
+        .route("/v1/vms/{vm}/promote", post(promote_vm))
         .route("/v1/operations", get(list_ops))
         .route("/v1/operations/{op}", get(show_op))
         .route("/v1/operations/{op}/cancel", post(cancel_op))
@@ -292,6 +301,47 @@ async fn build_image(
     req: Result<Json<BuildImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
     Ok((StatusCode::ACCEPTED, Json(d.begin_build_image(body(req, "BuildImageRequest")?)?)))
+}
+
+/// Pulls an OCI image; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/images/pull", request_body = PullImageRequest,
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn pull_image(
+    State(d): Shared,
+    req: Result<Json<PullImageRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    Ok((StatusCode::ACCEPTED, Json(d.begin_pull_image(body(req, "PullImageRequest")?)?)))
+}
+
+/// Registers an ext4 file as an image; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/images/register", request_body = RegisterImageRequest,
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn register_image(
+    State(d): Shared,
+    req: Result<Json<RegisterImageRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    Ok((StatusCode::ACCEPTED, Json(d.begin_register_image(body(req, "RegisterImageRequest")?)?)))
+}
+
+/// Makes a stopped VM's root a new image; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/vms/{vm}/promote", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body = PromoteRequest,
+    responses((status = 202, body = OperationRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn promote_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    req: Result<Json<PromoteRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let req = body(req, "PromoteRequest")?;
+    Ok((StatusCode::ACCEPTED, Json(d.begin_promote(&vm, &req.name).await?)))
+}
+
+/// One image.
+#[utoipa::path(get, path = "/v1/images/{name}", params(("name" = String, Path, description = "image name")),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
+async fn show_image(State(d): Shared, Path(name): Path<String>) -> ApiResult<ImageRecord> {
+    let image = d.store.get_image(&name)?;
+    Ok(Json(image.ok_or_else(|| ApiFailure::not_found(format!("no image '{name}'; see `banger image list`")))?))
 }
 
 /// Deletes an image no VM uses.

@@ -3,15 +3,15 @@
 //! per-name lock only, so different artifacts build in parallel and one name is never built
 //! twice at once; the store row is inserted after the files are published.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_image::catalog;
 use banger_image::host::SystemHost;
 use banger_image::kernel::pull::{open_kernel, pull_kernel, KernelPull, KernelSource, PulledKernel};
-use banger_image::rootfs::{build_image, open_image, BuiltImage, ImageBuild};
-use banger_proto::{BuildImageRequest, PullKernelRequest};
+use banger_image::rootfs::{build_image, open_image, BuildImageError, BuiltImage, ImageBuild, ImageSource};
+use banger_proto::{BuildImageRequest, ImageRecipe, PullImageRequest, PullKernelRequest, RegisterImageRequest};
 
 use crate::daemon::Daemon;
 use crate::error::{chain, ApiFailure};
@@ -129,22 +129,34 @@ impl Daemon {
         Ok(kernel)
     }
 
-    /// Starts building a catalog image.
-    pub fn begin_build_image(self: &Arc<Self>, req: BuildImageRequest) -> Result<OperationRecord, ApiFailure> {
-        banger_core::validate_artifact_name(&req.name)
+    /// Refuses an image name that is invalid or taken.
+    fn check_image_name(&self, name: &str) -> Result<(), ApiFailure> {
+        banger_core::validate_artifact_name(name)
             .map_err(|e| ApiFailure::invalid(format!("invalid image name: {e}")))?;
-        if self.store.get_image(&req.name)?.is_some() {
+        if self.store.get_image(name)?.is_some() {
             return Err(ApiFailure::conflict(format!(
-                "image '{}' already exists; delete it first with `banger image delete {}`",
-                req.name, req.name
+                "image '{name}' already exists; delete it first with `banger image delete {name}`"
             )));
         }
-        catalog::image(&req.name).map_err(|e| ApiFailure::not_found(e.to_string()))?;
-        let op = self.ops.begin("image.build", &req.name);
+        Ok(())
+    }
+
+    /// Starts an operation of `kind` that makes image `name` with `make` (a blocking function of
+    /// the images dir and a stage reporter) and records it. `make` runs under the image name's
+    /// lock only.
+    fn begin_image_op(
+        self: &Arc<Self>,
+        kind: &str,
+        name: &str,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+    ) -> Result<OperationRecord, ApiFailure> {
+        self.check_image_name(name)?;
+        let op = self.ops.begin(kind, name);
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
+        let name = name.to_owned();
         tokio::spawn(async move {
-            match daemon.build_image_locked(&op.sink(), &req.name).await {
+            match daemon.make_image_locked(&op.sink(), &name, make).await {
                 Ok(i) => op.succeed(Some(i.name)),
                 Err(e) => op.fail(e.message),
             }
@@ -152,29 +164,114 @@ impl Daemon {
         Ok(snapshot)
     }
 
-    async fn build_image_locked(&self, sink: &StageSink, name: &str) -> Result<ImageRecord, ApiFailure> {
+    async fn make_image_locked(
+        &self,
+        sink: &StageSink,
+        name: &str,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+    ) -> Result<ImageRecord, ApiFailure> {
         let _guard = self.artifact_locks.lock(&format!("image:{name}")).await;
         if let Some(i) = self.store.get_image(name)? {
             return Ok(i);
         }
-        let build = ImageBuild::catalog(name).map_err(|e| ApiFailure::not_found(e.to_string()))?;
         let dir = self.images_dir();
         let sink2 = sink.clone();
         let built = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            build_image(&SystemHost::new(), &dir, &build, &mut |stage| sink2.stage(&format!("image {stage}")))
-                .map_err(|e| chain(&e))
+            make(&dir, &mut |stage| sink2.stage(&format!("image {stage}"))).map_err(|e| chain(&e))
         })
         .await
-        .map_err(|e| ApiFailure::internal(format!("image build task failed: {e}")))?
+        .map_err(|e| ApiFailure::internal(format!("image task failed: {e}")))?
         .map_err(ApiFailure::invalid)?;
         let record = image_record(&built);
         if let Err(e) = self.store.insert_image(&record) {
             let _ = banger_image::rootfs::delete_image_dir(&self.images_dir(), name);
             return Err(e.into());
         }
-        tracing::info!(image = name, size = record.size_bytes, "image built");
-        Ok(record)
+        tracing::info!(image = name, source = %record.source, size = record.size_bytes, "image published");
+        // Every image gets its work seed now, so the first VM does not wait for it.
+        sink.stage("image work seed");
+        self.ensure_seed(&record, &built).await?;
+        Ok(self.store.get_image(name)?.unwrap_or(record))
+    }
+
+    /// Starts building an image from the catalog or from the caller's recipe.
+    pub fn begin_build_image(self: &Arc<Self>, req: BuildImageRequest) -> Result<OperationRecord, ApiFailure> {
+        let build = match req.recipe {
+            Some(recipe) => {
+                ImageBuild { name: req.name.clone(), source: ImageSource::Recipe, recipe: user_recipe(recipe)? }
+            }
+            None => ImageBuild::catalog(&req.name).map_err(|e| ApiFailure::not_found(e.to_string()))?,
+        };
+        self.begin_image_op("image.build", &req.name, move |dir, progress| {
+            build_image(&SystemHost::new(), dir, &build, progress)
+        })
+    }
+
+    /// Starts pulling an OCI image (registry, OCI layout dir or docker-archive).
+    pub fn begin_pull_image(self: &Arc<Self>, req: PullImageRequest) -> Result<OperationRecord, ApiFailure> {
+        let name = match req.name {
+            Some(n) => n,
+            None => default_image_name(&req.reference)?,
+        };
+        let source = banger_image::oci::parse_source(&req.reference, req.insecure);
+        let target = name.clone();
+        self.begin_image_op("image.pull", &name, move |dir, progress| {
+            banger_image::oci::pull_image(&SystemHost::new(), dir, &target, &source, progress)
+                .map_err(|e| BuildImageError::Io { path: dir.to_owned(), source: std::io::Error::other(chain(&e)) })
+        })
+    }
+
+    /// Starts registering an ext4 file as an image.
+    pub fn begin_register_image(self: &Arc<Self>, req: RegisterImageRequest) -> Result<OperationRecord, ApiFailure> {
+        let file = PathBuf::from(&req.file);
+        if !file.is_absolute() || !file.is_file() {
+            return Err(ApiFailure::invalid(format!(
+                "{} is not a file; give the absolute path of an ext4 image",
+                req.file
+            )));
+        }
+        let init = req.init.unwrap_or_default();
+        let name = req.name.clone();
+        self.begin_image_op("image.register", &req.name, move |dir, progress| {
+            banger_image::rootfs::register_image(dir, &name, &file, init, progress)
+        })
+    }
+
+    /// Starts making image `name` from stopped VM `vm`'s root (its base image plus overlay).
+    pub async fn begin_promote(self: &Arc<Self>, vm: &str, name: &str) -> Result<OperationRecord, ApiFailure> {
+        let vm = self.store.find_vm(vm)?;
+        self.check_image_name(name)?;
+        // Hold the VM's lock for the whole promote so it cannot start while its disks are read;
+        // no other VM waits on it.
+        let guard = self.vm_locks.lock(&vm.id).await;
+        let vm = self.store.find_vm(&vm.id)?;
+        if self.handles.alive(&vm) || vm.state.is_active() {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is running; stop it first with `banger vm stop {}`",
+                vm.name, vm.name
+            )));
+        }
+        let base = open_image(&self.images_dir(), &vm.spec.image).map_err(|e| ApiFailure::not_found(chain(&e)))?;
+        let image = self.store.get_image(&vm.spec.image)?;
+        let init = image.map(|i| i.init_mode).unwrap_or_default();
+        let overlay = PathBuf::from(vm.paths().overlay_disk);
+        let source = ImageSource::Promoted { vm: vm.name.clone(), from: vm.spec.image.clone() };
+        let target = name.to_owned();
+        self.begin_image_op("image.promote", name, move |dir, progress| {
+            let _held = guard;
+            banger_image::rootfs::promote_image(
+                &SystemHost::new(),
+                &banger_image::promote::SystemMounter,
+                dir,
+                &target,
+                &base.path,
+                &overlay,
+                source,
+                init,
+                progress,
+            )
+        })
     }
 
     /// The image named `name`, building it from the catalog when it is not local.
@@ -188,7 +285,11 @@ impl Daemon {
                     )));
                 }
                 op.sink().stage("image build");
-                self.build_image_locked(&op.sink(), name).await?
+                let build = ImageBuild::catalog(name).map_err(|e| ApiFailure::not_found(e.to_string()))?;
+                self.make_image_locked(&op.sink(), name, move |dir, progress| {
+                    build_image(&SystemHost::new(), dir, &build, progress)
+                })
+                .await?
             }
         };
         let built = open_image(&self.images_dir(), name).map_err(|e| {
@@ -225,6 +326,43 @@ impl Daemon {
     }
 }
 
+/// A user's recipe with its defaults filled in, checked before anything runs.
+fn user_recipe(r: ImageRecipe) -> Result<catalog::Recipe, ApiFailure> {
+    let bad = |m: String| ApiFailure::invalid(format!("invalid recipe: {m}"));
+    for p in &r.packages {
+        if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c)) {
+            return Err(bad(format!("'{p}' is not a Debian package name")));
+        }
+    }
+    for f in &r.files {
+        if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+            return Err(bad(format!("file path '{}' must be absolute and stay inside the image", f.path)));
+        }
+    }
+    Ok(catalog::Recipe {
+        suite: r.suite.unwrap_or_else(|| "bookworm".into()),
+        variant: r.variant.unwrap_or_else(|| "minbase".into()),
+        packages: r.packages,
+        files: r
+            .files
+            .into_iter()
+            .map(|f| catalog::ExtraFile { path: f.path, mode: f.mode, contents: f.contents })
+            .collect(),
+        init: r.init.unwrap_or_default(),
+    })
+}
+
+/// A local name for an OCI reference: its last path component, without tag or digest.
+fn default_image_name(reference: &str) -> Result<String, ApiFailure> {
+    let last = reference.trim_end_matches('/').rsplit('/').next().unwrap_or(reference);
+    let bare = last.split(['@', ':']).next().unwrap_or(last).to_ascii_lowercase();
+    let name: String = bare.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
+    let name = name.trim_matches(['-', '.']).to_owned();
+    banger_core::validate_artifact_name(&name)
+        .map(|()| name)
+        .map_err(|_| ApiFailure::invalid(format!("cannot derive an image name from '{reference}'; pass --name")))
+}
+
 fn describe_kernel_source(k: &PulledKernel) -> String {
     match &k.source {
         KernelSource::Apt { .. } => format!("apt:{}", k.package.as_deref().unwrap_or("?")),
@@ -237,10 +375,7 @@ fn image_record(b: &BuiltImage) -> ImageRecord {
     let m = &b.manifest;
     ImageRecord {
         name: m.name.clone(),
-        source: match &m.source {
-            banger_image::rootfs::ImageSource::Catalog { entry } => format!("recipe:{entry}"),
-            banger_image::rootfs::ImageSource::Recipe => "recipe".into(),
-        },
+        source: m.source.to_string(),
         init_mode: m.init,
         rootfs: b.path.display().to_string(),
         work_seed: None,

@@ -106,14 +106,7 @@ impl Daemon {
         let (image, built) = self.ensure_image(op, &vm.spec.image).await?;
         op.stage("disks")?;
         let vm_dir = PathBuf::from(&vm.vm_dir);
-        let overlay = PathBuf::from(vm.paths().overlay_disk);
-        if !overlay.exists() {
-            let (path, size) = (overlay.clone(), vm.spec.disk_mib);
-            tokio::task::spawn_blocking(move || make_ext4(&path, size))
-                .await
-                .map_err(|e| ApiFailure::internal(e.to_string()))?
-                .map_err(ApiFailure::internal)?;
-        }
+        let disks = self.provision_disks(vm, &image, &built).await?;
         op.stage("initramfs")?;
         let initramfs = self.initramfs_for(&kernel).await?;
         op.stage("boot")?;
@@ -121,10 +114,12 @@ impl Daemon {
         spec.vcpus = vm.spec.vcpus;
         spec.memory_mib = u32::try_from(vm.spec.memory_mib).unwrap_or(u32::MAX);
         spec.kernel_elf = Some(kernel.vmlinux.clone());
-        spec.disks = vec![DiskSpec::read_only(&built.path), DiskSpec::writable(&overlay)];
+        spec.disks =
+            vec![DiskSpec::read_only(&built.path), DiskSpec::writable(&disks.overlay), DiskSpec::writable(&disks.work)];
         spec.kernel_args = vec![
             "banger.root=/dev/vda".into(),
             "banger.overlay=/dev/vdb".into(),
+            "banger.work=/dev/vdc".into(),
             format!("banger.hostname={}", vm.name),
             format!("banger.init={}", image.init_mode.as_str()),
         ];
@@ -313,24 +308,6 @@ impl Daemon {
         .map_err(|e| ApiFailure::internal(format!("cannot build the initramfs: {}", chain(&e))))?;
         Ok(out)
     }
-}
-
-/// Makes a sparse ext4 file of `size_mib` at `path` (written to a temp name, then renamed).
-fn make_ext4(path: &Path, size_mib: u64) -> Result<(), String> {
-    let tmp = path.with_extension("ext4.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    file.set_len(size_mib * 1024 * 1024).map_err(|e| format!("cannot size {}: {e}", tmp.display()))?;
-    drop(file);
-    let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "banger-overlay"])
-        .arg(&tmp)
-        .output()
-        .map_err(|e| format!("cannot run mkfs.ext4 ({e}); install it with `apt-get install e2fsprogs`"))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot publish {}: {e}", path.display()))
 }
 
 /// Where the static guest agent is: `$BANGER_AGENT`, beside this executable, in `../lib/banger/`

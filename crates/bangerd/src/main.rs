@@ -6,6 +6,7 @@ mod api;
 mod artifacts;
 mod config;
 mod daemon;
+mod disks;
 mod error;
 mod exec;
 mod handles;

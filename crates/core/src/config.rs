@@ -100,6 +100,8 @@ pub struct Config {
     pub default_memory_mib: u64,
     /// Work disk in MiB used when `--disk` is omitted.
     pub default_disk_mib: u64,
+    /// Size of each VM's root overlay disk (sparse: it costs what the guest writes), in MiB.
+    pub overlay_mib: u64,
     /// Group allowed to use the API socket (mode 0660); empty means owner only (0600).
     pub socket_group: String,
     /// Log filter, in `tracing` EnvFilter syntax (`info`, `bangerd=debug`, ...).
@@ -119,6 +121,7 @@ impl Default for Config {
             default_vcpus: 1,
             default_memory_mib: 512,
             default_disk_mib: 2048,
+            overlay_mib: 8192,
             socket_group: String::new(),
             log_level: "info".into(),
             operation_retention_secs: 24 * 3600,
@@ -153,6 +156,7 @@ impl Config {
         check_range("default_vcpus", u64::from(self.default_vcpus), VCPUS).map_err(|e| e.to_string())?;
         check_range("default_memory_mib", self.default_memory_mib, MEMORY_MIB).map_err(|e| e.to_string())?;
         check_range("default_disk_mib", self.default_disk_mib, DISK_MIB).map_err(|e| e.to_string())?;
+        check_range("overlay_mib", self.overlay_mib, DISK_MIB).map_err(|e| e.to_string())?;
         check_range("boot_timeout_secs", self.boot_timeout_secs, (1, 3600)).map_err(|e| e.to_string())?;
         Ok(())
     }

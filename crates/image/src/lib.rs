@@ -6,6 +6,9 @@
 //! - [`catalog`] lists the kernels banger pulls and the images it builds.
 //! - [`kernel::pull`] fetches a kernel package (apt, file or URL) and publishes it.
 //! - [`rootfs`] builds an ext4 root image from a recipe with mmdebstrap.
+//! - [`oci`] pulls an OCI image (registry, OCI layout, docker-archive) into an ext4 root image.
+//! - [`seed`] builds per-image work seeds (/root) and clones them into per-VM work disks.
+//! - [`promote`] merges a stopped VM's base and overlay disks into one tree for a new image.
 //! - [`host`] is the narrow trait over the host tools those run, with a real and a fake host.
 
 #![warn(missing_docs)]
@@ -15,5 +18,8 @@ pub mod host;
 pub mod initramfs;
 pub mod kernel;
 pub mod modinfo;
+pub mod oci;
+pub mod promote;
 pub mod rootfs;
+pub mod seed;
 mod staging;

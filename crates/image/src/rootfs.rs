@@ -48,6 +48,42 @@ pub enum ImageSource {
     },
     /// A recipe given by the caller.
     Recipe,
+    /// An OCI image: a registry reference, an OCI layout or a docker-archive (see [`crate::oci`]).
+    Oci {
+        /// What was pulled: `registry/repo:tag`, `oci:PATH[:TAG]` or `docker-archive:PATH`.
+        reference: String,
+        /// Digest of the image manifest, when the source has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+    },
+    /// An ext4 file registered as it was.
+    File {
+        /// The file it was copied from.
+        path: String,
+    },
+    /// A stopped VM's root (base plus overlay) made into an image.
+    Promoted {
+        /// The VM's name.
+        vm: String,
+        /// The image it was made from.
+        from: String,
+    },
+}
+
+impl std::fmt::Display for ImageSource {
+    /// One line for listings: `recipe:minimal`, `recipe`, `REFERENCE[@DIGEST]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Catalog { entry } => write!(f, "recipe:{entry}"),
+            Self::Recipe => f.write_str("recipe"),
+            Self::Oci { reference, digest: Some(digest) } if !reference.contains('@') => {
+                write!(f, "{reference}@{digest}")
+            }
+            Self::Oci { reference, .. } => f.write_str(reference),
+            Self::File { path } => write!(f, "file:{path}"),
+            Self::Promoted { vm, from } => write!(f, "promote:{vm} (from {from})"),
+        }
+    }
 }
 
 /// What to build: the input of [`build_image`].
@@ -80,8 +116,9 @@ pub struct ImageManifest {
     pub name: String,
     /// Where the recipe came from.
     pub source: ImageSource,
-    /// The recipe it was built from.
-    pub recipe: Recipe,
+    /// The recipe it was built from; `None` for images pulled from OCI sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Recipe>,
     /// How the guest starts.
     pub init: InitMode,
     /// Image file, relative to the image directory.
@@ -137,6 +174,12 @@ pub enum BuildImageError {
     NoSources {
         /// The suite.
         suite: String,
+    },
+    /// A file given to register is not an ext4 image.
+    #[error("{} is not an ext4 filesystem image; give a file made with mkfs.ext4", path.display())]
+    NotExt4 {
+        /// The file.
+        path: PathBuf,
     },
     /// A recipe file has a path outside the tree or through a symlink.
     #[error("recipe file '{path}' cannot be written: {reason}")]
@@ -223,13 +266,7 @@ pub fn build_image(
 ) -> Result<BuiltImage, BuildImageError> {
     let name = &build.name;
     let recipe = &build.recipe;
-    if staging::unsafe_name(name) {
-        return Err(BuildImageError::InvalidName { name: name.clone() });
-    }
-    let dest = images_dir.join(name);
-    if fs::symlink_metadata(&dest).is_ok() {
-        return Err(BuildImageError::Exists { name: name.clone() });
-    }
+    check_new_name(images_dir, name)?;
     for file in &recipe.files {
         guest_relative(&file.path)?;
     }
@@ -239,8 +276,6 @@ pub fn build_image(
 
     let staging = Staging::new(images_dir).map_err(io_error(images_dir))?;
     let rootfs = staging.path().join("rootfs");
-    let work = staging.path().join("image");
-    fs::create_dir(&work).map_err(io_error(&work))?;
 
     progress("debootstrap");
     let request = MmdebstrapRequest {
@@ -253,28 +288,99 @@ pub fn build_image(
     host.mmdebstrap(&request).map_err(|source| BuildImageError::Bootstrap { suite: recipe.suite.clone(), source })?;
     customize(&rootfs, recipe)?;
 
+    let info =
+        ImageInfo { name: name.clone(), source: build.source.clone(), recipe: Some(recipe.clone()), init: recipe.init };
+    finish_image(host, images_dir, staging, &rootfs, info, progress)
+}
+
+/// Fails unless `name` is usable and free under `images_dir`; returns the image's directory.
+pub(crate) fn check_new_name(images_dir: &Path, name: &str) -> Result<PathBuf, BuildImageError> {
+    if staging::unsafe_name(name) {
+        return Err(BuildImageError::InvalidName { name: name.to_owned() });
+    }
+    let dest = images_dir.join(name);
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Err(BuildImageError::Exists { name: name.to_owned() });
+    }
+    Ok(dest)
+}
+
+/// What [`finish_image`] records in the manifest besides the image file itself.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageInfo {
+    /// Local name.
+    pub(crate) name: String,
+    /// Where it came from.
+    pub(crate) source: ImageSource,
+    /// The recipe, for built images.
+    pub(crate) recipe: Option<Recipe>,
+    /// How the guest starts.
+    pub(crate) init: InitMode,
+}
+
+/// Turns the finished tree `rootfs` (inside `staging`) into `rootfs.ext4` with `mkfs.ext4 -d`,
+/// checks it is clean, checksums it, writes `image.json` and publishes the image as
+/// `images_dir/<info.name>`, reporting `mkfs`, `checksum` and `publish`. The tree is removed.
+pub(crate) fn finish_image(
+    host: &dyn HostTools,
+    images_dir: &Path,
+    staging: Staging,
+    rootfs: &Path,
+    info: ImageInfo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, BuildImageError> {
+    let (image, content_bytes) = mkfs_image(host, &staging, rootfs, progress)?;
+    // The tree is in the image now; drop it before publishing.
+    fs::remove_dir_all(rootfs).map_err(io_error(rootfs))?;
+    publish_image(images_dir, staging, &image, content_bytes, info, progress)
+}
+
+/// Builds `<staging>/image/rootfs.ext4` from the tree `rootfs` (left in place); returns the image
+/// file and the tree's measured size.
+pub(crate) fn mkfs_image(
+    host: &dyn HostTools,
+    staging: &Staging,
+    rootfs: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(PathBuf, u64), BuildImageError> {
+    let work = staging.path().join("image");
+    fs::create_dir(&work).map_err(io_error(&work))?;
     progress("mkfs");
-    let (content_bytes, entries) = measure(&rootfs).map_err(io_error(&rootfs))?;
+    let (content_bytes, entries) = measure(rootfs).map_err(io_error(rootfs))?;
     let (size_mib, inodes) = filesystem_size(content_bytes, entries);
     let image = work.join(IMAGE_FILE);
     let mkfs =
-        MkfsRequest { dir: rootfs.clone(), image: image.clone(), label: ROOT_LABEL.to_owned(), size_mib, inodes };
+        MkfsRequest { dir: rootfs.to_owned(), image: image.clone(), label: ROOT_LABEL.to_owned(), size_mib, inodes };
     host.mkfs_ext4(&mkfs).map_err(BuildImageError::Mkfs)?;
-    if !is_clean_ext4(&image).map_err(io_error(&image))? {
-        return Err(BuildImageError::NotClean { path: image });
+    Ok((image, content_bytes))
+}
+
+/// Checks that `image` (in `<staging>/image/`) is a clean ext4, checksums it, writes
+/// `image.json` beside it and publishes that directory as `images_dir/<info.name>`.
+pub(crate) fn publish_image(
+    images_dir: &Path,
+    staging: Staging,
+    image: &Path,
+    content_bytes: u64,
+    info: ImageInfo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, BuildImageError> {
+    let ImageInfo { name, source, recipe, init } = info;
+    let dest = images_dir.join(&name);
+    let work = image.parent().map(Path::to_path_buf).unwrap_or_else(|| staging.path().join("image"));
+    if !is_clean_ext4(image).map_err(io_error(image))? {
+        return Err(BuildImageError::NotClean { path: image.to_owned() });
     }
-    // The tree is in the image now; drop it before publishing.
-    fs::remove_dir_all(&rootfs).map_err(io_error(&rootfs))?;
 
     progress("checksum");
-    let sha256 = sha256_file(&image).map_err(io_error(&image))?;
-    let size_bytes = fs::metadata(&image).map_err(io_error(&image))?.len();
+    let sha256 = sha256_file(image).map_err(io_error(image))?;
+    let size_bytes = fs::metadata(image).map_err(io_error(image))?.len();
 
     let manifest = ImageManifest {
         name: name.clone(),
-        source: build.source.clone(),
-        recipe: recipe.clone(),
-        init: recipe.init,
+        source,
+        recipe,
+        init,
         file: IMAGE_FILE.to_owned(),
         format: "ext4".to_owned(),
         label: ROOT_LABEL.to_owned(),
@@ -297,6 +403,90 @@ pub fn build_image(
     drop(staging);
     tracing::info!(image = %name, size_bytes, "image published");
     Ok(BuiltImage { path: dest.join(IMAGE_FILE), dir: dest, manifest })
+}
+
+/// Registers the ext4 file `file` as image `name`: a sparse copy into the images directory,
+/// checked clean and checksummed. The original is not touched.
+pub fn register_image(
+    images_dir: &Path,
+    name: &str,
+    file: &Path,
+    init: InitMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, BuildImageError> {
+    check_new_name(images_dir, name)?;
+    let mut magic = [0u8; 2];
+    let is_ext4 = fs::File::open(file)
+        .and_then(|mut f| {
+            use std::io::{Read as _, Seek as _};
+            f.seek(io::SeekFrom::Start(1080))?;
+            f.read_exact(&mut magic)
+        })
+        .is_ok()
+        && magic == [0x53, 0xef];
+    if !is_ext4 {
+        return Err(BuildImageError::NotExt4 { path: file.to_owned() });
+    }
+    let staging = Staging::new(images_dir).map_err(io_error(images_dir))?;
+    let work = staging.path().join("image");
+    fs::create_dir(&work).map_err(io_error(&work))?;
+    progress("copy");
+    let image = work.join(IMAGE_FILE);
+    copy_file(file, &image).map_err(io_error(&image))?;
+    let source = ImageSource::File { path: file.display().to_string() };
+    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
+    publish_image(images_dir, staging, &image, 0, info, progress)
+}
+
+/// Makes image `name` from a stopped VM's root: `base` (its image's rootfs) under the overlay
+/// disk's `upper/` layer, merged by a read-only overlayfs mount (see [`crate::promote`]).
+#[allow(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
+pub fn promote_image(
+    host: &dyn HostTools,
+    mounter: &dyn crate::promote::Mounter,
+    images_dir: &Path,
+    name: &str,
+    base: &Path,
+    overlay_disk: &Path,
+    source: ImageSource,
+    init: InitMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, BuildImageError> {
+    check_new_name(images_dir, name)?;
+    let staging = Staging::new(images_dir).map_err(io_error(images_dir))?;
+    let mounts = Staging::new(images_dir).map_err(io_error(images_dir))?;
+    progress("merge");
+    let built = crate::promote::with_merged_root(mounter, base, overlay_disk, mounts.path(), |root| {
+        mkfs_image(host, &staging, root, progress)
+    });
+    let (image, content_bytes) = built.map_err(|e| match e {
+        crate::promote::PromoteError::Work(e) => e,
+        other => BuildImageError::Io { path: overlay_disk.to_owned(), source: io::Error::other(chain(&other)) },
+    })?;
+    drop(mounts);
+    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
+    publish_image(images_dir, staging, &image, content_bytes, info, progress)
+}
+
+/// Copies `from` to `to` as a reflink where the filesystem allows, else copying data extents only.
+fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
+    let src = fs::File::open(from)?;
+    let dst = fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+    if !crate::seed::copy::reflink(&src, &dst)? {
+        crate::seed::copy::sparse_copy(&src, &dst)?;
+    }
+    dst.sync_all()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// Opens the published image `images_dir/<name>`.

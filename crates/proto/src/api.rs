@@ -160,12 +160,49 @@ pub struct KernelList {
     pub catalog: Vec<String>,
 }
 
-/// `POST /v1/images`: build an image from a catalog recipe.
+/// `POST /v1/images`: build an image from a catalog recipe or from the caller's recipe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
-    /// Catalog recipe name, e.g. `minimal`.
+    /// The image's name; without `recipe`, the catalog recipe of that name (e.g. `minimal`).
     pub name: String,
+    /// The caller's recipe (the TOML file of `banger image build --recipe`).
+    pub recipe: Option<ImageRecipe>,
+}
+
+/// A user's image recipe. Every field but `packages` has a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecipe {
+    /// Debian suite [default: bookworm]; the host's apt sources must serve it.
+    pub suite: Option<String>,
+    /// mmdebstrap variant [default: minbase].
+    pub variant: Option<String>,
+    /// Packages to install.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Files to write into the image.
+    #[serde(default)]
+    pub files: Vec<RecipeFile>,
+    /// How the guest starts [default: fast].
+    pub init: Option<banger_core::InitMode>,
+}
+
+/// A file a recipe writes into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    /// Absolute path in the image.
+    pub path: String,
+    /// Permission bits [default: 0o644].
+    #[serde(default = "default_file_mode")]
+    pub mode: u32,
+    /// Contents.
+    pub contents: String,
+}
+
+fn default_file_mode() -> u32 {
+    0o644
 }
 
 /// `GET /v1/images`.
@@ -175,4 +212,38 @@ pub struct ImageList {
     pub images: Vec<ImageRecord>,
     /// Names the catalog can build.
     pub catalog: Vec<String>,
+}
+
+/// `POST /v1/images/pull`: pull an OCI image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageRequest {
+    /// A registry reference (`host:port/repo:tag`), an OCI layout directory (`DIR[:TAG]`) or a
+    /// docker-archive tarball.
+    pub reference: String,
+    /// The local name [default: the reference's last path component].
+    pub name: Option<String>,
+    /// Talk plain HTTP to the registry (for localhost test registries).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `POST /v1/images/register`: make an existing ext4 file an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterImageRequest {
+    /// The image's name.
+    pub name: String,
+    /// Absolute path of the ext4 file (copied; the original is untouched).
+    pub file: String,
+    /// How its guest starts [default: fast].
+    pub init: Option<banger_core::InitMode>,
+}
+
+/// `POST /v1/vms/{vm}/promote`: make a stopped VM's root a new image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The new image's name.
+    pub name: String,
 }

@@ -114,6 +114,14 @@ impl Store {
         rows.into_iter().collect()
     }
 
+    /// Records the work seed of image `name`.
+    pub fn set_image_seed(&self, name: &str, seed: &str) -> Result<(), StoreError> {
+        match self.conn().execute("UPDATE images SET work_seed = ?2 WHERE name = ?1", [name, seed])? {
+            0 => Err(StoreError::NotFound { kind: "image", reference: name.to_owned() }),
+            _ => Ok(()),
+        }
+    }
+
     /// Forgets an image.
     pub fn delete_image(&self, name: &str) -> Result<(), StoreError> {
         match self.conn().execute("DELETE FROM images WHERE name = ?1", [name])? {
@@ -158,7 +166,12 @@ mod tests {
         store.insert_image(&i).expect("insert");
         assert!(matches!(store.insert_image(&i), Err(StoreError::NameTaken { kind: "image", .. })));
         assert_eq!(store.get_image("minimal").expect("get"), Some(i.clone()));
-        assert_eq!(store.list_images().expect("list"), vec![i]);
+        assert_eq!(store.list_images().expect("list"), vec![i.clone()]);
+        store.set_image_seed("minimal", "/i/work-seed.ext4").expect("seed");
+        assert_eq!(
+            store.get_image("minimal").expect("get").and_then(|i| i.work_seed).as_deref(),
+            Some("/i/work-seed.ext4")
+        );
         store.delete_image("minimal").expect("delete");
         assert!(store.delete_image("minimal").is_err());
     }

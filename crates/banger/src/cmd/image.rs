@@ -2,10 +2,11 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
 use banger_core::{ImageRecord, OperationRecord};
-use banger_proto::{BuildImageRequest, ImageList};
+use banger_proto::{BuildImageRequest, ImageList, ImageRecipe, PromoteRequest, PullImageRequest, RegisterImageRequest};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -15,8 +16,19 @@ use crate::output;
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build an image from a catalog recipe (e.g. `minimal`) with mmdebstrap and mkfs.ext4.
+    /// Build an image with mmdebstrap and mkfs.ext4: a catalog recipe (e.g. `minimal`), or your
+    /// own with --recipe FILE.toml (keys: suite, variant, packages, init = "fast"|"systemd",
+    /// [[files]] path/mode/contents).
     Build(BuildArgs),
+    /// Show one image.
+    Show(ShowArgs),
+    /// Pull an OCI image: a registry reference (host:port/repo:tag), an OCI layout directory
+    /// (DIR[:TAG]) or a docker-archive tarball. Layers are flattened safely into an ext4 image.
+    Pull(PullArgs),
+    /// Register an existing ext4 file as an image (it is copied; the original is untouched).
+    Register(RegisterArgs),
+    /// Make a stopped VM's root (its image plus everything it changed) a new image.
+    Promote(PromoteArgs),
     /// List local images (and, with --catalog, the recipes the catalog can build).
     #[command(visible_alias = "ls")]
     List(super::CatalogListArgs),
@@ -27,8 +39,53 @@ pub enum ImageCommand {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Catalog recipe name.
+    /// Catalog recipe name, or the new image's name with --recipe.
     name: String,
+    /// A recipe file (TOML) instead of the catalog's.
+    #[arg(long)]
+    recipe: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// What to pull.
+    reference: String,
+    /// Local name [default: the reference's last path component].
+    #[arg(long)]
+    name: Option<String>,
+    /// Use plain HTTP (for registries on localhost).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The ext4 file.
+    file: std::path::PathBuf,
+    /// The image's name.
+    #[arg(long)]
+    name: String,
+    /// How its guest starts: fast (banger-agent is PID 1) or systemd.
+    #[arg(long, value_parser = parse_init)]
+    init: Option<banger_core::InitMode>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The stopped VM (name, id or id prefix).
+    vm: String,
+    /// The new image's name.
+    #[arg(long)]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Image name.
+    name: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -41,8 +98,19 @@ pub async fn run(client: &Client, command: ImageCommand) -> anyhow::Result<ExitC
     client.ensure_daemon().await?;
     match command {
         ImageCommand::Build(a) => {
-            let op: OperationRecord =
-                client.call(Method::POST, "/v1/images", Some(&BuildImageRequest { name: a.name.clone() })).await?;
+            let recipe = match &a.recipe {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read recipe {}", path.display()))?;
+                    Some(
+                        toml::from_str::<ImageRecipe>(&text)
+                            .with_context(|| format!("invalid recipe {}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let req = BuildImageRequest { name: a.name.clone(), recipe };
+            let op: OperationRecord = client.call(Method::POST, "/v1/images", Some(&req)).await?;
             crate::progress::follow(client, op).await?;
             eprintln!("built image {}", a.name);
         }
@@ -70,6 +138,45 @@ pub async fn run(client: &Client, command: ImageCommand) -> anyhow::Result<ExitC
                 }
             }
         }
+        ImageCommand::Pull(a) => {
+            // A local layout or archive path is the caller's, not the daemon's working directory.
+            let reference = absolute_if_local(&a.reference);
+            let req = PullImageRequest { reference, name: a.name, insecure: a.insecure };
+            let op: OperationRecord = client.call(Method::POST, "/v1/images/pull", Some(&req)).await?;
+            let done = crate::progress::follow(client, op).await?;
+            eprintln!("pulled image {}", done.result_id.unwrap_or_default());
+        }
+        ImageCommand::Register(a) => {
+            let file = std::path::absolute(&a.file).unwrap_or(a.file);
+            let req = RegisterImageRequest { name: a.name.clone(), file: file.display().to_string(), init: a.init };
+            let op: OperationRecord = client.call(Method::POST, "/v1/images/register", Some(&req)).await?;
+            crate::progress::follow(client, op).await?;
+            eprintln!("registered image {}", a.name);
+        }
+        ImageCommand::Promote(a) => {
+            let req = PromoteRequest { name: a.name.clone() };
+            let path = format!("/v1/vms/{}/promote", segment(&a.vm));
+            let op: OperationRecord = client.call(Method::POST, &path, Some(&req)).await?;
+            crate::progress::follow(client, op).await?;
+            eprintln!("promoted {} to image {}", a.vm, a.name);
+        }
+        ImageCommand::Show(a) => {
+            let i: ImageRecord = client.get(&format!("/v1/images/{}", segment(&a.name))).await?;
+            if a.json {
+                output::json(&i)?;
+            } else {
+                output::fields(&[
+                    ("name", i.name.clone()),
+                    ("source", i.source.clone()),
+                    ("init", i.init_mode.as_str().to_owned()),
+                    ("rootfs", i.rootfs.clone()),
+                    ("size", human_mib(i.size_bytes / (1024 * 1024))),
+                    ("sha256", i.sha256.clone().unwrap_or_else(|| "-".into())),
+                    ("work seed", i.work_seed.clone().unwrap_or_else(|| "-".into())),
+                    ("created", i.created_at.clone()),
+                ])?;
+            }
+        }
         ImageCommand::Delete(a) => {
             client
                 .call::<ImageRecord>(Method::DELETE, &format!("/v1/images/{}", segment(&a.name)), None::<&()>)
@@ -78,4 +185,24 @@ pub async fn run(client: &Client, command: ImageCommand) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reference` made absolute when it names a local path (an OCI layout `DIR[:TAG]` or an archive).
+fn absolute_if_local(reference: &str) -> String {
+    let path_part = match reference.rsplit_once(':') {
+        Some((dir, _tag)) if std::path::Path::new(dir).is_dir() => dir,
+        _ => reference,
+    };
+    let p = std::path::Path::new(path_part);
+    if !p.exists() || p.is_absolute() {
+        return reference.to_owned();
+    }
+    match std::path::absolute(p) {
+        Ok(abs) => format!("{}{}", abs.display(), &reference[path_part.len()..]),
+        Err(_) => reference.to_owned(),
+    }
+}
+
+fn parse_init(text: &str) -> Result<banger_core::InitMode, String> {
+    banger_core::InitMode::parse(text).ok_or_else(|| format!("'{text}' is not an init mode; use fast or systemd"))
 }

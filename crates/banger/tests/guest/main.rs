@@ -12,4 +12,5 @@ mod harness;
 mod template;
 
 mod boot;
+mod images;
 mod recovery;

@@ -143,7 +143,7 @@ fn builds_and_publishes_through_the_host_tools() {
     assert_eq!(image.manifest.size_bytes, 4096);
     assert_eq!(image.manifest.init, InitMode::Fast);
     assert_eq!(image.manifest.source, ImageSource::Catalog { entry: "minimal".into() });
-    assert_eq!(image.manifest.recipe, build.recipe);
+    assert_eq!(image.manifest.recipe, Some(build.recipe.clone()));
     assert_eq!(open_image(&images, "minimal").unwrap(), image);
 
     delete_image_dir(&images, "minimal").unwrap();
