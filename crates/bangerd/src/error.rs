@@ -42,14 +42,7 @@ impl ApiFailure {
 
 /// Renders an error with its whole source chain on one line.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
+    banger_core::error_chain(e)
 }
 
 impl From<StoreError> for ApiFailure {

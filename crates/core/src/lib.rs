@@ -17,3 +17,15 @@ pub use id::new_id;
 pub use name::{validate_artifact_name, validate_name, NameError};
 pub use op::{OpState, OperationRecord, StageRecord, StageState};
 pub use vm::{DesiredState, ObservedState, TransitionError, VmEvent, VmRecord, VmSpec};
+
+/// An error with its whole `source()` chain on one line: `outer: cause: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}

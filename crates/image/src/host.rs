@@ -8,10 +8,9 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
 /// A host program banger runs.
@@ -268,43 +267,15 @@ impl SystemHost {
     }
 }
 
-/// Lines of standard error kept in a [`HostToolError::Failed`].
-const STDERR_TAIL_LINES: usize = 15;
-
 fn run(tool: HostTool, args: &[OsString], cwd: Option<&Path>, stdin: Option<&str>) -> Result<String, HostToolError> {
-    let command_line = || {
-        std::iter::once(tool.program().to_owned())
-            .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut command = Command::new(tool.program());
-    command
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(cwd) = cwd {
-        command.current_dir(cwd);
-    }
-    tracing::debug!(command = %command_line(), "running host tool");
-    let mut child = command.spawn().map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => HostToolError::NotInstalled { tool },
-        _ => HostToolError::Spawn { command: command_line(), source },
-    })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A tool that exits early closes its end; its exit status tells what went wrong.
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let output = child.wait_with_output().map_err(|source| HostToolError::Spawn { command: command_line(), source })?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n");
-        return Err(HostToolError::Failed { command: command_line(), status: output.status.to_string(), stderr: tail });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    use crate::command::RunFailure;
+    crate::command::run(tool.program(), args, &[], cwd, stdin).map(|ran| ran.stdout).map_err(|f| match f {
+        RunFailure::NotFound => HostToolError::NotInstalled { tool },
+        RunFailure::Spawn { command, source } => HostToolError::Spawn { command, source },
+        RunFailure::Failed { command, status, stderr_tail } => {
+            HostToolError::Failed { command, status, stderr: stderr_tail }
+        }
+    })
 }
 
 fn read_dir_sorted(dir: &Path) -> io::Result<Vec<PathBuf>> {

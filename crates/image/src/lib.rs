@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod catalog;
+mod command;
 pub mod host;
 pub mod initramfs;
 pub mod kernel;

@@ -461,7 +461,10 @@ pub fn promote_image(
     });
     let (image, content_bytes) = built.map_err(|e| match e {
         crate::promote::PromoteError::Work(e) => e,
-        other => BuildImageError::Io { path: overlay_disk.to_owned(), source: io::Error::other(chain(&other)) },
+        other => BuildImageError::Io {
+            path: overlay_disk.to_owned(),
+            source: io::Error::other(banger_core::error_chain(&other)),
+        },
     })?;
     drop(mounts);
     let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
@@ -476,17 +479,6 @@ fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
         crate::seed::copy::sparse_copy(&src, &dst)?;
     }
     dst.sync_all()
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// Opens the published image `images_dir/<name>`.

@@ -14,10 +14,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// An e2fsprogs program the seed code runs.
@@ -357,49 +356,20 @@ pub trait SeedTools: Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemSeedTools;
 
-/// Lines of standard error kept in a [`SeedToolError::Failed`].
-const STDERR_TAIL_LINES: usize = 15;
-
-struct Ran {
-    stdout: String,
-    stderr: String,
-}
-
-fn run(tool: SeedTool, args: &[OsString], cwd: Option<&Path>, stdin: Option<&str>) -> Result<Ran, SeedToolError> {
-    let command_line = || {
-        std::iter::once(tool.program().to_owned())
-            .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut command = Command::new(tool.program());
-    command
-        .args(args)
-        .env("LC_ALL", "C")
-        .env("DEBUGFS_PAGER", "__none__")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(cwd) = cwd {
-        command.current_dir(cwd);
-    }
-    tracing::debug!(command = %command_line(), "running e2fsprogs");
-    let mut child = command.spawn().map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => SeedToolError::NotInstalled { tool },
-        _ => SeedToolError::Spawn { command: command_line(), source },
-    })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A tool that exits early closes its end; its exit status tells what went wrong.
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let output = child.wait_with_output().map_err(|source| SeedToolError::Spawn { command: command_line(), source })?;
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    if !output.status.success() {
-        let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n");
-        return Err(SeedToolError::Failed { command: command_line(), status: output.status.to_string(), stderr: tail });
-    }
-    Ok(Ran { stdout: String::from_utf8_lossy(&output.stdout).into_owned(), stderr })
+fn run(
+    tool: SeedTool,
+    args: &[OsString],
+    cwd: Option<&Path>,
+    stdin: Option<&str>,
+) -> Result<crate::command::Ran, SeedToolError> {
+    use crate::command::RunFailure;
+    crate::command::run(tool.program(), args, &[("DEBUGFS_PAGER", "__none__")], cwd, stdin).map_err(|f| match f {
+        RunFailure::NotFound => SeedToolError::NotInstalled { tool },
+        RunFailure::Spawn { command, source } => SeedToolError::Spawn { command, source },
+        RunFailure::Failed { command, status, stderr_tail } => {
+            SeedToolError::Failed { command, status, stderr: stderr_tail }
+        }
+    })
 }
 
 impl SeedTools for SystemSeedTools {
