@@ -6,6 +6,7 @@ pub mod artifact;
 pub mod config;
 pub mod id;
 pub mod name;
+pub mod net;
 pub mod op;
 pub mod size;
 pub mod time;

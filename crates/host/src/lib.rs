@@ -5,6 +5,7 @@
 pub mod doctor;
 pub mod handles;
 pub mod lockfile;
+pub mod net;
 pub mod paths;
 pub mod probe;
 pub mod process;

@@ -1,0 +1,257 @@
+//! `banger_host::net` against the real kernel, in a private network namespace per test: bridge,
+//! pooled TAPs, the nft ruleset, teardown, and the pooled-vs-cold TAP timing.
+//!
+//! How the namespace is made: the test re-runs this binary with `--exact <test>` and
+//! [`CHILD_ENV`] set; the child `unshare(CLONE_NEWNET)`s its test thread, checks that it really
+//! left the host's namespace, and does everything (netlink socket, `/dev/net/tun`, `nft`) from
+//! that thread on a current-thread runtime. The namespace has no reference outside the child, so
+//! the kernel deletes it, with any interface or table left in it, when the child exits — even
+//! on a panic or a kill. The tests still tear down and check that nothing is left.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_core::net::{is_banger_tap, tap_name, IfName, Subnet};
+use banger_host::net::{
+    create_attached_tap, ensure_bridge, open_guest_script, ruleset, teardown, FakeNet, HostNet, HostNetError,
+    NetlinkNet, NftConfig, PortForward, Protocol, TapPool, REMOVE_SCRIPT,
+};
+use futures_util::TryStreamExt;
+
+const CHILD_ENV: &str = "BANGER_TEST_NETNS_CHILD";
+/// The parent's (the host's) network namespace, which the child must not be in.
+const PARENT_NS_ENV: &str = "BANGER_TEST_PARENT_NETNS";
+
+/// The inode of a network namespace link such as `/proc/thread-self/ns/net`.
+fn netns_id(path: &str) -> String {
+    std::fs::read_link(path).unwrap_or_else(|e| panic!("read {path}: {e}")).display().to_string()
+}
+
+/// Runs `body` in a private network namespace (see the module doc). `test` is the test's path
+/// as libtest names it (`net::name`).
+fn in_private_netns<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        let host_ns = std::env::var(PARENT_NS_ENV).expect("parent namespace id");
+        let before = netns_id("/proc/thread-self/ns/net");
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            panic!("cannot make a private network namespace ({e}); the net tests need root (CAP_NET_ADMIN)");
+        }
+        let after = netns_id("/proc/thread-self/ns/net");
+        assert!(after != before && after != host_ns, "still in the host's network namespace ({after})");
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(body());
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .env(PARENT_NS_ENV, netns_id("/proc/thread-self/ns/net"))
+        .output()
+        .expect("run the test in a child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- child stderr ---\n{stderr}");
+    assert!(out.status.success(), "child failed ({})\n--- stdout ---\n{stdout}", out.status);
+    assert!(stdout.contains("1 passed"), "the child ran no test:\n{stdout}");
+}
+
+/// The IPv4 addresses of `link`, read back through netlink.
+async fn addrs_of(link: &str) -> Vec<(Ipv4Addr, u8)> {
+    let (conn, handle, _) = rtnetlink::new_connection().expect("netlink");
+    let driver = tokio::spawn(conn);
+    let index = handle
+        .link()
+        .get()
+        .match_name(link)
+        .execute()
+        .try_next()
+        .await
+        .expect("get link")
+        .expect("link exists")
+        .header
+        .index;
+    let msgs: Vec<_> =
+        handle.address().get().set_link_index_filter(index).execute().try_collect().await.expect("addrs");
+    driver.abort();
+    msgs.iter()
+        .flat_map(|m| {
+            m.attributes.iter().filter_map(move |a| match a {
+                rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(v4)) => {
+                    Some((*v4, m.header.prefix_len))
+                }
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+fn table_block<'a>(script: &'a str, header: &str) -> &'a str {
+    let start = script.find(header).unwrap_or_else(|| panic!("{header} in script"));
+    let len = script[start..].find("\n}\n").expect("end of table") + 3;
+    &script[start..start + len]
+}
+
+#[test]
+fn bridge_pool_ruleset_and_teardown() {
+    in_private_netns("net::bridge_pool_ruleset_and_teardown", || async {
+        let net = Arc::new(NetlinkNet::connect().expect("netlink"));
+        let bridge = IfName::default();
+        let subnet = Subnet::default();
+
+        ensure_bridge(&*net, &bridge, &subnet).await.expect("bridge");
+        ensure_bridge(&*net, &bridge, &subnet).await.expect("bridge again (idempotent)");
+        let state = net.link("banger0").await.expect("query").expect("bridge exists");
+        assert_eq!(state.kind.as_deref(), Some("bridge"));
+        assert!(state.up);
+        assert_eq!(addrs_of("banger0").await, [(Ipv4Addr::new(172, 30, 0, 1), 24)]);
+
+        let pool = Arc::new(TapPool::new(Arc::clone(&net), "banger0", 2, None));
+        assert_eq!(pool.fill().await.expect("fill"), 2);
+        let taps = [pool.take().expect("first"), pool.take().expect("second")];
+        assert_eq!(taps, ["bgpool0", "bgpool1"]);
+        for tap in &taps {
+            let s = net.link(tap).await.expect("query").expect("tap exists");
+            assert_eq!(s.kind.as_deref(), Some("tun"), "{s:?}");
+            assert_eq!(s.controller.as_deref(), Some("banger0"), "{tap} is enslaved to the bridge");
+            assert!(s.up, "{s:?}");
+        }
+
+        let mut config = NftConfig::new(bridge.clone(), subnet);
+        config.nat = true;
+        config.uplink = Some(IfName::new("eth0").expect("name"));
+        config.open_guests = [Ipv4Addr::new(172, 30, 0, 3)].into();
+        config.forwards = vec![PortForward {
+            protocol: Protocol::Tcp,
+            host_addr: None,
+            host_port: 8080,
+            guest: Ipv4Addr::new(172, 30, 0, 2),
+            guest_port: 80,
+        }];
+        let script = ruleset(&config);
+        net.apply_nft(&script).await.expect("apply");
+        net.apply_nft(&script).await.expect("apply again (idempotent)");
+        // nft lists exactly what we generated: the text is already in its canonical form.
+        for (family, header) in [("inet", "table inet banger {"), ("bridge", "table bridge banger {")] {
+            let listed = net.list_nft_table(family, "banger").await.expect("list").expect("table exists");
+            assert_eq!(listed, table_block(&script, header), "{family} table as nft lists it");
+        }
+
+        let err = net.apply_nft("table inet banger {\n\tchain input { bogus }\n}\n").await.expect_err("bad script");
+        assert!(matches!(&err, HostNetError::Nft { stderr, .. } if stderr.contains("syntax error")), "{err:?}");
+        let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table");
+        assert_eq!(listed, table_block(&script, "table inet banger {"), "a failed load changes nothing");
+
+        net.apply_nft(&open_guest_script(Ipv4Addr::new(172, 30, 0, 3), false)).await.expect("close guest");
+        net.apply_nft(&open_guest_script(Ipv4Addr::new(172, 30, 0, 3), false)).await.expect("close twice");
+        let listed = net.list_nft_table("bridge", "banger").await.expect("list").expect("table");
+        assert!(!listed.contains("172.30.0.3"), "{listed}");
+
+        for tap in &taps {
+            pool.release(tap).await.expect("release");
+        }
+        assert_eq!(pool.idle(), 2, "released taps are pooled again");
+
+        let deleted = teardown(&*net, &bridge).await.expect("teardown");
+        assert_eq!(deleted, ["bgpool0", "bgpool1", "banger0"]);
+        assert_eq!(teardown(&*net, &bridge).await.expect("teardown again"), Vec::<String>::new());
+        let left: Vec<String> = net.links().await.expect("links").into_iter().map(|l| l.name).collect();
+        assert_eq!(left, ["lo"], "nothing but loopback is left");
+        assert_eq!(net.list_nft_table("inet", "banger").await.expect("list"), None);
+        assert_eq!(net.list_nft_table("bridge", "banger").await.expect("list"), None);
+        net.apply_nft(REMOVE_SCRIPT).await.expect("removing nothing is fine");
+    });
+}
+
+/// The same sequence on the kernel and on [`FakeNet`] gives the same outcomes, so tests that use
+/// the fake describe the real thing.
+#[test]
+fn fake_agrees_with_the_kernel() {
+    async fn outcomes<N: HostNet>(net: &N) -> Vec<String> {
+        fn show<T: std::fmt::Debug>(r: Result<T, HostNetError>) -> String {
+            match r {
+                Ok(v) => format!("ok {v:?}"),
+                Err(HostNetError::NoSuchLink(l)) => format!("no such link {l}"),
+                Err(e) => format!("errno {:?}", e.errno()),
+            }
+        }
+        vec![
+            show(net.create_bridge("bgtest0").await),
+            show(net.create_bridge("bgtest0").await),
+            show(net.link_exists("bgtest0").await),
+            show(net.create_tap("bgtap7", None).await),
+            show(net.create_tap("bgtap7", None).await),
+            format!("tap over a bridge fails: {}", net.create_tap("bgtest0", None).await.is_err()),
+            show(net.attach("bgtap7", "nothere0").await),
+            show(net.attach("bgtap7", "bgtest0").await),
+            show(net.link("bgtap7").await.map(|l| l.map(|l| (l.kind, l.controller, l.up)))),
+            show(net.link("nothere0").await),
+            show(net.delete_link("bgtap7").await),
+            show(net.delete_link("bgtap7").await),
+            show(net.delete_link("bgtest0").await),
+        ]
+    }
+    in_private_netns("net::fake_agrees_with_the_kernel", || async {
+        let real = outcomes(&NetlinkNet::connect().expect("netlink")).await;
+        let fake = outcomes(&FakeNet::default()).await;
+        assert_eq!(real, fake);
+        assert_eq!(real[1], format!("errno {:?}", Some(libc::EEXIST)));
+    });
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Time to get a ready TAP (attached, up) from the warm pool vs making one cold; median of 20.
+#[test]
+fn pooled_tap_beats_cold_create() {
+    in_private_netns("net::pooled_tap_beats_cold_create", || async {
+        const N: usize = 20;
+        let net = Arc::new(NetlinkNet::connect().expect("netlink"));
+        let bridge = IfName::default();
+        ensure_bridge(&*net, &bridge, &Subnet::default()).await.expect("bridge");
+
+        let mut cold = Vec::new();
+        for i in 0..N {
+            let name = tap_name(u32::try_from(i).expect("small"));
+            let t = Instant::now();
+            create_attached_tap(&*net, &name, None, "banger0").await.expect("cold tap");
+            cold.push(t.elapsed());
+        }
+
+        let pool = TapPool::new(Arc::clone(&net), "banger0", N, None);
+        let t = Instant::now();
+        pool.fill().await.expect("fill");
+        let fill = t.elapsed();
+        let mut pooled = Vec::new();
+        let mut taken = BTreeSet::new();
+        for _ in 0..N {
+            let t = Instant::now();
+            let tap = pool.take().expect("pool has taps");
+            pooled.push(t.elapsed());
+            taken.insert(tap);
+        }
+        assert_eq!(taken.len(), N);
+
+        let (cold, pooled) = (median(cold), median(pooled));
+        eprintln!(
+            "tap timing (median of {N}): cold create+attach+up {cold:?}, pooled take {pooled:?}, \
+             fill of {N} {fill:?}"
+        );
+        assert!(pooled < cold, "pooled {pooled:?} should beat cold {cold:?}");
+
+        let deleted = teardown(&*net, &bridge).await.expect("teardown");
+        assert_eq!(deleted.iter().filter(|n| is_banger_tap(n)).count(), 2 * N);
+        let left: Vec<String> = net.links().await.expect("links").into_iter().map(|l| l.name).collect();
+        assert_eq!(left, ["lo"]);
+    });
+}
