@@ -12,9 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ImageList, ImageRecipe, KernelList,
-    OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest,
-    UpdateVmRequest, VmList, VmLogs, VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, GuestPort, ImageList, ImageRecipe,
+    KernelList, OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest,
+    UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -41,6 +41,7 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         stop_vm,
         vm_logs,
         vm_stats,
+        vm_ports,
         list_kernels,
         pull_kernel,
         delete_kernel,
@@ -74,7 +75,9 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         RecipeFile,
         PullImageRequest,
         RegisterImageRequest,
-        PromoteRequest
+        PromoteRequest,
+        VmPorts,
+        GuestPort
     ))
 )]
 pub struct ApiDoc;
@@ -93,6 +96,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/stop", post(stop_vm))
         .route("/v1/vms/{vm}/logs", get(vm_logs))
         .route("/v1/vms/{vm}/stats", get(vm_stats))
+        .route("/v1/vms/{vm}/ports", get(vm_ports))
         .route("/v1/kernels", get(list_kernels).post(pull_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(delete_kernel))
         .route("/v1/images", get(list_images).post(build_image))
@@ -260,6 +264,23 @@ async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats
         rss_kib: stats.map(|s| s.rss_kib),
         uptime_secs,
     }))
+}
+
+/// Sockets listening in a running VM.
+#[utoipa::path(get, path = "/v1/vms/{vm}/ports", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmPorts), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn vm_ports(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmPorts> {
+    let name = d.store.find_vm(&vm)?.name;
+    let agent = d.running_agent(&vm)?;
+    let answer = agent
+        .call(&banger_proto::agent::AgentRequest::Ports, std::time::Duration::from_secs(10))
+        .await
+        .map_err(|e| ApiFailure::internal(format!("cannot list ports of vm '{name}': {}", crate::error::chain(&e))))?;
+    let banger_proto::agent::AgentResponse::Ports { ports } = answer else {
+        return Err(ApiFailure::internal(format!("unexpected answer from the agent of vm '{name}': {answer:?}")));
+    };
+    let ports = ports.into_iter().map(|p| GuestPort { proto: p.proto, address: p.address, port: p.port }).collect();
+    Ok(Json(VmPorts { name, ports }))
 }
 
 /// Pulled kernels and the catalog's names.

@@ -440,7 +440,7 @@ pub fn register_image(
 
 /// Makes image `name` from a stopped VM's root: `base` (its image's rootfs) under the overlay
 /// disk's `upper/` layer, merged by a read-only overlayfs mount (see [`crate::promote`]).
-#[allow(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
+#[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
 pub fn promote_image(
     host: &dyn HostTools,
     mounter: &dyn crate::promote::Mounter,

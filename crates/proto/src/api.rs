@@ -247,3 +247,23 @@ pub struct PromoteRequest {
     /// The new image's name.
     pub name: String,
 }
+
+/// `GET /v1/vms/{vm}/ports`: sockets listening in the guest, as its agent reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmPorts {
+    /// The VM's name.
+    pub name: String,
+    /// Listening sockets.
+    pub ports: Vec<GuestPort>,
+}
+
+/// One listening socket in a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestPort {
+    /// `tcp`, `tcp6`, `udp` or `udp6`.
+    pub proto: String,
+    /// Bound address.
+    pub address: String,
+    /// Port number.
+    pub port: u16,
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
 use banger_core::OperationRecord;
-use banger_proto::{CreateVmRequest, UpdateVmRequest, VmList, VmLogs, VmStats, VmView};
+use banger_proto::{CreateVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -43,6 +43,8 @@ pub enum VmCommand {
     Logs(LogsArgs),
     /// Show a VM's resource use.
     Stats(StatsArgs),
+    /// List the ports listening in a running VM (from its agent).
+    Ports(StatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +289,17 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             };
             let logs: VmLogs = client.get(&path).await?;
             print!("{}", logs.text);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Ports(a) => {
+            let ports: VmPorts = client.get(&format!("/v1/vms/{}/ports", segment(&a.vm))).await?;
+            if a.json {
+                output::json(&ports)?;
+            } else {
+                let rows: Vec<Vec<String>> =
+                    ports.ports.iter().map(|p| vec![p.proto.clone(), p.address.clone(), p.port.to_string()]).collect();
+                output::table(&["PROTO", "ADDRESS", "PORT"], &rows)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Stats(a) => {

@@ -159,3 +159,20 @@ fn an_image_pushed_to_a_local_registry_is_pulled_and_boots() {
     assert_eq!(run.stdout, "hello from oci\n");
     env.banger(&["image", "pull", &reference, "--insecure", "--name", "bb"]).fails(1, "already exists");
 }
+
+#[test]
+fn the_default_image_runs_sshd_and_ports_lists_it() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    env.banger(&["vm", "create", "listener"]).ok();
+    env.banger(&["vm", "start", "listener"]).ok();
+    wait_until("sshd listens on 22", Duration::from_secs(60), || {
+        let ports = env.banger(&["vm", "ports", "listener", "--json"]).ok().json();
+        ports["ports"].as_array().into_iter().flatten().any(|p| p["port"] == 22 && p["proto"] == "tcp")
+    });
+    let table = env.banger(&["vm", "ports", "listener"]).ok().stdout;
+    assert!(table.starts_with("PROTO") && table.contains("22"), "{table}");
+    env.banger(&["vm", "stop", "listener"]).ok();
+    env.banger(&["vm", "ports", "listener"]).fails(1, "is not running");
+    env.banger(&["vm", "delete", "listener"]).ok();
+}
