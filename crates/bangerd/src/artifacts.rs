@@ -156,7 +156,7 @@ impl Daemon {
         let daemon = self.clone();
         let name = name.to_owned();
         tokio::spawn(async move {
-            match daemon.make_image_locked(&op.sink(), &name, make).await {
+            match daemon.make_image_locked(&op.sink(), &name, false, make).await {
                 Ok(i) => op.succeed(Some(i.name)),
                 Err(e) => op.fail(e.message),
             }
@@ -164,15 +164,24 @@ impl Daemon {
         Ok(snapshot)
     }
 
+    /// Makes image `name` under its lock. When another operation published that name while
+    /// this one waited, `reuse_existing` decides: auto-pulls take it, explicit builds, pulls and
+    /// registers fail (exactly one of two same-name operations wins).
     async fn make_image_locked(
         &self,
         sink: &StageSink,
         name: &str,
+        reuse_existing: bool,
         make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
     ) -> Result<ImageRecord, ApiFailure> {
         let _guard = self.artifact_locks.lock(&format!("image:{name}")).await;
         if let Some(i) = self.store.get_image(name)? {
-            return Ok(i);
+            if reuse_existing {
+                return Ok(i);
+            }
+            return Err(ApiFailure::conflict(format!(
+                "image '{name}' already exists (made meanwhile by another operation); delete it first with `banger image delete {name}`"
+            )));
         }
         let dir = self.images_dir();
         let sink2 = sink.clone();
@@ -286,7 +295,7 @@ impl Daemon {
                 }
                 op.sink().stage("image build");
                 let build = ImageBuild::catalog(name).map_err(|e| ApiFailure::not_found(e.to_string()))?;
-                self.make_image_locked(&op.sink(), name, move |dir, progress| {
+                self.make_image_locked(&op.sink(), name, true, move |dir, progress| {
                     build_image(&SystemHost::new(), dir, &build, progress)
                 })
                 .await?

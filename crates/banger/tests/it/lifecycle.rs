@@ -181,3 +181,31 @@ fn sigterm_shuts_down_cleanly() {
     let log = std::fs::read_to_string(env.state.join("bangerd.log")).expect("log");
     assert!(log.contains("SIGTERM") && log.contains("bangerd stopped"), "{log}");
 }
+
+#[test]
+fn registering_one_name_twice_at_once_has_one_winner() {
+    let env = Env::new();
+    let file = env.dir.path().join("disk.ext4");
+    let made =
+        std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file).arg("16M").status().expect("mkfs.ext4");
+    assert!(made.success());
+    env.banger(&["daemon", "start"]).ok();
+    let file = file.display().to_string();
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| env.banger(&["image", "register", &file, "--name", "twin"]));
+        let b = s.spawn(|| env.banger(&["image", "register", &file, "--name", "twin"]));
+        [a.join(), b.join()].into_iter().map(|r| r.expect("thread")).collect()
+    });
+    let wins = runs.iter().filter(|r| r.code == 0).count();
+    assert_eq!(wins, 1, "{:?}", runs.iter().map(|r| &r.stderr).collect::<Vec<_>>());
+    let loser = runs.iter().find(|r| r.code != 0).expect("a loser");
+    assert!(loser.stderr.contains("already exists"), "{}", loser.stderr);
+    let shown = env.banger(&["image", "show", "twin", "--json"]).ok().json();
+    assert!(shown["source"].as_str().is_some_and(|s| s.starts_with("file:")), "{shown}");
+    let images = env.banger(&["image", "list", "--json"]).ok().json();
+    assert_eq!(images["images"].as_array().map(Vec::len), Some(1));
+    let leftovers: Vec<_> =
+        std::fs::read_dir(env.state.join("images")).expect("images").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "no staging dirs left: {leftovers:?}");
+    env.banger(&["image", "register", "/etc/hostname", "--name", "bad"]).fails(1, "not an ext4 filesystem image");
+}
