@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-/// Whether `pid` is a live (non-zombie) process whose command line contains `marker`.
+/// Whether `pid` is a live (non-zombie) process one of whose arguments contains `marker`.
 ///
-/// The marker guards against pid reuse: a VMM's command line names its VM's directory, so a
-/// recycled pid belonging to anything else is not mistaken for the VM.
+/// This is banger's one liveness check. The marker guards against pid reuse: a VMM's command
+/// line names its VM's directory, so a recycled pid belonging to anything else is not mistaken
+/// for the VM.
 pub fn pid_alive(pid: u32, marker: &str) -> bool {
     let proc_dir = Path::new("/proc").join(pid.to_string());
     let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
@@ -14,15 +15,19 @@ pub fn pid_alive(pid: u32, marker: &str) -> bool {
     };
     // The state letter follows the parenthesised command name, which may itself hold spaces.
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, Some("Z" | "X")) {
+    if matches!(state, Some("Z" | "X" | "x")) {
         return false;
     }
     if marker.is_empty() {
         return true;
     }
-    std::fs::read(proc_dir.join("cmdline"))
-        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ").contains(marker))
-        .unwrap_or(false)
+    std::fs::read(proc_dir.join("cmdline")).is_ok_and(|raw| cmdline_contains(&raw, marker))
+}
+
+/// Whether one argument of a NUL-separated command line contains `marker`.
+pub fn cmdline_contains(cmdline: &[u8], marker: &str) -> bool {
+    let needle = marker.as_bytes();
+    !needle.is_empty() && cmdline.split(|&b| b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle))
 }
 
 /// Resident set size of `pid` in KiB, from `/proc/PID/status`.

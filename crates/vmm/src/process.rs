@@ -63,29 +63,20 @@ pub enum StatsError {
 ///
 /// This is the one liveness test; drivers add reaping on top (see the module docs).
 pub fn is_alive(pid: u32, vm_dir: &Path) -> bool {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    match std::fs::read_to_string(proc_dir.join("stat")).ok().as_deref().and_then(parse_stat) {
-        Some(stat) if !matches!(stat.state, 'Z' | 'X' | 'x') => {}
-        _ => return false,
-    }
-    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
-        return false;
-    };
-    cmdline_names_dir(&cmdline, vm_dir)
+    dir_marker(vm_dir).is_some_and(|marker| banger_host::process::pid_alive(pid, &marker))
+}
+
+/// `<dir>/`, the string a VMM's command line holds when it belongs to `dir`.
+fn dir_marker(dir: &Path) -> Option<String> {
+    let text = dir.to_string_lossy();
+    let trimmed = text.trim_end_matches('/');
+    (!trimmed.is_empty()).then(|| format!("{trimmed}/"))
 }
 
 /// Whether a NUL-separated command line has an argument containing `<dir>/`.
+#[cfg(test)]
 fn cmdline_names_dir(cmdline: &[u8], dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let mut needle = dir.as_os_str().as_bytes().to_vec();
-    while needle.last() == Some(&b'/') {
-        needle.pop();
-    }
-    if needle.is_empty() {
-        return false;
-    }
-    needle.push(b'/');
-    cmdline.split(|&b| b == 0).any(|arg| arg.windows(needle.len()).any(|window| window == needle))
+    dir_marker(dir).is_some_and(|marker| banger_host::process::cmdline_contains(cmdline, &marker))
 }
 
 /// The fields of `/proc/<pid>/stat` we use.
