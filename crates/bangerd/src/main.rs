@@ -7,6 +7,8 @@ mod artifacts;
 mod config;
 mod daemon;
 mod disks;
+#[allow(dead_code, reason = "wired into the daemon by the net service")]
+mod dns;
 mod error;
 mod exec;
 mod handles;
