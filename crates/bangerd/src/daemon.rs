@@ -19,6 +19,7 @@ use crate::agent_conn::AgentConn;
 use crate::error::ApiFailure;
 use crate::handles::HandleCache;
 use crate::locks::VmLocks;
+use crate::net::NetService;
 use crate::ops::OpRegistry;
 
 /// Everything a request can reach.
@@ -53,6 +54,8 @@ pub struct Daemon {
     pub host: HostFacts,
     /// Per-artifact locks (`kernel:NAME`, `image:NAME`): one pull or build per name at a time.
     pub artifact_locks: VmLocks,
+    /// The guest network (bridge, TAP pool, rules, DNS), brought up on first need.
+    pub net: NetService,
 }
 
 impl Daemon {
@@ -73,7 +76,6 @@ impl Daemon {
         Arc::new(Self {
             ops: OpRegistry::new(store.clone()),
             layout,
-            config,
             config_source,
             store,
             vm_locks: VmLocks::default(),
@@ -86,6 +88,8 @@ impl Daemon {
             default_vmm,
             host,
             artifact_locks: VmLocks::default(),
+            net: NetService::new(&config),
+            config,
         })
     }
 

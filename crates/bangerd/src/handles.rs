@@ -128,6 +128,8 @@ mod tests {
                 memory_mib: 256,
                 disk_mib: 1024,
                 vmm: banger_core::config::VmmKind::Qemu,
+                network: false,
+                allow_vm_traffic: false,
             },
             desired_state: DesiredState::Running,
             state,

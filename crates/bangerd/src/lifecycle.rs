@@ -20,7 +20,7 @@ use banger_core::vm::{transition, VmEvent};
 use banger_core::{DesiredState, ObservedState, OperationRecord, VmRecord};
 use banger_host::VmHandles;
 use banger_proto::agent::AgentRequest;
-use banger_vmm::{DiskSpec, LaunchSpec};
+use banger_vmm::{DiskSpec, LaunchSpec, NetSpec};
 
 use crate::daemon::Daemon;
 use crate::error::{chain, ApiFailure};
@@ -109,6 +109,19 @@ impl Daemon {
         let disks = self.provision_disks(vm, &image, &built).await?;
         op.stage("initramfs")?;
         let initramfs = self.initramfs_for(&kernel).await?;
+        let nic = if vm.spec.network {
+            op.stage("network")?;
+            let ip = self.ensure_guest_ip(vm)?;
+            let nic = self.net.nic_for(vm, ip).await.map_err(|e| {
+                ApiFailure::internal(format!(
+                    "cannot set up the guest network: {}; check `banger doctor`, or create the vm with --no-network",
+                    chain(&e)
+                ))
+            })?;
+            Some(nic)
+        } else {
+            None
+        };
         op.stage("boot")?;
         let mut spec = LaunchSpec::new(&vm.id, &vm.name, &vm_dir, &kernel.vmlinuz, initramfs);
         spec.vcpus = vm.spec.vcpus;
@@ -123,13 +136,25 @@ impl Daemon {
             format!("banger.hostname={}", vm.name),
             format!("banger.init={}", image.init_mode.as_str()),
         ];
-        let launched = self.driver(vm.spec.vmm).launch(&spec).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
+        if let Some(nic) = &nic {
+            spec.kernel_args.extend(nic.kernel_args.iter().cloned());
+            spec.net = Some(NetSpec { tap: nic.tap.clone(), mac: nic.mac.clone() });
+        }
+        let launched = match self.driver(vm.spec.vmm).launch(&spec).await {
+            Ok(launched) => launched,
+            Err(e) => {
+                if let Some(nic) = &nic {
+                    self.net.release_tap(&nic.tap).await;
+                }
+                return Err(ApiFailure::internal(chain(&e)).into());
+            }
+        };
         let handles = VmHandles {
             pid: Some(launched.pid),
             marker: format!("{}/", vm.vm_dir),
             control_socket: Some(launched.control_socket.display().to_string()),
             agent_socket: Some(launched.agent_socket.display().to_string()),
-            tap: None,
+            tap: nic.as_ref().map(|n| n.tap.clone()),
             scratch_files: vec![
                 launched.control_socket.display().to_string(),
                 launched.agent_socket.display().to_string(),
@@ -138,6 +163,9 @@ impl Daemon {
         };
         self.handles.publish(vm, handles).map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.spawn_monitor(vm.clone(), launched.pid);
+        if nic.is_some() {
+            self.sync_net().await;
+        }
         op.stage("agent")?;
         let agent = self.agent_for(vm);
         let console = launched.console_log.clone();
@@ -165,17 +193,31 @@ impl Daemon {
     /// Ends a failed start: kill what was launched, release, mark failed.
     async fn abort_start(&self, vm: &VmRecord, message: &str) {
         self.terminate_vmm(vm).await;
-        let _guard = self.vm_locks.lock(&vm.id).await;
-        self.handles.release(vm);
-        self.drop_agent(vm);
-        if let Ok(mut now) = self.store.find_vm(&vm.id) {
-            now.state = ObservedState::Failed;
-            now.desired_state = DesiredState::Stopped;
-            now.last_error = Some(message.to_owned());
-            now.updated_at = banger_core::time::now_rfc3339();
-            let _ = self.store.update_vm(&now);
-        }
+        let tap = {
+            let _guard = self.vm_locks.lock(&vm.id).await;
+            let tap = self.handles.get(vm).and_then(|h| h.tap);
+            self.handles.release(vm);
+            self.drop_agent(vm);
+            if let Ok(mut now) = self.store.find_vm(&vm.id) {
+                now.state = ObservedState::Failed;
+                now.desired_state = DesiredState::Stopped;
+                now.last_error = Some(message.to_owned());
+                now.updated_at = banger_core::time::now_rfc3339();
+                let _ = self.store.update_vm(&now);
+            }
+            tap
+        };
+        self.after_vmm_gone(tap).await;
         tracing::warn!(vm = %vm.name, error = message, "vm start failed");
+    }
+
+    /// Network clean-up once a VM's VMM is gone (no lock held): its TAP goes back to the pool,
+    /// and rules and names are republished without it.
+    async fn after_vmm_gone(&self, tap: Option<String>) {
+        if let Some(tap) = tap {
+            self.net.release_tap(&tap).await;
+            self.sync_net().await;
+        }
     }
 
     /// Quits, then kills, the VM's VMM if it is alive.
@@ -199,6 +241,9 @@ impl Daemon {
             let mut vm = self.store.find_vm(&id)?;
             if !self.handles.alive(&vm) {
                 // Nothing runs: make the record say so.
+                if let Some(tap) = self.handles.get(&vm).and_then(|h| h.tap) {
+                    self.net.release_tap(&tap).await;
+                }
                 self.handles.release(&vm);
                 self.drop_agent(&vm);
                 if vm.state.is_active() || vm.desired_state == DesiredState::Running {
@@ -239,11 +284,12 @@ impl Daemon {
 
     /// Releases a stopped VM's handles and publishes `Stopped` (or `Failed` with `error`).
     async fn finish_stop(&self, id: &str, error: Option<String>) -> Result<VmRecord, ApiFailure> {
-        let _guard = self.vm_locks.lock(id).await;
+        let guard = self.vm_locks.lock(id).await;
         let mut vm = self.store.find_vm(id)?;
         if self.handles.alive(&vm) {
             return Err(ApiFailure::internal(format!("vm '{}' is still running after stop", vm.name)));
         }
+        let tap = self.handles.get(&vm).and_then(|h| h.tap);
         self.handles.release(&vm);
         self.drop_agent(&vm);
         if vm.state.is_active() {
@@ -254,6 +300,8 @@ impl Daemon {
             vm.updated_at = banger_core::time::now_rfc3339();
             self.store.update_vm(&vm)?;
         }
+        drop(guard);
+        self.after_vmm_gone(tap).await;
         tracing::info!(vm = %vm.name, state = vm.state.as_str(), "vm stopped");
         Ok(vm)
     }

@@ -7,13 +7,13 @@ mod artifacts;
 mod config;
 mod daemon;
 mod disks;
-#[allow(dead_code, reason = "wired into the daemon by the net service")]
 mod dns;
 mod error;
 mod exec;
 mod handles;
 mod lifecycle;
 mod locks;
+mod net;
 mod ops;
 mod vms;
 
@@ -96,10 +96,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async {
+        let in_use: std::collections::BTreeSet<String> = report
+            .adopted
+            .iter()
+            .filter(|(vm, _)| vm.spec.network)
+            .filter_map(|(vm, _)| daemon.handles.get(vm).and_then(|h| h.tap))
+            .collect();
+        let networked = report.adopted.iter().any(|(vm, _)| vm.spec.network);
         for (vm, pid) in report.adopted {
             daemon.spawn_monitor(vm, pid);
         }
-        serve(daemon).await
+        if networked {
+            // Running guests need their rules and names back before anything else happens.
+            match daemon.net.ensure_up(&in_use).await {
+                Ok(()) => daemon.sync_net().await,
+                Err(e) => tracing::error!(error = %banger_core::error_chain(&e), "cannot restore the guest network"),
+            }
+        }
+        let served = serve(daemon.clone()).await;
+        let running = daemon.store.list_vms().map(|vms| vms.iter().any(|vm| daemon.handles.alive(vm))).unwrap_or(true);
+        daemon.net.shutdown(running).await;
+        served
     });
     tracing::info!("bangerd stopped");
     drop(lock);
@@ -131,7 +148,10 @@ fn init_logging(
         .open(&log_path)
         .with_context(|| format!("cannot open log file {}", log_path.display()))?;
     let (writer, guard) = tracing_appender::non_blocking(file);
-    let filter = || EnvFilter::try_from_env("BANGER_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = || {
+        EnvFilter::try_from_env("BANGER_LOG")
+            .unwrap_or_else(|_| EnvFilter::new(format!("{level},hickory_server=warn,hickory_proto=warn")))
+    };
     let file_layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false).with_filter(filter());
     let stderr_layer =
         to_stderr.then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter()));

@@ -39,6 +39,8 @@ impl Daemon {
             memory_mib: req.memory_mib.unwrap_or(c.default_memory_mib),
             disk_mib: req.disk_mib.unwrap_or(c.default_disk_mib),
             vmm: self.resolve_vmm(req.vmm)?,
+            network: req.network.unwrap_or(c.network),
+            allow_vm_traffic: req.allow_vm_traffic.unwrap_or(c.allow_vm_traffic),
         };
         check_spec(&spec)?;
         Ok(spec)
@@ -122,11 +124,12 @@ impl Daemon {
         Ok(vm)
     }
 
-    /// Claims `name` and records the VM, under the reservation lock. Held for one check and
-    /// one insert: never across I/O beyond the store.
+    /// Claims `name` (and, for a networked VM, a guest address) and records the VM, under the
+    /// reservation lock. Held for one check and one insert: never across I/O beyond the store.
     fn reserve(&self, name: &str, spec: VmSpec) -> Result<VmRecord, ApiFailure> {
         let _guard = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
         self.ensure_name_free(name)?;
+        let guest_ip = if spec.network { Some(self.allocate_guest_ip()?.to_string()) } else { None };
         let id = new_id();
         let now = banger_core::time::now_rfc3339();
         let vm = VmRecord {
@@ -136,13 +139,20 @@ impl Daemon {
             spec,
             desired_state: DesiredState::Stopped,
             state: ObservedState::Created,
-            guest_ip: None,
+            guest_ip,
             created_at: now.clone(),
             updated_at: now,
             last_error: None,
         };
         self.store.insert_vm(&vm)?;
         Ok(vm)
+    }
+
+    /// The lowest free guest address of the bridge subnet. Call with the reservation lock held.
+    pub fn allocate_guest_ip(&self) -> Result<std::net::Ipv4Addr, ApiFailure> {
+        let used: std::collections::BTreeSet<std::net::Ipv4Addr> =
+            self.store.list_vms()?.iter().filter_map(|v| v.guest_ip.as_deref()?.parse().ok()).collect();
+        banger_core::net::allocate(&self.config.bridge_subnet, &used).map_err(|e| ApiFailure::conflict(e.to_string()))
     }
 
     /// Changes a stopped VM's spec.

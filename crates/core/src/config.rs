@@ -1,6 +1,7 @@
 //! The daemon's configuration: every key has a default, so an empty or missing file is valid.
 //! Files are TOML; unknown keys are refused so that typos do not go unnoticed.
 
+use crate::net::{IfName, Subnet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -110,6 +111,24 @@ pub struct Config {
     pub operation_retention_secs: u64,
     /// How long a guest may take from VMM start to its agent's first answer, in seconds.
     pub boot_timeout_secs: u64,
+    /// Whether new VMs get a NIC unless created with `--no-network`.
+    pub network: bool,
+    /// The bridge guests are attached to.
+    #[schema(value_type = String)]
+    pub bridge: IfName,
+    /// The bridge's subnet: the host is its `.1`, guests get addresses from `.2` up.
+    #[schema(value_type = String)]
+    pub bridge_subnet: Subnet,
+    /// Masquerade guest traffic out of the host (guest internet access).
+    pub nat: bool,
+    /// The interface NAT traffic leaves through; empty means any interface but the bridge.
+    pub uplink: String,
+    /// How many idle TAP devices are kept ready so that starting a VM never waits on netlink.
+    pub tap_pool_size: u32,
+    /// The DNS domain of guest names: a VM called `web` is `web.vm`.
+    pub dns_domain: String,
+    /// Whether new VMs may reach other guests and host ports unless told otherwise.
+    pub allow_vm_traffic: bool,
 }
 
 impl Default for Config {
@@ -126,6 +145,14 @@ impl Default for Config {
             log_level: "info".into(),
             operation_retention_secs: 24 * 3600,
             boot_timeout_secs: 120,
+            network: true,
+            bridge: IfName::default(),
+            bridge_subnet: Subnet::default(),
+            nat: false,
+            uplink: String::new(),
+            tap_pool_size: 4,
+            dns_domain: "vm".into(),
+            allow_vm_traffic: false,
         }
     }
 }
@@ -158,7 +185,18 @@ impl Config {
         check_range("default_disk_mib", self.default_disk_mib, DISK_MIB).map_err(|e| e.to_string())?;
         check_range("overlay_mib", self.overlay_mib, DISK_MIB).map_err(|e| e.to_string())?;
         check_range("boot_timeout_secs", self.boot_timeout_secs, (1, 3600)).map_err(|e| e.to_string())?;
+        check_range("tap_pool_size", u64::from(self.tap_pool_size), (0, 256)).map_err(|e| e.to_string())?;
+        self.uplink_name()?;
+        crate::name::validate_name(&self.dns_domain).map_err(|e| format!("dns_domain {:?}: {e}", self.dns_domain))?;
         Ok(())
+    }
+
+    /// The `uplink` key as an interface name (`None` when empty).
+    pub fn uplink_name(&self) -> Result<Option<IfName>, String> {
+        if self.uplink.is_empty() {
+            return Ok(None);
+        }
+        IfName::new(self.uplink.clone()).map(Some).map_err(|e| format!("uplink {:?}: {e}", self.uplink))
     }
 }
 

@@ -92,6 +92,18 @@ pub struct VmSpec {
     pub disk_mib: u64,
     /// The VMM that runs it.
     pub vmm: crate::config::VmmKind,
+    /// Whether it gets a NIC on banger's bridge (`--no-network` turns it off); without one it
+    /// is reachable through the agent channel only.
+    #[serde(default = "yes")]
+    pub network: bool,
+    /// Whether it may reach, and be reached by, other guests and any host port
+    /// (`--allow-vm-traffic`).
+    #[serde(default)]
+    pub allow_vm_traffic: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The durable record of a VM, as kept in the store.

@@ -96,8 +96,16 @@ pub fn run(probe: &dyn HostProbe, input: &DoctorInput<'_>) -> Vec<Check> {
         probe,
         "nft",
         "nft",
+        Status::Fail,
+        "apt-get install nftables (guest isolation and NAT), or set `network = false` in config.toml",
+    ));
+    checks.push(tun_check(probe));
+    checks.push(program_check(
+        probe,
+        "ssh",
+        "ssh",
         Status::Warn,
-        "apt-get install nftables (needed for guest NAT and isolation)",
+        "apt-get install openssh-client (for `banger vm ssh`)",
     ));
     checks.push(space_check(probe, input.state_dir));
     checks.push(socket_check(probe, input));
@@ -119,6 +127,20 @@ fn kvm_check(probe: &dyn HostProbe) -> Check {
             "/dev/kvm is missing or not accessible: QEMU TCG will be used",
             Some("load kvm_intel or kvm_amd and give this user access to /dev/kvm for hardware acceleration"),
         ),
+    }
+}
+
+fn tun_check(probe: &dyn HostProbe) -> Check {
+    let tun = Path::new("/dev/net/tun");
+    if probe.openable_rw(tun) {
+        check("tun", Status::Ok, "/dev/net/tun: guest NICs are TAP devices", None)
+    } else {
+        check(
+            "tun",
+            Status::Fail,
+            "/dev/net/tun is missing or not accessible: guests cannot get a NIC",
+            Some("modprobe tun (run the daemon as root), or create VMs with --no-network"),
+        )
     }
 }
 
@@ -246,6 +268,9 @@ mod tests {
         assert_eq!(status_of(&checks, "disk space"), Status::Ok);
         assert_eq!(status_of(&checks, "socket"), Status::Ok);
         assert_eq!(status_of(&checks, "kvm"), Status::Warn);
+        assert_eq!(status_of(&checks, "tun"), Status::Fail);
+        assert_eq!(status_of(&checks, "nft"), Status::Fail);
+        assert_eq!(status_of(&checks, "ssh"), Status::Warn);
     }
 
     #[test]
@@ -253,7 +278,8 @@ mod tests {
         let mut probe = FakeProbe { free: Some(100 * GIB), ..Default::default() };
         probe.paths.insert("/dev/kvm".into());
         probe.rw.insert("/dev/kvm".into());
-        for p in ["qemu-system-x86_64", "firecracker", "mkfs.ext4", "mmdebstrap", "nft"] {
+        probe.rw.insert("/dev/net/tun".into());
+        for p in ["qemu-system-x86_64", "firecracker", "mkfs.ext4", "mmdebstrap", "nft", "ssh"] {
             probe.programs.insert(p.into(), PathBuf::from("/usr/bin").join(p));
         }
         probe.paths.insert("/run/banger/bangerd.sock".into());

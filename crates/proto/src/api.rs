@@ -62,6 +62,14 @@ pub struct CreateVmRequest {
     pub start: bool,
     /// VMM: `auto`, `qemu` or `firecracker`; the daemon's default when omitted.
     pub vmm: Option<banger_core::config::VmmChoice>,
+    /// Give it a NIC on banger's bridge; the config's `network` when omitted. Without one
+    /// the VM is reachable through the agent channel only (`exec`, forwards).
+    #[serde(default)]
+    pub network: Option<bool>,
+    /// Let it reach, and be reached by, other guests and any host port; the config's
+    /// `allow_vm_traffic` when omitted.
+    #[serde(default)]
+    pub allow_vm_traffic: Option<bool>,
 }
 
 /// `PATCH /v1/vms/{vm}`: the fields to change; the VM must not be running.

@@ -7,7 +7,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use crate::{is_unique_violation, Store, StoreError};
 
 const COLUMNS: &str = "id, name, image, kernel, vcpus, memory_mib, disk_mib, desired_state, state, guest_ip, vm_dir, \
-                       created_at, updated_at, last_error, vmm";
+                       created_at, updated_at, last_error, vmm, network, allow_vm_traffic";
 
 fn corrupt(detail: String) -> StoreError {
     StoreError::Corrupt { kind: "vm", detail }
@@ -21,6 +21,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let disk: i64 = row.get(6)?;
     let id: String = row.get(0)?;
     let vmm: String = row.get(14)?;
+    let network: bool = row.get(15)?;
+    let allow_vm_traffic: bool = row.get(16)?;
     let record = (|| -> Result<VmRecord, StoreError> {
         Ok(VmRecord {
             spec: VmSpec {
@@ -30,6 +32,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
                 memory_mib: u64::try_from(memory).map_err(|_| corrupt(format!("{id}: memory {memory}")))?,
                 disk_mib: u64::try_from(disk).map_err(|_| corrupt(format!("{id}: disk {disk}")))?,
                 vmm: VmmKind::parse(&vmm).ok_or_else(|| corrupt(format!("{id}: vmm {vmm:?}")))?,
+                network,
+                allow_vm_traffic,
             },
             desired_state: DesiredState::parse(&desired)
                 .ok_or_else(|| corrupt(format!("{id}: desired state {desired:?}")))?,
@@ -56,7 +60,7 @@ impl Store {
         let conn = self.conn();
         let result = conn.execute(
             &format!(
-                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
             ),
             params![
                 vm.id,
@@ -74,6 +78,8 @@ impl Store {
                 vm.updated_at,
                 vm.last_error,
                 vm.spec.vmm.as_str(),
+                vm.spec.network,
+                vm.spec.allow_vm_traffic,
             ],
         );
         match result {
@@ -83,12 +89,22 @@ impl Store {
         }
     }
 
+    /// Sets only VM `id`'s guest address (leaving the rest of its row as it is now).
+    pub fn set_guest_ip(&self, id: &str, ip: Option<&str>) -> Result<(), StoreError> {
+        let changed = self.conn().execute("UPDATE vms SET guest_ip = ?2 WHERE id = ?1", params![id, ip])?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { kind: "vm", reference: id.to_owned() });
+        }
+        Ok(())
+    }
+
     /// Replaces an existing VM's row (matched by id).
     pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let conn = self.conn();
         let changed = conn.execute(
             "UPDATE vms SET name = ?2, image = ?3, kernel = ?4, vcpus = ?5, memory_mib = ?6, disk_mib = ?7, \
-             desired_state = ?8, state = ?9, guest_ip = ?10, vm_dir = ?11, updated_at = ?12, last_error = ?13, vmm = ?14 \
+             desired_state = ?8, state = ?9, guest_ip = ?10, vm_dir = ?11, updated_at = ?12, last_error = ?13, vmm = ?14, \
+             network = ?15, allow_vm_traffic = ?16 \
              WHERE id = ?1",
             params![
                 vm.id,
@@ -105,6 +121,8 @@ impl Store {
                 vm.updated_at,
                 vm.last_error,
                 vm.spec.vmm.as_str(),
+                vm.spec.network,
+                vm.spec.allow_vm_traffic,
             ],
         );
         match changed {
@@ -174,6 +192,8 @@ mod tests {
                 memory_mib: 512,
                 disk_mib: 2048,
                 vmm: VmmKind::Qemu,
+                network: true,
+                allow_vm_traffic: false,
             },
             desired_state: DesiredState::Stopped,
             state: ObservedState::Created,

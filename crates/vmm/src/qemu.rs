@@ -203,6 +203,13 @@ impl QemuDriver {
             push(&[os(&format!("virtio-blk-device,drive=d{index}"))]);
         }
 
+        if let Some(net) = &spec.net {
+            // `validate` allows only plain interface names and MACs: nothing to escape.
+            push(&[os("-netdev")]);
+            push(&[os(&format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap))]);
+            push(&[os("-device")]);
+            push(&[os(&format!("virtio-net-device,netdev=net0,mac={}", net.mac))]);
+        }
         push(&[os("-device")]);
         push(&[os("virtio-serial-device,max_ports=2")]);
         push(&[os("-chardev")]);
@@ -462,6 +469,15 @@ mod tests {
                 "virtserialport,chardev=agent,name=banger.agent",
             ]
         );
+    }
+
+    #[test]
+    fn network_is_a_tap_backed_virtio_net_device() {
+        let mut spec = spec();
+        spec.net = Some(crate::NetSpec { tap: "bgpool3".into(), mac: "02:aa:bb:cc:dd:ee".into() });
+        let args = args(&QemuDriver::new(Accel::Tcg, None), &spec);
+        assert_eq!(values(&args, "-netdev"), ["tap,id=net0,ifname=bgpool3,script=no,downscript=no"]);
+        assert!(values(&args, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:aa:bb:cc:dd:ee"));
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl DiskSpec {
     }
 }
 
-/// A network interface for the guest. Reserved: drivers do not attach networks yet.
+/// The guest's network interface: a virtio-net device backed by an existing host TAP device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSpec {
     /// Host tap device name.
@@ -194,8 +194,19 @@ impl LaunchSpec {
         if let Some(arg) = self.kernel_args.iter().find(|arg| arg.is_empty() || arg.contains(char::is_whitespace)) {
             return Err(SpecError::BadKernelArg { arg: arg.clone() });
         }
-        if self.net.is_some() {
-            return Err(SpecError::NetworkUnsupported);
+        if let Some(net) = &self.net {
+            let tap_ok = !net.tap.is_empty()
+                && net.tap.len() <= 15
+                && net.tap.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !tap_ok {
+                return Err(SpecError::BadNet(format!("tap name {:?} is not a valid interface name", net.tap)));
+            }
+            let parts: Vec<&str> = net.mac.split(':').collect();
+            let mac_ok =
+                parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !mac_ok {
+                return Err(SpecError::BadNet(format!("MAC {:?} is not of the form 02:ab:cd:ef:01:23", net.mac)));
+            }
         }
         Ok(())
     }
@@ -238,9 +249,9 @@ pub enum SpecError {
         /// The parameter.
         arg: String,
     },
-    /// A network was asked for.
-    #[error("networking is not supported by the vmm drivers yet; launch without a network")]
-    NetworkUnsupported,
+    /// The network interface is malformed.
+    #[error("bad network interface: {0}")]
+    BadNet(String),
 }
 
 #[cfg(test)]
@@ -296,7 +307,11 @@ mod tests {
         assert!(matches!(s.validate(), Err(SpecError::BadKernelArg { .. })));
         let mut s = spec();
         s.net = Some(NetSpec { tap: "tap0".into(), mac: "02:00:00:00:00:01".into() });
-        assert_eq!(s.validate(), Err(SpecError::NetworkUnsupported));
+        assert_eq!(s.validate(), Ok(()));
+        s.net = Some(NetSpec { tap: "tap0,script=/x".into(), mac: "02:00:00:00:00:01".into() });
+        assert!(matches!(s.validate(), Err(SpecError::BadNet(_))));
+        s.net = Some(NetSpec { tap: "tap0".into(), mac: "02:00:00:00:01".into() });
+        assert!(matches!(s.validate(), Err(SpecError::BadNet(_))));
         let mut s = spec();
         s.vm_dir = "rel".into();
         s.pidfile = "rel/vmm.pid".into();

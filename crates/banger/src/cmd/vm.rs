@@ -140,6 +140,12 @@ pub struct SpecArgs {
     /// VMM: auto, qemu or firecracker [default: the daemon's, from the config's `vmm`]
     #[arg(long)]
     vmm: Option<banger_core::config::VmmChoice>,
+    /// No NIC: the VM is reachable through the agent channel only (exec, forwards)
+    #[arg(long, conflicts_with = "allow_vm_traffic")]
+    no_network: bool,
+    /// Let the VM reach, and be reached by, other VMs and any host port (refused by default)
+    #[arg(long)]
+    allow_vm_traffic: bool,
 }
 
 impl SpecArgs {
@@ -153,6 +159,8 @@ impl SpecArgs {
             disk_mib: self.disk,
             start,
             vmm: self.vmm,
+            network: self.no_network.then_some(false),
+            allow_vm_traffic: self.allow_vm_traffic.then_some(true),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Images end to end: the default image, copy-on-write roots, the work disk, promote, and an
 //! OCI pull from a real local registry.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -91,9 +90,11 @@ struct Registry {
 }
 
 impl Registry {
-    fn start() -> Self {
+    /// A registry on 127.0.0.1 of `env`'s network namespace, where its daemon pulls from.
+    fn start(env: &crate::harness::Env) -> Self {
         let dir = tempfile::Builder::new().prefix("banger-registry-").tempdir().expect("tempdir");
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        // The namespace is fresh: any port is free in it.
+        let port = 5000;
         let config = dir.path().join("config.yml");
         let data = dir.path().join("data");
         std::fs::write(
@@ -104,7 +105,8 @@ impl Registry {
             ),
         )
         .expect("config");
-        let child = Command::new("docker-registry")
+        let child = env
+            .in_netns("docker-registry")
             .arg("serve")
             .arg(&config)
             .stdout(Stdio::null())
@@ -112,7 +114,8 @@ impl Registry {
             .spawn()
             .expect("docker-registry is missing; run scripts/deps --test");
         wait_until("the registry listens", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+            env.in_netns("bash").args(["-c", &probe]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
         });
         Self { child, port, _dir: dir }
     }
@@ -143,9 +146,10 @@ fn an_image_pushed_to_a_local_registry_is_pulled_and_boots() {
     let tarball = env.dir.path().join("rootfs.tar");
     let tar = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tarball).arg(".").status().expect("tar");
     assert!(tar.success());
-    let registry = Registry::start();
+    let registry = Registry::start(&env);
     let reference = format!("127.0.0.1:{}/banger-test/busybox:1", registry.port);
-    let push = Command::new("skopeo")
+    let push = env
+        .in_netns("skopeo")
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
         .arg(format!("tarball:{}", tarball.display()))
         .arg(format!("docker://{reference}"))

@@ -13,4 +13,5 @@ mod template;
 
 mod boot;
 mod images;
+mod network;
 mod recovery;

@@ -22,7 +22,10 @@ pub fn template() -> Option<&'static Path> {
         return None;
     }
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    Some(TEMPLATE.get_or_init(prepare))
+    Some(TEMPLATE.get_or_init(|| {
+        crate::harness::sweep_stale_netns();
+        prepare()
+    }))
 }
 
 fn require(program: &str, fix: &str) {
@@ -69,9 +72,10 @@ fn prepare() -> PathBuf {
     state
 }
 
-/// A fresh env whose state dir shares the template's kernels and images (hard links).
+/// A fresh env whose state dir shares the template's kernels and images (hard links). Its
+/// daemon and VMs run in a network namespace of their own.
 pub fn env_from(template: &Path) -> Env {
-    let env = Env::new();
+    let env = Env::new_in_netns();
     std::fs::create_dir_all(&env.state).expect("state dir");
     for sub in ["kernels", "images"] {
         let status =

@@ -11,6 +11,35 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
     pub socket: PathBuf,
+    /// The private network namespace the daemon (started by the CLI) and its VMs live in.
+    pub netns: Option<String>,
+}
+
+/// Prefix of the network namespaces tests make: `bgt-<test pid>-<n>`.
+pub const NETNS_PREFIX: &str = "bgt-";
+
+/// Deletes test namespaces whose test process is gone (a run killed before its clean-up).
+pub fn sweep_stale_netns() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(NETNS_PREFIX).and_then(|r| r.split('-').next()?.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !pid_alive(pid) {
+            delete_netns(&name);
+        }
+    }
+}
+
+/// Kills every process in namespace `name` (the daemon, VMMs), then deletes it.
+pub fn delete_netns(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
 }
 
 pub fn banger_exe() -> PathBuf {
@@ -74,17 +103,44 @@ impl Env {
         let dir = tempfile::Builder::new().prefix("banger-it-").tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let socket = dir.path().join("run/bangerd.sock");
-        Self { dir, state, socket }
+        Self { dir, state, socket, netns: None }
+    }
+
+    /// An env whose daemon and VMs run in a private network namespace of their own (with only
+    /// `lo`, up): nothing they do on the network reaches the host's namespace or outside.
+    pub fn new_in_netns() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{NETNS_PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        assert!(ok, "cannot create network namespace {name}: the real-guest tier needs root and iproute2");
+        let up = Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status();
+        assert!(up.is_ok_and(|s| s.success()), "cannot bring lo up in {name}");
+        let mut env = Self::new();
+        env.netns = Some(name);
+        env
+    }
+
+    /// `program args...` run inside this env's namespace (or directly without one).
+    pub fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// An env on given paths (not removed on drop; the daemon is still stopped).
     pub fn at(state: PathBuf, socket: PathBuf) -> Self {
         let dir = tempfile::Builder::new().prefix("banger-it-").tempdir().expect("tempdir");
-        Self { dir, state, socket }
+        Self { dir, state, socket, netns: None }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(banger_exe());
+        let mut c = self.in_netns(banger_exe());
         c.args(args)
             .env("BANGER_STATE_DIR", &self.state)
             .env("BANGER_SOCKET", &self.socket)
@@ -99,7 +155,7 @@ impl Env {
 
     /// Runs `bangerd` in the foreground with this env's paths (for tests of the daemon itself).
     pub fn bangerd(&self) -> Command {
-        let mut c = Command::new(bangerd_exe());
+        let mut c = self.in_netns(bangerd_exe());
         c.arg("--state-dir").arg(&self.state).arg("--socket").arg(&self.socket);
         c
     }
@@ -154,6 +210,9 @@ impl Drop for Env {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(ns) = &self.netns {
+            delete_netns(ns);
         }
     }
 }

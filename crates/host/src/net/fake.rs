@@ -45,6 +45,18 @@ pub enum NetCall {
         /// Bridge name.
         bridge: String,
     },
+    /// [`HostNet::isolate_port`].
+    IsolatePort {
+        /// Link name.
+        link: String,
+    },
+    /// [`HostNet::set_sysctl`].
+    SetSysctl {
+        /// Key under `/proc/sys`, with `/` separators.
+        key: String,
+        /// Value written.
+        value: String,
+    },
     /// [`HostNet::delete_link`].
     DeleteLink {
         /// Link name.
@@ -82,6 +94,7 @@ struct FakeLink {
     kind: &'static str,
     up: bool,
     controller: Option<String>,
+    isolated: bool,
     addrs: Vec<(Ipv4Addr, u8)>,
 }
 
@@ -93,6 +106,7 @@ struct State {
     links: BTreeMap<String, FakeLink>,
     next_index: u32,
     tables: BTreeMap<(String, String), String>,
+    sysctls: BTreeMap<String, String>,
     fail_when: Vec<FailWhen>,
 }
 
@@ -137,6 +151,16 @@ impl FakeNet {
         self.lock().links.get(link).map(|l| l.addrs.clone()).unwrap_or_default()
     }
 
+    /// Whether `link` is an isolated bridge port.
+    pub fn is_isolated(&self, link: &str) -> bool {
+        self.lock().links.get(link).is_some_and(|l| l.isolated)
+    }
+
+    /// The value last written to sysctl `key`, if any.
+    pub fn sysctl(&self, key: &str) -> Option<String> {
+        self.lock().sysctls.get(key).cloned()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock can only come from a failed test assertion.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -166,7 +190,8 @@ impl State {
             return Err(os_err(op, name, libc::EEXIST));
         }
         self.next_index += 1;
-        let link = FakeLink { index: self.next_index, kind, up: false, controller: None, addrs: Vec::new() };
+        let link =
+            FakeLink { index: self.next_index, kind, up: false, controller: None, isolated: false, addrs: Vec::new() };
         self.links.insert(name.to_owned(), link);
         Ok(())
     }
@@ -266,6 +291,26 @@ impl HostNet for FakeNet {
                 Some(_) => {}
             }
             s.link_mut(link)?.controller = Some(bridge.to_owned());
+            Ok(())
+        }))
+    }
+
+    fn isolate_port(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::IsolatePort { link: link.to_owned() };
+        ready(self.record(call, "isolate", link, |s| {
+            let l = s.link_mut(link)?;
+            if l.controller.is_none() {
+                return Err(os_err("isolate", link, libc::EOPNOTSUPP));
+            }
+            l.isolated = true;
+            Ok(())
+        }))
+    }
+
+    fn set_sysctl(&self, key: &str, value: &str) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::SetSysctl { key: key.to_owned(), value: value.to_owned() };
+        ready(self.record(call, "sysctl", key, |s| {
+            s.sysctls.insert(key.to_owned(), value.to_owned());
             Ok(())
         }))
     }

@@ -49,6 +49,15 @@ pub enum HostNetError {
         #[source]
         source: io::Error,
     },
+    /// A sysctl could not be written.
+    #[error("write sysctl net/{key}")]
+    Sysctl {
+        /// The key under `/proc/sys`.
+        key: String,
+        /// The write's error.
+        #[source]
+        source: io::Error,
+    },
     /// `nft` could not be run.
     #[error("could not run `nft` (is the nftables package installed?)")]
     NftSpawn(#[source] io::Error),
@@ -111,6 +120,11 @@ pub trait HostNet: Send + Sync {
     fn create_tap(&self, name: &str, owner: Option<u32>) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Attaches `link` to the bridge `bridge`.
     fn attach(&self, link: &str, bridge: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Makes bridge port `link` isolated: the bridge forwards nothing between two isolated
+    /// ports, so guest↔guest traffic has to be routed through the host (and its firewall).
+    fn isolate_port(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Writes `value` to `/proc/sys/KEY` (per network namespace for `net/...` keys).
+    fn set_sysctl(&self, key: &str, value: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Deletes `name`; deleting a link that does not exist succeeds (returns `false`).
     fn delete_link(&self, name: &str) -> impl Future<Output = Result<bool, HostNetError>> + Send;
     /// Whether a link called `name` exists.
@@ -136,7 +150,25 @@ pub async fn ensure_bridge<N: HostNet>(net: &N, bridge: &IfName, subnet: &Subnet
         net.create_bridge(bridge.as_str()).await?;
     }
     net.set_addr(bridge.as_str(), subnet.gateway(), subnet.prefix_len()).await?;
+    for (key, value) in bridge_sysctls(bridge) {
+        net.set_sysctl(&key, value).await?;
+    }
     net.link_up(bridge.as_str()).await
+}
+
+/// The sysctls of banger's bridge. Its ports are isolated, so the host answers ARP for every
+/// guest (`proxy_arp` + `proxy_arp_pvlan`) and routes guest↔guest traffic itself, where the
+/// `inet banger` forward chain decides (refusing by default). Forwarding is enabled for traffic
+/// arriving on the bridge only (IPv4 checks the input device); redirects are off because guests
+/// cannot reach each other directly.
+pub fn bridge_sysctls(bridge: &IfName) -> Vec<(String, &'static str)> {
+    let b = bridge.as_str();
+    vec![
+        (format!("net/ipv4/conf/{b}/forwarding"), "1"),
+        (format!("net/ipv4/conf/{b}/proxy_arp"), "1"),
+        (format!("net/ipv4/conf/{b}/proxy_arp_pvlan"), "1"),
+        (format!("net/ipv4/conf/{b}/send_redirects"), "0"),
+    ]
 }
 
 /// Makes a TAP device the slow way (create, attach to `bridge`, up): what a VM create costs
@@ -150,6 +182,7 @@ pub async fn create_attached_tap<N: HostNet>(
     net.create_tap(name, owner).await?;
     let rest = async {
         net.attach(name, bridge).await?;
+        net.isolate_port(name).await?;
         net.link_up(name).await
     };
     if let Err(e) = rest.await {
@@ -191,19 +224,21 @@ mod tests {
         let bridge = IfName::default();
         let subnet = Subnet::default();
         block_on(ensure_bridge(&net, &bridge, &subnet)).expect("first");
+        let first = net.calls().len();
         block_on(ensure_bridge(&net, &bridge, &subnet)).expect("second");
+        let calls = net.calls();
+        assert!(!calls[first..].iter().any(|c| matches!(c, NetCall::CreateBridge { .. })), "created twice");
+        assert_eq!(net.sysctl("net/ipv4/conf/banger0/proxy_arp_pvlan").as_deref(), Some("1"));
+        assert_eq!(net.sysctl("net/ipv4/conf/banger0/forwarding").as_deref(), Some("1"));
+        assert_eq!(calls.last(), Some(&NetCall::LinkUp { link: "banger0".into() }));
         let gw = subnet.gateway();
         let b = || "banger0".to_owned();
         assert_eq!(
-            net.calls(),
-            vec![
+            calls[..3],
+            [
                 NetCall::LinkExists { name: b() },
                 NetCall::CreateBridge { name: b() },
                 NetCall::SetAddr { link: b(), addr: gw, prefix_len: 24 },
-                NetCall::LinkUp { link: b() },
-                NetCall::LinkExists { name: b() },
-                NetCall::SetAddr { link: b(), addr: gw, prefix_len: 24 },
-                NetCall::LinkUp { link: b() },
             ]
         );
         let state = block_on(net.link("banger0")).expect("link").expect("exists");

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::packet_route::link::{InfoBridgePort, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
@@ -170,6 +170,19 @@ impl HostNet for NetlinkNet {
                 nl("attach", link)(e)
             }
         })
+    }
+
+    async fn isolate_port(&self, link: &str) -> Result<(), HostNetError> {
+        let index = self.index_of(link).await?;
+        let msg = LinkBridgePort::new(index).append_info_data(InfoBridgePort::Isolated(true)).build();
+        self.handle.link().set_port(msg).execute().await.map_err(nl("isolate bridge port", link))
+    }
+
+    async fn set_sysctl(&self, key: &str, value: &str) -> Result<(), HostNetError> {
+        // On the calling thread, not a blocking pool: `/proc/sys/net` is the calling thread's
+        // network namespace, and a one-line procfs write does not block.
+        let path = std::path::Path::new("/proc/sys").join(key);
+        std::fs::write(&path, value).map_err(|source| HostNetError::Sysctl { key: key.to_owned(), source })
     }
 
     async fn delete_link(&self, name: &str) -> Result<bool, HostNetError> {

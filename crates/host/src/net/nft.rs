@@ -1,14 +1,11 @@
 //! banger's nftables rules, generated as text from an [`NftConfig`] by the pure [`ruleset`].
 //!
-//! Two tables, both named `banger`, created and removed together:
-//! - `table inet banger`: guest→host filtering (`input`), routing to and from guests
-//!   (`forward`), published ports (`prerouting`/`output` DNAT) and egress masquerade
-//!   (`postrouting`).
-//! - `table bridge banger`: guest→guest filtering. Frames between two ports of one bridge never
-//!   reach the `inet` hooks unless `br_netfilter` is active, so this isolation has to live in
-//!   the bridge family. Kernels without `CONFIG_NFT_BRIDGE_REJECT` (like the CI hosts) cannot
-//!   reject there, so guest→guest traffic is dropped (a connect times out) while guest→host
-//!   traffic is rejected (a connect is refused at once).
+//! One table, `inet banger`: guest→host filtering (`input`), routing to, from and between guests
+//! (`forward`), published ports (`prerouting`/`output` DNAT) and egress masquerade
+//! (`postrouting`). banger's bridge ports are isolated and the host answers ARP for every guest
+//! (see `bridge_sysctls`), so guest↔guest traffic is routed through the host and meets the
+//! `forward` chain, which refuses it (TCP reset, ICMP admin-prohibited) unless one side is an
+//! open guest. An older layout also had a `bridge banger` table; removal still covers it.
 //!
 //! A generated script starts by creating and deleting both tables, so loading it with
 //! `nft -f -` replaces banger's rules atomically, whether or not they were loaded before.
@@ -18,7 +15,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use banger_core::net::{IfName, Subnet, POOL_TAP_PREFIX, TAP_PREFIX};
+use banger_core::net::{IfName, Subnet};
 
 /// Name of banger's tables (one in the `inet` family, one in the `bridge` family).
 pub const TABLE: &str = "banger";
@@ -138,7 +135,9 @@ pub fn ruleset(config: &NftConfig) -> String {
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tct state established,related accept
-\t\tiifname \"{br}\" oifname \"{br}\" accept
+\t\tiifname \"{br}\" oifname \"{br}\" ip saddr @open_guests accept
+\t\tiifname \"{br}\" oifname \"{br}\" ip daddr @open_guests accept
+\t\tiifname \"{br}\" oifname \"{br}\" meta l4proto tcp reject with tcp reset
 "
     );
     if config.nat {
@@ -188,40 +187,18 @@ pub fn ruleset(config: &NftConfig) -> String {
     }
     out.push_str("}\n");
 
-    out.push_str("table bridge banger {\n");
-    set_block(&mut out, &config.open_guests);
-    let _ = write!(
-        out,
-        "
-\tchain forward {{
-\t\ttype filter hook forward priority filter; policy accept;
-\t\tiifname \"{TAP_PREFIX}*\" jump guest_to_guest
-\t\tiifname \"{POOL_TAP_PREFIX}*\" jump guest_to_guest
-\t}}
-
-\tchain guest_to_guest {{
-\t\tether type arp accept
-\t\tip saddr @open_guests accept
-\t\tip daddr @open_guests accept
-\t\tdrop
-\t}}
-}}
-"
-    );
     out
 }
 
 /// An nft script that opens (`open = true`) or closes one guest's traffic without reloading
-/// the ruleset, by editing the `open_guests` sets of both tables. Closing a guest that is not
+/// the ruleset, by editing the `open_guests` set. Closing a guest that is not
 /// open, or opening one twice, is not an error.
 pub fn open_guest_script(guest: Ipv4Addr, open: bool) -> String {
     let mut out = String::new();
-    for family in ["inet", "bridge"] {
-        // Adding first makes the delete valid when the element is absent.
-        let _ = writeln!(out, "add element {family} {TABLE} open_guests {{ {guest} }}");
-        if !open {
-            let _ = writeln!(out, "delete element {family} {TABLE} open_guests {{ {guest} }}");
-        }
+    // Adding first makes the delete valid when the element is absent.
+    let _ = writeln!(out, "add element inet {TABLE} open_guests {{ {guest} }}");
+    if !open {
+        let _ = writeln!(out, "delete element inet {TABLE} open_guests {{ {guest} }}");
     }
     out
 }
@@ -289,11 +266,8 @@ mod tests {
 
     #[test]
     fn open_and_close_one_guest() {
-        assert_eq!(
-            open_guest_script(ip("172.30.0.4"), true),
-            "add element inet banger open_guests { 172.30.0.4 }\nadd element bridge banger open_guests { 172.30.0.4 }\n"
-        );
+        assert_eq!(open_guest_script(ip("172.30.0.4"), true), "add element inet banger open_guests { 172.30.0.4 }\n");
         let close = open_guest_script(ip("172.30.0.4"), false);
-        assert_eq!(close.lines().filter(|l| l.starts_with("delete element")).count(), 2);
+        assert_eq!(close.lines().filter(|l| l.starts_with("delete element")).count(), 1);
     }
 }

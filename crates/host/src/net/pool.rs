@@ -161,6 +161,7 @@ impl<N: HostNet> TapPool<N> {
                 if link.controller.as_deref() != Some(self.bridge.as_str()) {
                     self.net.attach(&link.name, &self.bridge).await?;
                 }
+                self.net.isolate_port(&link.name).await?;
                 if !link.up {
                     self.net.link_up(&link.name).await?;
                 }
@@ -246,9 +247,11 @@ mod tests {
             vec![
                 NetCall::CreateTap { name: "bgpool0".into(), owner: Some(1000) },
                 NetCall::Attach { link: "bgpool0".into(), bridge: "banger0".into() },
+                NetCall::IsolatePort { link: "bgpool0".into() },
                 NetCall::LinkUp { link: "bgpool0".into() },
                 NetCall::CreateTap { name: "bgpool1".into(), owner: Some(1000) },
                 NetCall::Attach { link: "bgpool1".into(), bridge: "banger0".into() },
+                NetCall::IsolatePort { link: "bgpool1".into() },
                 NetCall::LinkUp { link: "bgpool1".into() },
             ]
         );
@@ -305,6 +308,7 @@ mod tests {
         assert_eq!(rt.block_on(pool.adopt(&in_use)).expect("adopt"), 2);
         let s = rt.block_on(net.link("bgpool3")).expect("query").expect("exists");
         assert!(s.up && s.controller.as_deref() == Some("banger0"));
+        assert!(net.is_isolated("bgpool3"), "adopted devices are isolated too");
         assert_eq!(rt.block_on(pool.fill()).expect("fill"), 0, "already at target");
         assert_eq!(pool.take().as_deref(), Some("bgpool0"));
         assert_eq!(pool.take().as_deref(), Some("bgpool3"));

@@ -1,0 +1,102 @@
+//! Guest networking end to end, in the env's private network namespace: addresses, names
+//! through banger's DNS, guest↔guest and guest→host isolation, `--allow-vm-traffic`, forwards,
+//! `vm ssh`, and a clean host afterwards.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::harness::{wait_until, Env};
+use crate::template::{env_from, template};
+
+/// What a TCP connect from `vm` to `addr:port` gives: "open", "refused" or another error.
+fn connect_from(env: &Env, vm: &str, addr: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ntry:\n socket.create_connection(('{addr}', {port}), timeout=5); print('open')\n\
+         except ConnectionRefusedError: print('refused')\nexcept Exception as e: print(type(e).__name__)"
+    );
+    env.banger(&["vm", "exec", vm, "--", "python3", "-c", &script]).ok().stdout.trim().to_owned()
+}
+
+/// Starts an HTTP server on `port` in `vm`, in the background, and waits until it listens.
+fn serve_http(env: &Env, vm: &str, port: u16) {
+    let cmd = format!("cd /etc && setsid -f python3 -m http.server {port} </dev/null >/dev/null 2>&1");
+    env.banger(&["vm", "exec", vm, "--", "sh", "-c", &cmd]).ok();
+    wait_until(&format!("{vm} listens on {port}"), Duration::from_secs(30), || {
+        let ports = env.banger(&["vm", "ports", vm, "--json"]).ok().json();
+        ports["ports"].as_array().into_iter().flatten().any(|p| p["port"] == port)
+    });
+}
+
+fn ip_of(env: &Env, vm: &str) -> String {
+    let shown = env.banger(&["vm", "show", vm, "--json"]).ok().json();
+    shown["guest_ip"].as_str().unwrap_or_else(|| panic!("{vm} has no address: {shown}")).to_owned()
+}
+
+/// Starts VMs concurrently (each `vm start` waits for its agent).
+fn start_all(env: &Env, names: &[&str]) {
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| env.cmd(&["vm", "start", n]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn"))
+        .collect();
+    for (child, name) in children.into_iter().zip(names) {
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "vm start {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn names_isolation_forwards_ssh_and_a_clean_host() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    env.banger(&["vm", "create", "alpha"]).ok();
+    env.banger(&["vm", "create", "beta"]).ok();
+    env.banger(&["vm", "create", "gamma", "--allow-vm-traffic"]).ok();
+    start_all(&env, &["alpha", "beta", "gamma"]);
+    let (a, b, g) = (ip_of(&env, "alpha"), ip_of(&env, "beta"), ip_of(&env, "gamma"));
+    assert!(a != b && b != g && a != g, "distinct addresses: {a} {b} {g}");
+
+    // Each resolves the others' NAME.vm through banger's DNS.
+    for (from, to, ip) in [("alpha", "beta", &b), ("beta", "alpha", &a), ("alpha", "gamma", &g)] {
+        let out = env.banger(&["vm", "exec", from, "--", "getent", "hosts", &format!("{to}.vm")]).ok().stdout;
+        assert!(out.starts_with(&format!("{ip} ")), "{from} resolves {to}.vm: {out:?}");
+    }
+    let unknown = env.banger(&["vm", "exec", "alpha", "--", "getent", "hosts", "nosuch.vm"]);
+    assert_eq!(unknown.code, 2, "an unknown name does not resolve: {}", unknown.stdout);
+
+    // Guest→guest TCP is refused by default and allowed with --allow-vm-traffic.
+    serve_http(&env, "beta", 8080);
+    serve_http(&env, "gamma", 8080);
+    assert_eq!(connect_from(&env, "alpha", &b, 8080), "refused", "alpha→beta");
+    assert_eq!(connect_from(&env, "alpha", &g, 8080), "open", "alpha→gamma (gamma is open)");
+    assert_eq!(connect_from(&env, "gamma", &b, 8080), "open", "gamma→beta (gamma is open)");
+
+    // A host port other than DNS is refused from a guest (an HTTP server on the gateway).
+    let gateway = "172.30.0.1";
+    let mut host_server = env
+        .in_netns("python3")
+        .args(["-m", "http.server", "8099", "--bind", gateway])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("host http server");
+    wait_until("the host server listens", Duration::from_secs(20), || {
+        let probe = format!("exec 3<>/dev/tcp/{gateway}/8099");
+        env.in_netns("bash").args(["-c", &probe]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    });
+    assert_eq!(connect_from(&env, "alpha", gateway, 8099), "refused", "alpha→host:8099");
+    assert_eq!(connect_from(&env, "gamma", gateway, 8099), "open", "an open guest reaches host ports");
+    let _ = host_server.kill();
+    let _ = host_server.wait();
+
+    // Once every VM is deleted and the daemon stopped, no TAP, bridge or nft table is left.
+    for vm in ["alpha", "beta", "gamma"] {
+        env.banger(&["vm", "stop", vm]).ok();
+        env.banger(&["vm", "delete", vm]).ok();
+    }
+    env.banger(&["daemon", "stop"]).ok();
+    let links = env.in_netns("ip").args(["-br", "link"]).output().expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>(), ["lo"], "{links}");
+    let rules = env.in_netns("nft").args(["list", "ruleset"]).output().expect("nft");
+    assert_eq!(String::from_utf8_lossy(&rules.stdout).trim(), "", "no nft table is left");
+}

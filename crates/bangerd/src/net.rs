@@ -1,0 +1,246 @@
+//! The daemon's guest network: banger's bridge, the warm TAP pool, the nftables table and the
+//! guest DNS server, brought up on first need and torn down when the daemon stops.
+//!
+//! Nothing is touched on the host until a networked VM boots (or a running one is adopted), so
+//! a daemon that only manages records or images never creates a bridge. Bring-up is idempotent
+//! and serialised by `up`; [`NetService::sync`] republishes the ruleset and the DNS records from
+//! the set of running VMs and is serialised by `sync_lock`. Both are leaf locks: no VM lock is
+//! held while they are taken.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use banger_core::net::{format_mac, mac_for, IfName, Subnet};
+use banger_core::{Config, VmRecord};
+use banger_host::net::{ensure_bridge, ruleset, teardown, HostNet, HostNetError, NetlinkNet, NftConfig, TapPool};
+use tokio::task::JoinHandle;
+
+use crate::dns::{DnsConfig, DnsServer};
+
+/// Why the guest network could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A host network operation failed.
+    #[error("host network")]
+    Host(#[from] HostNetError),
+    /// The DNS server could not start.
+    #[error("guest dns server")]
+    Dns(#[from] crate::dns::DnsError),
+}
+
+/// A running VM as the network sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetGuest {
+    /// Its name (its DNS name is `NAME.<domain>`).
+    pub name: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Whether it was opened with `--allow-vm-traffic`.
+    pub open: bool,
+}
+
+/// What a networked VM is given at boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    /// The host TAP device (a pool device).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// Kernel command-line parameters for the agent (`banger.ip=`, `banger.gw=`, `banger.dns=`).
+    pub kernel_args: Vec<String>,
+}
+
+struct Up {
+    net: Arc<NetlinkNet>,
+    pool: Arc<TapPool<NetlinkNet>>,
+    refiller: JoinHandle<()>,
+    dns: DnsServer,
+}
+
+/// The guest network service. See the module doc.
+pub struct NetService {
+    bridge: IfName,
+    subnet: Subnet,
+    nat: bool,
+    uplink: Option<IfName>,
+    pool_size: usize,
+    domain: String,
+    up: tokio::sync::Mutex<Option<Up>>,
+    sync_lock: tokio::sync::Mutex<()>,
+}
+
+impl NetService {
+    /// The service for `config`; touches nothing yet.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            bridge: config.bridge.clone(),
+            subnet: config.bridge_subnet,
+            nat: config.nat,
+            uplink: config.uplink_name().ok().flatten(),
+            pool_size: usize::try_from(config.tap_pool_size).unwrap_or(0),
+            domain: config.dns_domain.clone(),
+            up: tokio::sync::Mutex::new(None),
+            sync_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The bridge subnet.
+    pub fn subnet(&self) -> Subnet {
+        self.subnet
+    }
+
+    /// Brings the bridge, the ruleset (nothing open yet), the DNS server and the TAP pool up,
+    /// unless they are. `in_use` names pool devices that running VMs hold (after a restart).
+    pub async fn ensure_up(&self, in_use: &BTreeSet<String>) -> Result<(), NetError> {
+        let mut up = self.up.lock().await;
+        if up.is_some() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let net = Arc::new(NetlinkNet::connect()?);
+        ensure_bridge(&*net, &self.bridge, &self.subnet).await?;
+        net.apply_nft(&ruleset(&self.nft_config(BTreeSet::new()))).await?;
+        let upstreams = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|text| crate::dns::host_upstreams(&text, &[self.subnet.gateway().into()]))
+            .unwrap_or_default();
+        let listen = SocketAddr::from((self.subnet.gateway(), 53));
+        let dns =
+            DnsServer::start(DnsConfig { domain: self.domain.clone(), ..DnsConfig::new(listen, upstreams) }).await?;
+        let pool = Arc::new(TapPool::new(Arc::clone(&net), self.bridge.as_str(), self.pool_size, None));
+        let adopted = pool.adopt(in_use).await?;
+        let refiller = pool.spawn_refiller();
+        tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
+            elapsed_ms = started.elapsed().as_millis(), "guest network up");
+        *up = Some(Up { net, pool, refiller, dns });
+        Ok(())
+    }
+
+    /// A NIC for `vm` (which must have a guest address): a TAP from the warm pool (made on the
+    /// spot when the pool is empty), its MAC and the agent's network parameters.
+    pub async fn nic_for(&self, vm: &VmRecord, ip: Ipv4Addr) -> Result<GuestNic, NetError> {
+        self.ensure_up(&BTreeSet::new()).await?;
+        let pool = {
+            let up = self.up.lock().await;
+            up.as_ref().map(|u| Arc::clone(&u.pool))
+        };
+        let pool = pool.ok_or_else(|| HostNetError::NoSuchLink(self.bridge.to_string()))?;
+        let tap = pool.take_or_create().await?;
+        let gw = self.subnet.gateway();
+        Ok(GuestNic {
+            tap,
+            mac: format_mac(mac_for(&vm.id)),
+            kernel_args: vec![
+                format!("banger.ip={ip}/{}", self.subnet.prefix_len()),
+                format!("banger.gw={gw}"),
+                format!("banger.dns={gw}"),
+            ],
+        })
+    }
+
+    /// Gives a stopped VM's TAP back to the pool (or deletes it when the pool is full).
+    pub async fn release_tap(&self, tap: &str) {
+        let pool = self.up.lock().await.as_ref().map(|u| Arc::clone(&u.pool));
+        let result = match pool {
+            Some(pool) => pool.release(tap).await,
+            // The network was never brought up by this daemon: delete the device outright.
+            None => match NetlinkNet::connect() {
+                Ok(net) => net.delete_link(tap).await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(tap, error = %banger_core::error_chain(&e), "cannot release tap device");
+        }
+    }
+
+    /// Publishes the ruleset and DNS records for `running` (every running networked VM). A no-op
+    /// while the network is down.
+    pub async fn sync(&self, running: &[NetGuest]) -> Result<(), NetError> {
+        let _serial = self.sync_lock.lock().await;
+        let (net, records) = {
+            let up = self.up.lock().await;
+            let Some(up) = up.as_ref() else { return Ok(()) };
+            let records: BTreeMap<String, Ipv4Addr> = running.iter().map(|g| (g.name.clone(), g.ip)).collect();
+            up.dns.set_records(records.clone());
+            (Arc::clone(&up.net), records)
+        };
+        let open: BTreeSet<Ipv4Addr> = running.iter().filter(|g| g.open).map(|g| g.ip).collect();
+        net.apply_nft(&ruleset(&self.nft_config(open))).await?;
+        tracing::debug!(records = records.len(), "guest network rules and names published");
+        Ok(())
+    }
+
+    /// Tears the network down (daemon stop). With VMs still running, only the idle pool goes:
+    /// their bridge, TAPs, rules and addresses stay so that they keep working, and the next
+    /// daemon adopts them.
+    pub async fn shutdown(&self, vms_running: bool) {
+        let Some(up) = self.up.lock().await.take() else { return };
+        up.refiller.abort();
+        if let Err(e) = up.dns.shutdown().await {
+            tracing::warn!(error = %banger_core::error_chain(&e), "dns server did not stop cleanly");
+        }
+        if vms_running {
+            match up.pool.drain().await {
+                Ok(deleted) => tracing::info!(?deleted, "vms still run: kept the bridge and rules, drained the pool"),
+                Err(e) => tracing::warn!(error = %banger_core::error_chain(&e), "cannot drain the tap pool"),
+            }
+            return;
+        }
+        match teardown(&*up.net, &self.bridge).await {
+            Ok(deleted) => tracing::info!(?deleted, "guest network torn down"),
+            Err(e) => tracing::error!(error = %banger_core::error_chain(&e), "cannot tear the guest network down"),
+        }
+    }
+
+    fn nft_config(&self, open: BTreeSet<Ipv4Addr>) -> NftConfig {
+        let mut config = NftConfig::new(self.bridge.clone(), self.subnet);
+        config.nat = self.nat;
+        config.uplink = self.uplink.clone();
+        config.open_guests = open;
+        config
+    }
+}
+
+impl crate::daemon::Daemon {
+    /// Every running networked VM, as the network publishes it.
+    pub fn net_guests(&self) -> Vec<NetGuest> {
+        let vms = match self.store.list_vms() {
+            Ok(vms) => vms,
+            Err(e) => {
+                tracing::warn!(error = %banger_core::error_chain(&e), "cannot list vms for the network");
+                return Vec::new();
+            }
+        };
+        vms.into_iter()
+            .filter(|vm| vm.spec.network && self.handles.alive(vm))
+            .filter_map(|vm| {
+                let ip = vm.guest_ip.as_deref()?.parse().ok()?;
+                Some(NetGuest { name: vm.name, ip, open: vm.spec.allow_vm_traffic })
+            })
+            .collect()
+    }
+
+    /// Republishes rules and DNS names after a VM started or stopped; failures are logged (the
+    /// previous rules stay in force, and they are closed by default).
+    pub async fn sync_net(&self) {
+        if let Err(e) = self.net.sync(&self.net_guests()).await {
+            tracing::error!(error = %banger_core::error_chain(&e), "cannot publish guest network rules");
+        }
+    }
+
+    /// The guest address of networked VM `vm`, allocated now if it has none or its address is
+    /// outside the configured subnet (after a config change). Stored at once.
+    pub fn ensure_guest_ip(&self, vm: &VmRecord) -> Result<Ipv4Addr, crate::error::ApiFailure> {
+        let current = vm.guest_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        if let Some(ip) = current.filter(|ip| self.net.subnet().is_guest_addr(*ip)) {
+            return Ok(ip);
+        }
+        let _guard = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.set_guest_ip(&vm.id, None)?;
+        let ip = self.allocate_guest_ip()?;
+        self.store.set_guest_ip(&vm.id, Some(&ip.to_string()))?;
+        tracing::info!(vm = %vm.name, %ip, "guest address allocated");
+        Ok(ip)
+    }
+}
