@@ -13,6 +13,7 @@ mod handles;
 mod lifecycle;
 mod locks;
 mod ops;
+mod ssh;
 mod vms;
 
 use std::os::unix::fs::PermissionsExt;

@@ -14,3 +14,4 @@ mod template;
 mod boot;
 mod images;
 mod recovery;
+mod ssh;
