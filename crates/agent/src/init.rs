@@ -157,6 +157,18 @@ fn boot() -> Result<(), InitError> {
     if let Some(work) = &params.work {
         mounts::mount_work(work, "/root")?;
     }
+    // The host key banger made for this VM (and pinned) replaces any the image would generate.
+    let host_key = match install_host_key(Path::new(BANGER_HOST_KEY_DIR), Path::new(SSH_DIR)) {
+        Ok(Some(key)) => {
+            log!("ssh host key installed at {}", key.display());
+            Some(key)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log!("cannot install the ssh host key: {e}");
+            None
+        }
+    };
     if let Some(name) = &params.hostname {
         if let Err(e) = nix::unistd::sethostname(name) {
             log!("cannot set the hostname: {e}");
@@ -184,7 +196,7 @@ fn boot() -> Result<(), InitError> {
     match params.init {
         InitMode::Fast => {
             exec::start_reaper();
-            start_sshd();
+            start_sshd(host_key);
             let port = serve::find_port(DEVICE_TIMEOUT)?;
             log!("ready, serving on {}", port.display());
             serve::serve(&Transport::Port(port))?;
@@ -213,25 +225,81 @@ fn setup_console() {
     }
 }
 
-/// Starts sshd if the image has it, generating host keys first (in the background: key
-/// generation under TCG takes seconds and must not delay the agent).
-fn start_sshd() {
+/// Where banger leaves the VM's ssh host key on the work disk (mounted at /root).
+const BANGER_HOST_KEY_DIR: &str = "/root/.banger";
+/// sshd's configuration directory.
+const SSH_DIR: &str = "/etc/ssh";
+/// The host key's file name, in both directories.
+const HOST_KEY_NAME: &str = "ssh_host_ed25519_key";
+
+/// Copies `from/ssh_host_ed25519_key` (and its `.pub`) into `to` for sshd: the key 0600, the
+/// public half 0644. Returns the installed key's path, or `None` when `from` has no key.
+pub fn install_host_key(from: &Path, to: &Path) -> std::io::Result<Option<std::path::PathBuf>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let source = from.join(HOST_KEY_NAME);
+    let key = match std::fs::read(&source) {
+        Ok(key) => key,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    std::fs::create_dir_all(to)?;
+    let target = to.join(HOST_KEY_NAME);
+    // Never readable by others, not even for a moment; an existing file is tightened too.
+    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&target)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(&key)?;
+    let public = from.join(format!("{HOST_KEY_NAME}.pub"));
+    if let Ok(text) = std::fs::read(&public) {
+        let target = to.join(format!("{HOST_KEY_NAME}.pub"));
+        std::fs::write(&target, text)?;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(Some(target))
+}
+
+/// The commands that start sshd: with banger's host key, sshd alone on it; otherwise
+/// `ssh-keygen -A` first (when there) to make the image's missing keys.
+pub fn sshd_commands(host_key: Option<&Path>, has_keygen: bool) -> Vec<Vec<String>> {
+    match host_key {
+        Some(key) => vec![vec!["/usr/sbin/sshd".into(), "-h".into(), key.display().to_string()]],
+        None if has_keygen => vec![vec!["/usr/bin/ssh-keygen".into(), "-A".into()], vec!["/usr/sbin/sshd".into()]],
+        None => vec![vec!["/usr/sbin/sshd".into()]],
+    }
+}
+
+/// Starts sshd if the image has it, in the background: without banger's host key, key
+/// generation under TCG takes seconds and must not delay the agent.
+fn start_sshd(host_key: Option<std::path::PathBuf>) {
     if !Path::new("/usr/sbin/sshd").exists() {
         return;
     }
-    let spawned = std::thread::Builder::new().name("sshd".into()).spawn(|| {
+    let spawned = std::thread::Builder::new().name("sshd".into()).spawn(move || {
         let _ = std::fs::create_dir_all("/run/sshd");
-        if Path::new("/usr/bin/ssh-keygen").exists() {
-            match exec::run(&Command::new(&["/usr/bin/ssh-keygen", "-A"])) {
+        let has_keygen = Path::new("/usr/bin/ssh-keygen").exists();
+        for argv in sshd_commands(host_key.as_deref(), has_keygen) {
+            let words: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let name = words.first().copied().unwrap_or_default();
+            // sshd stays in the foreground: its parent is PID 1 and it leads its own session
+            // without a terminal, so it considers itself daemonized already. Report its start,
+            // then wait for it like for any other command.
+            let command = Command::new(&words);
+            let waited = if name.ends_with("sshd") {
+                exec::spawn(&command).and_then(|child| {
+                    log!("sshd started (pid {})", child.pid);
+                    child
+                        .exit
+                        .recv()
+                        .map_err(|_| exec::SpawnError::Sys { what: "wait for sshd", errno: nix::errno::Errno::ECHILD })
+                })
+            } else {
+                exec::run(&command)
+            };
+            match waited {
                 Ok(status) if status.code == 0 => {}
-                Ok(status) => log!("ssh-keygen -A exited with {}", status.code),
-                Err(e) => log!("cannot run ssh-keygen: {e}"),
+                Ok(status) => log!("{} exited with {}", words.join(" "), status.code),
+                Err(e) => log!("cannot run {name}: {e}"),
             }
-        }
-        match exec::run(&Command::new(&["/usr/sbin/sshd"])) {
-            Ok(status) if status.code == 0 => log!("sshd started"),
-            Ok(status) => log!("sshd exited with {}", status.code),
-            Err(e) => log!("cannot start sshd: {e}"),
         }
     });
     if let Err(e) = spawned {
@@ -335,5 +403,34 @@ mod tests {
         assert_eq!(params.work, None);
         assert_eq!(Params::parse("banger.root=/dev/vda").expect("parse").init, InitMode::Fast);
         assert!(Params::parse("banger.init=openrc").is_err());
+    }
+
+    #[test]
+    fn the_banger_host_key_is_installed_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (dir.path().join("root/.banger"), dir.path().join("etc/ssh"));
+        assert_eq!(install_host_key(&from, &to).expect("no key"), None);
+        assert!(!to.exists(), "nothing made without a key");
+        std::fs::create_dir_all(&from).expect("mkdir");
+        std::fs::write(from.join(HOST_KEY_NAME), "PRIVATE").expect("write");
+        std::fs::write(from.join("ssh_host_ed25519_key.pub"), "ssh-ed25519 AAAA root@t1\n").expect("write");
+        std::fs::create_dir_all(&to).expect("mkdir");
+        std::fs::write(to.join(HOST_KEY_NAME), "OLD KEY THAT IS LONGER").expect("write");
+        std::fs::set_permissions(to.join(HOST_KEY_NAME), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let installed = install_host_key(&from, &to).expect("install");
+        assert_eq!(installed, Some(to.join(HOST_KEY_NAME)));
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(std::fs::read_to_string(to.join(HOST_KEY_NAME)).expect("read"), "PRIVATE");
+        assert_eq!(mode(&to.join(HOST_KEY_NAME)), 0o600);
+        assert_eq!(mode(&to.join("ssh_host_ed25519_key.pub")), 0o644);
+    }
+
+    #[test]
+    fn sshd_uses_the_banger_key_and_skips_keygen() {
+        let key = Path::new("/etc/ssh/ssh_host_ed25519_key");
+        assert_eq!(sshd_commands(Some(key), true), [["/usr/sbin/sshd", "-h", "/etc/ssh/ssh_host_ed25519_key"]]);
+        assert_eq!(sshd_commands(None, true), [vec!["/usr/bin/ssh-keygen", "-A"], vec!["/usr/sbin/sshd"]]);
+        assert_eq!(sshd_commands(None, false), [["/usr/sbin/sshd"]]);
     }
 }

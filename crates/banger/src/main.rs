@@ -51,6 +51,8 @@ enum Command {
     Config(cmd::config::ConfigCommand),
     /// Check that this host has what banger needs, with the fix for anything missing.
     Doctor(cmd::doctor::DoctorArgs),
+    /// Print an ssh_config with a `Host NAME.vm` block per VM, to `Include` from ~/.ssh/config.
+    SshConfig(cmd::ssh::SshConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
             Command::Daemon(c) => cmd::daemon::run(&client, c).await,
             Command::Config(c) => cmd::config::run(&client, c).await,
             Command::Doctor(a) => cmd::doctor::run(&client, a),
+            Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
         }
     });
     // A blocking stdin read may still be pending; do not wait for it.

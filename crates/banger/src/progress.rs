@@ -16,8 +16,18 @@ use crate::client::Client;
 pub async fn follow(client: &Client, mut op: OperationRecord) -> anyhow::Result<OperationRecord> {
     let live = std::io::stderr().is_terminal();
     let mut shown = 0usize;
+    let mut warned = 0usize;
     let mut spinner: Option<ProgressBar> = None;
     loop {
+        // Warnings are shown whether or not stderr is a terminal: they are not progress.
+        for warning in op.stages.iter().flat_map(|s| &s.warnings).skip(warned) {
+            let line = format!("warning: {warning}");
+            match &spinner {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+            warned += 1;
+        }
         if live {
             // Print each finished stage once; keep a spinner on the running one.
             for stage in op.stages.iter().skip(shown).filter(|s| s.state != StageState::Running) {

@@ -12,9 +12,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, GuestPort, ImageList, ImageRecipe,
-    KernelList, OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest,
-    UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, GitIdentity, GuestPort, ImageList,
+    ImageRecipe, KernelList, OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile,
+    RegisterImageRequest, SshConfig, SshHost, SshInfo, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts,
+    VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -42,6 +43,8 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         vm_logs,
         vm_stats,
         vm_ports,
+        vm_ssh,
+        ssh_config,
         list_kernels,
         pull_kernel,
         delete_kernel,
@@ -77,7 +80,12 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         RegisterImageRequest,
         PromoteRequest,
         VmPorts,
-        GuestPort
+        GuestPort,
+        StartVmRequest,
+        GitIdentity,
+        SshInfo,
+        SshConfig,
+        SshHost
     ))
 )]
 pub struct ApiDoc;
@@ -97,6 +105,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/logs", get(vm_logs))
         .route("/v1/vms/{vm}/stats", get(vm_stats))
         .route("/v1/vms/{vm}/ports", get(vm_ports))
+        .route("/v1/vms/{vm}/ssh", get(vm_ssh))
+        .route("/v1/ssh/config", get(ssh_config))
         .route("/v1/kernels", get(list_kernels).post(pull_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(delete_kernel))
         .route("/v1/images", get(list_images).post(build_image))
@@ -200,11 +210,26 @@ async fn delete_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView
     Ok(Json(d.vm_view(deleted)))
 }
 
-/// Boots a VM; answers with the operation to follow.
+/// Boots a VM; answers with the operation to follow. The body is optional.
 #[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "name, id or id prefix")),
-    responses((status = 202, body = OperationRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-async fn start_vm(State(d): Shared, Path(vm): Path<String>) -> Result<impl IntoResponse, ApiFailure> {
-    Ok((StatusCode::ACCEPTED, Json(d.begin_start_vm(&vm)?)))
+    request_body(content = StartVmRequest, description = "optional: no body is the same as `{}`"),
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn start_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let req: StartVmRequest = if raw.iter().all(u8::is_ascii_whitespace) {
+        StartVmRequest::default()
+    } else {
+        serde_json::from_slice(&raw).map_err(|e| {
+            ApiFailure::invalid(format!(
+                "invalid request body: {e}; send a JSON StartVmRequest object or nothing (see GET /v1/openapi.json)"
+            ))
+        })?
+    };
+    let git = crate::ssh::check_git_identity(req.git_identity)?;
+    Ok((StatusCode::ACCEPTED, Json(d.begin_start_vm(&vm, git)?)))
 }
 
 /// Query of `POST /v1/vms/{vm}/stop`.
@@ -281,6 +306,20 @@ async fn vm_ports(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmPorts
     };
     let ports = ports.into_iter().map(|p| GuestPort { proto: p.proto, address: p.address, port: p.port }).collect();
     Ok(Json(VmPorts { name, ports }))
+}
+
+/// How to reach a running VM with `ssh`: address, user, the installation key and the pinned
+/// host key. 409 when the VM has no network address or is not running.
+#[utoipa::path(get, path = "/v1/vms/{vm}/ssh", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = SshInfo), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn vm_ssh(State(d): Shared, Path(vm): Path<String>) -> ApiResult<SshInfo> {
+    Ok(Json(d.ssh_info(&vm)?))
+}
+
+/// Every VM as an ssh_config host (for `banger ssh-config`).
+#[utoipa::path(get, path = "/v1/ssh/config", responses((status = 200, body = SshConfig)))]
+async fn ssh_config(State(d): Shared) -> ApiResult<SshConfig> {
+    Ok(Json(d.ssh_config()?))
 }
 
 /// Pulled kernels and the catalog's names.
@@ -406,7 +445,15 @@ mod tests {
     fn openapi_lists_every_route() {
         let doc = ApiDoc::openapi();
         let paths: Vec<&String> = doc.paths.paths.keys().collect();
-        for p in ["/v1/health", "/v1/vms", "/v1/vms/{vm}", "/v1/operations/{op}/cancel", "/v1/openapi.json"] {
+        for p in [
+            "/v1/health",
+            "/v1/vms",
+            "/v1/vms/{vm}",
+            "/v1/vms/{vm}/ssh",
+            "/v1/ssh/config",
+            "/v1/operations/{op}/cancel",
+            "/v1/openapi.json",
+        ] {
             assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");
         }
         let json = serde_json::to_string(&doc).expect("serialise");

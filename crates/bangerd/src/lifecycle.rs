@@ -20,6 +20,7 @@ use banger_core::vm::{transition, VmEvent};
 use banger_core::{DesiredState, ObservedState, OperationRecord, VmRecord};
 use banger_host::VmHandles;
 use banger_proto::agent::AgentRequest;
+use banger_proto::GitIdentity;
 use banger_vmm::{DiskSpec, LaunchSpec, NetSpec};
 
 use crate::daemon::Daemon;
@@ -40,8 +41,12 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
 }
 
 impl Daemon {
-    /// Starts a VM as an operation.
-    pub fn begin_start_vm(self: &Arc<Self>, reference: &str) -> Result<OperationRecord, ApiFailure> {
+    /// Starts a VM as an operation; `git` is written to the guest's `~/.gitconfig`.
+    pub fn begin_start_vm(
+        self: &Arc<Self>,
+        reference: &str,
+        git: Option<GitIdentity>,
+    ) -> Result<OperationRecord, ApiFailure> {
         let vm = self.store.find_vm(reference)?;
         if self.handles.alive(&vm) {
             return Err(ApiFailure::conflict(format!("vm '{}' is already running", vm.name)));
@@ -50,7 +55,7 @@ impl Daemon {
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
         tokio::spawn(async move {
-            match daemon.start_vm(&op, &vm.id).await {
+            match daemon.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => op.succeed(Some(vm.id)),
                 Err(StartFailure::Cancelled) => op.cancelled(),
                 Err(StartFailure::Api(e)) => op.fail(e.message),
@@ -60,7 +65,12 @@ impl Daemon {
     }
 
     /// Boots VM `id`, reporting stages on `op`.
-    pub async fn start_vm(self: &Arc<Self>, op: &OpHandle, id: &str) -> Result<VmRecord, StartFailure> {
+    pub async fn start_vm(
+        self: &Arc<Self>,
+        op: &OpHandle,
+        id: &str,
+        git: Option<&GitIdentity>,
+    ) -> Result<VmRecord, StartFailure> {
         // Publish Starting.
         let vm = {
             let _guard = self.vm_locks.lock(id).await;
@@ -75,7 +85,7 @@ impl Daemon {
             self.store.update_vm(&vm)?;
             vm
         };
-        match self.boot(op, &vm).await {
+        match self.boot(op, &vm, git).await {
             Ok(()) => {}
             Err(e) => {
                 let message = match &e {
@@ -99,7 +109,12 @@ impl Daemon {
         Ok(vm)
     }
 
-    async fn boot(self: &Arc<Self>, op: &OpHandle, vm: &VmRecord) -> Result<(), StartFailure> {
+    async fn boot(
+        self: &Arc<Self>,
+        op: &OpHandle,
+        vm: &VmRecord,
+        git: Option<&GitIdentity>,
+    ) -> Result<(), StartFailure> {
         op.stage("kernel")?;
         let kernel = self.ensure_kernel(op, &vm.spec.kernel).await?;
         op.stage("image")?;
@@ -107,6 +122,8 @@ impl Daemon {
         op.stage("disks")?;
         let vm_dir = PathBuf::from(&vm.vm_dir);
         let disks = self.provision_disks(vm, &image, &built).await?;
+        op.stage("guest-files")?;
+        self.prepare_guest_files(vm, &disks.work, git).await?.iter().for_each(|w| op.warn(w));
         op.stage("initramfs")?;
         let initramfs = self.initramfs_for(&kernel).await?;
         let nic = if vm.spec.network {

@@ -15,6 +15,7 @@ mod lifecycle;
 mod locks;
 mod net;
 mod ops;
+mod ssh;
 mod vms;
 
 use std::os::unix::fs::PermissionsExt;

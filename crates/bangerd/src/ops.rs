@@ -219,6 +219,12 @@ impl OpHandle {
         Ok(())
     }
 
+    /// Records a warning on the current stage: something went wrong that does not fail the
+    /// operation (the CLI prints it).
+    pub fn warn(&self, message: &str) {
+        self.registry.update(&self.id, |r| r.warn(message));
+    }
+
     /// Ends the operation well.
     pub fn succeed(self, result_id: Option<String>) {
         self.registry.update(&self.id, |r| r.finish(OpState::Succeeded, None, result_id));
@@ -261,7 +267,9 @@ mod tests {
         op.stage("validate").expect("validate");
         std::thread::sleep(std::time::Duration::from_millis(15));
         op.stage("reserve").expect("reserve");
+        op.warn("careful");
         let mid = reg.get(&id).expect("get");
+        assert_eq!(mid.stages[1].warnings, ["careful"]);
         assert_eq!(mid.state, OpState::Running);
         assert_eq!(mid.current_stage(), Some("reserve"));
         assert!(mid.stages[0].elapsed_ms >= 15, "{:?}", mid.stages);

@@ -13,7 +13,7 @@ use banger_core::vm::{transition, VmEvent};
 use banger_core::{
     new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, VmRecord, VmSpec,
 };
-use banger_proto::{CreateVmRequest, UpdateVmRequest, VmView};
+use banger_proto::{CreateVmRequest, GitIdentity, UpdateVmRequest, VmView};
 use banger_store::StoreError;
 
 use crate::daemon::Daemon;
@@ -51,12 +51,13 @@ impl Daemon {
     pub fn begin_create_vm(self: &Arc<Self>, req: CreateVmRequest) -> Result<OperationRecord, ApiFailure> {
         validate_name(&req.name)?;
         let spec = self.resolve_spec(&req)?;
+        let git = crate::ssh::check_git_identity(req.git_identity.clone())?;
         self.ensure_name_free(&req.name)?;
         let op = self.ops.begin("vm.create", &req.name);
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
-        let start = req.start;
+        let start = req.start.then_some(git);
         tokio::spawn(async move { daemon.run_create(op, req.name, spec, start).await });
         Ok(snapshot)
     }
@@ -69,18 +70,18 @@ impl Daemon {
         }
     }
 
-    /// The create operation's body. Returns the new record; on failure or cancellation nothing
-    /// it made is left behind.
+    /// The create operation's body; with `start`, the VM is booted too (with that git identity).
+    /// Returns the new record; on failure or cancellation nothing it made is left behind.
     pub async fn run_create(
         self: Arc<Self>,
         op: OpHandle,
         name: String,
         spec: VmSpec,
-        start: bool,
+        start: Option<Option<GitIdentity>>,
     ) -> Result<VmRecord, ApiFailure> {
         let mut result = self.create_stages(&op, &name, spec).await;
-        if let (true, Ok(vm)) = (start, &result) {
-            result = match self.start_vm(&op, &vm.id).await {
+        if let (Some(git), Ok(vm)) = (start, &result) {
+            result = match self.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => Ok(vm),
                 Err(crate::lifecycle::StartFailure::Cancelled) => Err(CreateFailure::Cancelled),
                 Err(crate::lifecycle::StartFailure::Api(e)) => Err(CreateFailure::Api(e)),
@@ -115,11 +116,16 @@ impl Daemon {
         let prepared = op.stage("prepare").map_err(CreateFailure::from).and_then(|()| {
             banger_host::paths::ensure_dir(std::path::Path::new(&vm.vm_dir), 0o700).map_err(|e| {
                 CreateFailure::Api(ApiFailure::internal(format!("cannot create vm directory {}: {e}", vm.vm_dir)))
-            })
+            })?;
+            // The host key is made here, so it is known (and pinned) before the VM first boots.
+            self.vm_host_key(&vm).map(drop).map_err(CreateFailure::Api)
         });
         if let Err(e) = prepared {
             undo(self, &vm);
             return Err(e);
+        }
+        if let Err(e) = self.rewrite_known_hosts().await {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot update known_hosts");
         }
         Ok(vm)
     }
@@ -214,6 +220,9 @@ impl Daemon {
         }
         drop(guard);
         self.vm_locks.forget(&vm.id);
+        if let Err(e) = self.rewrite_known_hosts().await {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot update known_hosts");
+        }
         tracing::info!(vm = %vm.name, id = %vm.id, "vm deleted");
         Ok(vm)
     }
@@ -265,7 +274,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
-        d.clone().run_create(op, name.into(), spec, false).await
+        d.clone().run_create(op, name.into(), spec, None).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -129,6 +129,10 @@ pub struct Config {
     pub dns_domain: String,
     /// Whether new VMs may reach other guests and host ports unless told otherwise.
     pub allow_vm_traffic: bool,
+    /// Host files copied into every VM's /root at each start: `HOST_PATH` or `HOST_PATH:GUEST_PATH`.
+    /// `HOST_PATH` is absolute or starts with `~/` (the daemon's `$HOME`); `GUEST_PATH` is under
+    /// /root (`~/x`, `/root/x` or `x`) and defaults to `HOST_PATH` relative to `$HOME`.
+    pub sync_files: Vec<String>,
 }
 
 impl Default for Config {
@@ -153,6 +157,7 @@ impl Default for Config {
             tap_pool_size: 4,
             dns_domain: "vm".into(),
             allow_vm_traffic: false,
+            sync_files: Vec::new(),
         }
     }
 }
@@ -188,6 +193,9 @@ impl Config {
         check_range("tap_pool_size", u64::from(self.tap_pool_size), (0, 256)).map_err(|e| e.to_string())?;
         self.uplink_name()?;
         crate::name::validate_name(&self.dns_domain).map_err(|e| format!("dns_domain {:?}: {e}", self.dns_domain))?;
+        for entry in &self.sync_files {
+            SyncFile::parse(entry)?;
+        }
         Ok(())
     }
 
@@ -202,6 +210,93 @@ impl Config {
 
 fn toml_from_str(text: &str) -> Result<Config, String> {
     toml::from_str(text).map_err(|e| e.message().to_owned())
+}
+
+/// One `sync_files` entry, checked: where the host file is and where in /root it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncFile {
+    /// The entry as written.
+    pub entry: String,
+    /// The host path as written: absolute, or `~/`-relative.
+    pub host: String,
+    /// The guest path relative to /root (`a/b`), when the entry gives one.
+    pub guest: Option<String>,
+}
+
+/// A path relative to /root without empty, `.` or `..` components, or why not.
+fn clean_relative(path: &str) -> Result<String, &'static str> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Err("it names no file");
+    }
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err("'.' and '..' are not allowed");
+    }
+    Ok(parts.join("/"))
+}
+
+impl SyncFile {
+    /// Parses `HOST_PATH` or `HOST_PATH:GUEST_PATH` (split at the first `:`).
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("sync_files entry '{entry}': {why}");
+        let (host, guest) = match entry.split_once(':') {
+            Some((host, guest)) => (host, Some(guest)),
+            None => (entry, None),
+        };
+        if let Some(rest) = host.strip_prefix("~/") {
+            clean_relative(rest).map_err(|why| bad(&format!("host path {why}")))?;
+        } else if host.starts_with('/') {
+            clean_relative(host).map_err(|why| bad(&format!("host path {why}")))?;
+        } else {
+            return Err(bad("the host path must be absolute or start with ~/"));
+        }
+        let guest = match guest {
+            None => None,
+            Some(g) => {
+                let relative = if let Some(rest) = g.strip_prefix("~/") {
+                    rest
+                } else if let Some(rest) = g.strip_prefix("/root/") {
+                    rest
+                } else if g.starts_with('/') || g.starts_with('~') {
+                    return Err(bad("the guest path must be under /root (the work disk): ~/PATH, /root/PATH or PATH"));
+                } else {
+                    g
+                };
+                Some(clean_relative(relative).map_err(|why| bad(&format!("guest path {why}")))?)
+            }
+        };
+        Ok(Self { entry: entry.to_owned(), host: host.to_owned(), guest })
+    }
+
+    /// The host file and its guest path relative to /root, with `~` being `home`.
+    pub fn resolve(&self, home: Option<&std::path::Path>) -> Result<(std::path::PathBuf, String), String> {
+        let bad = |why: String| format!("sync_files entry '{}': {why}", self.entry);
+        let home_rel = |rest: &str| -> Result<std::path::PathBuf, String> {
+            home.map(|h| h.join(rest)).ok_or_else(|| bad("$HOME of the daemon is not set, so ~/ means nothing".into()))
+        };
+        let (host, relative) = match self.host.strip_prefix("~/") {
+            Some(rest) => (home_rel(rest)?, clean_relative(rest).ok()),
+            None => {
+                let host = std::path::PathBuf::from(&self.host);
+                let under_home = home
+                    .and_then(|h| host.strip_prefix(h).ok())
+                    .and_then(|rel| rel.to_str())
+                    .and_then(|rel| clean_relative(rel).ok());
+                (host, under_home)
+            }
+        };
+        let guest = match (&self.guest, relative) {
+            (Some(guest), _) => guest.clone(),
+            (None, Some(relative)) => relative,
+            (None, None) => {
+                return Err(bad(format!(
+                    "{} is outside $HOME; give a guest path, e.g. '{}:~/NAME'",
+                    self.host, self.host
+                )))
+            }
+        };
+        Ok((host, guest))
+    }
 }
 
 /// The configuration as TOML text, every key shown.
@@ -235,5 +330,38 @@ mod tests {
         assert!(e.as_deref().is_some_and(|m| m.contains("default_cpus") && m.contains("/etc/banger")), "{e:?}");
         assert!(Config::from_toml("default_vcpus = 0", "x").is_err());
         assert!(Config::from_toml("vmm = \"xen\"", "x").is_err());
+        let e = Config::from_toml("sync_files = [\"rel/path\"]", "x").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("'rel/path'") && m.contains("~/")), "{e:?}");
+    }
+
+    #[test]
+    fn sync_files_parse() {
+        let p = |e: &str| SyncFile::parse(e).map(|s| (s.host, s.guest));
+        assert_eq!(p("~/.npmrc"), Ok(("~/.npmrc".into(), None)));
+        assert_eq!(p("/etc/gitconfig:~/.gitconfig"), Ok(("/etc/gitconfig".into(), Some(".gitconfig".into()))));
+        assert_eq!(p("~/a:/root/b//c"), Ok(("~/a".into(), Some("b/c".into()))));
+        assert_eq!(p("~/a:docs/a.txt"), Ok(("~/a".into(), Some("docs/a.txt".into()))));
+        for bad in ["", "~", "~/", "rel", "~/../x", "/a/./b", "~/a:/etc/x", "~/a:~", "~/a:/root", "~/a:../x", "~/a:"] {
+            assert!(SyncFile::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = SyncFile::parse("~/a:/etc/x").err().unwrap_or_default();
+        assert!(e.contains("under /root"), "{e}");
+    }
+
+    #[test]
+    fn sync_files_resolve_against_home() {
+        let home = std::path::Path::new("/home/me");
+        let r = |e: &str| SyncFile::parse(e).and_then(|s| s.resolve(Some(home)));
+        assert_eq!(r("~/.config/git/ignore"), Ok((home.join(".config/git/ignore"), ".config/git/ignore".into())));
+        assert_eq!(r("/home/me/.npmrc"), Ok((home.join(".npmrc"), ".npmrc".into())));
+        assert_eq!(r("/etc/hosts:~/hosts"), Ok(("/etc/hosts".into(), "hosts".into())));
+        let outside = r("/etc/hosts").err().unwrap_or_default();
+        assert!(outside.contains("outside $HOME") && outside.contains("'/etc/hosts:~/NAME'"), "{outside}");
+        let no_home = SyncFile::parse("~/.npmrc").and_then(|s| s.resolve(None)).err().unwrap_or_default();
+        assert!(no_home.contains("$HOME"), "{no_home}");
+        assert_eq!(
+            SyncFile::parse("/etc/hosts:x").and_then(|s| s.resolve(None)),
+            Ok(("/etc/hosts".into(), "x".into()))
+        );
     }
 }

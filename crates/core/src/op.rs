@@ -70,6 +70,9 @@ pub struct StageRecord {
     pub started_at: String,
     /// How long it took, or has taken so far, in milliseconds.
     pub elapsed_ms: u64,
+    /// Problems that did not fail the stage (e.g. a `sync_files` entry whose host file is missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An asynchronous operation.
@@ -126,7 +129,15 @@ impl OperationRecord {
             state: StageState::Running,
             started_at: now_rfc3339(),
             elapsed_ms: 0,
+            warnings: Vec::new(),
         });
+    }
+
+    /// Records a warning on the current (last) stage; dropped when there is no stage yet.
+    pub fn warn(&mut self, message: &str) {
+        if let Some(stage) = self.stages.last_mut() {
+            stage.warnings.push(message.to_owned());
+        }
     }
 
     fn close_stage(&mut self, outcome: StageState) {
@@ -181,8 +192,24 @@ mod tests {
         assert_eq!(op.state, OpState::Succeeded);
         assert!(op.stages.iter().all(|s| s.state == StageState::Done));
         assert!(op.finished_at.is_some());
+        assert!(op.stages.iter().all(|s| s.warnings.is_empty()));
         op.finish(OpState::Failed, Some("late".into()), None);
         assert_eq!(op.state, OpState::Succeeded, "first outcome sticks");
+    }
+
+    #[test]
+    fn warnings_attach_to_the_current_stage_and_are_omitted_when_empty() {
+        let mut op = OperationRecord::begin("1".into(), "vm.start", "web");
+        op.warn("before any stage");
+        op.enter_stage("disks");
+        op.enter_stage("guest-files");
+        op.warn("~/.npmrc does not exist; skipped");
+        assert_eq!(op.stages[1].warnings, ["~/.npmrc does not exist; skipped"]);
+        let json = serde_json::to_value(&op).expect("json");
+        assert!(json["stages"][0].get("warnings").is_none(), "{json}");
+        let back: OperationRecord = serde_json::from_value(json).expect("parse");
+        assert_eq!(back.stages[0].warnings, Vec::<String>::new());
+        assert_eq!(back.stages[1].warnings.len(), 1);
     }
 
     #[test]

@@ -755,6 +755,34 @@ pub fn write_files_into(tools: &dyn SeedTools, image: &Path, files: &[GuestFile<
     Ok(())
 }
 
+/// Reads files out of the unmounted ext4 `image` (not in use by a VM) with one read-only
+/// `debugfs` run, in the order of `paths`: the contents of each regular file, `None` for a path
+/// that is missing or is not a regular file (a directory, a symbolic link).
+pub fn read_files_from(tools: &dyn SeedTools, image: &Path, paths: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SeedError> {
+    let guest = paths.iter().map(|p| GuestPath::new(p)).collect::<Result<Vec<_>, _>>()?;
+    superblock_of(image)?;
+    let absolute = std::path::absolute(image).map_err(io_error(image))?;
+    let parent = parent_dir(&absolute);
+    let scratch = tempfile::Builder::new().prefix(".read-").tempdir_in(parent).map_err(io_error(parent))?;
+    let local = |i: usize| LocalFile(u32::try_from(i).unwrap_or(u32::MAX));
+    let commands = guest
+        .iter()
+        .enumerate()
+        .flat_map(|(i, path)| {
+            [DebugfsCommand::Stat(path.clone()), DebugfsCommand::Dump { guest: path.clone(), local: local(i) }]
+        })
+        .collect();
+    let request = DebugfsRequest { image: absolute, writable: false, scratch: scratch.path().to_owned(), commands };
+    let output = tools.debugfs(&request).map_err(|source| SeedError::Tool { step: "reading the image", source })?;
+    let outputs = command_outputs(&output.stdout);
+    Ok((0..guest.len())
+        .map(|i| {
+            let stat = outputs.get(i * 2).and_then(|text| parse_stat(text))?;
+            (stat.kind == "regular").then(|| fs::read(scratch.path().join(local(i).name())).ok()).flatten()
+        })
+        .collect())
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "a failed unwrap fails the test")]
 mod tests;

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use banger_image::seed::{
-    build_seed_from_image, build_work_seed, clone_work_disk, clone_work_disk_with, write_file_into, write_files_into,
-    CloneMethod, CopyPolicy, Dotfiles, GuestFile, Resize, SeedError, SystemSeedTools, SEED_LABEL,
+    build_seed_from_image, build_work_seed, clone_work_disk, clone_work_disk_with, read_files_from, write_file_into,
+    write_files_into, CloneMethod, CopyPolicy, Dotfiles, GuestFile, Resize, SeedError, SystemSeedTools, SEED_LABEL,
 };
 
 const MIB: u64 = 1 << 20;
@@ -218,6 +218,9 @@ fn written_files_round_trip_with_owner_and_mode() {
     assert_eq!(debugfs(&disk, "cat /.gitconfig").as_bytes(), gitconfig);
     assert_eq!(ls(&disk, "/")[".gitconfig"].0, 0o100644);
     assert_eq!(ls(&disk, "/.config/banger")["env"], (0o100640, 0, 0, "4".to_owned()));
+    let read = read_files_from(&SystemSeedTools, &disk, &["/.gitconfig", "/.ssh/authorized_keys", "/.ssh", "/no"])
+        .expect("read back");
+    assert_eq!(read, [Some(gitconfig.to_vec()), Some(b"k\n".to_vec()), None, None]);
     assert_clean(&disk);
 }
 

@@ -70,6 +70,71 @@ pub struct CreateVmRequest {
     /// `allow_vm_traffic` when omitted.
     #[serde(default)]
     pub allow_vm_traffic: Option<bool>,
+    /// The caller's git identity, written to the guest's `~/.gitconfig` when the VM boots.
+    pub git_identity: Option<GitIdentity>,
+}
+
+/// `POST /v1/vms/{vm}/start`: the body is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartVmRequest {
+    /// The caller's git identity, written to the guest's `~/.gitconfig` before it boots.
+    pub git_identity: Option<GitIdentity>,
+}
+
+/// A git `user.name` and `user.email` (either may be absent), as `git config --get` gave them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GitIdentity {
+    /// `user.name`.
+    pub name: Option<String>,
+    /// `user.email`.
+    pub email: Option<String>,
+}
+
+/// `GET /v1/vms/{vm}/ssh`: how to reach a running VM's sshd with the system `ssh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshInfo {
+    /// Login user (`root`).
+    pub user: String,
+    /// The guest's address.
+    pub host: String,
+    /// sshd's port.
+    pub port: u16,
+    /// The installation's private key.
+    pub identity_file: String,
+    /// The known_hosts file that pins every VM's host key.
+    pub known_hosts_file: String,
+    /// The name the VM's host key is pinned under (`NAME.vm`).
+    pub host_key_alias: String,
+}
+
+/// `GET /v1/ssh/config`: one entry per VM, for an ssh_config include.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshConfig {
+    /// The installation's private key.
+    pub identity_file: String,
+    /// The known_hosts file that pins every VM's host key.
+    pub known_hosts_file: String,
+    /// Every VM, oldest first.
+    pub hosts: Vec<SshHost>,
+}
+
+/// One VM in [`SshConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshHost {
+    /// The VM's name.
+    pub name: String,
+    /// `Host` and `HostKeyAlias`: `NAME.vm`.
+    pub alias: String,
+    /// The guest's address, when it has one.
+    pub hostname: Option<String>,
+    /// Login user (`root`).
+    pub user: String,
+    /// sshd's port.
+    pub port: u16,
+    /// Whether the VM is running now.
+    pub running: bool,
 }
 
 /// `PATCH /v1/vms/{vm}`: the fields to change; the VM must not be running.

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod image;
 pub mod kernel;
 pub mod op;
+pub mod ssh;
 pub mod vm;
 
 /// Parses a size for clap: MiB, or a number with a unit (`512M`, `2G`).

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
 use banger_core::OperationRecord;
-use banger_proto::{CreateVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView};
+use banger_proto::{CreateVmRequest, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -45,6 +45,10 @@ pub enum VmCommand {
     Stats(StatsArgs),
     /// List the ports listening in a running VM (from its agent).
     Ports(StatsArgs),
+    /// Log in to a running VM with the system `ssh` (as root, with banger's key and the VM's
+    /// pinned host key), or run a command there. Exits with ssh's exit code; needs the VM to
+    /// have a network address (see `banger vm exec` otherwise).
+    Ssh(super::ssh::SshArgs),
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +165,7 @@ impl SpecArgs {
             vmm: self.vmm,
             network: self.no_network.then_some(false),
             allow_vm_traffic: self.allow_vm_traffic.then_some(true),
+            git_identity: super::ssh::git_identity(),
         }
     }
 }
@@ -261,8 +266,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         }
         VmCommand::Delete(a) => delete(client, a).await,
         VmCommand::Start(a) => {
-            let op: OperationRecord =
-                client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
+            let op = start(client, &a.vm).await?;
             crate::progress::follow(client, op).await?;
             let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&a.vm))).await?;
             if a.json {
@@ -279,8 +283,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         }
         VmCommand::Restart(a) => {
             stop(client, &a.vm, false).await?;
-            let op: OperationRecord =
-                client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
+            let op = start(client, &a.vm).await?;
             crate::progress::follow(client, op).await?;
             eprintln!("{} is running", a.vm);
             Ok(ExitCode::SUCCESS)
@@ -290,6 +293,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             Ok(exit_code(code))
         }
         VmCommand::Run(a) => run_command(client, a).await,
+        VmCommand::Ssh(a) => super::ssh::vm_ssh(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
@@ -333,6 +337,12 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
 /// The process exit code for a guest command's exit code.
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
+
+/// Asks for a boot, sending the caller's git identity along.
+async fn start(client: &Client, vm: &str) -> anyhow::Result<OperationRecord> {
+    let req = StartVmRequest { git_identity: super::ssh::git_identity() };
+    client.call(Method::POST, &format!("/v1/vms/{}/start", segment(vm)), Some(&req)).await
 }
 
 async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {

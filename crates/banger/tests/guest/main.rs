@@ -15,3 +15,4 @@ mod boot;
 mod images;
 mod network;
 mod recovery;
+mod ssh;

@@ -88,6 +88,10 @@ fn names_isolation_forwards_ssh_and_a_clean_host() {
     let _ = host_server.kill();
     let _ = host_server.wait();
 
+    // `vm ssh` over the bridge, with the pinned host key (run in the namespace, like any client).
+    let ssh = env.banger(&["vm", "ssh", "alpha", "--", "hostname"]).ok();
+    assert_eq!(ssh.stdout.trim(), "alpha");
+
     // Once every VM is deleted and the daemon stopped, no TAP, bridge or nft table is left.
     for vm in ["alpha", "beta", "gamma"] {
         env.banger(&["vm", "stop", vm]).ok();

@@ -387,3 +387,19 @@ fn files_that_are_not_ext4_are_not_written_or_cloned() {
     assert!(matches!(clone_work_disk(&tools, &junk, &dir.path().join("w"), 64), Err(SeedError::NotExt4 { .. })));
     assert!(tools.calls().is_empty());
 }
+
+#[test]
+fn files_are_read_back_and_missing_or_odd_ones_are_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = FakeSeedTools::new();
+    let image = dir.path().join("seed.ext4");
+    build_work_seed(&tools, None, &image, 64).unwrap();
+    write_file_into(&tools, &image, "/.gitconfig", b"[user]\n\tname = me\n", 0o644).unwrap();
+    let read = read_files_from(&tools, &image, &["/.gitconfig", "/.ssh", "/nope", "/.ssh/authorized_keys"]).unwrap();
+    assert_eq!(read, [Some(b"[user]\n\tname = me\n".to_vec()), None, None, Some(Vec::new())]);
+    assert!(tools
+        .calls()
+        .iter()
+        .all(|c| !matches!(c, SeedCall::Debugfs(r) if r.writable && r.script().contains("dump"))));
+    assert!(matches!(read_files_from(&tools, &image, &["relative"]), Err(SeedError::InvalidPath(_))));
+}
