@@ -61,6 +61,18 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
     "#,
+    // 3: port forwards
+    r#"
+    CREATE TABLE forwards (
+        vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        host_addr   TEXT NOT NULL,
+        host_port   INTEGER NOT NULL,
+        guest_port  INTEGER NOT NULL,
+        protocol    TEXT NOT NULL DEFAULT 'tcp',
+        PRIMARY KEY (host_addr, host_port)
+    );
+    CREATE INDEX forwards_vm ON forwards (vm_id);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -102,7 +114,9 @@ mod tests {
             let rows = stmt.query_map([], |r| r.get(0)).expect("query");
             rows.collect::<Result<_, _>>().expect("rows")
         };
-        assert_eq!(tables, ["images", "kernels", "operations", "vms"]);
+        for table in ["forwards", "images", "kernels", "operations", "vms"] {
+            assert!(tables.iter().any(|t| t == table), "{table} missing from {tables:?}");
+        }
         let fk: i64 = store.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).expect("fk");
         assert_eq!(fk, 1);
         drop(store);
