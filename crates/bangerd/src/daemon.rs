@@ -17,6 +17,7 @@ use banger_vmm::{HostFacts, Selection, Vmm};
 
 use crate::agent_conn::AgentConn;
 use crate::error::ApiFailure;
+use crate::forward::Forwarder;
 use crate::handles::HandleCache;
 use crate::locks::VmLocks;
 use crate::ops::OpRegistry;
@@ -35,7 +36,8 @@ pub struct Daemon {
     pub ops: Arc<OpRegistry>,
     /// Per-VM lifecycle locks.
     pub vm_locks: VmLocks,
-    /// Held only while a name (and later an IP) is checked and claimed.
+    /// Held only while a name or a forward's host port (and later an IP) is checked and
+    /// claimed.
     pub reservation: Mutex<()>,
     /// What is currently true of running VMs.
     pub handles: HandleCache,
@@ -53,6 +55,8 @@ pub struct Daemon {
     pub host: HostFacts,
     /// Per-artifact locks (`kernel:NAME`, `image:NAME`): one pull or build per name at a time.
     pub artifact_locks: VmLocks,
+    /// Port forward listeners of running VMs (a leaf lock).
+    pub forwarder: Forwarder,
 }
 
 impl Daemon {
@@ -86,6 +90,7 @@ impl Daemon {
             default_vmm,
             host,
             artifact_locks: VmLocks::default(),
+            forwarder: Forwarder::default(),
         })
     }
 

@@ -95,6 +95,7 @@ impl Daemon {
         vm.state = transition(vm.state, &VmEvent::Booted).map_err(ApiFailure::from)?;
         vm.updated_at = banger_core::time::now_rfc3339();
         self.store.update_vm(&vm)?;
+        self.activate_forwards(&vm).await;
         tracing::info!(vm = %vm.name, "vm running");
         Ok(vm)
     }
@@ -166,6 +167,7 @@ impl Daemon {
     async fn abort_start(&self, vm: &VmRecord, message: &str) {
         self.terminate_vmm(vm).await;
         let _guard = self.vm_locks.lock(&vm.id).await;
+        self.deactivate_forwards(vm).await;
         self.handles.release(vm);
         self.drop_agent(vm);
         if let Ok(mut now) = self.store.find_vm(&vm.id) {
@@ -199,6 +201,7 @@ impl Daemon {
             let mut vm = self.store.find_vm(&id)?;
             if !self.handles.alive(&vm) {
                 // Nothing runs: make the record say so.
+                self.deactivate_forwards(&vm).await;
                 self.handles.release(&vm);
                 self.drop_agent(&vm);
                 if vm.state.is_active() || vm.desired_state == DesiredState::Running {
@@ -244,6 +247,7 @@ impl Daemon {
         if self.handles.alive(&vm) {
             return Err(ApiFailure::internal(format!("vm '{}' is still running after stop", vm.name)));
         }
+        self.deactivate_forwards(&vm).await;
         self.handles.release(&vm);
         self.drop_agent(&vm);
         if vm.state.is_active() {

@@ -9,10 +9,12 @@ mod daemon;
 mod disks;
 mod error;
 mod exec;
+mod forward;
 mod handles;
 mod lifecycle;
 mod locks;
 mod ops;
+mod tunnel;
 mod vms;
 
 use std::os::unix::fs::PermissionsExt;
@@ -95,6 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async {
         for (vm, pid) in report.adopted {
+            daemon.activate_forwards(&vm).await;
             daemon.spawn_monitor(vm, pid);
         }
         serve(daemon).await

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use banger_core::size::{check_range, DISK_MIB, MEMORY_MIB, VCPUS};
 use banger_core::vm::{transition, VmEvent};
 use banger_core::{
-    new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, VmRecord, VmSpec,
+    new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, PortForward, VmRecord,
+    VmSpec,
 };
 use banger_proto::{CreateVmRequest, UpdateVmRequest, VmView};
 use banger_store::StoreError;
@@ -49,13 +50,14 @@ impl Daemon {
     pub fn begin_create_vm(self: &Arc<Self>, req: CreateVmRequest) -> Result<OperationRecord, ApiFailure> {
         validate_name(&req.name)?;
         let spec = self.resolve_spec(&req)?;
+        self.check_publish(&req.publish)?;
         self.ensure_name_free(&req.name)?;
         let op = self.ops.begin("vm.create", &req.name);
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
         let start = req.start;
-        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start).await });
+        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start, req.publish).await });
         Ok(snapshot)
     }
 
@@ -75,8 +77,9 @@ impl Daemon {
         name: String,
         spec: VmSpec,
         start: bool,
+        publish: Vec<PortForward>,
     ) -> Result<VmRecord, ApiFailure> {
-        let mut result = self.create_stages(&op, &name, spec).await;
+        let mut result = self.create_stages(&op, &name, spec, &publish).await;
         if let (true, Ok(vm)) = (start, &result) {
             result = match self.start_vm(&op, &vm.id).await {
                 Ok(vm) => Ok(vm),
@@ -101,7 +104,13 @@ impl Daemon {
         })
     }
 
-    async fn create_stages(&self, op: &OpHandle, name: &str, spec: VmSpec) -> Result<VmRecord, CreateFailure> {
+    async fn create_stages(
+        &self,
+        op: &OpHandle,
+        name: &str,
+        spec: VmSpec,
+        publish: &[PortForward],
+    ) -> Result<VmRecord, CreateFailure> {
         op.stage("reserve")?;
         let vm = self.reserve(name, spec)?;
         let undo = |d: &Self, vm: &VmRecord| {
@@ -110,6 +119,10 @@ impl Daemon {
             }
             let _ = std::fs::remove_dir_all(&vm.vm_dir);
         };
+        if let Err(e) = self.claim_forwards(&vm, publish) {
+            undo(self, &vm);
+            return Err(e.into());
+        }
         let prepared = op.stage("prepare").map_err(CreateFailure::from).and_then(|()| {
             banger_host::paths::ensure_dir(std::path::Path::new(&vm.vm_dir), 0o700).map_err(|e| {
                 CreateFailure::Api(ApiFailure::internal(format!("cannot create vm directory {}: {e}", vm.vm_dir)))
@@ -195,6 +208,8 @@ impl Daemon {
             )));
         }
         transition(vm.state, &VmEvent::Delete)?;
+        // Its forwards' rows go with its row; listeners, if any were left, go here.
+        self.deactivate_forwards(&vm).await;
         self.store.delete_vm(&vm.id)?;
         self.handles.release(&vm);
         if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir) {
@@ -255,7 +270,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
-        d.clone().run_create(op, name.into(), spec, false).await
+        d.clone().run_create(op, name.into(), spec, false, Vec::new()).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -45,6 +45,9 @@ pub enum VmCommand {
     Stats(StatsArgs),
     /// List the ports listening in a running VM (from its agent).
     Ports(StatsArgs),
+    /// Forward host ports to a VM: add, list (the default) or remove. Forwards are kept with
+    /// the VM and listen on the host whenever it runs.
+    Forward(super::forward::ForwardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +143,10 @@ pub struct SpecArgs {
     /// VMM: auto, qemu or firecracker [default: the daemon's, from the config's `vmm`]
     #[arg(long)]
     vmm: Option<banger_core::config::VmmChoice>,
+    /// Forward a host port to the VM whenever it runs: [HOST_ADDR:]HOST_PORT:GUEST_PORT, e.g.
+    /// 8080:80 (HOST_ADDR defaults to 127.0.0.1; 0.0.0.0 is every interface). Repeatable.
+    #[arg(long, short = 'p', value_name = "SPEC", value_parser = super::forward::parse_forward)]
+    publish: Vec<banger_core::PortForward>,
 }
 
 impl SpecArgs {
@@ -153,6 +160,7 @@ impl SpecArgs {
             disk_mib: self.disk,
             start,
             vmm: self.vmm,
+            publish: self.publish,
         }
     }
 }
@@ -256,6 +264,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             let op: OperationRecord =
                 client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
             crate::progress::follow(client, op).await?;
+            super::forward::warn_failed(client, &a.vm).await;
             let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&a.vm))).await?;
             if a.json {
                 output::json(&vm)?;
@@ -274,6 +283,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             let op: OperationRecord =
                 client.call(Method::POST, &format!("/v1/vms/{}/start", segment(&a.vm)), None::<&()>).await?;
             crate::progress::follow(client, op).await?;
+            super::forward::warn_failed(client, &a.vm).await;
             eprintln!("{} is running", a.vm);
             Ok(ExitCode::SUCCESS)
         }
@@ -282,6 +292,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             Ok(exit_code(code))
         }
         VmCommand::Run(a) => run_command(client, a).await,
+        VmCommand::Forward(a) => super::forward::run(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
@@ -339,6 +350,7 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     let work = async {
         let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
         crate::progress::follow(client, op).await?;
+        super::forward::warn_failed(client, &name).await;
         crate::exec::exec(client, &name, opts).await
     };
     let outcome = tokio::select! {
@@ -382,9 +394,15 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
     let req = a.spec.request(a.name, false);
     let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
     let done = crate::progress::follow(client, op).await?;
-    let id = done.result_id.unwrap_or(req.name);
+    let id = done.result_id.unwrap_or_else(|| req.name.clone());
     let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&id))).await?;
-    show(&vm, a.json)
+    let shown = show(&vm, a.json)?;
+    if !a.json {
+        for f in &req.publish {
+            eprintln!("forward {} listens whenever {} runs", f.describe(&vm.record.name), vm.record.name);
+        }
+    }
+    Ok(shown)
 }
 
 async fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {

@@ -12,5 +12,6 @@ mod harness;
 mod template;
 
 mod boot;
+mod forward;
 mod images;
 mod recovery;
