@@ -22,6 +22,7 @@ mod mounts;
 mod net;
 mod ports;
 mod serve;
+mod tunnel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

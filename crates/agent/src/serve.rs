@@ -22,14 +22,15 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_proto::agent::{
-    AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind, SignalRequest, AGENT_PORT_NAME, MAX_PAYLOAD,
+    parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind, SignalRequest, AGENT_PORT_NAME,
+    MAX_PAYLOAD,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::exec::{self, ExecControl};
-use crate::{files, ports};
+use crate::{files, ports, tunnel};
 
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +144,9 @@ pub enum Route {
     },
     /// A `write_file` receiving `Data`.
     Upload(mpsc::Sender<Vec<u8>>),
+    /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
+    /// its `Ack`s open.
+    Tunnel(mpsc::Sender<Vec<u8>>, Arc<tunnel::Credit>),
 }
 
 type Routes = Arc<Mutex<HashMap<u32, Route>>>;
@@ -392,8 +396,21 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         },
         FrameKind::Data => {
             let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(Route::Upload(tx)) = routes.get(&frame.channel) {
+            if let Some(Route::Upload(tx) | Route::Tunnel(tx, _)) = routes.get(&frame.channel) {
                 let _ = tx.send(frame.payload);
+            }
+        }
+        FrameKind::Close => {
+            let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if matches!(routes.get(&frame.channel), Some(Route::Tunnel(..))) {
+                // Dropping the sender tells the tunnel to close its socket.
+                routes.remove(&frame.channel);
+            }
+        }
+        FrameKind::Ack => {
+            let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let (Some(Route::Tunnel(_, credit)), Some(n)) = (routes.get(&frame.channel), parse_ack(&frame.payload)) {
+                credit.release(n);
             }
         }
         other => log!("ignoring a {other:?} frame from the host on channel {}", frame.channel),
@@ -424,6 +441,12 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             };
             insert_route(&link, Route::Exec { control: Arc::clone(&control), stdin: tx });
             spawn_channel(link, "exec", move |link| exec::session(link, request, control, rx));
+        }
+        AgentRequest::Connect { port } => {
+            let (tx, rx) = mpsc::channel();
+            let credit = Arc::new(tunnel::Credit::default());
+            insert_route(&link, Route::Tunnel(tx, Arc::clone(&credit)));
+            spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
         }
         AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
         AgentRequest::WriteFile { path, mode } => {

@@ -10,12 +10,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use banger_core::{ImageRecord, KernelRecord, OperationRecord};
+use banger_core::{ForwardProtocol, ImageRecord, KernelRecord, OperationRecord, PortForward};
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, GitIdentity, GuestPort, ImageList,
-    ImageRecipe, KernelList, OperationList, PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile,
-    RegisterImageRequest, SshConfig, SshHost, SshInfo, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts,
-    VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ForwardList, ForwardState, ForwardView,
+    GitIdentity, GuestPort, ImageList, ImageRecipe, KernelList, OperationList, PromoteRequest, PullImageRequest,
+    PullKernelRequest, RecipeFile, RegisterImageRequest, SshConfig, SshHost, SshInfo, StartVmRequest, UpdateVmRequest,
+    VmList, VmLogs, VmPorts, VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -45,6 +45,9 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         vm_ports,
         vm_ssh,
         ssh_config,
+        list_forwards,
+        add_forward,
+        remove_forward,
         list_kernels,
         pull_kernel,
         delete_kernel,
@@ -85,7 +88,12 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         GitIdentity,
         SshInfo,
         SshConfig,
-        SshHost
+        SshHost,
+        PortForward,
+        ForwardProtocol,
+        ForwardView,
+        ForwardList,
+        ForwardState
     ))
 )]
 pub struct ApiDoc;
@@ -107,6 +115,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/ports", get(vm_ports))
         .route("/v1/vms/{vm}/ssh", get(vm_ssh))
         .route("/v1/ssh/config", get(ssh_config))
+        .route("/v1/vms/{vm}/forwards", get(list_forwards).post(add_forward))
+        .route("/v1/vms/{vm}/forwards/{host_port}", axum::routing::delete(remove_forward))
         .route("/v1/kernels", get(list_kernels).post(pull_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(delete_kernel))
         .route("/v1/images", get(list_images).post(build_image))
@@ -322,6 +332,61 @@ async fn ssh_config(State(d): Shared) -> ApiResult<SshConfig> {
     Ok(Json(d.ssh_config()?))
 }
 
+/// A VM's port forwards and whether each listens now.
+#[utoipa::path(get, path = "/v1/vms/{vm}/forwards", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = ForwardList), (status = 404, body = ApiError)))]
+async fn list_forwards(State(d): Shared, Path(vm): Path<String>) -> ApiResult<ForwardList> {
+    Ok(Json(d.list_forwards(&vm)?))
+}
+
+/// Adds a port forward to a VM. It is recorded and listens whenever the VM runs; when the VM
+/// runs now it listens at once, and a host address that cannot be bound refuses it (409 when
+/// the address is in use, 400 otherwise) without recording it.
+#[utoipa::path(post, path = "/v1/vms/{vm}/forwards", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body = PortForward,
+    responses((status = 201, body = ForwardView), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = 409, body = ApiError)))]
+async fn add_forward(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    req: Result<Json<PortForward>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let view = d.add_forward(&vm, body(req, "PortForward")?).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Query of `DELETE /v1/vms/{vm}/forwards/{host_port}`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct RemoveForwardQuery {
+    /// The forward's host address; needed only when the VM forwards that port on several.
+    host_addr: Option<String>,
+}
+
+/// Removes a VM's port forward (and stops its listener).
+#[utoipa::path(delete, path = "/v1/vms/{vm}/forwards/{host_port}",
+    params(("vm" = String, Path, description = "name, id or id prefix"), ("host_port" = u16, Path, description = "host port"),
+        RemoveForwardQuery),
+    responses((status = 200, body = ForwardView), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn remove_forward(
+    State(d): Shared,
+    Path((vm, host_port)): Path<(String, String)>,
+    Query(q): Query<RemoveForwardQuery>,
+) -> ApiResult<ForwardView> {
+    let host_port: u16 = host_port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiFailure::invalid(format!("host port '{host_port}' is not a number from 1 to 65535")))?;
+    let host_addr = q
+        .host_addr
+        .map(|a| {
+            let bare = a.trim_start_matches('[').trim_end_matches(']');
+            bare.parse().map_err(|_| ApiFailure::invalid(format!("host_addr '{a}' is not an IP address")))
+        })
+        .transpose()?;
+    Ok(Json(d.remove_forward(&vm, host_port, host_addr).await?))
+}
+
 /// Pulled kernels and the catalog's names.
 #[utoipa::path(get, path = "/v1/kernels", responses((status = 200, body = KernelList)))]
 async fn list_kernels(State(d): Shared) -> ApiResult<KernelList> {
@@ -451,6 +516,8 @@ mod tests {
             "/v1/vms/{vm}",
             "/v1/vms/{vm}/ssh",
             "/v1/ssh/config",
+            "/v1/vms/{vm}/forwards",
+            "/v1/vms/{vm}/forwards/{host_port}",
             "/v1/operations/{op}/cancel",
             "/v1/openapi.json",
         ] {

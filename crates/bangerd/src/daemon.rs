@@ -17,6 +17,7 @@ use banger_vmm::{HostFacts, Selection, Vmm};
 
 use crate::agent_conn::AgentConn;
 use crate::error::ApiFailure;
+use crate::forward::Forwarder;
 use crate::handles::HandleCache;
 use crate::locks::VmLocks;
 use crate::net::NetService;
@@ -36,7 +37,8 @@ pub struct Daemon {
     pub ops: Arc<OpRegistry>,
     /// Per-VM lifecycle locks.
     pub vm_locks: VmLocks,
-    /// Held only while a name (and later an IP) is checked and claimed.
+    /// Held only while a name or a forward's host port (and later an IP) is checked and
+    /// claimed.
     pub reservation: Mutex<()>,
     /// What is currently true of running VMs.
     pub handles: HandleCache,
@@ -56,6 +58,8 @@ pub struct Daemon {
     pub artifact_locks: VmLocks,
     /// The guest network (bridge, TAP pool, rules, DNS), brought up on first need.
     pub net: NetService,
+    /// Port forward listeners of running VMs (a leaf lock).
+    pub forwarder: Forwarder,
 }
 
 impl Daemon {
@@ -90,6 +94,7 @@ impl Daemon {
             artifact_locks: VmLocks::default(),
             net: NetService::new(&config),
             config,
+            forwarder: Forwarder::default(),
         })
     }
 

@@ -58,6 +58,9 @@ impl From<StoreError> for ApiFailure {
             StoreError::NameTaken { kind, name } => Self::conflict(format!(
                 "a {kind} named '{name}' already exists; pick another name or delete it with `banger {kind} delete {name}`"
             )),
+            StoreError::ForwardTaken { .. } => {
+                Self::conflict(format!("{e}; see `banger vm forward NAME --list` for each vm"))
+            }
             StoreError::Ambiguous { .. } => Self::invalid(e.to_string()),
             _ => Self::internal(chain(&e)),
         }

@@ -105,6 +105,7 @@ impl Daemon {
         vm.state = transition(vm.state, &VmEvent::Booted).map_err(ApiFailure::from)?;
         vm.updated_at = banger_core::time::now_rfc3339();
         self.store.update_vm(&vm)?;
+        self.activate_forwards(&vm).await;
         tracing::info!(vm = %vm.name, "vm running");
         Ok(vm)
     }
@@ -212,6 +213,7 @@ impl Daemon {
         self.terminate_vmm(vm).await;
         let tap = {
             let _guard = self.vm_locks.lock(&vm.id).await;
+            self.deactivate_forwards(vm).await;
             let tap = self.handles.get(vm).and_then(|h| h.tap);
             self.handles.release(vm);
             self.drop_agent(vm);
@@ -261,6 +263,7 @@ impl Daemon {
                 if let Some(tap) = self.handles.get(&vm).and_then(|h| h.tap) {
                     self.net.release_tap(&tap).await;
                 }
+                self.deactivate_forwards(&vm).await;
                 self.handles.release(&vm);
                 self.drop_agent(&vm);
                 if vm.state.is_active() || vm.desired_state == DesiredState::Running {
@@ -307,6 +310,7 @@ impl Daemon {
             return Err(ApiFailure::internal(format!("vm '{}' is still running after stop", vm.name)));
         }
         let tap = self.handles.get(&vm).and_then(|h| h.tap);
+        self.deactivate_forwards(&vm).await;
         self.handles.release(&vm);
         self.drop_agent(&vm);
         if vm.state.is_active() {

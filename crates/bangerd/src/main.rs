@@ -10,12 +10,14 @@ mod disks;
 mod dns;
 mod error;
 mod exec;
+mod forward;
 mod handles;
 mod lifecycle;
 mod locks;
 mod net;
 mod ops;
 mod ssh;
+mod tunnel;
 mod vms;
 
 use std::os::unix::fs::PermissionsExt;
@@ -105,6 +107,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let networked = report.adopted.iter().any(|(vm, _)| vm.spec.network);
         for (vm, pid) in report.adopted {
+            daemon.activate_forwards(&vm).await;
             daemon.spawn_monitor(vm, pid);
         }
         if networked {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use banger_core::size::{check_range, DISK_MIB, MEMORY_MIB, VCPUS};
 use banger_core::vm::{transition, VmEvent};
 use banger_core::{
-    new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, VmRecord, VmSpec,
+    new_id, validate_artifact_name, validate_name, DesiredState, ObservedState, OperationRecord, PortForward, VmRecord,
+    VmSpec,
 };
 use banger_proto::{CreateVmRequest, GitIdentity, UpdateVmRequest, VmView};
 use banger_store::StoreError;
@@ -52,13 +53,14 @@ impl Daemon {
         validate_name(&req.name)?;
         let spec = self.resolve_spec(&req)?;
         let git = crate::ssh::check_git_identity(req.git_identity.clone())?;
+        self.check_publish(&req.publish)?;
         self.ensure_name_free(&req.name)?;
         let op = self.ops.begin("vm.create", &req.name);
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start).await });
+        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start, req.publish).await });
         Ok(snapshot)
     }
 
@@ -78,8 +80,9 @@ impl Daemon {
         name: String,
         spec: VmSpec,
         start: Option<Option<GitIdentity>>,
+        publish: Vec<PortForward>,
     ) -> Result<VmRecord, ApiFailure> {
-        let mut result = self.create_stages(&op, &name, spec).await;
+        let mut result = self.create_stages(&op, &name, spec, &publish).await;
         if let (Some(git), Ok(vm)) = (start, &result) {
             result = match self.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => Ok(vm),
@@ -104,7 +107,13 @@ impl Daemon {
         })
     }
 
-    async fn create_stages(&self, op: &OpHandle, name: &str, spec: VmSpec) -> Result<VmRecord, CreateFailure> {
+    async fn create_stages(
+        &self,
+        op: &OpHandle,
+        name: &str,
+        spec: VmSpec,
+        publish: &[PortForward],
+    ) -> Result<VmRecord, CreateFailure> {
         op.stage("reserve")?;
         let vm = self.reserve(name, spec)?;
         let undo = |d: &Self, vm: &VmRecord| {
@@ -113,6 +122,10 @@ impl Daemon {
             }
             let _ = std::fs::remove_dir_all(&vm.vm_dir);
         };
+        if let Err(e) = self.claim_forwards(&vm, publish) {
+            undo(self, &vm);
+            return Err(e.into());
+        }
         let prepared = op.stage("prepare").map_err(CreateFailure::from).and_then(|()| {
             banger_host::paths::ensure_dir(std::path::Path::new(&vm.vm_dir), 0o700).map_err(|e| {
                 CreateFailure::Api(ApiFailure::internal(format!("cannot create vm directory {}: {e}", vm.vm_dir)))
@@ -211,6 +224,8 @@ impl Daemon {
             )));
         }
         transition(vm.state, &VmEvent::Delete)?;
+        // Its forwards' rows go with its row; listeners, if any were left, go here.
+        self.deactivate_forwards(&vm).await;
         self.store.delete_vm(&vm.id)?;
         self.handles.release(&vm);
         if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir) {
@@ -274,7 +289,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
-        d.clone().run_create(op, name.into(), spec, None).await
+        d.clone().run_create(op, name.into(), spec, None, Vec::new()).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

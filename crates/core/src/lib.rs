@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod forward;
 pub mod id;
 pub mod name;
 pub mod net;
@@ -14,6 +15,7 @@ pub mod vm;
 
 pub use artifact::{ImageRecord, InitMode, KernelRecord};
 pub use config::Config;
+pub use forward::{ForwardProtocol, ForwardRecord, ForwardSpecError, PortForward};
 pub use id::new_id;
 pub use name::{validate_artifact_name, validate_name, NameError};
 pub use op::{OpState, OperationRecord, StageRecord, StageState};

@@ -10,7 +10,8 @@
 //! The host opens a channel by sending a [`FrameKind::Request`] on a channel id it has not used
 //! on this connection (ids start at 1; 0 is reserved). Everything about that request travels on
 //! its channel, so any number of requests run at once. A channel ends with the guest's
-//! [`FrameKind::Response`], [`FrameKind::Exit`] or [`FrameKind::Error`].
+//! [`FrameKind::Response`], [`FrameKind::Exit`] or [`FrameKind::Error`]; a `connect` channel is
+//! a byte stream instead (see below).
 //!
 //! | request | host → guest after it | guest → host |
 //! |---|---|---|
@@ -19,7 +20,17 @@
 //! | `read_file` | – | `Data` chunks, then `Response(file)` |
 //! | `write_file` | `Data` chunks, empty `Data` = end | `Response(written)` |
 //! | `ports` | – | `Response(ports)` |
+//! | `connect` | `Data` chunks, empty `Data` = EOF; `Ack`; `Close` | `Response(connected)`, `Data` chunks, empty `Data` = EOF; `Ack` |
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
+//!
+//! `connect` is a TCP tunnel: the agent connects to the port on the guest's loopback and relays
+//! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
+//! for writing when the host's arrives). The channel ends once both directions are closed, with
+//! the guest's `Error` (a refused connect, a reset), or with the host's `Close` (the host's
+//! client went away: the agent closes the socket at once). Each direction is flow-controlled:
+//! a sender keeps at most [`TUNNEL_WINDOW`] bytes of `Data` unacknowledged, and the receiver
+//! sends `Ack` (see [`ack_payload`]) as its side consumes them, so a slow reader at either end
+//! holds the writer back instead of growing buffers in between.
 //!
 //! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
 //! the host side of the stream goes away, the agent kills the processes of that connection and
@@ -31,6 +42,23 @@ use serde::{Deserialize, Serialize};
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 /// Bytes before the payload: length, channel, kind.
 pub const HEADER_LEN: usize = 9;
+/// Bytes of tunnel `Data` a sender may have unacknowledged, per direction.
+pub const TUNNEL_WINDOW: usize = 256 * 1024;
+/// A tunnel receiver acknowledges once it has consumed this much (a quarter of the window, so
+/// a sender never waits on bytes that were consumed but not yet acknowledged).
+pub const TUNNEL_ACK_EVERY: usize = TUNNEL_WINDOW / 4;
+
+/// The payload of an `Ack` frame: bytes consumed since the last one, as `u32` BE.
+pub fn ack_payload(consumed: usize) -> Vec<u8> {
+    u32::try_from(consumed).unwrap_or(u32::MAX).to_be_bytes().to_vec()
+}
+
+/// Reads an `Ack` payload.
+pub fn parse_ack(payload: &[u8]) -> Option<usize> {
+    let bytes: [u8; 4] = payload.try_into().ok()?;
+    usize::try_from(u32::from_be_bytes(bytes)).ok()
+}
+
 /// Name of the virtio-serial port the agent serves on.
 pub const AGENT_PORT_NAME: &str = "banger.agent";
 
@@ -54,8 +82,13 @@ pub enum FrameKind {
     Signal = 7,
     /// Guest → host: JSON [`AgentFailure`]; ends the channel.
     Error = 8,
-    /// Either way: file contents; empty ends a host → guest upload.
+    /// Either way: file contents, or a tunnel's bytes; empty ends a host → guest upload or
+    /// half-closes a tunnel.
     Data = 9,
+    /// Host → guest: abandon a `connect` tunnel (its socket is closed at once).
+    Close = 10,
+    /// Either way on a `connect` tunnel: bytes of `Data` consumed (see [`ack_payload`]).
+    Ack = 11,
 }
 
 impl FrameKind {
@@ -70,6 +103,8 @@ impl FrameKind {
             7 => Self::Signal,
             8 => Self::Error,
             9 => Self::Data,
+            10 => Self::Close,
+            11 => Self::Ack,
             _ => return None,
         })
     }
@@ -200,6 +235,11 @@ pub enum AgentRequest {
     },
     /// List listening TCP and UDP ports.
     Ports,
+    /// Open a TCP connection to this port on the guest's loopback and relay it in `Data` frames.
+    Connect {
+        /// Guest port.
+        port: u16,
+    },
     /// Stop every process, sync, and power off.
     Shutdown,
 }
@@ -254,6 +294,11 @@ pub enum AgentResponse {
     Ports {
         /// Listening sockets.
         ports: Vec<ListeningPort>,
+    },
+    /// A `connect` tunnel is open.
+    Connected {
+        /// The guest address it reached, e.g. `127.0.0.1:8000`.
+        address: String,
     },
     /// Generic success.
     Ok,
@@ -345,5 +390,13 @@ mod tests {
         assert_eq!(w, r#"{"op":"write_file","path":"/x","mode":420}"#);
         let started = serde_json::to_string(&AgentResponse::Started { pid: 9 }).expect("json");
         assert_eq!(started, r#"{"type":"started","pid":9}"#);
+        let connect = serde_json::to_string(&AgentRequest::Connect { port: 8000 }).expect("json");
+        assert_eq!(connect, r#"{"op":"connect","port":8000}"#);
+        let close = Frame::new(3, FrameKind::Close, Vec::new()).encode();
+        let mut d = Decoder::default();
+        d.push(&close);
+        assert_eq!(d.next_frame().expect("decode").map(|f| f.kind), Some(FrameKind::Close));
+        assert_eq!(parse_ack(&ack_payload(65536)), Some(65536));
+        assert_eq!(parse_ack(b"xy"), None);
     }
 }

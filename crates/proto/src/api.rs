@@ -1,6 +1,6 @@
 //! The daemon's HTTP/JSON API types.
 
-use banger_core::{Config, ImageRecord, KernelRecord, OperationRecord, VmRecord};
+use banger_core::{Config, ImageRecord, KernelRecord, OperationRecord, PortForward, VmRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -72,6 +72,9 @@ pub struct CreateVmRequest {
     pub allow_vm_traffic: Option<bool>,
     /// The caller's git identity, written to the guest's `~/.gitconfig` when the VM boots.
     pub git_identity: Option<GitIdentity>,
+    /// Port forwards to record with the VM; they listen whenever it runs.
+    #[serde(default)]
+    pub publish: Vec<PortForward>,
 }
 
 /// `POST /v1/vms/{vm}/start`: the body is optional.
@@ -339,4 +342,50 @@ pub struct GuestPort {
     pub address: String,
     /// Port number.
     pub port: u16,
+}
+
+/// `GET /v1/vms/{vm}/forwards`: a VM's port forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForwardList {
+    /// The VM's name.
+    pub vm: String,
+    /// Its forwards, by host port.
+    pub forwards: Vec<ForwardView>,
+}
+
+/// A port forward as the API shows it: the durable forward and whether it listens now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForwardView {
+    /// The forward.
+    #[serde(flatten)]
+    pub forward: PortForward,
+    /// The VM's name.
+    pub vm: String,
+    /// Whether it listens now.
+    pub state: ForwardState,
+    /// Why it does not listen, when `state` is `failed`.
+    pub error: Option<String>,
+}
+
+/// Whether a forward listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardState {
+    /// Listening on the host; connections reach the guest.
+    Listening,
+    /// Kept, not listening: the VM is not running.
+    Inactive,
+    /// The VM runs but the host address could not be bound (see `error`).
+    Failed,
+}
+
+impl ForwardState {
+    /// The state's name as shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Listening => "listening",
+            Self::Inactive => "inactive",
+            Self::Failed => "failed",
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! runs under it.
 
 mod artifacts;
+mod forwards;
 mod migrate;
 mod ops;
 mod vms;
@@ -45,6 +46,14 @@ pub enum StoreError {
         kind: &'static str,
         /// The name.
         name: String,
+    },
+    /// A host address and port already has a forward.
+    #[error("{host_addr}:{host_port} already has a forward")]
+    ForwardTaken {
+        /// The host address.
+        host_addr: String,
+        /// The host port.
+        host_port: u16,
     },
     /// No row matches.
     #[error("no {kind} '{reference}'")]

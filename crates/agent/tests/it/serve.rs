@@ -10,14 +10,14 @@ use banger_proto::agent::{AgentRequest, AgentResponse, ExitStatus, Frame, FrameK
 use crate::client::Client;
 
 /// The agent serving on a socket in a temp dir; killed on drop.
-struct Agent {
+pub struct Agent {
     child: Child,
     socket: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Agent {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
@@ -29,8 +29,16 @@ impl Agent {
         Self { child, socket, _dir: dir }
     }
 
-    fn connect(&self) -> Client {
-        Client::connect(&self.socket).expect("connect")
+    pub fn connect(&self) -> Client {
+        // The socket file appears at bind, a moment before listen: retry a refused connect.
+        let start = Instant::now();
+        loop {
+            match Client::connect(&self.socket) {
+                Ok(client) => return client,
+                Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 }
 

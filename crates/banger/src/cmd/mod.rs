@@ -3,6 +3,7 @@
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod forward;
 pub mod image;
 pub mod kernel;
 pub mod op;

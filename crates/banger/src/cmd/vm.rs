@@ -49,6 +49,9 @@ pub enum VmCommand {
     /// pinned host key), or run a command there. Exits with ssh's exit code; needs the VM to
     /// have a network address (see `banger vm exec` otherwise).
     Ssh(super::ssh::SshArgs),
+    /// Forward host ports to a VM: add, list (the default) or remove. Forwards are kept with
+    /// the VM and listen on the host whenever it runs.
+    Forward(super::forward::ForwardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +153,10 @@ pub struct SpecArgs {
     /// Let the VM reach, and be reached by, other VMs and any host port (refused by default)
     #[arg(long)]
     allow_vm_traffic: bool,
+    /// Forward a host port to the VM whenever it runs: [HOST_ADDR:]HOST_PORT:GUEST_PORT, e.g.
+    /// 8080:80 (HOST_ADDR defaults to 127.0.0.1; 0.0.0.0 is every interface). Repeatable.
+    #[arg(long, short = 'p', value_name = "SPEC", value_parser = super::forward::parse_forward)]
+    publish: Vec<banger_core::PortForward>,
 }
 
 impl SpecArgs {
@@ -166,6 +173,7 @@ impl SpecArgs {
             network: self.no_network.then_some(false),
             allow_vm_traffic: self.allow_vm_traffic.then_some(true),
             git_identity: super::ssh::git_identity(),
+            publish: self.publish,
         }
     }
 }
@@ -268,6 +276,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         VmCommand::Start(a) => {
             let op = start(client, &a.vm).await?;
             crate::progress::follow(client, op).await?;
+            super::forward::warn_failed(client, &a.vm).await;
             let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&a.vm))).await?;
             if a.json {
                 output::json(&vm)?;
@@ -285,6 +294,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             stop(client, &a.vm, false).await?;
             let op = start(client, &a.vm).await?;
             crate::progress::follow(client, op).await?;
+            super::forward::warn_failed(client, &a.vm).await;
             eprintln!("{} is running", a.vm);
             Ok(ExitCode::SUCCESS)
         }
@@ -294,6 +304,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         }
         VmCommand::Run(a) => run_command(client, a).await,
         VmCommand::Ssh(a) => super::ssh::vm_ssh(client, a).await,
+        VmCommand::Forward(a) => super::forward::run(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
@@ -357,6 +368,7 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     let work = async {
         let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
         crate::progress::follow(client, op).await?;
+        super::forward::warn_failed(client, &name).await;
         crate::exec::exec(client, &name, opts).await
     };
     let outcome = tokio::select! {
@@ -400,9 +412,15 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
     let req = a.spec.request(a.name, false);
     let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
     let done = crate::progress::follow(client, op).await?;
-    let id = done.result_id.unwrap_or(req.name);
+    let id = done.result_id.unwrap_or_else(|| req.name.clone());
     let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&id))).await?;
-    show(&vm, a.json)
+    let shown = show(&vm, a.json)?;
+    if !a.json {
+        for f in &req.publish {
+            eprintln!("forward {} listens whenever {} runs", f.describe(&vm.record.name), vm.record.name);
+        }
+    }
+    Ok(shown)
 }
 
 async fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {

@@ -12,6 +12,7 @@ mod harness;
 mod template;
 
 mod boot;
+mod forward;
 mod images;
 mod network;
 mod recovery;

@@ -27,6 +27,18 @@ fn serve_http(env: &Env, vm: &str, port: u16) {
     });
 }
 
+/// An HTTP/1.0 GET of `/` on 127.0.0.1:`port` from this thread (which is in the env's
+/// namespace): the whole answer.
+fn http_get(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the forward");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    answer
+}
+
 fn ip_of(env: &Env, vm: &str) -> String {
     let shown = env.banger(&["vm", "show", vm, "--json"]).ok().json();
     shown["guest_ip"].as_str().unwrap_or_else(|| panic!("{vm} has no address: {shown}")).to_owned()
@@ -48,10 +60,12 @@ fn start_all(env: &Env, names: &[&str]) {
 fn names_isolation_forwards_ssh_and_a_clean_host() {
     let Some(t) = template() else { return };
     let env = env_from(t);
+    env.enter_netns();
     env.banger(&["vm", "create", "alpha"]).ok();
     env.banger(&["vm", "create", "beta"]).ok();
     env.banger(&["vm", "create", "gamma", "--allow-vm-traffic"]).ok();
-    start_all(&env, &["alpha", "beta", "gamma"]);
+    env.banger(&["vm", "create", "delta", "--no-network"]).ok();
+    start_all(&env, &["alpha", "beta", "gamma", "delta"]);
     let (a, b, g) = (ip_of(&env, "alpha"), ip_of(&env, "beta"), ip_of(&env, "gamma"));
     assert!(a != b && b != g && a != g, "distinct addresses: {a} {b} {g}");
 
@@ -88,12 +102,26 @@ fn names_isolation_forwards_ssh_and_a_clean_host() {
     let _ = host_server.kill();
     let _ = host_server.wait();
 
+    // A guest HTTP server through `vm forward`: over the guest's address, and over the agent
+    // channel for a VM without a NIC.
+    let delta = env.banger(&["vm", "show", "delta", "--json"]).ok().json();
+    assert!(delta["guest_ip"].is_null(), "--no-network gives no address: {delta}");
+    let nic = env.banger(&["vm", "exec", "delta", "--", "sh", "-c", "ls /sys/class/net"]).ok().stdout;
+    assert_eq!(nic.split_whitespace().collect::<Vec<_>>(), ["lo"], "no NIC in a --no-network guest");
+    serve_http(&env, "delta", 8080);
+    env.banger(&["vm", "forward", "beta", "127.0.0.1:18080:8080"]).ok();
+    env.banger(&["vm", "forward", "delta", "127.0.0.1:18081:8080"]).ok();
+    for port in [18080, 18081] {
+        let answer = http_get(port);
+        assert!(answer.starts_with("HTTP/1.0 200") && answer.contains("hostname"), "forward {port}: {answer}");
+    }
+
     // `vm ssh` over the bridge, with the pinned host key (run in the namespace, like any client).
     let ssh = env.banger(&["vm", "ssh", "alpha", "--", "hostname"]).ok();
     assert_eq!(ssh.stdout.trim(), "alpha");
 
     // Once every VM is deleted and the daemon stopped, no TAP, bridge or nft table is left.
-    for vm in ["alpha", "beta", "gamma"] {
+    for vm in ["alpha", "beta", "gamma", "delta"] {
         env.banger(&["vm", "stop", vm]).ok();
         env.banger(&["vm", "delete", vm]).ok();
     }

@@ -121,6 +121,14 @@ impl Env {
         env
     }
 
+    /// Moves the calling thread (and the threads it spawns from now on) into this env's network
+    /// namespace, so that plain sockets of the test reach the daemon's listeners and guests.
+    pub fn enter_netns(&self) {
+        let Some(ns) = &self.netns else { return };
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open the test namespace");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
+    }
+
     /// `program args...` run inside this env's namespace (or directly without one).
     pub fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         match &self.netns {
