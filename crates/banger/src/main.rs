@@ -51,6 +51,9 @@ enum Command {
     Config(cmd::config::ConfigCommand),
     /// Check that this host has what banger needs, with the fix for anything missing.
     Doctor(cmd::doctor::DoctorArgs),
+    /// Time a cold `vm run`, the bare VMM boot of the same guest and concurrent creates, side
+    /// by side with their ratios (needs root for nothing more than the VMs do).
+    Bench(cmd::bench::BenchArgs),
     /// Print an ssh_config with a `Host NAME.vm` block per VM, to `Include` from ~/.ssh/config.
     SshConfig(cmd::ssh::SshConfigArgs),
 }
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
             Command::Daemon(c) => cmd::daemon::run(&client, c).await,
             Command::Config(c) => cmd::config::run(&client, c).await,
             Command::Doctor(a) => cmd::doctor::run(&client, a),
+            Command::Bench(a) => cmd::bench::run(&client, a).await,
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
         }
     });

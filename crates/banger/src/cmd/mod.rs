@@ -1,5 +1,6 @@
 //! One module per verb group; each parses its arguments and calls the daemon.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
