@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use banger_core::net::{format_mac, mac_for, IfName, Subnet};
 use banger_core::{Config, VmRecord};
-use banger_host::net::{ensure_bridge, ruleset, teardown, HostNet, HostNetError, NetlinkNet, NftConfig, TapPool};
+use banger_host::net::{
+    ensure_bridge, ruleset, teardown, uplink_forwarding_key, HostNet, HostNetError, NetlinkNet, NftConfig, TapPool,
+};
 use tokio::task::JoinHandle;
 
 use crate::dns::{DnsConfig, DnsServer};
@@ -53,6 +55,8 @@ pub struct GuestNic {
 
 struct Up {
     net: Arc<NetlinkNet>,
+    /// The uplink forwarding sysctl banger turned on for NAT (restored at teardown).
+    flipped_forwarding: Option<String>,
     pool: Arc<TapPool<NetlinkNet>>,
     refiller: JoinHandle<()>,
     dns: DnsServer,
@@ -67,6 +71,8 @@ pub struct NetService {
     pool_size: usize,
     domain: String,
     up: tokio::sync::Mutex<Option<Up>>,
+    /// Whether the ruleset guards an uplink whose forwarding banger turned on.
+    guard_uplink: std::sync::atomic::AtomicBool,
     sync_lock: tokio::sync::Mutex<()>,
 }
 
@@ -81,6 +87,7 @@ impl NetService {
             pool_size: usize::try_from(config.tap_pool_size).unwrap_or(0),
             domain: config.dns_domain.clone(),
             up: tokio::sync::Mutex::new(None),
+            guard_uplink: std::sync::atomic::AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -100,6 +107,8 @@ impl NetService {
         let started = std::time::Instant::now();
         let net = Arc::new(NetlinkNet::connect()?);
         ensure_bridge(&*net, &self.bridge, &self.subnet).await?;
+        let flipped_forwarding = self.enable_nat_forwarding(&*net).await?;
+        self.guard_uplink.store(flipped_forwarding.is_some(), std::sync::atomic::Ordering::SeqCst);
         net.apply_nft(&ruleset(&self.nft_config(BTreeSet::new()))).await?;
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|text| crate::dns::host_upstreams(&text, &[self.subnet.gateway().into()]))
@@ -112,8 +121,25 @@ impl NetService {
         let refiller = pool.spawn_refiller();
         tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
             elapsed_ms = started.elapsed().as_millis(), "guest network up");
-        *up = Some(Up { net, pool, refiller, dns });
+        *up = Some(Up { net, flipped_forwarding, pool, refiller, dns });
         Ok(())
+    }
+
+    /// With NAT on, replies arriving on the uplink must be forwarded too (IPv4 checks the input
+    /// device). Returns the sysctl banger turned on, if it was off.
+    async fn enable_nat_forwarding(&self, net: &NetlinkNet) -> Result<Option<String>, NetError> {
+        if !self.nat {
+            return Ok(None);
+        }
+        let key = uplink_forwarding_key(self.uplink.as_ref());
+        if net.read_sysctl(&key).await? == "1" {
+            return Ok(None);
+        }
+        if self.uplink.is_none() {
+            tracing::warn!("nat without `uplink`: enabling IPv4 forwarding on every interface; set uplink to limit it");
+        }
+        net.set_sysctl(&key, "1").await?;
+        Ok(Some(key))
     }
 
     /// A NIC for `vm` (which must have a guest address): a TAP from the warm pool (made on the
@@ -191,6 +217,11 @@ impl NetService {
             Ok(deleted) => tracing::info!(?deleted, "guest network torn down"),
             Err(e) => tracing::error!(error = %banger_core::error_chain(&e), "cannot tear the guest network down"),
         }
+        if let Some(key) = &up.flipped_forwarding {
+            if let Err(e) = up.net.set_sysctl(key, "0").await {
+                tracing::warn!(key, error = %banger_core::error_chain(&e), "cannot turn uplink forwarding back off");
+            }
+        }
     }
 
     fn nft_config(&self, open: BTreeSet<Ipv4Addr>) -> NftConfig {
@@ -198,6 +229,7 @@ impl NetService {
         config.nat = self.nat;
         config.uplink = self.uplink.clone();
         config.open_guests = open;
+        config.guard_uplink = self.guard_uplink.load(std::sync::atomic::Ordering::SeqCst);
         config
     }
 }

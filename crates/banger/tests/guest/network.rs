@@ -132,3 +132,56 @@ fn names_isolation_forwards_ssh_and_a_clean_host() {
     let rules = env.in_netns("nft").args(["list", "ruleset"]).output().expect("nft");
     assert_eq!(String::from_utf8_lossy(&rules.stdout).trim(), "", "no nft table is left");
 }
+
+/// A second namespace the test makes and deletes: the "outside" a NAT uplink leads to.
+struct Outside(String);
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        crate::harness::delete_netns(&self.0);
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip").args(args).status().expect("ip");
+    assert!(status.success(), "ip {}", args.join(" "));
+}
+
+#[test]
+fn nat_masquerades_guest_egress_out_of_the_uplink() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    let ns = env.netns.clone().expect("the env has a namespace");
+    // The env's namespace gets an uplink (a veth) into a test-made "outside" namespace holding a
+    // web server; nothing leads further.
+    let outside = Outside(format!("{ns}-out"));
+    ip(&["netns", "add", &outside.0]);
+    ip(&["-n", &outside.0, "link", "set", "lo", "up"]);
+    ip(&["-n", &ns, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &outside.0]);
+    ip(&["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "up0"]);
+    ip(&["-n", &ns, "link", "set", "up0", "up"]);
+    ip(&["-n", &outside.0, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    ip(&["-n", &outside.0, "link", "set", "eth0", "up"]);
+    let log = env.dir.path().join("outside.log");
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.0, "python3", "-m", "http.server", "8000", "--bind", "10.99.0.2"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("outside server");
+
+    std::fs::create_dir_all(&env.state).expect("state dir");
+    std::fs::write(env.state.join("config.toml"), "nat = true\nuplink = \"up0\"\n").expect("config");
+    env.banger(&["vm", "create", "egress"]).ok();
+    env.banger(&["vm", "start", "egress"]).ok();
+    let fetch = "import urllib.request; print(urllib.request.urlopen('http://10.99.0.2:8000/', timeout=10).status)";
+    let out = env.banger(&["vm", "exec", "egress", "--", "python3", "-c", fetch]).ok().stdout;
+    assert_eq!(out.trim(), "200", "the guest reaches the outside through NAT");
+    let seen = std::fs::read_to_string(&log).expect("server log");
+    assert!(seen.contains("10.99.0.1 "), "the outside sees the uplink's address (masquerade): {seen}");
+    assert!(!seen.contains("172.30.0."), "no guest address leaks out: {seen}");
+    env.banger(&["vm", "stop", "egress"]).ok();
+    env.banger(&["vm", "delete", "egress"]).ok();
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -57,6 +57,11 @@ pub enum NetCall {
         /// Value written.
         value: String,
     },
+    /// [`HostNet::read_sysctl`].
+    ReadSysctl {
+        /// Key under `/proc/sys`.
+        key: String,
+    },
     /// [`HostNet::delete_link`].
     DeleteLink {
         /// Link name.
@@ -313,6 +318,11 @@ impl HostNet for FakeNet {
             s.sysctls.insert(key.to_owned(), value.to_owned());
             Ok(())
         }))
+    }
+
+    fn read_sysctl(&self, key: &str) -> impl Future<Output = Result<String, HostNetError>> + Send {
+        let call = NetCall::ReadSysctl { key: key.to_owned() };
+        ready(self.record(call, "sysctl", key, |s| Ok(s.sysctls.get(key).cloned().unwrap_or_else(|| "0".to_owned()))))
     }
 
     fn delete_link(&self, name: &str) -> impl Future<Output = Result<bool, HostNetError>> + Send {

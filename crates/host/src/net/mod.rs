@@ -125,6 +125,8 @@ pub trait HostNet: Send + Sync {
     fn isolate_port(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Writes `value` to `/proc/sys/KEY` (per network namespace for `net/...` keys).
     fn set_sysctl(&self, key: &str, value: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Reads `/proc/sys/KEY`, trimmed.
+    fn read_sysctl(&self, key: &str) -> impl Future<Output = Result<String, HostNetError>> + Send;
     /// Deletes `name`; deleting a link that does not exist succeeds (returns `false`).
     fn delete_link(&self, name: &str) -> impl Future<Output = Result<bool, HostNetError>> + Send;
     /// Whether a link called `name` exists.
@@ -154,6 +156,13 @@ pub async fn ensure_bridge<N: HostNet>(net: &N, bridge: &IfName, subnet: &Subnet
         net.set_sysctl(&key, value).await?;
     }
     net.link_up(bridge.as_str()).await
+}
+
+/// The forwarding sysctl that NAT needs besides the bridge's: IPv4 forwards a packet only when its
+/// *input* device forwards, so replies arriving on the uplink need it there (`all` when no
+/// uplink is named).
+pub fn uplink_forwarding_key(uplink: Option<&IfName>) -> String {
+    format!("net/ipv4/conf/{}/forwarding", uplink.map_or("all", IfName::as_str))
 }
 
 /// The sysctls of banger's bridge. Its ports are isolated, so the host answers ARP for every

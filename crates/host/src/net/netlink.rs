@@ -185,6 +185,14 @@ impl HostNet for NetlinkNet {
         std::fs::write(&path, value).map_err(|source| HostNetError::Sysctl { key: key.to_owned(), source })
     }
 
+    async fn read_sysctl(&self, key: &str) -> Result<String, HostNetError> {
+        // The calling thread's namespace, as for `set_sysctl`.
+        let path = std::path::Path::new("/proc/sys").join(key);
+        std::fs::read_to_string(&path)
+            .map(|v| v.trim().to_owned())
+            .map_err(|source| HostNetError::Sysctl { key: key.to_owned(), source })
+    }
+
     async fn delete_link(&self, name: &str) -> Result<bool, HostNetError> {
         let Some(msg) = self.get_by_name(name).await? else {
             return Ok(false);

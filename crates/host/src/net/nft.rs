@@ -77,6 +77,9 @@ pub struct NftConfig {
     pub open_guests: BTreeSet<Ipv4Addr>,
     /// Published ports.
     pub forwards: Vec<PortForward>,
+    /// banger turned forwarding on for the uplink (for NAT replies): forward nothing else that
+    /// arrives there, so the host does not become a router it was not before.
+    pub guard_uplink: bool,
 }
 
 impl NftConfig {
@@ -91,6 +94,7 @@ impl NftConfig {
             dns_port: 53,
             open_guests: BTreeSet::new(),
             forwards: Vec::new(),
+            guard_uplink: false,
         }
     }
 }
@@ -140,6 +144,12 @@ pub fn ruleset(config: &NftConfig) -> String {
 \t\tiifname \"{br}\" oifname \"{br}\" meta l4proto tcp reject with tcp reset
 "
     );
+    if config.guard_uplink {
+        let _ = match &config.uplink {
+            Some(up) => writeln!(out, "\t\tiifname \"{up}\" oifname != \"{br}\" drop"),
+            None => writeln!(out, "\t\tiifname != \"{br}\" oifname != \"{br}\" drop"),
+        };
+    }
     if config.nat {
         let _ = match &config.uplink {
             Some(up) => writeln!(out, "\t\tiifname \"{br}\" oifname \"{up}\" ip saddr {net} accept"),
@@ -225,6 +235,7 @@ mod tests {
         let mut config = NftConfig::new(name("br-dev"), "10.77.0.0/16".parse().expect("subnet"));
         config.nat = true;
         config.uplink = Some(name("eth0"));
+        config.guard_uplink = true;
         config.open_guests = [ip("10.77.0.9"), ip("10.77.0.3")].into();
         config.forwards = vec![
             PortForward {
