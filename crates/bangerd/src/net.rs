@@ -107,7 +107,7 @@ impl NetService {
         let started = std::time::Instant::now();
         let net = Arc::new(NetlinkNet::connect()?);
         ensure_bridge(&*net, &self.bridge, &self.subnet).await?;
-        let flipped_forwarding = self.enable_nat_forwarding(&*net).await?;
+        let flipped_forwarding = self.enable_nat_forwarding(&net).await?;
         self.guard_uplink.store(flipped_forwarding.is_some(), std::sync::atomic::Ordering::SeqCst);
         net.apply_nft(&ruleset(&self.nft_config(BTreeSet::new()))).await?;
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
