@@ -364,4 +364,35 @@ mod tests {
         assert!(!std::path::Path::new(&vm.vm_dir).exists());
         assert_eq!(d.delete_vm("web").await.err().map(|e| e.code), Some("not_found"));
     }
+
+    #[tokio::test]
+    async fn guest_addresses_are_unique_reused_after_delete_and_exhaustion_says_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::resolve(Some(dir.path().to_path_buf()), Some(dir.path().join("s.sock")));
+        let store = Store::open(&dir.path().join("banger.db")).expect("store");
+        // A /29: .1 is the host, .2 to .6 are the five guest addresses.
+        let config = Config { bridge_subnet: "10.9.0.0/29".parse().expect("subnet"), ..Config::default() };
+        let d = Daemon::new(layout, config, None, store, banger_vmm::HostFacts::default(), Default::default());
+        let mut ips = Vec::new();
+        for i in 0..5 {
+            ips.push(create(&d, &format!("vm{i}")).await.expect("create").guest_ip.expect("an address"));
+        }
+        assert_eq!(ips, ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"]);
+        let offline = CreateVmRequest { network: Some(false), ..req("offline") };
+        let spec = d.resolve_spec(&offline).expect("spec");
+        let op = d.ops.begin("vm.create", "offline");
+        let vm = d.clone().run_create(op, "offline".into(), spec, None, Vec::new()).await.expect("no address needed");
+        assert_eq!(vm.guest_ip, None, "--no-network takes no address");
+        let full = create(&d, "one-too-many").await.expect_err("exhausted");
+        assert_eq!(full.code, "conflict");
+        assert!(
+            full.message.contains("10.9.0.0/29 has no free address") && full.message.contains("bridge_subnet"),
+            "{}",
+            full.message
+        );
+        assert!(d.store.find_vm("one-too-many").is_err(), "nothing recorded on failure");
+        d.delete_vm("vm2").await.expect("delete");
+        let again = create(&d, "reuser").await.expect("create after delete");
+        assert_eq!(again.guest_ip.as_deref(), Some("10.9.0.4"), "the freed address is reused");
+    }
 }
