@@ -7,7 +7,8 @@
 //! `banger.root=DEV` (required), `banger.overlay=DEV` (required), `banger.work=DEV`,
 //! `banger.hostname=NAME`, `banger.init=fast|systemd`, `banger.run=PROGRAM[,ARG...]` (run it and
 //! power off, serving nothing), `banger.ip=ADDR/PREFIX`, `banger.gw=ADDR`,
-//! `banger.dns=ADDR[,ADDR]`.
+//! `banger.dns=ADDR[,ADDR]`, `banger.poweroff=reboot` (end the VM by rebooting: Firecracker has no
+//! power-off device, and `reboot=k` makes a reboot end it).
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -60,6 +61,8 @@ pub struct Params {
     /// `banger.run=PROGRAM[,ARG...]`: run this once the root is up, then power off without
     /// serving the host (the baseline of `scripts/bench-boot`).
     pub run: Option<String>,
+    /// `banger.poweroff=reboot`: end the VM with a reboot instead of a power-off.
+    pub reboot_to_stop: bool,
 }
 
 /// Boot failed.
@@ -98,6 +101,7 @@ impl Params {
                 "banger.gw" => params.gw = Some(value),
                 "banger.dns" => params.dns = Some(value),
                 "banger.run" => params.run = Some(value),
+                "banger.poweroff" => params.reboot_to_stop = value == "reboot",
                 "banger.init" => {
                     params.init = match value.as_str() {
                         "fast" => InitMode::Fast,
@@ -140,6 +144,7 @@ fn boot() -> Result<(), InitError> {
     log!("banger-agent {} starting as /init", env!("CARGO_PKG_VERSION"));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let params = Params::parse(&cmdline)?;
+    REBOOT_TO_STOP.store(params.reboot_to_stop, std::sync::atomic::Ordering::SeqCst);
     let root = params.root.clone().ok_or_else(|| InitError::Params("banger.root= is missing".into()))?;
     let overlay = params.overlay.clone().ok_or_else(|| InitError::Params("banger.overlay= is missing".into()))?;
 
@@ -197,9 +202,9 @@ fn boot() -> Result<(), InitError> {
         InitMode::Fast => {
             exec::start_reaper();
             start_sshd(host_key);
-            let port = serve::find_port(DEVICE_TIMEOUT)?;
-            log!("ready, serving on {}", port.display());
-            serve::serve(&Transport::Port(port))?;
+            let transport = serve::find_transport(DEVICE_TIMEOUT)?;
+            log!("ready, serving on {}", describe(&transport));
+            serve::serve(&transport)?;
             stop_everything();
             Ok(())
         }
@@ -315,16 +320,18 @@ fn hand_over_to_systemd() -> Result<(), InitError> {
         Ok(ForkResult::Child) => {
             let _ = nix::unistd::setsid();
             exec::start_reaper();
-            let outcome = serve::find_port(DEVICE_TIMEOUT).and_then(|port| {
-                log!("ready (systemd mode), serving on {}", port.display());
-                serve::serve(&Transport::Port(port))
+            let outcome = serve::find_transport(DEVICE_TIMEOUT).and_then(|transport| {
+                log!("ready (systemd mode), serving on {}", describe(&transport));
+                serve::serve(&transport)
             });
             match outcome {
                 Ok(Outcome::Shutdown | Outcome::Closed) => {
-                    // SIGRTMIN+4 asks systemd for a clean power-off.
-                    let rtmin4 = libc::SIGRTMIN() + 4;
+                    // SIGRTMIN+4 asks systemd for a clean power-off, SIGRTMIN+5 for a reboot
+                    // (which is what ends a VMM without a power-off device).
+                    let reboot = REBOOT_TO_STOP.load(std::sync::atomic::Ordering::SeqCst);
+                    let signal = libc::SIGRTMIN() + if reboot { 5 } else { 4 };
                     // SAFETY: plain kill(2) of PID 1.
-                    unsafe { libc::kill(1, rtmin4) };
+                    unsafe { libc::kill(1, signal) };
                 }
                 Err(e) => log!("serving failed: {e}"),
             }
@@ -375,9 +382,29 @@ fn user_processes() -> usize {
 }
 
 /// Syncs and powers off; never returns.
+/// Set from `banger.poweroff=reboot`: [`power_off`] reboots (see the module docs).
+static REBOOT_TO_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where the agent serves, for the console log.
+fn describe(transport: &Transport) -> String {
+    match transport {
+        Transport::Port(path) | Transport::Listen(path) | Transport::Connect(path) => path.display().to_string(),
+        Transport::Vsock(port) => format!("vsock port {port}"),
+    }
+}
+
+/// How the VM ends: a power-off, or a reboot where the VMM has no power-off device.
+fn stop_mode(reboot_to_stop: bool) -> RebootMode {
+    if reboot_to_stop {
+        RebootMode::RB_AUTOBOOT
+    } else {
+        RebootMode::RB_POWER_OFF
+    }
+}
+
 fn power_off() -> ! {
     nix::unistd::sync();
-    let _ = reboot(RebootMode::RB_POWER_OFF);
+    let _ = reboot(stop_mode(REBOOT_TO_STOP.load(std::sync::atomic::Ordering::SeqCst)));
     // Not PID 1, or not allowed: nothing else to do but stop.
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -403,6 +430,16 @@ mod tests {
         assert_eq!(params.work, None);
         assert_eq!(Params::parse("banger.root=/dev/vda").expect("parse").init, InitMode::Fast);
         assert!(Params::parse("banger.init=openrc").is_err());
+        assert!(!params.reboot_to_stop);
+    }
+
+    #[test]
+    fn firecracker_guests_stop_by_rebooting() {
+        let params = Params::parse("reboot=k banger.root=/dev/vda banger.poweroff=reboot").expect("parse");
+        assert!(params.reboot_to_stop);
+        assert_eq!(stop_mode(params.reboot_to_stop), RebootMode::RB_AUTOBOOT);
+        assert_eq!(stop_mode(false), RebootMode::RB_POWER_OFF);
+        assert_eq!(describe(&Transport::Vsock(1024)), "vsock port 1024");
     }
 
     #[test]

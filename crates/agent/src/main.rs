@@ -8,6 +8,7 @@
 //! banger-agent serve --port auto     find the port named banger.agent, serve on it
 //! banger-agent serve --unix PATH     listen on a unix socket, one host at a time
 //! banger-agent serve --connect PATH  connect to a unix socket, serve that connection
+//! banger-agent serve --vsock PORT     listen on a vsock port, one host at a time
 //! banger-agent --version
 //! ```
 //!
@@ -30,7 +31,8 @@ use std::time::Duration;
 
 use serve::Transport;
 
-const USAGE: &str = "usage: banger-agent [--version] | serve (--port PATH|auto | --unix PATH | --connect PATH)";
+const USAGE: &str =
+    "usage: banger-agent [--version] | serve (--port PATH|auto | --unix PATH | --connect PATH | --vsock PORT)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +58,10 @@ fn main() -> ExitCode {
                 ("--port", path) => Transport::Port(PathBuf::from(path)),
                 ("--unix", path) => Transport::Listen(PathBuf::from(path)),
                 ("--connect", path) => Transport::Connect(PathBuf::from(path)),
+                ("--vsock", port) => match port.parse() {
+                    Ok(port) => Transport::Vsock(port),
+                    Err(_) => return usage(),
+                },
                 _ => return usage(),
             };
             exec::start_reaper();

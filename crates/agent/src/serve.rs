@@ -12,6 +12,11 @@
 //! id that this connection already used (hosts number from 1 on each connection) also starts a
 //! new connection. Writes also block while no host is connected, hence the
 //! non-blocking fd and the generation check while waiting for POLLOUT.
+//!
+//! Under Firecracker there is no virtio-serial port but a virtio vsock device: the agent then
+//! listens on vsock port [`AGENT_VSOCK_PORT`] and serves one host connection at a time (the host
+//! reaches it through Firecracker's hybrid socket with `CONNECT <port>`). [`find_transport`]
+//! picks whichever of the two the VM has.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use banger_proto::agent::{
     parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind, SignalRequest, AGENT_PORT_NAME,
-    MAX_PAYLOAD,
+    AGENT_VSOCK_PORT, MAX_PAYLOAD,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -41,6 +46,8 @@ pub enum Transport {
     Listen(PathBuf),
     /// Connect to a unix socket and serve that one connection.
     Connect(PathBuf),
+    /// Listen on this vsock port (any CID) and serve one host at a time.
+    Vsock(u32),
 }
 
 /// How serving ended.
@@ -73,6 +80,21 @@ pub enum ServeError {
     /// The virtio-serial port never showed up.
     #[error("no virtio-serial port named '{AGENT_PORT_NAME}' within {0:?} (is virtio_console loaded?)")]
     NoPort(Duration),
+    /// Neither the port nor a vsock device showed up.
+    #[error(
+        "no virtio-serial port named '{AGENT_PORT_NAME}' and no virtio vsock device within {0:?} \
+         (are virtio_console and vmw_vsock_virtio_transport loaded?)"
+    )]
+    NoTransport(Duration),
+    /// The vsock listener could not be set up.
+    #[error("cannot listen on vsock port {port}")]
+    Vsock {
+        /// The port.
+        port: u32,
+        /// Why.
+        #[source]
+        source: Errno,
+    },
 }
 
 /// A frame could not be sent: the host it was for has gone.
@@ -207,6 +229,70 @@ pub fn find_port(timeout: Duration) -> Result<PathBuf, ServeError> {
     }
 }
 
+/// Where to serve the host: the virtio-serial port named [`AGENT_PORT_NAME`] (QEMU) or, when the
+/// VM has a virtio vsock device and no such port (Firecracker), vsock port [`AGENT_VSOCK_PORT`];
+/// waits up to `timeout` for either.
+pub fn find_transport(timeout: Duration) -> Result<Transport, ServeError> {
+    let start = Instant::now();
+    loop {
+        if let Some(transport) =
+            transport_in(Path::new("/sys/class/virtio-ports"), Path::new("/sys/bus/virtio/devices"), Path::new("/dev"))
+        {
+            return Ok(transport);
+        }
+        if start.elapsed() > timeout {
+            return Err(ServeError::NoTransport(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One look for a transport: the named port (whose device node exists) wins over vsock.
+fn transport_in(ports: &Path, virtio_bus: &Path, dev: &Path) -> Option<Transport> {
+    if let Some(port) = port_by_name(ports, AGENT_PORT_NAME).map(|name| dev.join(name)) {
+        if port.exists() {
+            return Some(Transport::Port(port));
+        }
+    }
+    has_vsock_device(virtio_bus).then_some(Transport::Vsock(AGENT_VSOCK_PORT))
+}
+
+/// Virtio device id of a vsock device (`/sys/bus/virtio/devices/*/device`).
+const VIRTIO_ID_VSOCK: &str = "0x0013";
+
+/// Whether a virtio vsock device is there with its driver bound.
+fn has_vsock_device(virtio_bus: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(virtio_bus) else { return false };
+    entries.flatten().any(|entry| {
+        let id = std::fs::read_to_string(entry.path().join("device")).unwrap_or_default();
+        id.trim() == VIRTIO_ID_VSOCK && entry.path().join("driver").exists()
+    })
+}
+
+/// A listening vsock socket on `port` for any CID (non-blocking accepts are not needed: one
+/// host at a time).
+fn vsock_listener(port: u32) -> Result<OwnedFd, ServeError> {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
+    let fail = |source| ServeError::Vsock { port, source };
+    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(fail)?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(fail)?;
+    listen(&fd, Backlog::new(1).map_err(fail)?).map_err(fail)?;
+    Ok(fd)
+}
+
+/// Accepts one vsock connection, non-blocking for [`connection`].
+fn vsock_accept(listener: &OwnedFd, port: u32) -> Result<Arc<OwnedFd>, ServeError> {
+    use nix::sys::socket::{accept4, SockFlag};
+    loop {
+        match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+            // SAFETY: accept4 just returned this fd and nothing else owns it.
+            Ok(fd) => return Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
+            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+            Err(source) => return Err(ServeError::Vsock { port, source }),
+        }
+    }
+}
+
 fn port_by_name(class: &Path, name: &str) -> Option<String> {
     std::fs::read_dir(class).ok()?.flatten().find_map(|entry| {
         let found = std::fs::read_to_string(entry.path().join("name")).ok()?;
@@ -251,6 +337,17 @@ pub fn serve(transport: &Transport) -> Result<Outcome, ServeError> {
         Transport::Connect(path) => {
             let stream = UnixStream::connect(path).map_err(|source| ServeError::Open { path: path.clone(), source })?;
             connection(&writer, stream_fd(stream, path)?)
+        }
+        Transport::Vsock(port) => {
+            let listener = vsock_listener(*port)?;
+            loop {
+                let fd = vsock_accept(&listener, *port)?;
+                log!("host connected on vsock port {port}");
+                if connection(&writer, fd)? == Outcome::Shutdown {
+                    return Ok(Outcome::Shutdown);
+                }
+                log!("host disconnected; its processes were killed");
+            }
         }
     }
 }
@@ -501,6 +598,58 @@ mod tests {
         }
         assert_eq!(port_by_name(dir.path(), AGENT_PORT_NAME).as_deref(), Some("vport0p1"));
         assert_eq!(port_by_name(dir.path(), "nope"), None);
+    }
+
+    /// A fake sysfs: a virtio-ports class dir, a virtio bus and a /dev.
+    fn fake_sys(port: Option<&str>, vsock: Option<bool>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["ports", "bus", "dev"] {
+            std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+        }
+        if let Some(name) = port {
+            std::fs::create_dir(dir.path().join("ports/vport0p1")).expect("mkdir");
+            std::fs::write(dir.path().join("ports/vport0p1/name"), format!("{name}\n")).expect("write");
+            std::fs::write(dir.path().join("dev/vport0p1"), "").expect("node");
+        }
+        std::fs::create_dir(dir.path().join("bus/virtio0")).expect("mkdir");
+        std::fs::write(dir.path().join("bus/virtio0/device"), "0x0002\n").expect("write");
+        if let Some(bound) = vsock {
+            std::fs::create_dir(dir.path().join("bus/virtio1")).expect("mkdir");
+            std::fs::write(dir.path().join("bus/virtio1/device"), "0x0013\n").expect("write");
+            if bound {
+                std::fs::create_dir(dir.path().join("bus/virtio1/driver")).expect("mkdir");
+            }
+        }
+        dir
+    }
+
+    fn look(dir: &tempfile::TempDir) -> Option<Transport> {
+        transport_in(&dir.path().join("ports"), &dir.path().join("bus"), &dir.path().join("dev"))
+    }
+
+    #[test]
+    fn transport_is_the_port_else_vsock() {
+        let qemu = fake_sys(Some(AGENT_PORT_NAME), None);
+        assert_eq!(look(&qemu), Some(Transport::Port(qemu.path().join("dev/vport0p1"))));
+        let firecracker = fake_sys(None, Some(true));
+        assert_eq!(look(&firecracker), Some(Transport::Vsock(1024)));
+        // The named port wins when both are there.
+        let both = fake_sys(Some(AGENT_PORT_NAME), Some(true));
+        assert!(matches!(look(&both), Some(Transport::Port(_))));
+        // A vsock device without its driver, or another port's name: nothing yet.
+        assert_eq!(look(&fake_sys(None, Some(false))), None);
+        assert_eq!(look(&fake_sys(Some("other"), None)), None);
+    }
+
+    /// The vsock listener binds on this host's kernel (AF_VSOCK needs no device to listen).
+    #[test]
+    fn vsock_listener_binds_and_refuses_a_taken_port() {
+        let port = 40_000 + std::process::id() % 20_000;
+        let listener = vsock_listener(port).expect("listen on vsock");
+        let error = vsock_listener(port).expect_err("the port is taken");
+        assert!(matches!(error, ServeError::Vsock { source: Errno::EADDRINUSE, .. }), "{error:?}");
+        assert_eq!(error.to_string(), format!("cannot listen on vsock port {port}"));
+        drop(listener);
     }
 
     #[test]

@@ -2,14 +2,20 @@
 //! multiplexed into channels, one per request (see `banger_proto::agent`). A reader task routes
 //! incoming frames to their channel; a writer task serialises outgoing ones. When the stream
 //! drops, every open channel ends and the next request reconnects.
+//!
+//! The stream is a plain unix socket under QEMU (its virtio-serial chardev). Under Firecracker
+//! it is the hybrid vsock socket: after connecting, the daemon sends `CONNECT <port>\n` and
+//! waits for `OK <host port>\n` before any frame (Firecracker drops bytes sent earlier, and
+//! closes the connection when nothing listens on the guest port yet).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_proto::agent::{AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind};
+use banger_vmm::AgentEndpoint;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -20,6 +26,10 @@ type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
 
 /// How long the agent may take to open a tunnel (its own connect gives up after 5 s).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the VMM may take to answer a hybrid vsock `CONNECT`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest `OK <port>` line accepted.
+const HANDSHAKE_MAX_LINE: usize = 64;
 
 /// Why talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +42,14 @@ pub enum AgentError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The hybrid vsock handshake failed.
+    #[error("the vsock handshake on {path} failed: {why}")]
+    Handshake {
+        /// The socket.
+        path: String,
+        /// What went wrong.
+        why: String,
     },
     /// The stream dropped while a request was open.
     #[error("the agent connection was lost")]
@@ -61,7 +79,7 @@ impl Live {
 
 /// One VM's agent connection.
 pub struct AgentConn {
-    socket: PathBuf,
+    endpoint: AgentEndpoint,
     live: tokio::sync::Mutex<Option<Live>>,
     next: AtomicU32,
 }
@@ -115,15 +133,66 @@ impl Drop for Channel {
     }
 }
 
+/// Sends `CONNECT <port>\n` on a fresh hybrid vsock connection and reads the answer a byte at
+/// a time (so no agent byte is consumed), until `OK <host port>\n`.
+async fn hybrid_handshake(stream: &mut UnixStream, path: &Path, port: u32) -> Result<(), AgentError> {
+    let failed = |why: String| AgentError::Handshake { path: path.display().to_string(), why };
+    let exchange = async {
+        stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| failed(e.to_string()))?;
+        let mut line = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte).await {
+                Ok(0) => {
+                    return Err(failed(format!(
+                        "the vmm closed the connection (is the agent listening on vsock port {port} yet?)"
+                    )))
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() < HANDSHAKE_MAX_LINE => line.push(byte[0]),
+                Ok(_) => return Err(failed("the answer is not an `OK <port>` line".into())),
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+        let line = String::from_utf8_lossy(&line);
+        match line.trim_end_matches('\r').strip_prefix("OK ") {
+            Some(host_port) if host_port.trim().parse::<u32>().is_ok() => Ok(()),
+            _ => Err(failed(format!("expected `OK <port>`, got {line:?}"))),
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| failed(format!("no answer to CONNECT within {HANDSHAKE_TIMEOUT:?}")))?
+}
+
 impl AgentConn {
-    pub fn new(socket: PathBuf) -> Self {
-        Self { socket, live: tokio::sync::Mutex::new(None), next: AtomicU32::new(1) }
+    /// A connection to an agent whose stream is the unix socket `socket`.
+    #[cfg(test)]
+    pub fn new(socket: std::path::PathBuf) -> Self {
+        Self::with_endpoint(AgentEndpoint::Unix(socket))
+    }
+
+    /// A connection to the agent at `endpoint` (as the VM's driver reports it).
+    pub fn with_endpoint(endpoint: AgentEndpoint) -> Self {
+        Self { endpoint, live: tokio::sync::Mutex::new(None), next: AtomicU32::new(1) }
+    }
+
+    async fn open_stream(&self) -> Result<UnixStream, AgentError> {
+        let (path, port) = match &self.endpoint {
+            AgentEndpoint::Unix(path) => (path, None),
+            AgentEndpoint::HybridVsock { path, port } => (path, Some(*port)),
+        };
+        let mut stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| AgentError::Connect { path: path.display().to_string(), source })?;
+        if let Some(port) = port {
+            hybrid_handshake(&mut stream, path, port).await?;
+        }
+        Ok(stream)
     }
 
     async fn connect(&self) -> Result<Live, AgentError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| AgentError::Connect { path: self.socket.display().to_string(), source })?;
+        let stream = self.open_stream().await?;
         let (mut rd, mut wr) = stream.into_split();
         let routes: Routes = Arc::default();
         let (writer, mut outgoing) = mpsc::unbounded_channel::<Frame>();
@@ -254,6 +323,13 @@ mod tests {
     async fn fake_agent(listener: UnixListener, accept: usize) {
         for _ in 0..accept {
             let Ok((stream, _)) = listener.accept().await else { return };
+            fake_agent_stream(stream).await;
+        }
+    }
+
+    /// Serves one fake agent connection.
+    async fn fake_agent_stream(stream: UnixStream) {
+        {
             let (mut rd, mut wr) = stream.into_split();
             let mut d = Decoder::default();
             let mut buf = vec![0u8; 4096];
@@ -317,6 +393,61 @@ mod tests {
         assert!(b.recv().await.is_none(), "open channels end when the stream drops");
         let again = conn.call(&AgentRequest::Ping, Duration::from_secs(5)).await;
         assert!(matches!(again, Ok(AgentResponse::Pong { .. })), "{again:?}");
+    }
+
+    /// A fake Firecracker hybrid vsock socket: answers `CONNECT 1024` with `OK <n>` and then
+    /// hands the stream to the fake agent; any other port gets the connection closed.
+    async fn fake_hybrid(listener: UnixListener, accepts: usize) {
+        for _ in 0..accepts {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).await.is_ok_and(|n| n == 1) && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            if line != b"CONNECT 1024" {
+                continue;
+            }
+            stream.write_all(b"OK 1073741824\n").await.expect("ok");
+            fake_agent_stream(stream).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_handshake_then_frames() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(fake_hybrid(listener, 3));
+        let conn = AgentConn::with_endpoint(AgentEndpoint::HybridVsock { path: path.clone(), port: 1024 });
+        let pong = conn.call(&AgentRequest::Ping, Duration::from_secs(5)).await;
+        assert!(matches!(pong, Ok(AgentResponse::Pong { .. })), "{pong:?}");
+
+        // A port nothing answers on: the VMM closes the connection, and the error says so.
+        let wrong = AgentConn::with_endpoint(AgentEndpoint::HybridVsock { path, port: 7 });
+        let error = wrong.call(&AgentRequest::Ping, Duration::from_secs(5)).await.err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("vsock handshake") && e.contains("vsock port 7")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_refuses_a_bad_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            if let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"NOPE\n").await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let conn = AgentConn::with_endpoint(AgentEndpoint::HybridVsock { path, port: 1024 });
+        let error = conn.open(&AgentRequest::Ping).await.err().map(|e| e.to_string());
+        assert!(error.as_deref().is_some_and(|e| e.contains("expected `OK <port>`, got \"NOPE\"")), "{error:?}");
     }
 
     #[tokio::test]

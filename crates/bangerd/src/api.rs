@@ -285,7 +285,13 @@ async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats
     let vm = d.store.find_vm(&vm)?;
     let running = d.handles.alive(&vm);
     let pid = d.handles.get(&vm).and_then(|h| h.pid).filter(|_| running);
-    let stats = pid.and_then(|p| d.driver(vm.spec.vmm).stats(p).ok());
+    let driver = d.driver(vm.spec.vmm);
+    let stats = pid.and_then(|p| driver.stats(p).ok());
+    let control = d.handles.get(&vm).and_then(|h| h.control_socket).filter(|_| running);
+    let vmm_metrics = match control {
+        Some(socket) => driver.metrics(std::path::Path::new(&vm.vm_dir), std::path::Path::new(&socket)).await,
+        None => None,
+    };
     let uptime_secs = pid
         .and_then(|p| std::fs::metadata(format!("/proc/{p}")).ok())
         .and_then(|m| m.modified().ok())
@@ -298,6 +304,7 @@ async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats
         cpu_time_ms: stats.map(|s| s.cpu_time_ms),
         rss_kib: stats.map(|s| s.rss_kib),
         uptime_secs,
+        vmm_metrics,
     }))
 }
 

@@ -74,7 +74,7 @@ impl Daemon {
     ) -> Arc<Self> {
         let drivers = [VmmKind::Qemu, VmmKind::Firecracker]
             .into_iter()
-            .map(|kind| (kind, Selection { kind, accel: host.accel(), tsc_khz: host.tsc_khz }.driver()))
+            .map(|kind| (kind, Selection { kind, accel: host.accel(), tsc_khz: host.tsc_khz }.driver_for(&config)))
             .collect();
         let store = Arc::new(store);
         Arc::new(Self {
@@ -103,7 +103,7 @@ impl Daemon {
         self.drivers
             .get(&kind)
             .cloned()
-            .unwrap_or_else(|| Selection { kind, accel: self.host.accel(), tsc_khz: None }.driver())
+            .unwrap_or_else(|| Selection { kind, accel: self.host.accel(), tsc_khz: None }.driver_for(&self.config))
     }
 
     /// Resolves a VMM choice for a new VM on this host.
@@ -113,13 +113,12 @@ impl Daemon {
             .map_err(|e| ApiFailure::invalid(e.to_string()))
     }
 
-    /// The agent connection of `vm` (made on first use; it connects lazily).
+    /// The agent connection of `vm` (made on first use; it connects lazily, the way the VM's
+    /// driver says).
     pub fn agent_for(&self, vm: &VmRecord) -> Arc<AgentConn> {
+        let endpoint = self.driver(vm.spec.vmm).agent_endpoint(std::path::Path::new(&vm.vm_dir));
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        agents
-            .entry(vm.id.clone())
-            .or_insert_with(|| Arc::new(AgentConn::new(PathBuf::from(&vm.vm_dir).join("agent.sock"))))
-            .clone()
+        agents.entry(vm.id.clone()).or_insert_with(|| Arc::new(AgentConn::with_endpoint(endpoint))).clone()
     }
 
     /// Forgets `vm`'s agent connection (after it stopped).

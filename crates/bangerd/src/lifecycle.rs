@@ -190,12 +190,16 @@ impl Daemon {
         let watched = vm.clone();
         let this = self.clone();
         let cancel = op.sink();
+        let driver = self.driver(vm.spec.vmm);
         agent
             .wait_ready(Duration::from_secs(self.config.boot_timeout_secs), move || {
                 if cancel.cancelled() {
                     return Some("cancelled".into());
                 }
-                (!this.handles.alive(&watched)).then(|| "the vmm exited during boot".to_owned())
+                (!this.handles.alive(&watched)).then(|| match driver.exit_reason(Path::new(&watched.vm_dir)) {
+                    Some(reason) => format!("the vmm exited during boot: {reason}"),
+                    None => "the vmm exited during boot".to_owned(),
+                })
             })
             .await
             .map_err(|why| {
@@ -345,7 +349,10 @@ impl Daemon {
                     return;
                 }
                 let state = d.store.find_vm(&vm.id).map(|v| v.state).unwrap_or(ObservedState::Stopped);
-                let error = (state != ObservedState::Stopping).then(|| "the vmm exited unexpectedly".to_owned());
+                let error = (state != ObservedState::Stopping).then(|| match driver.exit_reason(&dir) {
+                    Some(reason) => format!("the vmm exited unexpectedly: {reason}"),
+                    None => "the vmm exited unexpectedly".to_owned(),
+                });
                 if let Err(e) = d.finish_stop(&vm.id, error).await {
                     tracing::warn!(vm = %vm.name, error = %e, "cleanup after the vmm exited failed");
                 }

@@ -82,7 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(interrupted, "operations cut short by the previous daemon marked interrupted");
     }
     let choice = args.vmm.unwrap_or(config.vmm);
-    let host = banger_vmm::HostFacts::probe();
+    let host = banger_vmm::HostFacts::probe_for(&config);
     let selection = banger_vmm::select(choice, &host)
         .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
     tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "default vmm selected");

@@ -9,12 +9,13 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmChoice {
-    /// Let banger pick (QEMU for now).
+    /// Let banger pick: Firecracker when its binary is there and KVM boots stock guests,
+    /// else QEMU (KVM when usable, TCG when not).
     #[default]
     Auto,
     /// QEMU `-M microvm`.
     Qemu,
-    /// Firecracker (not built yet).
+    /// Firecracker (needs KVM that boots stock guests).
     Firecracker,
 }
 
@@ -133,6 +134,23 @@ pub struct Config {
     /// `HOST_PATH` is absolute or starts with `~/` (the daemon's `$HOME`); `GUEST_PATH` is under
     /// /root (`~/x`, `/root/x` or `x`) and defaults to `HOST_PATH` relative to `$HOME`.
     pub sync_files: Vec<String>,
+    /// The Firecracker binary: a path, or a name looked up on `PATH` (default `firecracker`).
+    pub firecracker_bin: String,
+    /// Run Firecracker under its jailer (chroot, dropped uid/gid, cgroups).
+    pub firecracker_jailer: bool,
+    /// The jailer binary: a path, or a name looked up on `PATH` (default `jailer`).
+    pub jailer_bin: String,
+    /// The uid Firecracker runs as under the jailer (not root).
+    pub jailer_uid: u32,
+    /// The gid Firecracker runs as under the jailer (not root).
+    pub jailer_gid: u32,
+    /// Where the jailer makes each VM's chroot; must be on the state dir's filesystem, since the
+    /// VM's kernel, initramfs and disks are hard-linked into it.
+    pub jailer_chroot_base: String,
+    /// The cgroup version the jailer uses (1 or 2).
+    pub jailer_cgroup_version: u32,
+    /// Cgroup settings the jailer applies, each `FILE=VALUE` (e.g. `cpu.max=50000 100000`).
+    pub jailer_cgroups: Vec<String>,
 }
 
 impl Default for Config {
@@ -158,6 +176,14 @@ impl Default for Config {
             dns_domain: "vm".into(),
             allow_vm_traffic: false,
             sync_files: Vec::new(),
+            firecracker_bin: "firecracker".into(),
+            firecracker_jailer: false,
+            jailer_bin: "jailer".into(),
+            jailer_uid: 0,
+            jailer_gid: 0,
+            jailer_chroot_base: "/srv/jailer".into(),
+            jailer_cgroup_version: 2,
+            jailer_cgroups: Vec::new(),
         }
     }
 }
@@ -195,6 +221,32 @@ impl Config {
         crate::name::validate_name(&self.dns_domain).map_err(|e| format!("dns_domain {:?}: {e}", self.dns_domain))?;
         for entry in &self.sync_files {
             SyncFile::parse(entry)?;
+        }
+        self.validate_firecracker()
+    }
+
+    fn validate_firecracker(&self) -> Result<(), String> {
+        for (key, value) in [("firecracker_bin", &self.firecracker_bin), ("jailer_bin", &self.jailer_bin)] {
+            if value.trim().is_empty() {
+                return Err(format!("{key} is empty; give a path or a program name on PATH"));
+            }
+        }
+        if !matches!(self.jailer_cgroup_version, 1 | 2) {
+            return Err(format!("jailer_cgroup_version {} is not 1 or 2", self.jailer_cgroup_version));
+        }
+        if let Some(bad) = self.jailer_cgroups.iter().find(|c| !c.split_once('=').is_some_and(|(k, _)| k.contains('.')))
+        {
+            return Err(format!("jailer_cgroups entry {bad:?} is not FILE=VALUE (e.g. \"cpu.max=50000 100000\")"));
+        }
+        if self.firecracker_jailer {
+            if self.jailer_uid == 0 || self.jailer_gid == 0 {
+                return Err("firecracker_jailer = true needs jailer_uid and jailer_gid of an unprivileged user \
+                            (e.g. a dedicated `firecracker` user); root would defeat the jail"
+                    .into());
+            }
+            if !self.jailer_chroot_base.starts_with('/') {
+                return Err(format!("jailer_chroot_base {:?} must be an absolute path", self.jailer_chroot_base));
+            }
         }
         Ok(())
     }
@@ -332,6 +384,27 @@ mod tests {
         assert!(Config::from_toml("vmm = \"xen\"", "x").is_err());
         let e = Config::from_toml("sync_files = [\"rel/path\"]", "x").err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|m| m.contains("'rel/path'") && m.contains("~/")), "{e:?}");
+    }
+
+    #[test]
+    fn firecracker_keys() {
+        let c = Config::from_toml(
+            "firecracker_bin = \"/opt/fc/firecracker\"\nfirecracker_jailer = true\njailer_uid = 900\njailer_gid = 900\n\
+             jailer_cgroups = [\"cpu.max=50000 100000\"]\n",
+            "x",
+        )
+        .expect("parse");
+        assert_eq!(c.firecracker_bin, "/opt/fc/firecracker");
+        assert!(c.firecracker_jailer);
+        assert_eq!((c.jailer_uid, c.jailer_gid, c.jailer_cgroup_version), (900, 900, 2));
+        assert_eq!(c.jailer_chroot_base, "/srv/jailer");
+        let err = |text: &str| Config::from_toml(text, "x").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err("firecracker_jailer = true").contains("jailer_uid and jailer_gid"));
+        assert!(err("jailer_cgroup_version = 3").contains("not 1 or 2"));
+        assert!(err("jailer_cgroups = [\"nonsense\"]").contains("FILE=VALUE"));
+        assert!(err("firecracker_bin = \"\"").contains("firecracker_bin is empty"));
+        let relative = "firecracker_jailer = true\njailer_uid = 9\njailer_gid = 9\njailer_chroot_base = \"jail\"";
+        assert!(err(relative).contains("absolute"));
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct DoctorInput<'a> {
     pub socket: &'a Path,
     /// Whether a socket group is configured (mode 0660 instead of 0600).
     pub socket_group: bool,
+    /// The Firecracker binary the config names (`firecracker_bin`: a path or a name on `PATH`).
+    pub firecracker_bin: &'a str,
+    /// What the configured VMM choice picks here and why (from the VMM selection), or why it
+    /// cannot be satisfied (with the fix).
+    pub vmm_pick: Option<Result<String, String>>,
 }
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -89,7 +94,10 @@ const GIB: u64 = 1024 * 1024 * 1024;
 pub fn run(probe: &dyn HostProbe, input: &DoctorInput<'_>) -> Vec<Check> {
     let mut checks = vec![kvm_check(probe)];
     checks.push(program_check(probe, "qemu", "qemu-system-x86_64", Status::Fail, "apt-get install qemu-system-x86"));
-    checks.push(firecracker_check(probe));
+    checks.push(firecracker_check(probe, input.firecracker_bin));
+    if let Some(pick) = &input.vmm_pick {
+        checks.push(vmm_check(pick));
+    }
     checks.push(program_check(probe, "mkfs.ext4", "mkfs.ext4", Status::Fail, "apt-get install e2fsprogs"));
     checks.push(program_check(probe, "mmdebstrap", "mmdebstrap", Status::Fail, "apt-get install mmdebstrap"));
     checks.push(program_check(
@@ -151,9 +159,29 @@ fn program_check(probe: &dyn HostProbe, name: &'static str, program: &str, missi
     }
 }
 
-fn firecracker_check(probe: &dyn HostProbe) -> Check {
+/// What the VMM selection picks, as a check: ok with the pick and its reason, or a failure
+/// when the configured choice cannot run here.
+fn vmm_check(pick: &Result<String, String>) -> Check {
+    match pick {
+        Ok(why) => check("vmm", Status::Ok, why.clone(), None),
+        Err(why) => check(
+            "vmm",
+            Status::Fail,
+            why.clone(),
+            Some("set `vmm = \"auto\"` (or \"qemu\") in config.toml, or fix what the message names"),
+        ),
+    }
+}
+
+fn firecracker_check(probe: &dyn HostProbe, binary: &str) -> Check {
     let kvm = kvm_support(probe);
-    match (probe.find_program("firecracker"), kvm) {
+    let program = if binary.is_empty() { "firecracker" } else { binary };
+    let found = if program.contains('/') {
+        Some(Path::new(program)).filter(|p| probe.exists(p)).map(Path::to_path_buf)
+    } else {
+        probe.find_program(program)
+    };
+    match (found, kvm) {
         (Some(path), KvmSupport::Usable) => check("firecracker", Status::Ok, path.display().to_string(), None),
         (Some(path), _) => check(
             "firecracker",
@@ -164,8 +192,8 @@ fn firecracker_check(probe: &dyn HostProbe) -> Check {
         (None, _) => check(
             "firecracker",
             Status::Warn,
-            "firecracker not found (optional: the qemu driver is used)",
-            Some("install a firecracker release binary on PATH to use --vmm firecracker"),
+            format!("{program} not found (optional: the qemu driver is used)"),
+            Some("install a firecracker release binary (v1.16) on PATH, or set `firecracker_bin` in config.toml, to use --vmm firecracker"),
         ),
     }
 }
@@ -236,6 +264,8 @@ mod tests {
             state_dir: Path::new("/var/lib/banger"),
             socket: Path::new("/run/banger/bangerd.sock"),
             socket_group: false,
+            firecracker_bin: "firecracker",
+            vmm_pick: None,
         }
     }
 
@@ -286,6 +316,35 @@ mod tests {
         probe.modes.insert("/run/banger/bangerd.sock".into(), (0o600, 0));
         let checks = run(&probe, &input());
         assert!(checks.iter().all(|c| c.status == Status::Ok), "{checks:#?}");
+    }
+
+    #[test]
+    fn vmm_pick_is_reported() {
+        let probe = FakeProbe { free: Some(100 * GIB), ..Default::default() };
+        let mut input = input();
+        input.vmm_pick = Some(Ok("auto picks qemu (tcg): firecracker is not installed".into()));
+        let checks = run(&probe, &input);
+        let vmm = checks.iter().find(|c| c.name == "vmm").expect("vmm check");
+        assert_eq!(vmm.status, Status::Ok);
+        assert_eq!(vmm.detail, "auto picks qemu (tcg): firecracker is not installed");
+        input.vmm_pick = Some(Err("firecracker cannot run on this host: ...".into()));
+        let checks = run(&probe, &input);
+        assert_eq!(status_of(&checks, "vmm"), Status::Fail);
+    }
+
+    #[test]
+    fn configured_firecracker_path_is_checked() {
+        let mut probe = FakeProbe::default();
+        probe.paths.insert("/opt/fc/firecracker".into());
+        let mut input = input();
+        input.firecracker_bin = "/opt/fc/firecracker";
+        let checks = run(&probe, &input);
+        let fc = checks.iter().find(|c| c.name == "firecracker").expect("firecracker check");
+        assert!(fc.detail.starts_with("/opt/fc/firecracker found"), "{}", fc.detail);
+        input.firecracker_bin = "/opt/none/firecracker";
+        let checks = run(&probe, &input);
+        let fc = checks.iter().find(|c| c.name == "firecracker").expect("firecracker check");
+        assert_eq!(fc.detail, "/opt/none/firecracker not found (optional: the qemu driver is used)");
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub fn parse_ack(payload: &[u8]) -> Option<usize> {
 /// Name of the virtio-serial port the agent serves on.
 pub const AGENT_PORT_NAME: &str = "banger.agent";
 
+/// The vsock port the agent listens on when the VM has no virtio-serial port (Firecracker); the
+/// host reaches it through the VMM's hybrid vsock socket with `CONNECT <port>\n`.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -215,6 +215,10 @@ pub struct VmStats {
     pub rss_kib: Option<u64>,
     /// Seconds since the VMM started.
     pub uptime_secs: Option<u64>,
+    /// The VMM's own counters, totalled since it started (Firecracker's metrics:
+    /// `block_read_bytes`, `net_rx_bytes`, `vsock_tx_bytes`, ...); absent for QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_metrics: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// `POST /v1/kernels`: pull a kernel.

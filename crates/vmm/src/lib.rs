@@ -1,7 +1,7 @@
 //! VMM drivers behind one trait.
 //!
 //! The daemon describes a boot with a [`LaunchSpec`], picks a driver with [`select`] (QEMU
-//! `microvm` today; Firecracker is a reserved slot) and holds it as `Arc<dyn Vmm>`. Drivers build
+//! `microvm`, or Firecracker where KVM boots stock guests) and holds it as `Arc<dyn Vmm>`. Drivers build
 //! their VMM's command line themselves, start it in its own session so it outlives the daemon,
 //! and answer "is this VMM still alive and ours" with one test ([`process::is_alive`]: the
 //! process is not a zombie and its command line names the VM directory, which survives pid
@@ -18,6 +18,7 @@ pub mod qmp;
 pub mod select;
 pub mod spec;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -25,12 +26,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use firecracker::FirecrackerDriver;
+pub use firecracker::{FirecrackerDriver, FirecrackerError, FirecrackerOptions};
 pub use process::{is_alive, read_pidfile, StatsError, VmmStats};
 pub use qemu::{LaunchError, QemuDriver};
 pub use qmp::{QmpClient, QmpError, RunStatus};
 pub use select::{
-    host_tsc_khz, select, Accel, HostFacts, ParseVmmChoiceError, SelectError, Selection, VmmChoice, VmmKind,
+    explain, host_tsc_khz, select, Accel, HostFacts, ParseVmmChoiceError, SelectError, Selection, VmmChoice, VmmKind,
 };
 pub use spec::{DiskSpec, LaunchSpec, NetSpec, SpecError, VmPaths, AGENT_PORT_NAME};
 
@@ -53,6 +54,22 @@ pub struct Launched {
     pub console_log: PathBuf,
 }
 
+/// How the daemon reaches a VM's guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentEndpoint {
+    /// A unix socket whose stream is the agent channel (QEMU's virtio-serial chardev).
+    Unix(PathBuf),
+    /// A Firecracker hybrid vsock socket: connect, send `CONNECT <port>\n`, wait for
+    /// `OK <host port>\n` (sending nothing before it), then the stream is the agent channel.
+    HybridVsock {
+        /// The socket.
+        path: PathBuf,
+        /// The guest's vsock port.
+        port: u32,
+    },
+}
+
 /// How [`Vmm::stop`] ended the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,6 +88,9 @@ pub enum ControlError {
     /// The control socket failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    /// Firecracker's API failed.
+    #[error(transparent)]
+    Firecracker(#[from] firecracker::api::ApiError),
     /// Sending a signal failed.
     #[error("cannot signal vmm process {pid}; is the daemon running as root?")]
     Signal {
@@ -124,6 +144,27 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// CPU time and resident memory of the VMM process.
     fn stats(&self, pid: u32) -> Result<VmmStats, StatsError>;
+
+    /// How the daemon reaches the guest agent of the VM in `vm_dir`.
+    fn agent_endpoint(&self, vm_dir: &Path) -> AgentEndpoint {
+        AgentEndpoint::Unix(VmPaths::new(vm_dir).agent_socket)
+    }
+
+    /// Why the VMM of `vm_dir` stopped, when its own records say (e.g. a guest fault in its
+    /// log); `None` when they do not.
+    fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
+        None
+    }
+
+    /// The VMM's own counters for a running VM (Firecracker's metrics: bytes through disks,
+    /// NIC and vsock), by name; `None` when the VMM keeps none.
+    fn metrics<'a>(
+        &'a self,
+        _vm_dir: &'a Path,
+        _control_socket: &'a Path,
+    ) -> VmmFuture<'a, Option<BTreeMap<String, u64>>> {
+        Box::pin(async { None })
+    }
 
     /// Ends the VMM: [`Self::quit`], up to `timeout` for it to exit, then [`Self::kill`].
     /// A failing control socket goes straight to the kill.

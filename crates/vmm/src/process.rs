@@ -228,6 +228,20 @@ impl Children {
         }
     }
 
+    /// SIGKILLs `pid` if it is a child of ours not yet reaped (its pid cannot have been reused,
+    /// so its command line need not be checked: it reads empty while the child execs). Returns
+    /// whether it was ours.
+    pub(crate) fn kill_child(&self, pid: u32) -> bool {
+        let pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
+        match to_pid(pid).filter(|_| pids.contains(&pid)) {
+            Some(target) => {
+                let _ = signal::kill(target, Signal::SIGKILL);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// [`is_alive`], reaping the child if it is ours and gone.
     pub(crate) fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
         let alive = is_alive(pid, vm_dir);

@@ -102,6 +102,9 @@ pub enum LaunchError {
         /// The VMM.
         kind: VmmKind,
     },
+    /// The Firecracker driver failed.
+    #[error(transparent)]
+    Firecracker(#[from] crate::firecracker::FirecrackerError),
 }
 
 /// The QEMU `microvm` driver.

@@ -4,14 +4,19 @@
 //! [`HostFacts::probe`] reads the real ones. KVM is used only when `/dev/kvm` opens and the nested
 //! PVM module (`/sys/module/kvm_pvm`) is absent: under PVM, VM creation succeeds but stock guest
 //! kernels never boot.
+//!
+//! `auto` picks Firecracker when its binary is found and KVM boots stock guests; otherwise QEMU,
+//! with KVM when usable and TCG when not. [`explain`] says why, for `banger doctor`.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use banger_core::Config;
 
 use serde::{Deserialize, Serialize};
 
-use crate::firecracker::FirecrackerDriver;
+use crate::firecracker::{FirecrackerDriver, FirecrackerOptions};
 use crate::qemu::QemuDriver;
 use crate::Vmm;
 
@@ -52,16 +57,56 @@ pub struct HostFacts {
     pub kvm_pvm_loaded: bool,
     /// The host TSC frequency in kHz, if known (passed to TCG guests as `tsc_early_khz`).
     pub tsc_khz: Option<u32>,
+    /// The Firecracker binary, when found (`firecracker_bin`, a path or a name on `PATH`).
+    #[serde(default)]
+    pub firecracker: Option<PathBuf>,
+    /// What was looked for as the Firecracker binary.
+    #[serde(default)]
+    pub firecracker_wanted: String,
 }
 
 impl HostFacts {
-    /// Reads the facts of this host.
+    /// Reads the facts of this host, looking for `firecracker` on `PATH`.
     pub fn probe() -> Self {
+        Self::probe_for(&Config::default())
+    }
+
+    /// Reads the facts of this host, looking for Firecracker where `config` says.
+    pub fn probe_for(config: &Config) -> Self {
         Self {
             kvm_openable: std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
             kvm_pvm_loaded: Path::new("/sys/module/kvm_pvm").exists(),
             tsc_khz: host_tsc_khz(),
+            firecracker: crate::process::find_program(Path::new(&config.firecracker_bin)),
+            firecracker_wanted: config.firecracker_bin.clone(),
         }
+    }
+
+    /// Why KVM cannot boot stock guests here, with the fix; `None` when it can.
+    pub fn kvm_problem(&self) -> Option<&'static str> {
+        match (self.kvm_openable, self.kvm_pvm_loaded) {
+            (true, false) => None,
+            (_, true) => Some(
+                "/dev/kvm here is nested PVM (kvm_pvm is loaded), which cannot boot stock guest kernels; \
+                 run banger on a host (or a VM with nested virtualization) whose KVM boots stock guests",
+            ),
+            (false, false) => Some(
+                "/dev/kvm is missing or not accessible; load kvm_intel or kvm_amd and give the daemon \
+                 read-write access to /dev/kvm",
+            ),
+        }
+    }
+
+    /// Why Firecracker's binary is not usable, with the fix; `None` when it is found.
+    pub fn firecracker_problem(&self) -> Option<String> {
+        if self.firecracker.is_some() {
+            return None;
+        }
+        let wanted = if self.firecracker_wanted.is_empty() { "firecracker" } else { &self.firecracker_wanted };
+        Some(format!(
+            "firecracker binary {wanted:?} not found; install a firecracker release binary (v1.16) on PATH or set \
+             `firecracker_bin` in config.toml"
+        ))
     }
 
     /// The accelerator these facts allow: KVM if `/dev/kvm` opens and PVM is not loaded.
@@ -109,11 +154,16 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// A driver for this selection, for the daemon to hold.
+    /// A driver for this selection with default options, for the daemon to hold.
     pub fn driver(&self) -> Arc<dyn Vmm> {
+        self.driver_for(&Config::default())
+    }
+
+    /// A driver for this selection, set up as `config` says (`firecracker_bin`, jailer).
+    pub fn driver_for(&self, config: &Config) -> Arc<dyn Vmm> {
         match self.kind {
             VmmKind::Qemu => Arc::new(QemuDriver::new(self.accel, self.tsc_khz)),
-            VmmKind::Firecracker => Arc::new(FirecrackerDriver::default()),
+            VmmKind::Firecracker => Arc::new(FirecrackerDriver::new(FirecrackerOptions::from_config(config))),
         }
     }
 }
@@ -121,18 +171,55 @@ impl Selection {
 /// Why no VMM could be selected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SelectError {
-    /// Firecracker was asked for.
-    #[error("the firecracker driver is not built yet; use --vmm qemu")]
-    FirecrackerNotBuilt,
+    /// Firecracker was asked for and cannot run here.
+    #[error("firecracker cannot run on this host: {}; or use --vmm qemu", reasons.join("; and "))]
+    FirecrackerUnavailable {
+        /// Each reason, with its fix.
+        reasons: Vec<String>,
+    },
 }
 
-/// Picks the VMM for `choice` on a host described by `host`. `Auto` picks QEMU.
+/// Picks the VMM for `choice` on a host described by `host`: see the module docs.
 pub fn select(choice: VmmChoice, host: &HostFacts) -> Result<Selection, SelectError> {
-    let kind = match choice {
-        VmmChoice::Auto | VmmChoice::Qemu => VmmKind::Qemu,
-        VmmChoice::Firecracker => return Err(SelectError::FirecrackerNotBuilt),
+    let qemu = Selection { kind: VmmKind::Qemu, accel: host.accel(), tsc_khz: host.tsc_khz };
+    let firecracker = Selection { kind: VmmKind::Firecracker, accel: Accel::Kvm, tsc_khz: host.tsc_khz };
+    let reasons: Vec<String> =
+        host.firecracker_problem().into_iter().chain(host.kvm_problem().map(str::to_owned)).collect();
+    match choice {
+        VmmChoice::Qemu => Ok(qemu),
+        VmmChoice::Auto if reasons.is_empty() => Ok(firecracker),
+        VmmChoice::Auto => Ok(qemu),
+        VmmChoice::Firecracker if reasons.is_empty() => Ok(firecracker),
+        VmmChoice::Firecracker => Err(SelectError::FirecrackerUnavailable { reasons }),
+    }
+}
+
+/// One sentence on what `choice` picks on `host` and why (for `banger doctor`).
+pub fn explain(choice: VmmChoice, host: &HostFacts) -> Result<String, SelectError> {
+    let selection = select(choice, host)?;
+    let picked = match selection.kind {
+        VmmKind::Firecracker => "firecracker (kvm)".to_owned(),
+        VmmKind::Qemu => format!("qemu ({})", selection.accel),
     };
-    Ok(Selection { kind, accel: host.accel(), tsc_khz: host.tsc_khz })
+    let why = match (choice, selection.kind) {
+        (VmmChoice::Firecracker, _) => "asked for, and its binary is found and KVM boots stock guests".to_owned(),
+        (_, VmmKind::Firecracker) => "its binary is found and KVM boots stock guests".to_owned(),
+        (VmmChoice::Qemu, _) => "asked for".to_owned(),
+        (VmmChoice::Auto, VmmKind::Qemu) => {
+            let fc = host.firecracker.is_none().then_some("firecracker is not installed");
+            let kvm = match (host.kvm_openable, host.kvm_pvm_loaded) {
+                (true, false) => None,
+                (_, true) => Some("KVM is nested PVM (kvm_pvm loaded) and cannot boot stock guests"),
+                (false, false) => Some("/dev/kvm is missing or not accessible"),
+            };
+            fc.into_iter().chain(kvm).collect::<Vec<_>>().join(" and ")
+        }
+    };
+    let accel_note = match (selection.kind, selection.accel) {
+        (VmmKind::Qemu, Accel::Tcg) => "; guests run under TCG emulation (slower than KVM)",
+        _ => "",
+    };
+    Ok(format!("{choice} picks {picked}: {why}{accel_note}"))
 }
 
 #[cfg(test)]
@@ -141,7 +228,13 @@ mod tests {
     use super::*;
 
     fn host(kvm_openable: bool, kvm_pvm_loaded: bool) -> HostFacts {
-        HostFacts { kvm_openable, kvm_pvm_loaded, tsc_khz: Some(2_596_096) }
+        HostFacts { kvm_openable, kvm_pvm_loaded, tsc_khz: Some(2_596_096), ..HostFacts::default() }
+    }
+
+    fn with_firecracker(mut host: HostFacts) -> HostFacts {
+        host.firecracker = Some("/usr/local/bin/firecracker".into());
+        host.firecracker_wanted = "firecracker".into();
+        host
     }
 
     #[test]
@@ -171,16 +264,62 @@ mod tests {
     }
 
     #[test]
-    fn firecracker_is_not_built() {
-        let err = select(VmmChoice::Firecracker, &host(true, false)).unwrap_err();
-        assert_eq!(err, SelectError::FirecrackerNotBuilt);
-        assert_eq!(err.to_string(), "the firecracker driver is not built yet; use --vmm qemu");
+    fn auto_picks_firecracker_only_with_its_binary_and_stock_kvm() {
+        let good = with_firecracker(host(true, false));
+        let selection = select(VmmChoice::Auto, &good).unwrap();
+        assert_eq!((selection.kind, selection.accel), (VmmKind::Firecracker, Accel::Kvm));
+        assert_eq!(select(VmmChoice::Firecracker, &good).unwrap().kind, VmmKind::Firecracker);
+        assert_eq!(select(VmmChoice::Qemu, &good).unwrap().kind, VmmKind::Qemu);
+        // PVM: QEMU under TCG.
+        let pvm = with_firecracker(host(true, true));
+        let selection = select(VmmChoice::Auto, &pvm).unwrap();
+        assert_eq!((selection.kind, selection.accel), (VmmKind::Qemu, Accel::Tcg));
+        // No binary: QEMU, with KVM when it works.
+        let selection = select(VmmChoice::Auto, &host(true, false)).unwrap();
+        assert_eq!((selection.kind, selection.accel), (VmmKind::Qemu, Accel::Kvm));
+    }
+
+    #[test]
+    fn firecracker_refusals_say_why_and_how_to_fix() {
+        let err = select(VmmChoice::Firecracker, &host(true, true)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("firecracker cannot run on this host: firecracker binary \"firecracker\" not found"),
+            "{text}"
+        );
+        assert!(text.contains("set `firecracker_bin` in config.toml"), "{text}");
+        assert!(text.contains("nested PVM (kvm_pvm is loaded)"), "{text}");
+        assert!(text.ends_with("; or use --vmm qemu"), "{text}");
+        let err = select(VmmChoice::Firecracker, &with_firecracker(host(false, false))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "firecracker cannot run on this host: /dev/kvm is missing or not accessible; load kvm_intel or kvm_amd \
+             and give the daemon read-write access to /dev/kvm; or use --vmm qemu"
+        );
+    }
+
+    #[test]
+    fn explanations() {
+        let pvm = host(true, true);
+        assert_eq!(
+            explain(VmmChoice::Auto, &pvm).unwrap(),
+            "auto picks qemu (tcg): firecracker is not installed and KVM is nested PVM (kvm_pvm loaded) and cannot \
+             boot stock guests; guests run under TCG emulation (slower than KVM)"
+        );
+        assert_eq!(
+            explain(VmmChoice::Auto, &with_firecracker(host(true, false))).unwrap(),
+            "auto picks firecracker (kvm): its binary is found and KVM boots stock guests"
+        );
+        assert_eq!(explain(VmmChoice::Qemu, &host(true, false)).unwrap(), "qemu picks qemu (kvm): asked for");
+        assert!(explain(VmmChoice::Firecracker, &pvm).is_err());
     }
 
     #[test]
     fn driver_matches_selection() {
         let driver = select(VmmChoice::Auto, &host(false, false)).unwrap().driver();
         assert_eq!(driver.kind(), VmmKind::Qemu);
+        let driver = select(VmmChoice::Auto, &with_firecracker(host(true, false))).unwrap().driver();
+        assert_eq!(driver.kind(), VmmKind::Firecracker);
     }
 
     #[test]

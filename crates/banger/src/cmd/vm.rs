@@ -331,14 +331,18 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
                 output::json(&stats)?;
             } else {
                 let opt = |v: Option<u64>, f: &dyn Fn(u64) -> String| v.map_or_else(|| "-".to_owned(), f);
-                output::fields(&[
+                let mut fields = vec![
                     ("name", stats.name.clone()),
                     ("running", stats.running.to_string()),
                     ("pid", stats.pid.map_or_else(|| "-".into(), |p| p.to_string())),
                     ("cpu time", opt(stats.cpu_time_ms, &|ms| human_duration(std::time::Duration::from_millis(ms)))),
                     ("memory", opt(stats.rss_kib, &|k| format!("{:.1} MiB RSS", k as f64 / 1024.0))),
                     ("uptime", opt(stats.uptime_secs, &|s| human_duration(std::time::Duration::from_secs(s)))),
-                ])?;
+                ];
+                for (name, value) in stats.vmm_metrics.iter().flatten() {
+                    fields.push((name.as_str(), value.to_string()));
+                }
+                output::fields(&fields)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -20,11 +20,36 @@ fn invalid_names_are_refused_without_writing() {
     }
     env.banger(&["vm", "create", "ok", "--image", "../etc"]).fails(1, "invalid image name");
     env.banger(&["vm", "create", "ok", "--cpus", "0"]).fails(1, "vcpus 0 is out of range");
-    env.banger(&["vm", "create", "ok", "--vmm", "firecracker"])
-        .fails(1, "firecracker driver is not built yet; use --vmm qemu");
     assert_eq!(env.banger(&["vm", "create", "ok", "--vmm", "xen"]).code, 2, "an unknown vmm is a usage error");
     assert!(vm_names(&env).is_empty());
     assert_eq!(op_count(&env), 0);
+}
+
+/// `--vmm firecracker` where Firecracker cannot run: refused, saying why and how to fix it,
+/// from the CLI's create and from the daemon's own `--vmm`.
+#[test]
+fn firecracker_where_it_cannot_run_says_why() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state).expect("state dir");
+    // A binary that is surely missing, so the answer does not depend on this host.
+    std::fs::write(env.state.join("config.toml"), "firecracker_bin = \"/nonexistent/banger-firecracker\"\n")
+        .expect("config");
+    let run = env.banger(&["vm", "create", "ok", "--vmm", "firecracker"]).fails(
+        1,
+        "firecracker cannot run on this host: firecracker binary \"/nonexistent/banger-firecracker\" not found; \
+         install a firecracker release binary (v1.16) on PATH or set `firecracker_bin` in config.toml",
+    );
+    assert!(run.stderr.contains("or use --vmm qemu"), "{}", run.stderr);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(run.stderr.contains("nested PVM (kvm_pvm is loaded)"), "{}", run.stderr);
+    }
+    assert!(vm_names(&env).is_empty());
+    env.banger(&["daemon", "stop"]).ok();
+
+    let out = env.bangerd().arg("--vmm").arg("firecracker").output().expect("run bangerd");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("firecracker cannot run on this host") && stderr.contains("--vmm qemu"), "{stderr}");
 }
 
 #[test]

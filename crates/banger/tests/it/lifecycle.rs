@@ -149,8 +149,15 @@ fn doctor_reports_on_this_host() {
     let doc = run.json();
     let checks = doc["checks"].as_array().expect("checks");
     let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
-    for n in ["kvm", "qemu", "firecracker", "mkfs.ext4", "mmdebstrap", "nft", "disk space", "socket"] {
+    for n in ["kvm", "qemu", "firecracker", "vmm", "mkfs.ext4", "mmdebstrap", "nft", "disk space", "socket"] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // The selection's own explanation of what `auto` picks.
+    let vmm = checks.iter().find(|c| c["name"] == "vmm").expect("vmm");
+    let detail = vmm["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("auto picks "), "{detail}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(detail.starts_with("auto picks qemu (tcg): ") && detail.contains("kvm_pvm"), "{detail}");
     }
     let kvm = checks.iter().find(|c| c["name"] == "kvm").expect("kvm");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
