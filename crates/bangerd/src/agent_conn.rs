@@ -399,16 +399,18 @@ mod tests {
     /// hands the stream to the fake agent; any other port gets the connection closed.
     async fn fake_hybrid(listener: UnixListener, accepts: usize) {
         for _ in 0..accepts {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            while stream.read(&mut byte).await.is_ok_and(|n| n == 1) && byte[0] != b'\n' {
-                line.push(byte[0]);
-            }
-            if line != b"CONNECT 1024" {
-                continue;
-            }
-            stream.write_all(b"OK 1073741824\n").await.expect("ok");
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(fake_hybrid_connection(stream));
+        }
+    }
+
+    async fn fake_hybrid_connection(mut stream: UnixStream) {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read(&mut byte).await.is_ok_and(|n| n == 1) && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        if line == b"CONNECT 1024" && stream.write_all(b"OK 1073741824\n").await.is_ok() {
             fake_agent_stream(stream).await;
         }
     }
