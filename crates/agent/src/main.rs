@@ -22,6 +22,7 @@ mod mounts;
 mod net;
 mod ports;
 mod serve;
+mod session;
 mod tunnel;
 
 use std::path::PathBuf;
