@@ -375,6 +375,13 @@ unsafe fn exec_child(
     }
 }
 
+/// Starts the reaper once per test binary (every test that spawns needs it).
+#[cfg(test)]
+pub fn start_reaper_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(start_reaper);
+}
+
 /// Runs `cmd` to completion (stdio as given) and returns how it ended.
 pub fn run(cmd: &Command) -> Result<ExitStatus, SpawnError> {
     let child = spawn(cmd)?;
@@ -557,7 +564,6 @@ mod tests {
     }
 
     fn start_reaper_once() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(start_reaper);
+        start_reaper_for_tests();
     }
 }

@@ -23,6 +23,7 @@ mod mounts;
 mod net;
 mod ports;
 mod serve;
+mod session;
 mod tunnel;
 
 use std::path::PathBuf;

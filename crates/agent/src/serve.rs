@@ -35,7 +35,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::exec::{self, ExecControl};
-use crate::{files, ports, tunnel};
+use crate::{files, ports, session, tunnel};
 
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +169,8 @@ pub enum Route {
     /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
     /// its `Ack`s open.
     Tunnel(mpsc::Sender<Vec<u8>>, Arc<tunnel::Credit>),
+    /// A session attach or followed log: stdin, signals and `Close` (detach) go to it.
+    Session(Arc<session::Control>),
 }
 
 type Routes = Arc<Mutex<HashMap<u32, Route>>>;
@@ -202,6 +204,11 @@ impl Link {
     /// Ends the channel with an `Error` frame.
     pub fn fail(&self, message: &str) {
         let _ = self.json(FrameKind::Error, &AgentFailure { message: message.to_owned() });
+    }
+
+    /// Routes the channel's later frames to `route`.
+    pub fn route(&self, route: Route) {
+        insert_route(self, route);
     }
 
     /// Forgets the channel's route: later frames on it are ignored.
@@ -448,8 +455,11 @@ fn end_connection(writer: &Writer, routes: &Routes) {
     writer.detach();
     let routes: Vec<Route> = routes.lock().map(|mut r| r.drain().map(|(_, route)| route).collect()).unwrap_or_default();
     for route in routes {
-        if let Route::Exec { control, .. } = route {
-            control.kill();
+        match route {
+            Route::Exec { control, .. } => control.kill(),
+            // Sessions outlive connections: only their attaches end.
+            Route::Session(control) => control.close(),
+            Route::Upload(_) | Route::Tunnel(..) => {}
         }
     }
 }
@@ -469,7 +479,9 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         }
         FrameKind::Stdin => {
             let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(Route::Exec { stdin: slot @ Some(_), .. }) = routes.get_mut(&frame.channel) {
+            if let Some(Route::Session(control)) = routes.get(&frame.channel) {
+                control.stdin(frame.payload);
+            } else if let Some(Route::Exec { stdin: slot @ Some(_), .. }) = routes.get_mut(&frame.channel) {
                 let eof = frame.payload.is_empty();
                 if let Some(tx) = slot.as_ref() {
                     let _ = tx.send(frame.payload);
@@ -482,11 +494,12 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         FrameKind::Signal => match frame.parse::<SignalRequest>("signal") {
             Ok(request) => {
                 let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(Route::Exec { control, .. }) = routes.get(&frame.channel) {
-                    match Signal::try_from(request.signal) {
-                        Ok(signal) => control.signal(signal),
-                        Err(_) => log!("ignoring unknown signal {}", request.signal),
-                    }
+                let signal = Signal::try_from(request.signal);
+                match (routes.get(&frame.channel), signal) {
+                    (Some(Route::Exec { control, .. }), Ok(signal)) => control.signal(signal),
+                    (Some(Route::Session(control)), Ok(signal)) => control.signal(signal),
+                    (_, Err(_)) => log!("ignoring unknown signal {}", request.signal),
+                    _ => {}
                 }
             }
             Err(e) => log!("ignoring a bad signal frame: {e}"),
@@ -499,9 +512,14 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         }
         FrameKind::Close => {
             let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if matches!(routes.get(&frame.channel), Some(Route::Tunnel(..))) {
+            match routes.get(&frame.channel) {
                 // Dropping the sender tells the tunnel to close its socket.
-                routes.remove(&frame.channel);
+                Some(Route::Tunnel(..)) => {
+                    routes.remove(&frame.channel);
+                }
+                // The channel's thread notices, says `Close` and forgets the route.
+                Some(Route::Session(control)) => control.close(),
+                _ => {}
             }
         }
         FrameKind::Ack => {
@@ -545,6 +563,7 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             insert_route(&link, Route::Tunnel(tx, Arc::clone(&credit)));
             spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
         }
+        AgentRequest::Session(op) => session::request(op, link),
         AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
         AgentRequest::WriteFile { path, mode } => {
             let (tx, rx) = mpsc::channel();
@@ -561,7 +580,8 @@ fn insert_route(link: &Link, route: Route) {
     }
 }
 
-fn spawn_channel(link: Link, name: &str, work: impl FnOnce(Link) + Send + 'static) {
+/// Runs `work` for the channel on a thread of its own (or fails the channel).
+pub fn spawn_channel(link: Link, name: &str, work: impl FnOnce(Link) + Send + 'static) {
     let theirs = link.clone();
     if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(move || work(theirs)) {
         link.fail(&format!("cannot start a thread: {e}"));

@@ -9,6 +9,7 @@ use banger_proto::agent::{
 use banger_proto::ApiError;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
+use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -32,8 +33,8 @@ pub struct ExecOptions {
     pub forward_interrupt: bool,
 }
 
-/// Runs a command in `vm` and returns its exit code.
-pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Result<i32> {
+/// `POST path` with `Upgrade: protocol`; the upgraded stream, or the daemon's error.
+pub async fn upgrade(client: &Client, path: &str, protocol: &str) -> anyhow::Result<TokioIo<Upgraded>> {
     let socket = &client.layout().socket;
     let stream =
         UnixStream::connect(socket).await.with_context(|| format!("cannot reach bangerd at {}", socket.display()))?;
@@ -42,13 +43,13 @@ pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Resul
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let req = Request::post(format!("/v1/vms/{}/exec", segment(vm)))
+    let req = Request::post(path)
         .header("host", "bangerd")
         .header("connection", "upgrade")
-        .header("upgrade", "banger-exec")
+        .header("upgrade", protocol)
         .body(Empty::<Bytes>::new())
-        .context("cannot build the exec request")?;
-    let resp = sender.send_request(req).await.context("exec request failed")?;
+        .context("cannot build the request")?;
+    let resp = sender.send_request(req).await.context("request to bangerd failed")?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -57,8 +58,14 @@ pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Resul
             .unwrap_or_else(|_| format!("bangerd answered {status}: {}", String::from_utf8_lossy(&body)));
         bail!(err);
     }
-    let upgraded = hyper::upgrade::on(resp).await.context("exec upgrade failed")?;
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let upgraded = hyper::upgrade::on(resp).await.with_context(|| format!("{protocol} upgrade failed"))?;
+    Ok(TokioIo::new(upgraded))
+}
+
+/// Runs a command in `vm` and returns its exit code.
+pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Result<i32> {
+    let upgraded = upgrade(client, &format!("/v1/vms/{}/exec", segment(vm)), "banger-exec").await?;
+    let (mut rd, mut wr) = tokio::io::split(upgraded);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     let request = AgentRequest::Exec(ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, stdin: opts.stdin });

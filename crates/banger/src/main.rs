@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 ok, 1 failed, 2 usage error.
 
+mod attach;
 mod client;
 mod cmd;
 mod exec;
@@ -34,6 +35,10 @@ enum Command {
     /// Create, list, inspect, change and delete VMs.
     #[command(subcommand)]
     Vm(cmd::vm::VmCommand),
+    /// Supervised processes in a running VM that outlive the client and the daemon: start,
+    /// list, show, logs, attach, stop, kill.
+    #[command(subcommand)]
+    Session(cmd::session::SessionCommand),
     /// Pull, list and delete guest kernels.
     #[command(subcommand)]
     Kernel(cmd::kernel::KernelCommand),
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Vm(c) => cmd::vm::run(&client, c).await,
+            Command::Session(c) => cmd::session::run(&client, c).await,
             Command::Kernel(c) => cmd::kernel::run(&client, c).await,
             Command::Image(c) => cmd::image::run(&client, c).await,
             Command::Op(c) => cmd::op::run(&client, c).await,

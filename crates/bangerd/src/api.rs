@@ -127,6 +127,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/operations", get(list_ops))
         .route("/v1/operations/{op}", get(show_op))
         .route("/v1/operations/{op}/cancel", post(cancel_op))
+        .merge(crate::sessions::routes())
         .fallback(|| async { ApiFailure::not_found("no such endpoint; see GET /v1/openapi.json") })
         .with_state(daemon)
 }
@@ -506,7 +507,14 @@ async fn cancel_op(State(d): Shared, Path(op): Path<String>) -> ApiResult<Operat
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "the OpenAPI document")))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(document())
+}
+
+/// The whole OpenAPI document: these routes and the session routes.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::sessions::SessionsApi::openapi());
+    doc
 }
 
 #[cfg(test)]
@@ -515,7 +523,7 @@ mod tests {
 
     #[test]
     fn openapi_lists_every_route() {
-        let doc = ApiDoc::openapi();
+        let doc = document();
         let paths: Vec<&String> = doc.paths.paths.keys().collect();
         for p in [
             "/v1/health",
@@ -526,6 +534,7 @@ mod tests {
             "/v1/vms/{vm}/forwards",
             "/v1/vms/{vm}/forwards/{host_port}",
             "/v1/operations/{op}/cancel",
+            "/v1/vms/{vm}/sessions/{session}/stop",
             "/v1/openapi.json",
         ] {
             assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");

@@ -221,6 +221,7 @@ impl Daemon {
             let tap = self.handles.get(vm).and_then(|h| h.tap);
             self.handles.release(vm);
             self.drop_agent(vm);
+            self.fail_sessions(&vm.id);
             if let Ok(mut now) = self.store.find_vm(&vm.id) {
                 now.state = ObservedState::Failed;
                 now.desired_state = DesiredState::Stopped;
@@ -270,6 +271,7 @@ impl Daemon {
                 self.deactivate_forwards(&vm).await;
                 self.handles.release(&vm);
                 self.drop_agent(&vm);
+                self.fail_sessions(&vm.id);
                 if vm.state.is_active() || vm.desired_state == DesiredState::Running {
                     vm.state = if vm.state.is_active() { ObservedState::Stopped } else { vm.state };
                     vm.desired_state = DesiredState::Stopped;
@@ -317,6 +319,7 @@ impl Daemon {
         self.deactivate_forwards(&vm).await;
         self.handles.release(&vm);
         self.drop_agent(&vm);
+        self.fail_sessions(&vm.id);
         if vm.state.is_active() {
             vm.state = transition(vm.state, &VmEvent::Exited).unwrap_or(ObservedState::Stopped);
             if error.is_some() {

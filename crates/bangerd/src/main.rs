@@ -16,6 +16,8 @@ mod lifecycle;
 mod locks;
 mod net;
 mod ops;
+mod session_stream;
+mod sessions;
 mod ssh;
 mod tunnel;
 mod vms;

@@ -22,6 +22,7 @@
 //! | `ports` | – | `Response(ports)` |
 //! | `connect` | `Data` chunks, empty `Data` = EOF; `Ack`; `Close` | `Response(connected)`, `Data` chunks, empty `Data` = EOF; `Ack` |
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
+//! | `session` | see [`session`] | see [`session`] |
 //!
 //! `connect` is a TCP tunnel: the agent connects to the port on the guest's loopback and relays
 //! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
@@ -33,10 +34,12 @@
 //! holds the writer back instead of growing buffers in between.
 //!
 //! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
-//! the host side of the stream goes away, the agent kills the processes of that connection and
-//! waits for the next one; the daemon reconnects.
+//! the host side of the stream goes away, the agent kills the processes of that connection (its
+//! exec channels; sessions live on) and waits for the next one; the daemon reconnects.
 
 use serde::{Deserialize, Serialize};
+
+pub mod session;
 
 /// Largest payload in one frame.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -89,7 +92,8 @@ pub enum FrameKind {
     /// Either way: file contents, or a tunnel's bytes; empty ends a host → guest upload or
     /// half-closes a tunnel.
     Data = 9,
-    /// Host → guest: abandon a `connect` tunnel (its socket is closed at once).
+    /// Host → guest: abandon a `connect` tunnel (its socket is closed at once), or detach a
+    /// session attach; guest → host: the attach is detached.
     Close = 10,
     /// Either way on a `connect` tunnel: bytes of `Data` consumed (see [`ack_payload`]).
     Ack = 11,
@@ -246,6 +250,8 @@ pub enum AgentRequest {
     },
     /// Stop every process, sync, and power off.
     Shutdown,
+    /// Start, list, signal, attach to or read the logs of supervised sessions.
+    Session(session::SessionOp),
 }
 
 /// A command to run.
@@ -306,6 +312,13 @@ pub enum AgentResponse {
     },
     /// Generic success.
     Ok,
+    /// One session's state.
+    Session(session::SessionState),
+    /// Every session the agent knows.
+    Sessions {
+        /// Oldest first.
+        sessions: Vec<session::SessionState>,
+    },
 }
 
 /// A listening socket in the guest.

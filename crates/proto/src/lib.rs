@@ -9,3 +9,7 @@ pub mod agent;
 mod api;
 #[cfg(feature = "api")]
 pub use api::*;
+#[cfg(feature = "api")]
+mod session_api;
+#[cfg(feature = "api")]
+pub use session_api::*;

@@ -8,6 +8,7 @@ mod artifacts;
 mod forwards;
 mod migrate;
 mod ops;
+mod sessions;
 mod vms;
 
 use std::path::Path;

@@ -78,6 +78,33 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN network INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE vms ADD COLUMN allow_vm_traffic INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 5: guest sessions
+    r#"
+    CREATE TABLE sessions (
+        id              TEXT PRIMARY KEY,
+        vm_id           TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name            TEXT NOT NULL,
+        command         TEXT NOT NULL,
+        args            TEXT NOT NULL,
+        cwd             TEXT,
+        env             TEXT NOT NULL,
+        tags            TEXT NOT NULL,
+        stdin_mode      TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        pid             INTEGER,
+        exit_code       INTEGER,
+        exit_signal     INTEGER,
+        launch_stage    TEXT,
+        launch_message  TEXT,
+        error           TEXT,
+        created_at      TEXT NOT NULL,
+        started_at      TEXT,
+        ended_at        TEXT,
+        updated_at      TEXT NOT NULL,
+        UNIQUE (vm_id, name)
+    );
+    CREATE INDEX sessions_vm ON sessions (vm_id, created_at);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -119,7 +146,7 @@ mod tests {
             let rows = stmt.query_map([], |r| r.get(0)).expect("query");
             rows.collect::<Result<_, _>>().expect("rows")
         };
-        for table in ["forwards", "images", "kernels", "operations", "vms"] {
+        for table in ["forwards", "images", "kernels", "operations", "sessions", "vms"] {
             assert!(tables.iter().any(|t| t == table), "{table} missing from {tables:?}");
         }
         let fk: i64 = store.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).expect("fk");

@@ -3,4 +3,5 @@
 
 mod client;
 mod serve;
+mod session;
 mod tunnel;

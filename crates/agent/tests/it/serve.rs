@@ -13,7 +13,7 @@ use crate::client::Client;
 pub struct Agent {
     child: Child,
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -23,10 +23,11 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
             .args(["serve", "--unix"])
             .arg(&socket)
+            .env("BANGER_SESSION_DIR", dir.path().join("sessions"))
             .spawn()
             .expect("start the agent");
         wait_until(Duration::from_secs(10), || socket.exists());
-        Self { child, socket, _dir: dir }
+        Self { child, socket, dir }
     }
 
     pub fn connect(&self) -> Client {
@@ -49,7 +50,7 @@ impl Drop for Agent {
     }
 }
 
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(start.elapsed() < timeout, "condition not met within {timeout:?}");

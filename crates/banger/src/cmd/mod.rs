@@ -8,6 +8,7 @@ pub mod forward;
 pub mod image;
 pub mod kernel;
 pub mod op;
+pub mod session;
 pub mod ssh;
 pub mod vm;
 

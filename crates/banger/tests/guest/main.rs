@@ -16,4 +16,5 @@ mod forward;
 mod images;
 mod network;
 mod recovery;
+mod session;
 mod ssh;

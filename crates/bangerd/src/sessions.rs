@@ -1,0 +1,531 @@
+//! Guest sessions: processes the VM's agent supervises (see `banger_proto::agent::session`),
+//! recorded in the store so they can be listed, shown, stopped and attached to by name after
+//! their client, or this daemon, went away.
+//!
+//! A start records the session as `starting`, then asks the agent to check and launch it; the
+//! agent's answer makes it `running`, or `failed` with the launch stage (`cwd`, `command`,
+//! `logs`, `spawn`; `agent` when the agent could not be asked). Reads (list, show) refresh
+//! the status from the agent; a VM that is not running fails its open sessions with "vm is not
+//! running" (lifecycle.rs also does so when it stops one). No lock is held across guest I/O:
+//! the store's row is the only shared state, and the VM's own lock is not needed.
+//!
+//! `attach` and `logs` stream; they live in `session_stream.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use banger_core::session::{apply, default_name, SessionEvent};
+use banger_core::time::{format_rfc3339, now_rfc3339};
+use banger_core::{SessionRecord, SessionStatus, StdinMode, VmRecord};
+use banger_proto::agent::session::{log_path, GuestSessionStatus, SessionOp, SessionStart, SessionState};
+use banger_proto::agent::{AgentRequest, AgentResponse};
+use banger_proto::{ApiError, SessionList, SessionView, StartSessionRequest};
+use banger_store::StoreError;
+use utoipa::OpenApi;
+
+use crate::agent_conn::{AgentConn, AgentError};
+use crate::daemon::Daemon;
+use crate::error::{chain, ApiFailure};
+
+/// What a stopped VM's open sessions become.
+pub const VM_NOT_RUNNING: &str = "vm is not running";
+/// How long the agent may take to check and launch a session.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent may take to answer a list or a signal.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A `starting` session the agent does not know yet is left alone this long (its start may
+/// still be on its way).
+const START_GRACE: Duration = Duration::from_secs(60);
+/// The longest a stop or kill waits for the session to end.
+const MAX_WAIT_SECS: u64 = 120;
+
+/// The session routes' OpenAPI document (merged into the daemon's).
+#[derive(OpenApi)]
+#[openapi(
+    paths(list_sessions, start_session, show_session, stop_session, kill_session),
+    components(schemas(
+        StartSessionRequest,
+        SessionView,
+        SessionList,
+        SessionRecord,
+        SessionStatus,
+        StdinMode,
+        ApiError
+    ))
+)]
+pub struct SessionsApi;
+
+/// The session routes.
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route("/v1/vms/{vm}/sessions", get(list_sessions).post(start_session))
+        .route("/v1/vms/{vm}/sessions/{session}", get(show_session))
+        .route("/v1/vms/{vm}/sessions/{session}/stop", post(stop_session))
+        .route("/v1/vms/{vm}/sessions/{session}/kill", post(kill_session))
+        .route("/v1/vms/{vm}/sessions/{session}/logs", get(crate::session_stream::logs))
+        .route("/v1/vms/{vm}/sessions/{session}/attach", post(crate::session_stream::attach))
+}
+
+type Shared = State<Arc<Daemon>>;
+
+/// A running VM's sessions.
+#[utoipa::path(get, path = "/v1/vms/{vm}/sessions", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = SessionList), (status = 404, body = ApiError)))]
+async fn list_sessions(State(d): Shared, Path(vm): Path<String>) -> Result<Json<SessionList>, ApiFailure> {
+    Ok(Json(d.list_sessions(&vm).await?))
+}
+
+/// Starts a session in a running VM. A launch the guest refused (missing working directory or
+/// command, ...) is recorded too and answered with status `failed` and its `launch_stage`.
+#[utoipa::path(post, path = "/v1/vms/{vm}/sessions", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body = StartSessionRequest,
+    responses((status = 201, body = SessionView), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = 409, body = ApiError)))]
+async fn start_session(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    req: Result<Json<StartSessionRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let Json(req) = req.map_err(|rejection| {
+        ApiFailure::invalid(format!(
+            "invalid request body: {}; send a JSON StartSessionRequest object (see GET /v1/openapi.json)",
+            rejection.body_text()
+        ))
+    })?;
+    Ok((StatusCode::CREATED, Json(d.start_session(&vm, req).await?)))
+}
+
+/// One session, by name, id or id prefix.
+#[utoipa::path(get, path = "/v1/vms/{vm}/sessions/{session}",
+    params(("vm" = String, Path, description = "name, id or id prefix"), ("session" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = SessionView), (status = 404, body = ApiError)))]
+async fn show_session(
+    State(d): Shared,
+    Path((vm, session)): Path<(String, String)>,
+) -> Result<Json<SessionView>, ApiFailure> {
+    Ok(Json(d.show_session(&vm, &session).await?))
+}
+
+/// Query of the stop and kill routes.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct SignalQuery {
+    /// Wait up to this many seconds for the session to end [default: 0, at most 120].
+    #[serde(default)]
+    wait_secs: u64,
+}
+
+/// Sends SIGTERM to a session's process group (a session that has ended is answered as it is).
+#[utoipa::path(post, path = "/v1/vms/{vm}/sessions/{session}/stop",
+    params(("vm" = String, Path, description = "name, id or id prefix"), ("session" = String, Path, description = "name, id or id prefix"), SignalQuery),
+    responses((status = 200, body = SessionView), (status = 404, body = ApiError)))]
+async fn stop_session(
+    State(d): Shared,
+    Path((vm, session)): Path<(String, String)>,
+    Query(q): Query<SignalQuery>,
+) -> Result<Json<SessionView>, ApiFailure> {
+    Ok(Json(d.signal_session(&vm, &session, libc_signal::TERM, q.wait_secs).await?))
+}
+
+/// Sends SIGKILL to a session's process group.
+#[utoipa::path(post, path = "/v1/vms/{vm}/sessions/{session}/kill",
+    params(("vm" = String, Path, description = "name, id or id prefix"), ("session" = String, Path, description = "name, id or id prefix"), SignalQuery),
+    responses((status = 200, body = SessionView), (status = 404, body = ApiError)))]
+async fn kill_session(
+    State(d): Shared,
+    Path((vm, session)): Path<(String, String)>,
+    Query(q): Query<SignalQuery>,
+) -> Result<Json<SessionView>, ApiFailure> {
+    Ok(Json(d.signal_session(&vm, &session, libc_signal::KILL, q.wait_secs).await?))
+}
+
+/// The two signals sessions are sent.
+mod libc_signal {
+    pub const TERM: i32 = 15;
+    pub const KILL: i32 = 9;
+}
+
+/// A store error about a session of `vm`, with the fix.
+pub fn session_failure(e: StoreError, vm: &VmRecord) -> ApiFailure {
+    match e {
+        StoreError::NotFound { kind: "session", reference } => ApiFailure::not_found(format!(
+            "vm '{}' has no session '{reference}'; see `banger session list {}`",
+            vm.name, vm.name
+        )),
+        StoreError::NameTaken { kind: "session", name } => ApiFailure::conflict(format!(
+            "vm '{}' already has a session named '{name}'; pick another --name (see `banger session list {}`)",
+            vm.name, vm.name
+        )),
+        other => other.into(),
+    }
+}
+
+/// The view of `record` in `vm`.
+pub fn view(vm: &VmRecord, record: SessionRecord) -> SessionView {
+    SessionView {
+        stdout_path: log_path(&record.id, false),
+        stderr_path: log_path(&record.id, true),
+        vm: vm.name.clone(),
+        record,
+    }
+}
+
+/// `now - ms`, as a timestamp.
+fn ago(now: SystemTime, ms: Option<u64>) -> Option<String> {
+    ms.map(|ms| format_rfc3339(now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)))
+}
+
+/// What an agent's report of a session means for its record.
+pub fn events(state: &SessionState, now: SystemTime) -> Vec<SessionEvent> {
+    let mut out = Vec::new();
+    if let (Some(pid), Some(started_at)) = (state.pid, ago(now, state.started_ms_ago)) {
+        out.push(SessionEvent::Launched { pid, started_at });
+    }
+    match state.status {
+        GuestSessionStatus::Running => {}
+        GuestSessionStatus::Exited => {
+            let exit = state.exit.unwrap_or(banger_proto::agent::ExitStatus { code: 255, signal: None });
+            out.push(SessionEvent::Exited {
+                code: exit.code,
+                signal: exit.signal,
+                ended_at: ago(now, state.ended_ms_ago),
+            });
+        }
+        GuestSessionStatus::Failed => {
+            let (stage, message) = state.failure.as_ref().map_or_else(
+                || ("agent".to_owned(), "the agent gave no reason".to_owned()),
+                |f| (f.stage.clone(), f.message.clone()),
+            );
+            out.push(SessionEvent::LaunchFailed { stage, message });
+        }
+    }
+    out
+}
+
+/// Applies `events` to `record`; whether it changed.
+fn apply_all(record: &mut SessionRecord, events: Vec<SessionEvent>, now: &str) -> bool {
+    events.into_iter().fold(false, |changed, e| apply(record, e, now) | changed)
+}
+
+/// Checks a start request: (name, argv, env as pairs).
+fn check_start(req: &StartSessionRequest, id: &str) -> Result<String, ApiFailure> {
+    if req.command.trim().is_empty() {
+        return Err(ApiFailure::invalid("a session needs a command; e.g. `banger session start VM -- sleep 60`"));
+    }
+    let strings = std::iter::once(&req.command)
+        .chain(&req.args)
+        .chain(req.cwd.iter())
+        .chain(req.env.iter().flat_map(|(k, v)| [k, v]))
+        .chain(req.tags.iter().flat_map(|(k, v)| [k, v]));
+    if strings.into_iter().any(|s| s.contains('\0')) {
+        return Err(ApiFailure::invalid("the command, arguments, cwd, env and tags must not contain NUL bytes"));
+    }
+    if let Some(bad) = req.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+        return Err(ApiFailure::invalid(format!(
+            "environment variable name '{bad}' is empty or holds '='; use KEY=VALUE"
+        )));
+    }
+    if req.tags.keys().any(String::is_empty) {
+        return Err(ApiFailure::invalid("a tag needs a key; use KEY=VALUE"));
+    }
+    if let Some(cwd) = req.cwd.as_deref().filter(|c| !c.starts_with('/')) {
+        return Err(ApiFailure::invalid(format!("working directory '{cwd}' is not an absolute path")));
+    }
+    match &req.name {
+        Some(name) => {
+            banger_core::validate_name(name).map_err(|e| ApiFailure::invalid(format!("invalid session name: {e}")))?;
+            Ok(name.clone())
+        }
+        None => Ok(default_name(&req.command, id)),
+    }
+}
+
+impl Daemon {
+    /// The VM `reference` and, when it runs, its agent.
+    fn vm_and_agent(&self, reference: &str) -> Result<(VmRecord, Option<Arc<AgentConn>>), ApiFailure> {
+        let vm = self.store.find_vm(reference)?;
+        let agent = self.handles.alive(&vm).then(|| self.agent_for(&vm));
+        Ok((vm, agent))
+    }
+
+    /// Starts a session in running VM `vm_ref`.
+    pub async fn start_session(&self, vm_ref: &str, req: StartSessionRequest) -> Result<SessionView, ApiFailure> {
+        let id = banger_core::new_id();
+        let name = check_start(&req, &id)?;
+        let (vm, agent) = self.vm_and_agent(vm_ref)?;
+        let Some(agent) = agent else {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is not running; start it with `banger vm start {}`",
+                vm.name, vm.name
+            )));
+        };
+        let now = now_rfc3339();
+        let mut record = SessionRecord {
+            id: id.clone(),
+            vm_id: vm.id.clone(),
+            name,
+            command: req.command.clone(),
+            args: req.args.clone(),
+            cwd: req.cwd.clone(),
+            env: req.env.clone(),
+            tags: req.tags,
+            stdin_mode: req.stdin,
+            status: SessionStatus::Starting,
+            pid: None,
+            exit_code: None,
+            exit_signal: None,
+            launch_stage: None,
+            launch_message: None,
+            error: None,
+            created_at: now.clone(),
+            started_at: None,
+            ended_at: None,
+            updated_at: now,
+        };
+        self.store.insert_session(&record).map_err(|e| session_failure(e, &vm))?;
+        let start = SessionStart {
+            id,
+            argv: std::iter::once(req.command).chain(req.args).collect(),
+            env: req.env.into_iter().collect(),
+            cwd: req.cwd,
+            stdin: req.stdin == StdinMode::Pipe,
+        };
+        let answer = agent.call(&AgentRequest::Session(SessionOp::Start(start)), START_TIMEOUT).await;
+        let events = match answer {
+            Ok(AgentResponse::Session(state)) => events(&state, SystemTime::now()),
+            Ok(other) => vec![SessionEvent::LaunchFailed {
+                stage: "agent".into(),
+                message: format!("unexpected answer from the agent: {other:?}"),
+            }],
+            Err(e) => vec![SessionEvent::LaunchFailed { stage: "agent".into(), message: chain(&e) }],
+        };
+        apply_all(&mut record, events, &now_rfc3339());
+        self.store.update_session(&record)?;
+        match &record.launch_stage {
+            Some(stage) => tracing::warn!(vm = %vm.name, session = %record.name, stage, "session failed to start"),
+            None => tracing::info!(vm = %vm.name, session = %record.name, pid = ?record.pid, "session started"),
+        }
+        Ok(view(&vm, record))
+    }
+
+    /// A VM's sessions, refreshed.
+    pub async fn list_sessions(&self, vm_ref: &str) -> Result<SessionList, ApiFailure> {
+        let (vm, agent) = self.vm_and_agent(vm_ref)?;
+        let sessions = self.store.list_sessions(&vm.id)?;
+        let sessions = self.refresh(&vm, agent.as_deref(), sessions).await?;
+        Ok(SessionList { vm: vm.name.clone(), sessions: sessions.into_iter().map(|s| view(&vm, s)).collect() })
+    }
+
+    /// One session, refreshed; with its VM and (when running) agent.
+    pub async fn find_session(
+        &self,
+        vm_ref: &str,
+        session_ref: &str,
+    ) -> Result<(VmRecord, Option<Arc<AgentConn>>, SessionRecord), ApiFailure> {
+        let (vm, agent) = self.vm_and_agent(vm_ref)?;
+        let session = self.store.find_session(&vm.id, session_ref).map_err(|e| session_failure(e, &vm))?;
+        let session = self.refresh(&vm, agent.as_deref(), vec![session]).await?.pop();
+        let session = session.ok_or_else(|| ApiFailure::internal("the session vanished while it was read"))?;
+        Ok((vm, agent, session))
+    }
+
+    /// One session, refreshed.
+    pub async fn show_session(&self, vm_ref: &str, session_ref: &str) -> Result<SessionView, ApiFailure> {
+        let (vm, _, session) = self.find_session(vm_ref, session_ref).await?;
+        Ok(view(&vm, session))
+    }
+
+    /// Signals a session's process group, then waits up to `wait_secs` for it to end.
+    pub async fn signal_session(
+        &self,
+        vm_ref: &str,
+        session_ref: &str,
+        signal: i32,
+        wait_secs: u64,
+    ) -> Result<SessionView, ApiFailure> {
+        let (vm, agent, mut session) = self.find_session(vm_ref, session_ref).await?;
+        let Some(agent) = agent.filter(|_| !session.status.is_terminal()) else {
+            return Ok(view(&vm, session));
+        };
+        if session.status == SessionStatus::Starting {
+            return Err(ApiFailure::conflict(format!(
+                "session '{}' is still starting; try again in a moment",
+                session.name
+            )));
+        }
+        let request = AgentRequest::Session(SessionOp::Signal { id: session.id.clone(), signal });
+        let mut events = vec![SessionEvent::StopRequested];
+        match agent.call(&request, CALL_TIMEOUT).await {
+            Ok(AgentResponse::Session(state)) => events.extend(self::events(&state, SystemTime::now())),
+            Ok(other) => return Err(ApiFailure::internal(format!("unexpected answer from the agent: {other:?}"))),
+            Err(AgentError::Failed(message)) if message.starts_with("no session") => {
+                events = vec![SessionEvent::Lost { reason: message }];
+            }
+            Err(e) => {
+                return Err(ApiFailure::internal(format!("cannot signal session '{}': {}", session.name, chain(&e))));
+            }
+        }
+        // Re-read: a refresh may have recorded its end meanwhile.
+        session = self.store.find_session(&vm.id, &session.id).map_err(|e| session_failure(e, &vm))?;
+        if apply_all(&mut session, events, &now_rfc3339()) {
+            self.store.update_session(&session)?;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+        while !session.status.is_terminal() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, _, again) = self.find_session(&vm.id, &session.id).await?;
+            session = again;
+        }
+        tracing::info!(vm = %vm.name, session = %session.name, signal, status = session.status.as_str(), "session signalled");
+        Ok(view(&vm, session))
+    }
+
+    /// Brings `sessions` of `vm` up to date: failed when the VM is not running, else as the
+    /// agent reports them. When the agent cannot be asked, they are answered as recorded.
+    async fn refresh(
+        &self,
+        vm: &VmRecord,
+        agent: Option<&AgentConn>,
+        mut sessions: Vec<SessionRecord>,
+    ) -> Result<Vec<SessionRecord>, ApiFailure> {
+        if sessions.iter().all(|s| s.status.is_terminal()) {
+            return Ok(sessions);
+        }
+        let Some(agent) = agent else {
+            self.fail_sessions(&vm.id);
+            for s in &mut sessions {
+                if let Ok(fresh) = self.store.find_session(&vm.id, &s.id) {
+                    *s = fresh;
+                }
+            }
+            return Ok(sessions);
+        };
+        let states = match agent.call(&AgentRequest::Session(SessionOp::List), CALL_TIMEOUT).await {
+            Ok(AgentResponse::Sessions { sessions }) => sessions,
+            Ok(other) => {
+                tracing::warn!(vm = %vm.name, answer = ?other, "unexpected answer to a session list");
+                return Ok(sessions);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot refresh sessions from the agent");
+                return Ok(sessions);
+            }
+        };
+        let now = SystemTime::now();
+        let stamp = format_rfc3339(now);
+        for s in sessions.iter_mut().filter(|s| !s.status.is_terminal()) {
+            let events = match states.iter().find(|state| state.id == s.id) {
+                Some(state) => events(state, now),
+                None if s.status == SessionStatus::Starting && banger_core::time::age(&s.created_at) < START_GRACE => {
+                    continue
+                }
+                None => vec![SessionEvent::Lost {
+                    reason: "the guest agent does not know this session (did the guest restart?)".into(),
+                }],
+            };
+            if apply_all(s, events, &stamp) {
+                self.store.update_session(s)?;
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Fails VM `vm_id`'s open sessions: it is not running (any more).
+    pub fn fail_sessions(&self, vm_id: &str) {
+        match self.store.fail_active_sessions(vm_id, VM_NOT_RUNNING, &now_rfc3339()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(vm_id, sessions = n, "sessions failed: {VM_NOT_RUNNING}"),
+            Err(e) => tracing::error!(vm_id, error = %chain(&e), "cannot mark the vm's sessions failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::agent::session::LaunchFailure;
+    use banger_proto::agent::ExitStatus;
+
+    fn state(status: GuestSessionStatus) -> SessionState {
+        SessionState {
+            id: "s".into(),
+            status,
+            pid: Some(42),
+            exit: None,
+            failure: None,
+            started_ms_ago: Some(5000),
+            ended_ms_ago: None,
+            stdin_attached: false,
+        }
+    }
+
+    #[test]
+    fn agent_reports_become_events_with_host_times() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let running = events(&state(GuestSessionStatus::Running), now);
+        assert_eq!(running, [SessionEvent::Launched { pid: 42, started_at: "1970-01-12T13:46:35.000Z".into() }]);
+        let mut exited = state(GuestSessionStatus::Exited);
+        exited.exit = Some(ExitStatus { code: 143, signal: Some(15) });
+        exited.ended_ms_ago = Some(1000);
+        let evs = events(&exited, now);
+        assert_eq!(
+            evs[1],
+            SessionEvent::Exited { code: 143, signal: Some(15), ended_at: Some("1970-01-12T13:46:39.000Z".into()) }
+        );
+        let failed = SessionState::failed("s", "cwd", "working directory /x does not exist");
+        assert_eq!(
+            events(&failed, now),
+            [SessionEvent::LaunchFailed { stage: "cwd".into(), message: "working directory /x does not exist".into() }]
+        );
+        let mut odd = state(GuestSessionStatus::Failed);
+        odd.pid = None;
+        odd.failure = None::<LaunchFailure>;
+        assert!(matches!(&events(&odd, now)[..], [SessionEvent::LaunchFailed { stage, .. }] if stage == "agent"));
+    }
+
+    #[test]
+    fn start_requests_are_checked() {
+        let ok = StartSessionRequest { command: "/usr/bin/python3.11".into(), ..Default::default() };
+        assert_eq!(check_start(&ok, "abcdef0123456789").expect("ok"), "python3-11-abcdef");
+        let named = StartSessionRequest { name: Some("web".into()), command: "sleep".into(), ..Default::default() };
+        assert_eq!(check_start(&named, "abcdef0123456789").expect("ok"), "web");
+        let cases: Vec<(StartSessionRequest, &str)> = vec![
+            (StartSessionRequest { command: " ".into(), ..Default::default() }, "needs a command"),
+            (
+                StartSessionRequest { name: Some("Web!".into()), command: "x".into(), ..Default::default() },
+                "invalid session name",
+            ),
+            (
+                StartSessionRequest { command: "x".into(), cwd: Some("srv".into()), ..Default::default() },
+                "not an absolute path",
+            ),
+            (
+                StartSessionRequest {
+                    command: "x".into(),
+                    env: [("A=B".to_owned(), "1".to_owned())].into(),
+                    ..Default::default()
+                },
+                "holds '='",
+            ),
+            (StartSessionRequest { command: "x\0y".into(), ..Default::default() }, "NUL"),
+            (
+                StartSessionRequest {
+                    command: "x".into(),
+                    tags: [(String::new(), "1".to_owned())].into(),
+                    ..Default::default()
+                },
+                "tag needs a key",
+            ),
+        ];
+        for (req, expected) in cases {
+            let err = check_start(&req, "abcdef0123456789").expect_err("refused");
+            assert!(err.message.contains(expected), "{expected}: {}", err.message);
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        }
+    }
+}
