@@ -23,6 +23,7 @@ mod net;
 mod ports;
 mod serve;
 mod tunnel;
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -30,7 +30,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::exec::{self, ExecControl};
-use crate::{files, ports, tunnel};
+use crate::{files, ports, tunnel, workspace};
 
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +142,7 @@ pub enum Route {
         /// Host stdin chunks.
         stdin: Option<mpsc::Sender<Vec<u8>>>,
     },
-    /// A `write_file` receiving `Data`.
+    /// A `write_file` or `unpack` receiving `Data` (dropping the sender abandons it).
     Upload(mpsc::Sender<Vec<u8>>),
     /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
     /// its `Ack`s open.
@@ -402,8 +402,8 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         }
         FrameKind::Close => {
             let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if matches!(routes.get(&frame.channel), Some(Route::Tunnel(..))) {
-                // Dropping the sender tells the tunnel to close its socket.
+            if matches!(routes.get(&frame.channel), Some(Route::Tunnel(..) | Route::Upload(_))) {
+                // Dropping the sender tells the tunnel to close its socket, an upload to stop.
                 routes.remove(&frame.channel);
             }
         }
@@ -453,6 +453,11 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             let (tx, rx) = mpsc::channel();
             insert_route(&link, Route::Upload(tx));
             spawn_channel(link, "write_file", move |link| files::write_file(&link, &path, mode, &rx));
+        }
+        AgentRequest::Unpack { dir } => {
+            let (tx, rx) = mpsc::channel();
+            insert_route(&link, Route::Upload(tx));
+            spawn_channel(link, "unpack", move |link| workspace::session(&link, &dir, &rx));
         }
     }
     false

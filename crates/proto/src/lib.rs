@@ -9,3 +9,5 @@ pub mod agent;
 mod api;
 #[cfg(feature = "api")]
 pub use api::*;
+#[cfg(feature = "api")]
+pub mod workspace;
