@@ -19,6 +19,7 @@ mod ops;
 mod ssh;
 mod tunnel;
 mod vms;
+mod workspace;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
