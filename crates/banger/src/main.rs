@@ -9,6 +9,7 @@ mod cmd;
 mod exec;
 mod output;
 mod progress;
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// Print an ssh_config with a `Host NAME.vm` block per VM, to `Include` from ~/.ssh/config.
     SshConfig(cmd::ssh::SshConfigArgs),
+    /// Import a git repository into a VM, and bring the guest's commits back as a branch.
+    #[command(subcommand)]
+    Workspace(cmd::workspace::WorkspaceCommand),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
             Command::Config(c) => cmd::config::run(&client, c).await,
             Command::Doctor(a) => cmd::doctor::run(&client, a),
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
+            Command::Workspace(c) => cmd::workspace::run(&client, c).await,
         }
     });
     // A blocking stdin read may still be pending; do not wait for it.
