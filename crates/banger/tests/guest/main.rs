@@ -17,3 +17,4 @@ mod images;
 mod network;
 mod recovery;
 mod ssh;
+mod workspace;

@@ -8,3 +8,4 @@ mod harness;
 mod lifecycle;
 mod restart;
 mod ssh;
+mod workspace;
