@@ -25,6 +25,7 @@ mod ports;
 mod serve;
 mod session;
 mod tunnel;
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

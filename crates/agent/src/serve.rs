@@ -35,7 +35,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::exec::{self, ExecControl};
-use crate::{files, ports, session, tunnel};
+use crate::{files, ports, session, tunnel, workspace};
 
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +164,7 @@ pub enum Route {
         /// Host stdin chunks.
         stdin: Option<mpsc::Sender<Vec<u8>>>,
     },
-    /// A `write_file` receiving `Data`.
+    /// A `write_file` or `unpack` receiving `Data` (dropping the sender abandons it).
     Upload(mpsc::Sender<Vec<u8>>),
     /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
     /// its `Ack`s open.
@@ -513,8 +513,8 @@ fn dispatch(frame: Frame, link: Link) -> bool {
         FrameKind::Close => {
             let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match routes.get(&frame.channel) {
-                // Dropping the sender tells the tunnel to close its socket.
-                Some(Route::Tunnel(..)) => {
+                // Dropping the sender tells the tunnel to close its socket, an upload to stop.
+                Some(Route::Tunnel(..) | Route::Upload(_)) => {
                     routes.remove(&frame.channel);
                 }
                 // The channel's thread notices, says `Close` and forgets the route.
@@ -569,6 +569,11 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             let (tx, rx) = mpsc::channel();
             insert_route(&link, Route::Upload(tx));
             spawn_channel(link, "write_file", move |link| files::write_file(&link, &path, mode, &rx));
+        }
+        AgentRequest::Unpack { dir } => {
+            let (tx, rx) = mpsc::channel();
+            insert_route(&link, Route::Upload(tx));
+            spawn_channel(link, "unpack", move |link| workspace::session(&link, &dir, &rx));
         }
     }
     false

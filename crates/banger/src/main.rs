@@ -10,6 +10,7 @@ mod cmd;
 mod exec;
 mod output;
 mod progress;
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,9 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Print an ssh_config with a `Host NAME.vm` block per VM, to `Include` from ~/.ssh/config.
     SshConfig(cmd::ssh::SshConfigArgs),
+    /// Import a git repository into a VM, and bring the guest's commits back as a branch.
+    #[command(subcommand)]
+    Workspace(cmd::workspace::WorkspaceCommand),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
             Command::Doctor(a) => cmd::doctor::run(&client, a),
             Command::Bench(a) => cmd::bench::run(&client, a).await,
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
+            Command::Workspace(c) => cmd::workspace::run(&client, c).await,
         }
     });
     // A blocking stdin read may still be pending; do not wait for it.

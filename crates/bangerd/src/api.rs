@@ -108,6 +108,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{vm}", get(show_vm).patch(update_vm).delete(delete_vm))
         .route("/v1/vms/{vm}/exec", post(crate::exec::exec))
+        .route("/v1/vms/{vm}/workspace/import", post(crate::workspace::import))
+        .route("/v1/vms/{vm}/workspace/export", post(crate::workspace::export))
         .route("/v1/vms/{vm}/start", post(start_vm))
         .route("/v1/vms/{vm}/stop", post(stop_vm))
         .route("/v1/vms/{vm}/logs", get(vm_logs))

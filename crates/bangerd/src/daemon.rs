@@ -37,6 +37,9 @@ pub struct Daemon {
     pub ops: Arc<OpRegistry>,
     /// Per-VM lifecycle locks.
     pub vm_locks: VmLocks,
+    /// Per-VM workspace locks: held across a workspace import's or export's guest I/O, which
+    /// never runs under the VM lock (see `workspace.rs`).
+    pub workspace_locks: VmLocks,
     /// Held only while a name or a forward's host port (and later an IP) is checked and
     /// claimed.
     pub reservation: Mutex<()>,
@@ -83,6 +86,7 @@ impl Daemon {
             config_source,
             store,
             vm_locks: VmLocks::default(),
+            workspace_locks: VmLocks::default(),
             reservation: Mutex::new(()),
             handles: HandleCache::default(),
             started_at: SystemTime::now(),

@@ -2,7 +2,8 @@
 //! start and stop) so those never interleave; different VMs never contend.
 //!
 //! Lock order (also in ARCHITECTURE.md): VM lock → reservation lock → store connection. The
-//! operation registry, the handle cache and this set's own map are leaves taken alone.
+//! operation registry, the handle cache and this set's own map are leaves taken alone. A VM's
+//! workspace lock (a second set) is taken only after its VM lock is released, never with it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -21,6 +21,7 @@ mod sessions;
 mod ssh;
 mod tunnel;
 mod vms;
+mod workspace;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

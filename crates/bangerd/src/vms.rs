@@ -235,6 +235,7 @@ impl Daemon {
         }
         drop(guard);
         self.vm_locks.forget(&vm.id);
+        self.workspace_locks.forget(&vm.id);
         if let Err(e) = self.rewrite_known_hosts().await {
             tracing::warn!(vm = %vm.name, error = %e, "cannot update known_hosts");
         }

@@ -21,6 +21,7 @@
 //! | `write_file` | `Data` chunks, empty `Data` = end | `Response(written)` |
 //! | `ports` | – | `Response(ports)` |
 //! | `connect` | `Data` chunks, empty `Data` = EOF; `Ack`; `Close` | `Response(connected)`, `Data` chunks, empty `Data` = EOF; `Ack` |
+//! | `unpack` | tar stream in `Data` chunks, empty `Data` = end; `Close` | `Ack`, then `Response(unpacked)` |
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
 //! | `session` | see [`session`] | see [`session`] |
 //!
@@ -32,6 +33,11 @@
 //! a sender keeps at most [`TUNNEL_WINDOW`] bytes of `Data` unacknowledged, and the receiver
 //! sends `Ack` (see [`ack_payload`]) as its side consumes them, so a slow reader at either end
 //! holds the writer back instead of growing buffers in between.
+//!
+//! `unpack` extracts a tar stream into a guest directory, refusing entries that would land
+//! outside it (absolute or `..` paths, writes through symlinks, symlinks pointing out, hard
+//! links, device nodes). Its `Data` is flow-controlled like a tunnel's host → guest direction
+//! (the agent acknowledges what it has unpacked); `Close` abandons it.
 //!
 //! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
 //! the host side of the stream goes away, the agent kills the processes of that connection (its
@@ -60,6 +66,29 @@ pub fn ack_payload(consumed: usize) -> Vec<u8> {
 pub fn parse_ack(payload: &[u8]) -> Option<usize> {
     let bytes: [u8; 4] = payload.try_into().ok()?;
     usize::try_from(u32::from_be_bytes(bytes)).ok()
+}
+
+/// Why `unpack` refuses a symlink at `link` (a path relative to the target directory) pointing
+/// to `target`, or `None` when it stays inside: the target must be relative, its `..`s must
+/// all come first (after a name, a `..` could climb out through another symlink) and number
+/// at most the link's depth.
+pub fn symlink_escape(link: &std::path::Path, target: &std::path::Path) -> Option<&'static str> {
+    use std::path::Component;
+    if target.as_os_str().is_empty() {
+        return Some("the symlink has an empty target");
+    }
+    let depth = link.components().count().saturating_sub(1);
+    let (mut ups, mut named) = (0, false);
+    for component in target.components() {
+        match component {
+            Component::Normal(_) => named = true,
+            Component::CurDir => {}
+            Component::ParentDir if !named => ups += 1,
+            Component::ParentDir => return Some("the symlink's target has '..' after a name"),
+            Component::RootDir | Component::Prefix(_) => return Some("the symlink points outside (absolute target)"),
+        }
+    }
+    (ups > depth).then_some("the symlink points outside (too many '..')")
 }
 
 /// Name of the virtio-serial port the agent serves on.
@@ -92,10 +121,11 @@ pub enum FrameKind {
     /// Either way: file contents, or a tunnel's bytes; empty ends a host → guest upload or
     /// half-closes a tunnel.
     Data = 9,
-    /// Host → guest: abandon a `connect` tunnel (its socket is closed at once), or detach a
-    /// session attach; guest → host: the attach is detached.
+    /// Host → guest: abandon a `connect` tunnel (its socket is closed at once) or an `unpack`,
+    /// or detach a session attach; guest → host: the attach is detached.
     Close = 10,
-    /// Either way on a `connect` tunnel: bytes of `Data` consumed (see [`ack_payload`]).
+    /// Either way on a `connect` tunnel, guest → host on an `unpack`: bytes of `Data` consumed
+    /// (see [`ack_payload`]).
     Ack = 11,
 }
 
@@ -252,6 +282,12 @@ pub enum AgentRequest {
     Shutdown,
     /// Start, list, signal, attach to or read the logs of supervised sessions.
     Session(session::SessionOp),
+    /// Extract the tar stream that follows in `Data` frames into this directory (made if
+    /// missing), refusing anything that would land outside it.
+    Unpack {
+        /// Absolute guest directory.
+        dir: String,
+    },
 }
 
 /// A command to run.
@@ -309,6 +345,13 @@ pub enum AgentResponse {
     Connected {
         /// The guest address it reached, e.g. `127.0.0.1:8000`.
         address: String,
+    },
+    /// An `unpack` finished.
+    Unpacked {
+        /// Entries extracted (files, directories, symlinks).
+        entries: u64,
+        /// Bytes of file contents written.
+        bytes: u64,
     },
     /// Generic success.
     Ok,
@@ -409,6 +452,20 @@ mod tests {
         assert_eq!(started, r#"{"type":"started","pid":9}"#);
         let connect = serde_json::to_string(&AgentRequest::Connect { port: 8000 }).expect("json");
         assert_eq!(connect, r#"{"op":"connect","port":8000}"#);
+        let unpack = serde_json::to_string(&AgentRequest::Unpack { dir: "/root/r".into() }).expect("json");
+        assert_eq!(unpack, r#"{"op":"unpack","dir":"/root/r"}"#);
+    }
+
+    #[test]
+    fn symlinks_must_stay_inside() {
+        use std::path::Path;
+        let escape = |link: &str, target: &str| symlink_escape(Path::new(link), Path::new(target));
+        for (link, target) in [("l", "x"), ("l", "./x/y"), ("a/l", "../x"), ("a/b/l", "../../x/y"), ("a/l", "..")] {
+            assert_eq!(escape(link, target), None, "{link} -> {target}");
+        }
+        for (link, target) in [("l", "../x"), ("l", "/etc"), ("a/l", "../../x"), ("a/b/l", "x/../../.."), ("l", "")] {
+            assert!(escape(link, target).is_some(), "{link} -> {target}");
+        }
         let close = Frame::new(3, FrameKind::Close, Vec::new()).encode();
         let mut d = Decoder::default();
         d.push(&close);

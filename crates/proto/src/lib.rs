@@ -13,3 +13,4 @@ pub use api::*;
 mod session_api;
 #[cfg(feature = "api")]
 pub use session_api::*;
+pub mod workspace;

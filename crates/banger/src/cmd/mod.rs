@@ -11,6 +11,7 @@ pub mod op;
 pub mod session;
 pub mod ssh;
 pub mod vm;
+pub mod workspace;
 
 /// Parses a size for clap: MiB, or a number with a unit (`512M`, `2G`).
 pub fn parse_size(text: &str) -> Result<u64, String> {

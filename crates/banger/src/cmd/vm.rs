@@ -90,6 +90,11 @@ pub struct RunArgs {
     /// Delete the VM when the command ends.
     #[arg(long)]
     rm: bool,
+    /// Import a git repository (default: the current directory's) into the guest at
+    /// /root/<repo name> before the command runs, and run the command there unless --workdir
+    /// says otherwise; see `banger workspace prepare`.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = ".")]
+    workspace: Option<std::path::PathBuf>,
     #[command(flatten)]
     command: CommandArgs,
 }
@@ -207,6 +212,10 @@ pub struct CreateArgs {
     name: String,
     #[command(flatten)]
     spec: SpecArgs,
+    /// Boot the new VM and import a git repository (default: the current directory's) at
+    /// /root/<repo name> once it is ready; see `banger workspace prepare`.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = ".")]
+    workspace: Option<std::path::PathBuf>,
     /// Print the new VM as JSON.
     #[arg(long)]
     json: bool,
@@ -367,12 +376,19 @@ async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> 
 
 async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.clone().unwrap_or_else(|| format!("run-{}", &banger_core::new_id()[..8]));
+    let repo = super::workspace::prepare_flag(a.workspace.as_deref())?;
     let req = a.spec.request(name.clone(), true);
-    let opts = a.command.options(false);
+    let mut opts = a.command.options(false);
+    if let (Some(repo), None) = (&repo, &opts.cwd) {
+        opts.cwd = Some(repo.guest_dir());
+    }
     let work = async {
         let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
         crate::progress::follow(client, op).await?;
         super::forward::warn_failed(client, &name).await;
+        if let Some(repo) = &repo {
+            super::workspace::import(client, &name, repo).await?;
+        }
         crate::exec::exec(client, &name, opts).await
     };
     let outcome = tokio::select! {
@@ -413,10 +429,15 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
-    let req = a.spec.request(a.name, false);
+    // A workspace needs a running guest: such a create boots the VM.
+    let repo = super::workspace::prepare_flag(a.workspace.as_deref())?;
+    let req = a.spec.request(a.name, repo.is_some());
     let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;
     let done = crate::progress::follow(client, op).await?;
     let id = done.result_id.unwrap_or_else(|| req.name.clone());
+    if let Some(repo) = &repo {
+        super::workspace::import_into_new(client, &req.name, repo).await?;
+    }
     let vm: VmView = client.get(&format!("/v1/vms/{}", segment(&id))).await?;
     let shown = show(&vm, a.json)?;
     if !a.json {

@@ -18,3 +18,4 @@ mod network;
 mod recovery;
 mod session;
 mod ssh;
+mod workspace;

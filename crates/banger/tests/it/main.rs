@@ -9,3 +9,4 @@ mod lifecycle;
 mod restart;
 mod session;
 mod ssh;
+mod workspace;

@@ -1,0 +1,208 @@
+//! Workspaces with a real guest (image `debian-bookworm`, which has git): a round trip (import
+//! with uncommitted changes, commit in the guest, export as a branch, the host's checkout
+//! untouched; a patch of what is left uncommitted), and a stop that does not wait for a large
+//! import to finish.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{wait_until, Env, Run};
+use crate::template::{env_from, template};
+
+/// The host user of these tests: a home whose `.gitconfig` names them.
+struct Host {
+    home: PathBuf,
+}
+
+impl Host {
+    fn new(env: &Env) -> Self {
+        let home = env.dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        std::fs::write(
+            home.join(".gitconfig"),
+            "[user]\n\tname = Host User\n\temail = host@example.com\n[init]\n\tdefaultBranch = main\n",
+        )
+        .expect("gitconfig");
+        Self { home }
+    }
+
+    fn git(&self, dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("HOME", &self.home)
+            .env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"))
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `banger args...` as this user, in `dir`.
+    fn banger(&self, env: &Env, dir: &Path, args: &[&str]) -> Command {
+        let mut c = env.cmd(args);
+        c.current_dir(dir).env("HOME", &self.home).env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"));
+        c
+    }
+
+    fn run(&self, env: &Env, dir: &Path, args: &[&str]) -> Run {
+        Run::from(self.banger(env, dir, args).output().expect("run banger"))
+    }
+}
+
+#[test]
+fn a_workspace_round_trips_through_the_guest() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    let host = Host::new(&env);
+    let repo = env.dir.path().join("proj");
+    std::fs::create_dir_all(repo.join("src")).expect("mkdir");
+    host.git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("README.md"), "# proj\n").expect("write");
+    std::fs::write(repo.join("src/main.rs"), "fn main() {}\n").expect("write");
+    std::fs::write(repo.join(".gitignore"), "*.log\ntarget/\n").expect("write");
+    host.git(&repo, &["add", "."]);
+    host.git(&repo, &["commit", "-qm", "first"]);
+    // Uncommitted changes: a modified file, an untracked one, a symlink inside; ignored files
+    // and a symlink pointing out stay behind.
+    std::fs::write(repo.join("README.md"), "# proj\nchanged on the host\n").expect("write");
+    std::fs::write(repo.join("notes.txt"), "untracked\n").expect("write");
+    std::os::unix::fs::symlink("src/main.rs", repo.join("main-link")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/passwd", repo.join("out-link")).expect("symlink");
+    std::fs::write(repo.join("build.log"), "ignored\n").expect("write");
+    std::fs::create_dir_all(repo.join("target")).expect("mkdir");
+    std::fs::write(repo.join("target/app"), "ignored\n").expect("write");
+    let status_before = host.git(&repo, &["status", "--porcelain"]);
+    let head_before = host.git(&repo, &["rev-parse", "HEAD"]);
+
+    // `vm run --workspace`: the command runs in the imported repository.
+    let run = host
+        .run(
+            &env,
+            &repo,
+            &[
+                "vm",
+                "run",
+                "--rm",
+                "--image",
+                "debian-bookworm",
+                "--no-network",
+                "--workspace",
+                "--",
+                "sh",
+                "-c",
+                "pwd; git status --porcelain",
+            ],
+        )
+        .ok();
+    assert!(run.stdout.starts_with("/root/proj\n"), "{}", run.stdout);
+    assert!(run.stdout.contains(" M README.md") && run.stdout.contains("?? notes.txt"), "{}", run.stdout);
+
+    // `vm create --workspace` boots the vm and imports.
+    let created = host
+        .run(&env, &repo, &["vm", "create", "ws", "--image", "debian-bookworm", "--no-network", "--workspace"])
+        .ok();
+    assert!(created.stderr.contains("left out out-link"), "{}", created.stderr);
+    let exec = |args: &[&str]| {
+        let mut argv = vec!["vm", "exec", "ws", "-n", "-w", "/root/proj", "--"];
+        argv.extend_from_slice(args);
+        host.run(&env, &repo, &argv)
+    };
+    let guest_status = exec(&["git", "status", "--porcelain"]).ok().stdout;
+    for want in [" M README.md", "?? main-link", "?? notes.txt"] {
+        assert!(guest_status.contains(want), "{want} in {guest_status}");
+    }
+    assert!(!guest_status.contains("out-link"), "{guest_status}");
+    exec(&["sh", "-c", "test ! -e build.log && test ! -e target && test \"$(cat main-link)\" = 'fn main() {}'"]).ok();
+    assert_eq!(exec(&["cat", "README.md"]).ok().stdout, "# proj\nchanged on the host\n");
+
+    // Commit in the guest (its git identity is the host's), export, find it on the new branch.
+    exec(&["sh", "-c", "git add -A && git commit -qm 'from the guest'"]).ok();
+    let exported = host.run(&env, &repo, &["workspace", "export", "ws"]).ok();
+    assert_eq!(exported.stdout.trim(), "banger/ws");
+    let log = host.git(&repo, &["log", "-1", "--format=%s|%an <%ae>|%P", "banger/ws"]);
+    assert_eq!(log.trim(), format!("from the guest|Host User <host@example.com>|{}", head_before.trim()));
+    assert_eq!(host.git(&repo, &["show", "banger/ws:notes.txt"]), "untracked\n");
+    assert_eq!(host.git(&repo, &["show", "banger/ws:README.md"]), "# proj\nchanged on the host\n");
+    assert_eq!(host.git(&repo, &["status", "--porcelain"]), status_before, "the work tree is untouched");
+    assert_eq!(host.git(&repo, &["rev-parse", "HEAD"]), head_before, "HEAD is untouched");
+    assert_eq!(host.git(&repo, &["symbolic-ref", "HEAD"]).trim(), "refs/heads/main");
+    host.run(&env, &repo, &["workspace", "export", "ws"]).fails(1, "branch 'banger/ws' already exists");
+
+    // Uncommitted guest changes as a patch, which applies to the exported branch.
+    exec(&["sh", "-c", "echo more >> README.md && echo fresh > fresh.txt"]).ok();
+    let patch = env.dir.path().join("guest.patch");
+    let shown = patch.display().to_string();
+    host.run(&env, &repo, &["workspace", "export", "ws", "--patch", &shown]).ok();
+    let text = std::fs::read_to_string(&patch).expect("patch");
+    assert!(text.contains("+more") && text.contains("b/fresh.txt"), "{text}");
+    let check = env.dir.path().join("check");
+    host.git(&repo, &["worktree", "add", "-q", check.to_str().expect("utf-8"), "banger/ws"]);
+    host.git(&check, &["apply", "--check", &shown]);
+    assert_eq!(host.git(&repo, &["status", "--porcelain"]), status_before);
+
+    env.banger(&["vm", "stop", "ws"]).ok();
+    env.banger(&["vm", "delete", "ws"]).ok();
+}
+
+/// Fills `top` with `files` untracked files of `size` bytes of incompressible data.
+fn big_tree(top: &Path, files: usize, size: usize) {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut buf = vec![0u8; size];
+    for i in 0..files {
+        let dir = top.join(format!("d{:03}", i % 200));
+        if i < 200 {
+            std::fs::create_dir_all(&dir).expect("mkdir");
+        }
+        for chunk in buf.chunks_mut(8) {
+            // xorshift64: cheap bytes that do not compress.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        let mut f = std::fs::File::create(dir.join(format!("f{i:05}.bin"))).expect("create");
+        f.write_all(&buf).expect("write");
+    }
+}
+
+#[test]
+fn stop_returns_promptly_while_a_large_import_streams() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    let host = Host::new(&env);
+    let repo = env.dir.path().join("big");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    host.git(&repo, &["init", "-q"]);
+    big_tree(&repo, 20_000, 10_240);
+    env.banger(&["vm", "create", "big", "--image", "minimal", "--no-network", "--disk", "1G"]).ok();
+    env.banger(&["vm", "start", "big"]).ok();
+    let mut import = host
+        .banger(&env, &repo, &["workspace", "prepare", "big"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the import");
+    // Wait until the guest has a good part of it, then stop the vm mid-stream.
+    wait_until("the import to be under way", Duration::from_secs(180), || {
+        let du = env.banger(&["vm", "exec", "big", "-n", "--", "sh", "-c", "du -sm /root/big 2>/dev/null | cut -f1"]);
+        du.stdout.trim().parse::<u64>().is_ok_and(|mb| mb >= 20)
+    });
+    let started = Instant::now();
+    let stop = env.banger(&["vm", "stop", "big"]);
+    let took = started.elapsed();
+    stop.ok();
+    eprintln!("vm stop during a 200 MB import took {:.2} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(8), "vm stop waited {took:?} behind the import");
+    // The import ends at once, with the reason.
+    wait_until("the import to end", Duration::from_secs(10), || import.try_wait().ok().flatten().is_some());
+    let out = import.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the agent connection was lost (did the vm stop?)"), "{stderr}");
+    env.banger(&["vm", "delete", "big"]).ok();
+}

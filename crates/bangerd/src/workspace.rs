@@ -1,0 +1,404 @@
+//! Workspaces: a host git repository imported into a running guest (a tar stream the CLI
+//! builds, unpacked by the agent's `unpack`), and the guest's work brought back (a git bundle
+//! or a patch, made by `git` in the guest through `exec`). The stream protocol between the CLI
+//! and the daemon is in `banger_proto::workspace`.
+//!
+//! Locks: the VM lock is held only to check that the VM runs and to take what the guest I/O
+//! needs (its agent connection); the I/O itself runs under the VM's workspace lock
+//! (`Daemon::workspace_locks`), never together with the VM lock. So `stop`, `delete` and
+//! `restart` never wait behind a large import, while two imports or exports of one VM still
+//! run one at a time (their streams never interleave, and an export never sees half an
+//! import). A stop during an import ends it: the agent connection drops and the client gets an
+//! error frame.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use banger_core::ObservedState;
+use banger_proto::agent::{
+    parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, ExecRequest, ExitStatus, Frame, FrameKind,
+    SignalRequest,
+};
+use banger_proto::workspace::{
+    valid_commit_id, valid_guest_dir, ExportKind, WorkspaceExportQuery, WorkspaceExported, WorkspaceImportQuery,
+    WorkspaceImported, WORKSPACE_PROTOCOL,
+};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::agent_conn::AgentConn;
+use crate::daemon::Daemon;
+use crate::error::ApiFailure;
+
+/// Bytes of an import the daemon lets be unacknowledged by the agent. Bounds what sits in
+/// buffers between here and the guest, so a `shutdown` on the same connection is not queued
+/// behind much of a large import.
+pub const UNPACK_WINDOW: usize = 4 * 1024 * 1024;
+// The agent acknowledges in steps of `TUNNEL_ACK_EVERY`: a window must hold several.
+const _: () = assert!(banger_proto::agent::TUNNEL_ACK_EVERY * 4 <= UNPACK_WINDOW);
+/// Guest stderr kept for an export's error message.
+const STDERR_KEEP: usize = 8 * 1024;
+
+/// Exit code of the export scripts when there is no repository at the directory.
+const NO_REPO: i32 = 3;
+/// Exit code of the export scripts when there is nothing to bring back.
+const NOTHING_NEW: i32 = 4;
+
+/// Checks `$1` is a repository with commits, and `cd`s there.
+const ENTER_REPO: &str = r#"set -e
+dir=$1
+if ! cd "$dir" 2>/dev/null || [ "$(git rev-parse --show-toplevel 2>/dev/null)" != "$(pwd -P)" ]; then
+  echo "no git repository at $dir" >&2; exit 3
+fi
+"#;
+
+/// A bundle of `HEAD` without what the host's `$2` already holds (when the guest has it).
+const BUNDLE_SCRIPT: &str = r#"basis=$2
+if ! git rev-parse -q --verify HEAD >/dev/null; then
+  echo "the repository at $dir has no commits yet; commit there first" >&2; exit 4
+fi
+if [ -n "$basis" ] && git cat-file -e "$basis^{commit}" 2>/dev/null; then
+  if git merge-base --is-ancestor HEAD "$basis"; then
+    echo "no new commits at $dir: the guest's HEAD is already in the host's history; commit there first" >&2
+    exit 4
+  fi
+  exec git bundle create - HEAD "^$basis"
+fi
+exec git bundle create - HEAD
+"#;
+
+/// The uncommitted changes against `HEAD` (the empty tree when there is none), untracked files
+/// included through a throw-away index with them added as intent-to-add.
+const PATCH_SCRIPT: &str = r#"idx=$(mktemp)
+trap 'rm -f "$idx"' EXIT
+real=$(git rev-parse --git-path index)
+if [ -f "$real" ]; then cp "$real" "$idx"; else rm -f "$idx"; fi
+export GIT_INDEX_FILE="$idx"
+git add -A -N .
+if git rev-parse -q --verify HEAD >/dev/null; then base=HEAD; else base=$(git hash-object -t tree /dev/null); fi
+git -c core.quotepath=on diff --binary --no-color --no-ext-diff --no-textconv "$base"
+"#;
+
+/// What guest I/O on a VM needs, taken under its VM lock.
+pub struct Target {
+    /// The VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its agent connection.
+    pub agent: Arc<AgentConn>,
+}
+
+impl Daemon {
+    /// Under `reference`'s VM lock: checks that it runs and takes what the guest I/O needs.
+    /// The lock is released on return.
+    pub async fn workspace_target(&self, reference: &str) -> Result<Target, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let _guard = self.vm_locks.lock(&id).await;
+        let vm = self.store.find_vm(&id)?;
+        if !self.handles.alive(&vm) || vm.state != ObservedState::Running {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is not running; start it with `banger vm start {}`",
+                vm.name, vm.name
+            )));
+        }
+        Ok(Target { id: vm.id.clone(), name: vm.name.clone(), agent: self.agent_for(&vm) })
+    }
+
+    /// Whether `target` still runs (it may have been stopped while we waited for its
+    /// workspace lock).
+    fn still_running(&self, target: &Target) -> Result<(), String> {
+        let vm = self.store.find_vm(&target.id).map_err(|e| e.to_string())?;
+        if self.handles.alive(&vm) && vm.state == ObservedState::Running {
+            Ok(())
+        } else {
+            Err(format!("vm '{}' stopped before the workspace stream began", target.name))
+        }
+    }
+
+    /// Relays an import from the client stream `io` into `dir` of `target` under its workspace
+    /// lock, then sends the client the final frame.
+    pub async fn import_into(&self, io: &mut (impl AsyncRead + AsyncWrite + Unpin), target: &Target, dir: &str) {
+        let _ws = self.workspace_locks.lock(&target.id).await;
+        let started = Instant::now();
+        let outcome = match self.still_running(target) {
+            Ok(()) => relay_import(io, &target.agent, dir).await,
+            Err(e) => Err(e),
+        };
+        let frame = match outcome {
+            Ok((entries, bytes)) => {
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(vm = %target.name, dir, entries, bytes, elapsed_ms, "workspace imported");
+                let done = WorkspaceImported { vm: target.name.clone(), dir: dir.to_owned(), entries, bytes };
+                Frame::json(1, FrameKind::Response, &done)
+            }
+            Err(message) => {
+                tracing::warn!(vm = %target.name, dir, error = %message, "workspace import failed");
+                let mut message = format!("importing into {}:{dir} failed: {message}", target.name);
+                if message.contains("No space left on device") {
+                    message.push_str(&format!(
+                        "; give the vm a larger work disk (`banger vm stop {0}`, `banger vm set {0} --disk SIZE`)",
+                        target.name
+                    ));
+                }
+                Frame::json(1, FrameKind::Error, &AgentFailure { message })
+            }
+        };
+        let _ = io.write_all(&frame.encode()).await;
+        let _ = io.shutdown().await;
+    }
+
+    /// Relays an export of `target` to the client stream `io` under its workspace lock, then
+    /// sends the client the final frame.
+    pub async fn export_from(&self, io: &mut (impl AsyncWrite + Unpin), target: &Target, q: &WorkspaceExportQuery) {
+        let _ws = self.workspace_locks.lock(&target.id).await;
+        let outcome = match self.still_running(target) {
+            Ok(()) => relay_export(io, target, q).await,
+            Err(e) => Err(e),
+        };
+        let frame = match outcome {
+            Ok(bytes) => {
+                let done = WorkspaceExported { vm: target.name.clone(), dir: q.dir.clone(), bytes };
+                Frame::json(1, FrameKind::Response, &done)
+            }
+            Err(message) => {
+                tracing::warn!(vm = %target.name, dir = %q.dir, error = %message, "workspace export failed");
+                Frame::json(1, FrameKind::Error, &AgentFailure { message })
+            }
+        };
+        let _ = io.write_all(&frame.encode()).await;
+        let _ = io.shutdown().await;
+    }
+}
+
+/// Client → agent: `Data` frames forwarded while fewer than [`UNPACK_WINDOW`] bytes are
+/// unacknowledged; the agent's `Unpacked` (entries, bytes) or its error ends it.
+async fn relay_import(io: &mut (impl AsyncRead + Unpin), agent: &AgentConn, dir: &str) -> Result<(u64, u64), String> {
+    let mut channel = agent.open(&AgentRequest::Unpack { dir: dir.to_owned() }).await.map_err(|e| e.to_string())?;
+    let lost = || "the agent connection was lost (did the vm stop?)".to_owned();
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut in_flight = 0usize;
+    let mut sent_end = false;
+    loop {
+        while !sent_end && in_flight < UNPACK_WINDOW {
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = channel.send(FrameKind::Close, Vec::new());
+                    return Err(format!("corrupt stream from the client: {e}"));
+                }
+            };
+            if frame.kind != FrameKind::Data {
+                let _ = channel.send(FrameKind::Close, Vec::new());
+                return Err(format!("unexpected {:?} frame from the client", frame.kind));
+            }
+            sent_end = frame.payload.is_empty();
+            in_flight += frame.payload.len();
+            channel.send(FrameKind::Data, frame.payload).map_err(|_| lost())?;
+        }
+        let want_more = !sent_end && in_flight < UNPACK_WINDOW;
+        tokio::select! {
+            read = io.read(&mut buf), if want_more => match read {
+                Ok(n) if n > 0 => decoder.push(&buf[..n]),
+                _ => {
+                    let _ = channel.send(FrameKind::Close, Vec::new());
+                    return Err("the client went away before the end of the stream".into());
+                }
+            },
+            frame = channel.recv() => {
+                let frame = frame.ok_or_else(lost)?;
+                match frame.kind {
+                    FrameKind::Ack => in_flight = in_flight.saturating_sub(parse_ack(&frame.payload).unwrap_or(0)),
+                    FrameKind::Response => {
+                        return match frame.parse::<AgentResponse>("response") {
+                            Ok(AgentResponse::Unpacked { entries, bytes }) => Ok((entries, bytes)),
+                            Ok(other) => Err(format!("unexpected answer from the agent: {other:?}")),
+                            Err(e) => Err(e.to_string()),
+                        };
+                    }
+                    FrameKind::Error => {
+                        return Err(frame.parse::<AgentFailure>("error").map_or_else(|e| e.to_string(), |f| f.message));
+                    }
+                    other => tracing::debug!(kind = ?other, "ignoring a frame on an unpack channel"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the export script in the guest and relays its stdout as `Data`; returns the bytes sent.
+async fn relay_export(
+    io: &mut (impl AsyncWrite + Unpin),
+    target: &Target,
+    q: &WorkspaceExportQuery,
+) -> Result<u64, String> {
+    let script = match q.kind {
+        ExportKind::Bundle => format!("{ENTER_REPO}{BUNDLE_SCRIPT}"),
+        ExportKind::Patch => format!("{ENTER_REPO}{PATCH_SCRIPT}"),
+    };
+    let argv = ["sh", "-c", &script, "banger-export", &q.dir, q.basis.as_deref().unwrap_or("")];
+    let request = AgentRequest::Exec(ExecRequest {
+        argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        env: vec![("LC_ALL".into(), "C".into()), ("GIT_TERMINAL_PROMPT".into(), "0".into())],
+        cwd: Some("/".into()),
+        stdin: false,
+    });
+    let lost = || "the agent connection was lost (did the vm stop?)".to_owned();
+    let mut channel = target.agent.open(&request).await.map_err(|e| e.to_string())?;
+    let mut stderr = Vec::new();
+    let mut bytes = 0u64;
+    loop {
+        let frame = channel.recv().await.ok_or_else(lost)?;
+        match frame.kind {
+            FrameKind::Stdout if !frame.payload.is_empty() => {
+                bytes += frame.payload.len() as u64;
+                let out = Frame::new(1, FrameKind::Data, frame.payload);
+                if io.write_all(&out.encode()).await.is_err() {
+                    // Nobody reads on: end the command.
+                    let kill = serde_json::to_vec(&SignalRequest { signal: 9 }).unwrap_or_default();
+                    let _ = channel.send(FrameKind::Signal, kill);
+                    return Err("the client went away".into());
+                }
+            }
+            FrameKind::Stderr => {
+                let room = STDERR_KEEP.saturating_sub(stderr.len());
+                stderr.extend_from_slice(&frame.payload[..frame.payload.len().min(room)]);
+            }
+            FrameKind::Exit => {
+                let status: ExitStatus = frame.parse("exit").map_err(|e| e.to_string())?;
+                return match status.code {
+                    0 => Ok(bytes),
+                    code => Err(export_failure(&target.name, code, &String::from_utf8_lossy(&stderr))),
+                };
+            }
+            FrameKind::Error => {
+                return Err(frame.parse::<AgentFailure>("error").map_or_else(|e| e.to_string(), |f| f.message));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One line for a failed export script, naming the fix where there is one.
+fn export_failure(vm: &str, code: i32, stderr: &str) -> String {
+    let said = stderr.trim().lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+    match code {
+        NO_REPO => format!(
+            "vm '{vm}': {said}; import one with `banger workspace prepare {vm}`, or name the guest directory with --path"
+        ),
+        NOTHING_NEW => format!("vm '{vm}': {said}"),
+        127 => format!("vm '{vm}' has no git; use an image that has it (e.g. --image debian-bookworm)"),
+        _ if said.is_empty() => format!("git in vm '{vm}' failed (exit {code})"),
+        _ => format!("git in vm '{vm}' failed (exit {code}): {said}"),
+    }
+}
+
+/// `Connection: upgrade` + `Upgrade: banger-workspace`, or the refusal.
+fn check_upgrade(req: &Request) -> Result<(), ApiFailure> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(WORKSPACE_PROTOCOL));
+    if wants {
+        Ok(())
+    } else {
+        Err(ApiFailure::invalid(format!(
+            "workspace streams need `Connection: upgrade` and `Upgrade: {WORKSPACE_PROTOCOL}`"
+        )))
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
+    q.map(|Query(q)| q).map_err(|r| ApiFailure::invalid(format!("invalid query: {}", r.body_text())))
+}
+
+fn check_dir(dir: &str) -> Result<(), ApiFailure> {
+    if valid_guest_dir(dir) {
+        Ok(())
+    } else {
+        Err(ApiFailure::invalid(format!(
+            "guest directory '{dir}' must be an absolute path without '.' or '..' components (e.g. /root/myrepo)"
+        )))
+    }
+}
+
+fn switching_protocols() -> Response {
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, WORKSPACE_PROTOCOL)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `POST /v1/vms/{vm}/workspace/import` (see `banger_proto::workspace`; not in the OpenAPI
+/// document, since it leaves HTTP after the upgrade).
+pub async fn import(
+    State(d): State<Arc<Daemon>>,
+    Path(vm): Path<String>,
+    q: Result<Query<WorkspaceImportQuery>, QueryRejection>,
+    mut req: Request,
+) -> Response {
+    let upgrade = check_upgrade(&req);
+    let checked = async {
+        upgrade?;
+        let q = query(q)?;
+        check_dir(&q.dir)?;
+        Ok::<_, ApiFailure>((q, d.workspace_target(&vm).await?))
+    };
+    let (q, target) = match checked.await {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => d.import_into(&mut TokioIo::new(upgraded), &target, &q.dir).await,
+            Err(e) => tracing::warn!(error = %e, "workspace import upgrade failed"),
+        }
+    });
+    switching_protocols()
+}
+
+/// `POST /v1/vms/{vm}/workspace/export` (see `banger_proto::workspace`).
+pub async fn export(
+    State(d): State<Arc<Daemon>>,
+    Path(vm): Path<String>,
+    q: Result<Query<WorkspaceExportQuery>, QueryRejection>,
+    mut req: Request,
+) -> Response {
+    let upgrade = check_upgrade(&req);
+    let checked = async {
+        upgrade?;
+        let q = query(q)?;
+        check_dir(&q.dir)?;
+        if let Some(basis) = q.basis.as_deref().filter(|b| !valid_commit_id(b)) {
+            return Err(ApiFailure::invalid(format!("basis '{basis}' is not a full commit id")));
+        }
+        Ok((q, d.workspace_target(&vm).await?))
+    };
+    let (q, target) = match checked.await {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => d.export_from(&mut TokioIo::new(upgraded), &target, &q).await,
+            Err(e) => tracing::warn!(error = %e, "workspace export upgrade failed"),
+        }
+    });
+    switching_protocols()
+}
+
+#[cfg(test)]
+#[path = "workspace_tests.rs"]
+mod tests;
