@@ -16,6 +16,7 @@ mod lifecycle;
 mod locks;
 mod net;
 mod ops;
+mod snapshots;
 mod ssh;
 mod tunnel;
 mod vms;

@@ -133,6 +133,9 @@ pub struct Config {
     /// `HOST_PATH` is absolute or starts with `~/` (the daemon's `$HOME`); `GUEST_PATH` is under
     /// /root (`~/x`, `/root/x` or `x`) and defaults to `HOST_PATH` relative to `$HOME`.
     pub sync_files: Vec<String>,
+    /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
+    /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
+    pub warm_start: bool,
 }
 
 impl Default for Config {
@@ -158,6 +161,7 @@ impl Default for Config {
             dns_domain: "vm".into(),
             allow_vm_traffic: false,
             sync_files: Vec::new(),
+            warm_start: false,
         }
     }
 }

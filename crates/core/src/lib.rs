@@ -10,6 +10,7 @@ pub mod name;
 pub mod net;
 pub mod op;
 pub mod size;
+pub mod snapshot;
 pub mod time;
 pub mod vm;
 
@@ -19,6 +20,7 @@ pub use forward::{ForwardProtocol, ForwardRecord, ForwardSpecError, PortForward}
 pub use id::new_id;
 pub use name::{validate_artifact_name, validate_name, NameError};
 pub use op::{OpState, OperationRecord, StageRecord, StageState};
+pub use snapshot::SnapshotRecord;
 pub use vm::{DesiredState, ObservedState, TransitionError, VmEvent, VmRecord, VmSpec};
 
 /// An error with its whole `source()` chain on one line: `outer: cause: root cause`.

@@ -22,6 +22,7 @@
 //! | `ports` | – | `Response(ports)` |
 //! | `connect` | `Data` chunks, empty `Data` = EOF; `Ack`; `Close` | `Response(connected)`, `Data` chunks, empty `Data` = EOF; `Ack` |
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
+//! | `reidentify` | – | `Response(ok)` once applied, or `Error` naming what failed |
 //!
 //! `connect` is a TCP tunnel: the agent connects to the port on the guest's loopback and relays
 //! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
@@ -242,6 +243,53 @@ pub enum AgentRequest {
     },
     /// Stop every process, sync, and power off.
     Shutdown,
+    /// Take on an identity after a restore from a memory snapshot: set the clock, and for a
+    /// fork also the hostname, NIC address, ssh host key and machine id.
+    Reidentify(Identity),
+}
+
+/// What a guest restored from a memory snapshot becomes. The clock is always set; every other
+/// part only when present (a plain resume of the same VM sends the time alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host's wall-clock time in milliseconds since the Unix epoch, read just before
+    /// sending: the guest clock is set to it.
+    pub time_unix_ms: u64,
+    /// New hostname (also written to /etc/hostname).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New `eth0` MAC address and IPv4 configuration.
+    #[serde(default)]
+    pub net: Option<NetIdentity>,
+    /// New ssh host key: installed for sshd (and beside banger's copy on the work disk), then
+    /// the running sshd is restarted on it (open ssh sessions stay).
+    #[serde(default)]
+    pub host_key: Option<HostKey>,
+    /// New /etc/machine-id contents (32 lowercase hex digits).
+    #[serde(default)]
+    pub machine_id: Option<String>,
+}
+
+/// The guest NIC's new identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIdentity {
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Address and prefix, e.g. `172.30.0.3/24`.
+    pub cidr: String,
+    /// Default gateway.
+    pub gateway: Option<String>,
+    /// Name server(s) for /etc/resolv.conf, comma-separated.
+    pub dns: Option<String>,
+}
+
+/// An ssh host key pair in OpenSSH text form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    /// The private key (OpenSSH PEM text).
+    pub private_key: String,
+    /// The public key line.
+    pub public_key: String,
 }
 
 /// A command to run.
@@ -392,6 +440,14 @@ mod tests {
         assert_eq!(started, r#"{"type":"started","pid":9}"#);
         let connect = serde_json::to_string(&AgentRequest::Connect { port: 8000 }).expect("json");
         assert_eq!(connect, r#"{"op":"connect","port":8000}"#);
+        let id = AgentRequest::Reidentify(Identity { time_unix_ms: 5, ..Default::default() });
+        let text = serde_json::to_string(&id).expect("json");
+        assert_eq!(
+            text,
+            r#"{"op":"reidentify","time_unix_ms":5,"hostname":null,"net":null,"host_key":null,"machine_id":null}"#
+        );
+        let back: AgentRequest = serde_json::from_str(r#"{"op":"reidentify","time_unix_ms":7}"#).expect("parse");
+        assert_eq!(back, AgentRequest::Reidentify(Identity { time_unix_ms: 7, ..Default::default() }));
         let close = Frame::new(3, FrameKind::Close, Vec::new()).encode();
         let mut d = Decoder::default();
         d.push(&close);

@@ -8,6 +8,7 @@ mod artifacts;
 mod forwards;
 mod migrate;
 mod ops;
+mod snapshots;
 mod vms;
 
 use std::path::Path;

@@ -78,6 +78,28 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN network INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE vms ADD COLUMN allow_vm_traffic INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 5: memory snapshots, and the snapshot each fork was started from.
+    r#"
+    CREATE TABLE snapshots (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        source_vm_id    TEXT NOT NULL,
+        source_vm_name  TEXT NOT NULL,
+        image           TEXT NOT NULL,
+        kernel          TEXT NOT NULL,
+        vcpus           INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib      INTEGER NOT NULL CHECK (memory_mib > 0),
+        disk_mib        INTEGER NOT NULL CHECK (disk_mib > 0),
+        vmm             TEXT NOT NULL,
+        network         INTEGER NOT NULL,
+        dir             TEXT NOT NULL,
+        size_bytes      INTEGER NOT NULL DEFAULT 0,
+        warm_key        TEXT UNIQUE,
+        created_at      TEXT NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN origin_snapshot TEXT REFERENCES snapshots(id);
+    CREATE INDEX vms_origin_snapshot ON vms (origin_snapshot);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -119,7 +141,7 @@ mod tests {
             let rows = stmt.query_map([], |r| r.get(0)).expect("query");
             rows.collect::<Result<_, _>>().expect("rows")
         };
-        for table in ["forwards", "images", "kernels", "operations", "vms"] {
+        for table in ["forwards", "images", "kernels", "operations", "snapshots", "vms"] {
             assert!(tables.iter().any(|t| t == table), "{table} missing from {tables:?}");
         }
         let fk: i64 = store.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).expect("fk");

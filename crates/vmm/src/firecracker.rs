@@ -53,6 +53,23 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn snapshot_methods_default_to_not_supported() {
+        let driver = FirecrackerDriver::default();
+        let socket = Path::new("/v/api.sock");
+        for error in [
+            driver.pause(socket).await.unwrap_err(),
+            driver.resume(socket).await.unwrap_err(),
+            driver.snapshot(socket, Path::new("/s/state")).await.unwrap_err(),
+        ] {
+            assert!(matches!(error, ControlError::NotSupported { kind: VmmKind::Firecracker, .. }), "{error:?}");
+            assert!(error.to_string().contains("not supported by the firecracker vmm"), "{error}");
+        }
+        let spec = LaunchSpec::new("id", "vm", Path::new("/v"), "/k", "/i");
+        let error = driver.restore(&spec, Path::new("/s/state")).await.unwrap_err();
+        assert_eq!(error.to_string(), "restore is not supported by the firecracker vmm; use --vmm qemu");
+    }
+
+    #[tokio::test]
     async fn launch_says_what_to_do() {
         let spec = LaunchSpec::new("id", "vm", Path::new("/v"), "/k", "/i");
         let error = FirecrackerDriver::default().launch(&spec).await.unwrap_err();

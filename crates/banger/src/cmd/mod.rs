@@ -7,6 +7,7 @@ pub mod forward;
 pub mod image;
 pub mod kernel;
 pub mod op;
+pub mod snapshot;
 pub mod ssh;
 pub mod vm;
 

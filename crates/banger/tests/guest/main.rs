@@ -16,4 +16,5 @@ mod forward;
 mod images;
 mod network;
 mod recovery;
+mod snapshot;
 mod ssh;

@@ -7,4 +7,5 @@ mod forward;
 mod harness;
 mod lifecycle;
 mod restart;
+mod snapshot;
 mod ssh;
