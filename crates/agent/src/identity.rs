@@ -2,15 +2,16 @@
 //! Its clock is as old as the snapshot; a fork also still carries the source's MAC, address,
 //! hostname, ssh host key and machine id. Steps run in that order (the clock first, so logs and
 //! key files get current times); each failure is collected and reported, the rest still run.
+//!
+//! sshd need not be restarted for the new host key: it re-executes itself for every connection
+//! (its default `rexec` mode), and that child reads the host key files anew.
 
 use std::path::Path;
 use std::time::Duration;
 
 use banger_proto::agent::{AgentResponse, FrameKind, HostKey, Identity};
-use nix::sys::signal::{kill, Signal};
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
-use nix::unistd::Pid;
 
 use crate::net;
 use crate::serve::Link;
@@ -24,7 +25,9 @@ const HOST_KEY_NAME: &str = "ssh_host_ed25519_key";
 
 /// Serves one `reidentify` channel.
 pub fn serve(link: &Link, identity: &Identity) {
+    let started = std::time::Instant::now();
     let failures = apply(identity, Path::new("/"));
+    log!("identity applied in {} ms ({} failed)", started.elapsed().as_millis(), failures.len());
     if failures.is_empty() {
         let _ = link.json(FrameKind::Response, &AgentResponse::Ok);
     } else {
@@ -44,8 +47,9 @@ pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
         }
     }
     if let (true, Some(n)) = (live, &identity.net) {
+        let started = std::time::Instant::now();
         match net::readdress("eth0", &n.mac, &n.cidr, n.gateway.as_deref()) {
-            Ok(()) => log!("eth0: now {} ({})", n.cidr, n.mac),
+            Ok(()) => log!("eth0: now {} ({}) in {} ms", n.cidr, n.mac, started.elapsed().as_millis()),
             Err(e) => failures.push(format!("cannot readdress eth0: {e}")),
         }
     }
@@ -76,9 +80,6 @@ pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
     }
     if let Some(key) = &identity.host_key {
         match install_key(key, root) {
-            Ok(()) if live && Path::new("/usr/sbin/sshd").exists() => {
-                restart_sshd(&root.join(SSH_DIR.trim_start_matches('/')).join(HOST_KEY_NAME));
-            }
             Ok(()) => {}
             Err(e) => failures.push(format!("cannot install the ssh host key: {e}")),
         }
@@ -103,72 +104,6 @@ fn install_key(key: &HostKey, root: &Path) -> std::io::Result<()> {
     file.write_all(key.private_key.as_bytes())?;
     std::fs::write(banger.join(format!("{HOST_KEY_NAME}.pub")), format!("{}\n", key.public_key.trim()))?;
     crate::init::install_host_key(&banger, &root.join(SSH_DIR.trim_start_matches('/'))).map(drop)
-}
-
-/// Restarts sshd on the new host key: under systemd `systemctl restart ssh`; otherwise the
-/// listening sshd (an `sshd` whose parent is not an `sshd`; open sessions stay) is ended and a new
-/// one started as at boot. Waits briefly until port 22 listens again.
-fn restart_sshd(key: &Path) {
-    if Path::new("/run/systemd/system").exists() {
-        match crate::exec::run(&crate::exec::Command::new(&["systemctl", "restart", "ssh.service"])) {
-            Ok(status) if status.code == 0 => log!("sshd restarted by systemd"),
-            Ok(status) => log!("systemctl restart ssh exited with {}", status.code),
-            Err(e) => log!("cannot run systemctl: {e}"),
-        }
-        wait_for_port(22, true);
-        return;
-    }
-    let listeners = sshd_listeners();
-    for pid in &listeners {
-        if let Err(e) = kill(Pid::from_raw(*pid), Signal::SIGTERM) {
-            log!("cannot stop sshd (pid {pid}): {e}");
-        }
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while listeners.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    crate::init::start_sshd(Some(key.to_owned()));
-    wait_for_port(22, true);
-}
-
-/// The pids of listening sshd processes.
-fn sshd_listeners() -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let stats: Vec<(i32, String, i32)> = dir
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let (comm, ppid) = parse_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?)?;
-            Some((pid, comm, ppid))
-        })
-        .collect();
-    let sshd: Vec<i32> = stats.iter().filter(|(_, comm, _)| comm == "sshd").map(|(pid, _, _)| *pid).collect();
-    stats.iter().filter(|(_, comm, ppid)| comm == "sshd" && !sshd.contains(ppid)).map(|(pid, _, _)| *pid).collect()
-}
-
-/// Waits up to 3 s until a TCP socket listens (or, with `listening` false, no longer listens)
-/// on `port`.
-fn wait_for_port(port: u16, listening: bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < deadline {
-        let ports = crate::ports::listening(Path::new("/proc/net"));
-        if ports.iter().any(|p| p.port == port && p.proto.starts_with("tcp")) == listening {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `(comm, ppid)` from a `/proc/PID/stat` line.
-fn parse_stat(stat: &str) -> Option<(String, i32)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_owned();
-    let ppid = stat.get(close + 1..)?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((comm, ppid))
 }
 
 #[cfg(test)]
@@ -218,12 +153,5 @@ mod tests {
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert!(failures[0].contains("32 hex digits"));
         assert_eq!(std::fs::read_to_string(root.path().join("etc/hostname")).expect("hostname"), "b\n");
-    }
-
-    #[test]
-    fn stat_lines_give_comm_and_parent() {
-        assert_eq!(parse_stat("412 (sshd) S 1 412 412 0 -1"), Some(("sshd".into(), 1)));
-        assert_eq!(parse_stat("9 (a) b) R 7 9"), Some(("a) b".into(), 7)));
-        assert_eq!(parse_stat("garbage"), None);
     }
 }

@@ -62,7 +62,7 @@ impl Daemon {
                     e => e.into(),
                 })?;
                 let spec = crate::snapshots::fork_spec(&snapshot, &req, self.config.allow_vm_traffic)?;
-                (spec, Origin::Fork(snapshot))
+                (spec, Origin::Fork(Box::new(snapshot)))
             }
             None => {
                 let spec = self.resolve_spec(&req)?;
@@ -74,7 +74,7 @@ impl Daemon {
                 match warm.map(|key| (self.warm_snapshot(&key), key)) {
                     Some((Ok(Some(snapshot)), _)) => {
                         let spec = VmSpec { allow_vm_traffic: spec.allow_vm_traffic && snapshot.network, ..spec };
-                        (spec, Origin::Fork(snapshot))
+                        (spec, Origin::Fork(Box::new(snapshot)))
                     }
                     Some((Err(e), _)) => return Err(e),
                     Some((Ok(None), key)) => (spec, Origin::WarmBoot(key)),
@@ -322,7 +322,7 @@ pub enum Origin {
     /// A cold boot that is then kept as the warm-start snapshot of this key.
     WarmBoot(String),
     /// A restore of this snapshot (a fork).
-    Fork(banger_core::SnapshotRecord),
+    Fork(Box<banger_core::SnapshotRecord>),
 }
 
 enum CreateFailure {

@@ -117,6 +117,16 @@ fn one_snapshot_forked_twice_gives_two_distinct_forks() {
     let forked = Instant::now();
     env.banger(&["vm", "fork", "base", "--name", "fork-a"]).ok();
     let fork_ready = forked.elapsed();
+    // Where a fork's time goes, for the measurement line below.
+    let ops = env.banger(&["op", "list", "--json"]).ok().json();
+    let op = ops["operations"].as_array().and_then(|o| o.iter().rev().find(|o| o["target"] == "fork-a")).cloned();
+    let stages: Vec<String> = op.expect("the fork's operation")["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["elapsed_ms"].as_u64().unwrap_or(0) >= 10)
+        .map(|s| format!("{} {}ms", s["name"].as_str().unwrap_or("?"), s["elapsed_ms"]))
+        .collect();
     let host_now = i64::try_from(std::time::UNIX_EPOCH.elapsed().expect("clock").as_secs()).expect("secs");
     let guest_now: i64 = sh(&env, "fork-a", "date +%s").parse().expect("date");
     assert!((guest_now - host_now).abs() <= 3, "fork clock {guest_now} vs host {host_now}");
@@ -168,12 +178,13 @@ fn one_snapshot_forked_twice_gives_two_distinct_forks() {
     env.banger(&["snapshot", "delete", "base"]).fails(1, "has forks (fork-a, fork-b)");
 
     eprintln!(
-        "measured: cold boot-to-ready {:.2}s; snapshot {:.2}s, {:.1} MiB; fork-to-ready {:.2}s ({:.3} x cold)",
+        "measured: cold boot-to-ready {:.2}s; snapshot {:.2}s, {:.1} MiB; fork-to-ready {:.2}s ({:.3} x cold; {})",
         cold.as_secs_f64(),
         taken.as_secs_f64(),
         size as f64 / 1048576.0,
         fork_ready.as_secs_f64(),
-        fork_ready.as_secs_f64() / cold.as_secs_f64()
+        fork_ready.as_secs_f64() / cold.as_secs_f64(),
+        stages.join(", ")
     );
 
     for vm in ["fork-a", "fork-b", "src"] {
