@@ -275,7 +275,7 @@ pub fn sshd_commands(host_key: Option<&Path>, has_keygen: bool) -> Vec<Vec<Strin
 
 /// Starts sshd if the image has it, in the background: without banger's host key, key
 /// generation under TCG takes seconds and must not delay the agent.
-fn start_sshd(host_key: Option<std::path::PathBuf>) {
+pub fn start_sshd(host_key: Option<std::path::PathBuf>) {
     if !Path::new("/usr/sbin/sshd").exists() {
         return;
     }

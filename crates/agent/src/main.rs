@@ -18,6 +18,7 @@
 mod log;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod mounts;
 mod net;

@@ -58,6 +58,8 @@ struct RtEntry {
 
 /// `AF_INET` as `sa_family_t` (2 fits).
 const AF_INET: libc::sa_family_t = 2;
+/// `ARPHRD_ETHER` as `sa_family_t`.
+const ARPHRD_ETHER: libc::sa_family_t = 1;
 /// `IFF_UP | IFF_RUNNING` in the 16-bit `ifr_flags`.
 const IFF_UP_RUNNING: i16 = 0x1 | 0x40;
 
@@ -107,6 +109,22 @@ impl Socket {
         let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | IFF_UP_RUNNING;
         req.data[..2].copy_from_slice(&flags.to_ne_bytes());
         self.ioctl(libc::SIOCSIFFLAGS, &mut req, "bring up", iface)
+    }
+
+    fn down(&self, iface: &str) -> Result<(), NetError> {
+        let mut req = ifreq(iface);
+        self.ioctl(libc::SIOCGIFFLAGS, &mut req, "read flags", iface)?;
+        let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) & !IFF_UP_RUNNING;
+        req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+        self.ioctl(libc::SIOCSIFFLAGS, &mut req, "bring down", iface)
+    }
+
+    fn set_mac(&self, iface: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        let mut req = ifreq(iface);
+        // A sockaddr: the family (ARPHRD_ETHER), then the address in sa_data.
+        req.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        req.data[2..8].copy_from_slice(&mac);
+        self.ioctl(libc::SIOCSIFHWADDR, &mut req, "set the mac address", iface)
     }
 
     fn set_addr(
@@ -173,9 +191,38 @@ pub fn configure(iface: &str, cidr: &str, gateway: Option<&str>) -> Result<(), N
             window: 0,
             irtt: 0,
         };
-        socket.ioctl(libc::SIOCADDRT, &mut route, "add the default route", iface)?;
+        match socket.ioctl(libc::SIOCADDRT, &mut route, "add the default route", iface) {
+            Err(NetError::Ioctl { errno: Errno::EEXIST, .. }) | Ok(()) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], NetError> {
+    let bad = || NetError::BadAddress(text.to_owned());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 == 1 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// Gives a configured `iface` a new MAC and address: down (which drops its routes and
+/// neighbours), the new MAC, then [`configure`] as at boot.
+pub fn readdress(iface: &str, mac: &str, cidr: &str, gateway: Option<&str>) -> Result<(), NetError> {
+    let mac = parse_mac(mac)?;
+    parse_cidr(cidr)?;
+    let socket = Socket::new()?;
+    socket.down(iface)?;
+    socket.set_mac(iface, mac)?;
+    configure(iface, cidr, gateway)
 }
 
 /// Writes /etc/resolv.conf naming `dns`.
@@ -197,6 +244,16 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.1/30").expect("cidr").1, Ipv4Addr::new(255, 255, 255, 252));
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(parse_cidr("nope/8").is_err());
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("52:54:00:ab:cd:ef").expect("mac"), [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        for bad in
+            ["52:54:00:ab:cd", "52:54:00:ab:cd:ef:01", "zz:54:00:ab:cd:ef", "01:00:00:00:00:00", "5:54:0:ab:cd:ef"]
+        {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -564,6 +564,9 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
         }
         AgentRequest::Session(op) => session::request(op, link),
+        AgentRequest::Reidentify(identity) => {
+            spawn_channel(link, "reidentify", move |link| crate::identity::serve(&link, &identity));
+        }
         AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
         AgentRequest::WriteFile { path, mode } => {
             let (tx, rx) = mpsc::channel();

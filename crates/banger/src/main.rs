@@ -52,6 +52,9 @@ enum Command {
     /// Start, stop and inspect the bangerd daemon.
     #[command(subcommand)]
     Daemon(cmd::daemon::DaemonCommand),
+    /// List, show and delete memory snapshots (take them with `banger vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCommand),
     /// Show the configuration in force.
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             Command::Op(c) => cmd::op::run(&client, c).await,
             Command::Daemon(c) => cmd::daemon::run(&client, c).await,
             Command::Config(c) => cmd::config::run(&client, c).await,
+            Command::Snapshot(c) => cmd::snapshot::run(&client, c).await,
             Command::Doctor(a) => cmd::doctor::run(&client, a),
             Command::Bench(a) => cmd::bench::run(&client, a).await,
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,

@@ -12,10 +12,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::{ForwardProtocol, ImageRecord, KernelRecord, OperationRecord, PortForward};
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateVmRequest, DaemonStatus, ForwardList, ForwardState, ForwardView,
-    GitIdentity, GuestPort, ImageList, ImageRecipe, KernelList, OperationList, PromoteRequest, PullImageRequest,
-    PullKernelRequest, RecipeFile, RegisterImageRequest, SshConfig, SshHost, SshInfo, StartVmRequest, UpdateVmRequest,
-    VmList, VmLogs, VmPorts, VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateSnapshotRequest, CreateVmRequest, DaemonStatus, ForwardList,
+    ForwardState, ForwardView, GitIdentity, GuestPort, ImageList, ImageRecipe, KernelList, OperationList,
+    PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest, SnapshotList, SnapshotView,
+    SshConfig, SshHost, SshInfo, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
 };
 use utoipa::OpenApi;
 
@@ -40,6 +40,12 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         delete_vm,
         start_vm,
         stop_vm,
+        pause_vm,
+        resume_vm,
+        snapshot_vm,
+        list_snapshots,
+        show_snapshot,
+        delete_snapshot,
         vm_logs,
         vm_stats,
         vm_ports,
@@ -93,7 +99,11 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         ForwardProtocol,
         ForwardView,
         ForwardList,
-        ForwardState
+        ForwardState,
+        CreateSnapshotRequest,
+        SnapshotView,
+        SnapshotList,
+        banger_core::SnapshotRecord
     ))
 )]
 pub struct ApiDoc;
@@ -112,6 +122,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/workspace/export", post(crate::workspace::export))
         .route("/v1/vms/{vm}/start", post(start_vm))
         .route("/v1/vms/{vm}/stop", post(stop_vm))
+        .route("/v1/vms/{vm}/pause", post(pause_vm))
+        .route("/v1/vms/{vm}/resume", post(resume_vm))
+        .route("/v1/vms/{vm}/snapshot", post(snapshot_vm))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{snapshot}", get(show_snapshot).delete(delete_snapshot))
         .route("/v1/vms/{vm}/logs", get(vm_logs))
         .route("/v1/vms/{vm}/stats", get(vm_stats))
         .route("/v1/vms/{vm}/ports", get(vm_ports))
@@ -259,6 +274,77 @@ struct StopQuery {
 async fn stop_vm(State(d): Shared, Path(vm): Path<String>, Query(q): Query<StopQuery>) -> ApiResult<VmView> {
     let stopped = d.stop_vm(&vm, q.force).await?;
     Ok(Json(d.vm_view(stopped)))
+}
+
+/// Pauses a running VM's vCPUs.
+#[utoipa::path(post, path = "/v1/vms/{vm}/pause", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn pause_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    let paused = d.pause_vm(&vm).await?;
+    Ok(Json(d.vm_view(paused)))
+}
+
+/// Resumes a paused VM and sets its clock.
+#[utoipa::path(post, path = "/v1/vms/{vm}/resume", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn resume_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    let resumed = d.resume_vm(&vm).await?;
+    Ok(Json(d.vm_view(resumed)))
+}
+
+/// Takes a memory snapshot of a running or paused VM (memory, device state and disks); the
+/// guest is paused meanwhile and resumed after, unless it was paused before. The body is optional.
+#[utoipa::path(post, path = "/v1/vms/{vm}/snapshot", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body(content = CreateSnapshotRequest, description = "optional: no body is the same as `{}`"),
+    responses((status = 201, body = SnapshotView), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn snapshot_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let req: CreateSnapshotRequest = if raw.iter().all(u8::is_ascii_whitespace) {
+        CreateSnapshotRequest::default()
+    } else {
+        serde_json::from_slice(&raw).map_err(|e| {
+            ApiFailure::invalid(format!(
+                "invalid request body: {e}; send a JSON CreateSnapshotRequest object or nothing (see GET /v1/openapi.json)"
+            ))
+        })?
+    };
+    Ok((StatusCode::CREATED, Json(d.snapshot_vm(&vm, req.name).await?)))
+}
+
+/// Every memory snapshot.
+#[utoipa::path(get, path = "/v1/snapshots", responses((status = 200, body = SnapshotList)))]
+async fn list_snapshots(State(d): Shared) -> ApiResult<SnapshotList> {
+    Ok(Json(SnapshotList { snapshots: d.list_snapshots()? }))
+}
+
+fn snapshot_not_found(e: banger_store::StoreError, reference: &str) -> ApiFailure {
+    match e {
+        banger_store::StoreError::NotFound { .. } => {
+            ApiFailure::not_found(format!("no snapshot '{reference}'; see `banger snapshot list`"))
+        }
+        e => e.into(),
+    }
+}
+
+/// One snapshot, by name, id or id prefix.
+#[utoipa::path(get, path = "/v1/snapshots/{snapshot}", params(("snapshot" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = SnapshotView), (status = 404, body = ApiError)))]
+async fn show_snapshot(State(d): Shared, Path(snapshot): Path<String>) -> ApiResult<SnapshotView> {
+    let record = d.store.find_snapshot(&snapshot).map_err(|e| snapshot_not_found(e, &snapshot))?;
+    Ok(Json(d.snapshot_view(record)?))
+}
+
+/// Deletes a snapshot and its files; refused (409) while VMs started from it exist.
+#[utoipa::path(delete, path = "/v1/snapshots/{snapshot}", params(("snapshot" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = SnapshotView), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_snapshot(State(d): Shared, Path(snapshot): Path<String>) -> ApiResult<SnapshotView> {
+    if let Err(e) = d.store.find_snapshot(&snapshot) {
+        return Err(snapshot_not_found(e, &snapshot));
+    }
+    Ok(Json(d.delete_snapshot(&snapshot).await?))
 }
 
 /// Query of `GET /v1/vms/{vm}/logs`.
@@ -535,6 +621,11 @@ mod tests {
             "/v1/ssh/config",
             "/v1/vms/{vm}/forwards",
             "/v1/vms/{vm}/forwards/{host_port}",
+            "/v1/vms/{vm}/pause",
+            "/v1/vms/{vm}/resume",
+            "/v1/vms/{vm}/snapshot",
+            "/v1/snapshots",
+            "/v1/snapshots/{snapshot}",
             "/v1/operations/{op}/cancel",
             "/v1/vms/{vm}/sessions/{session}/stop",
             "/v1/openapi.json",

@@ -85,7 +85,7 @@ impl HandleCache {
                     report.adopted.push((vm.clone(), pid));
                 }
                 self.map().insert(vm.id.clone(), h);
-                if vm.state != banger_core::ObservedState::Running {
+                if !matches!(vm.state, banger_core::ObservedState::Running | banger_core::ObservedState::Paused) {
                     // Its VMM outlived the daemon that booted it: it is running now.
                     vm.state = banger_core::ObservedState::Running;
                     vm.updated_at = banger_core::time::now_rfc3339();

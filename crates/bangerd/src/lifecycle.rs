@@ -120,11 +120,19 @@ impl Daemon {
         let kernel = self.ensure_kernel(op, &vm.spec.kernel).await?;
         op.stage("image")?;
         let (image, built) = self.ensure_image(op, &vm.spec.image).await?;
-        op.stage("disks")?;
         let vm_dir = PathBuf::from(&vm.vm_dir);
-        let disks = self.provision_disks(vm, &image, &built).await?;
-        op.stage("guest-files")?;
-        self.prepare_guest_files(vm, &disks.work, git).await?.iter().for_each(|w| op.warn(w));
+        // A fork's first start restores its snapshot: its disks belong to that state as they are.
+        let restore = crate::snapshots::restore_state(vm);
+        let disks = if restore.is_some() {
+            let paths = vm.paths();
+            crate::disks::VmDisks { overlay: paths.overlay_disk.into(), work: paths.work_disk.into() }
+        } else {
+            op.stage("disks")?;
+            let disks = self.provision_disks(vm, &image, &built).await?;
+            op.stage("guest-files")?;
+            self.prepare_guest_files(vm, &disks.work, git).await?.iter().for_each(|w| op.warn(w));
+            disks
+        };
         op.stage("initramfs")?;
         let initramfs = self.initramfs_for(&kernel).await?;
         let nic = if vm.spec.network {
@@ -136,11 +144,17 @@ impl Daemon {
                     chain(&e)
                 ))
             })?;
-            Some(nic)
+            Some((nic, ip))
         } else {
             None
         };
-        op.stage("boot")?;
+        let fork_nic = nic.as_ref().map(|(n, ip)| crate::snapshots::ForkNic {
+            mac: n.mac.clone(),
+            cidr: format!("{ip}/{}", self.net.subnet().prefix_len()),
+            gateway: self.net.subnet().gateway().to_string(),
+        });
+        let nic = nic.map(|(n, _)| n);
+        op.stage(if restore.is_some() { "restore" } else { "boot" })?;
         let mut spec = LaunchSpec::new(&vm.id, &vm.name, &vm_dir, &kernel.vmlinuz, initramfs);
         spec.vcpus = vm.spec.vcpus;
         spec.memory_mib = u32::try_from(vm.spec.memory_mib).unwrap_or(u32::MAX);
@@ -158,7 +172,11 @@ impl Daemon {
             spec.kernel_args.extend(nic.kernel_args.iter().cloned());
             spec.net = Some(NetSpec { tap: nic.tap.clone(), mac: nic.mac.clone() });
         }
-        let launched = match self.driver(vm.spec.vmm).launch(&spec).await {
+        let launching = match &restore {
+            Some(state) => self.driver(vm.spec.vmm).restore(&spec, state).await,
+            None => self.driver(vm.spec.vmm).launch(&spec).await,
+        };
+        let launched = match launching {
             Ok(launched) => launched,
             Err(e) => {
                 if let Some(nic) = &nic {
@@ -183,6 +201,12 @@ impl Daemon {
         self.spawn_monitor(vm.clone(), launched.pid);
         if nic.is_some() {
             self.sync_net().await;
+        }
+        if restore.is_some() {
+            self.driver(vm.spec.vmm)
+                .resume(&launched.control_socket)
+                .await
+                .map_err(|e| ApiFailure::internal(format!("cannot resume restored vm '{}': {}", vm.name, chain(&e))))?;
         }
         op.stage("agent")?;
         let agent = self.agent_for(vm);
@@ -209,6 +233,14 @@ impl Daemon {
                     tail_lines(&console, CONSOLE_TAIL)
                 ))
             })?;
+        if let Some(state) = restore {
+            op.stage("identity")?;
+            self.reidentify_fork(vm, fork_nic.as_ref()).await?;
+            // From now on this VM boots like any other.
+            if let Err(e) = std::fs::remove_file(&state) {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot remove the restored state");
+            }
+        }
         Ok(())
     }
 
@@ -260,7 +292,7 @@ impl Daemon {
     /// asked: the VMM quits at once (for VMs about to be deleted, whose disks do not matter).
     pub async fn stop_vm(&self, reference: &str, force: bool) -> Result<VmRecord, ApiFailure> {
         let id = self.store.find_vm(reference)?.id;
-        let vm = {
+        let (vm, was_paused) = {
             let _guard = self.vm_locks.lock(&id).await;
             let mut vm = self.store.find_vm(&id)?;
             if !self.handles.alive(&vm) {
@@ -280,13 +312,21 @@ impl Daemon {
                 }
                 return Ok(vm);
             }
+            let was_paused = vm.state == ObservedState::Paused;
             vm.state = transition(vm.state, &VmEvent::Stop)?;
             vm.desired_state = DesiredState::Stopped;
             vm.updated_at = banger_core::time::now_rfc3339();
             self.store.update_vm(&vm)?;
-            vm
+            (vm, was_paused)
         };
         let pid = self.handles.get(&vm).and_then(|h| h.pid);
+        if was_paused && !force {
+            // A paused guest cannot shut itself down: let it run for that.
+            let control = PathBuf::from(self.handles.get(&vm).and_then(|h| h.control_socket).unwrap_or_default());
+            if let Err(e) = self.driver(vm.spec.vmm).resume(&control).await {
+                tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot resume the paused vm to stop it");
+            }
+        }
         let gone = if force {
             false
         } else {
@@ -409,7 +449,7 @@ pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
         })
 }
 
-fn file_digest(path: &Path) -> std::io::Result<String> {
+pub(crate) fn file_digest(path: &Path) -> std::io::Result<String> {
     use std::hash::{Hash as _, Hasher as _};
     let bytes = std::fs::read(path)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();

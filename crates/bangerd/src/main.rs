@@ -18,6 +18,7 @@ mod net;
 mod ops;
 mod session_stream;
 mod sessions;
+mod snapshots;
 mod ssh;
 mod tunnel;
 mod vms;

@@ -28,7 +28,8 @@ fn check_ref_name(what: &str, value: &str) -> Result<(), ApiFailure> {
 impl Daemon {
     /// A VM as the API shows it.
     pub fn vm_view(&self, record: VmRecord) -> VmView {
-        VmView { paths: record.paths(), alive: self.handles.alive(&record), record }
+        let origin_snapshot = self.origin_snapshot_name(&record.id);
+        VmView { paths: record.paths(), alive: self.handles.alive(&record), record, origin_snapshot }
     }
 
     fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec, ApiFailure> {
@@ -51,8 +52,36 @@ impl Daemon {
     /// background. Bad input and taken names are refused here, before anything is written.
     pub fn begin_create_vm(self: &Arc<Self>, req: CreateVmRequest) -> Result<OperationRecord, ApiFailure> {
         validate_name(&req.name)?;
-        let spec = self.resolve_spec(&req)?;
         let git = crate::ssh::check_git_identity(req.git_identity.clone())?;
+        let (spec, origin) = match &req.from_snapshot {
+            Some(reference) => {
+                let snapshot = self.store.find_snapshot(reference).map_err(|e| match e {
+                    StoreError::NotFound { .. } => {
+                        ApiFailure::not_found(format!("no snapshot '{reference}'; see `banger snapshot list`"))
+                    }
+                    e => e.into(),
+                })?;
+                let spec = crate::snapshots::fork_spec(&snapshot, &req, self.config.allow_vm_traffic)?;
+                (spec, Origin::Fork(Box::new(snapshot)))
+            }
+            None => {
+                let spec = self.resolve_spec(&req)?;
+                let warm = if req.warm_start && req.start && self.config.warm_start {
+                    self.warm_key_for(&spec, git.as_ref())?
+                } else {
+                    None
+                };
+                match warm.map(|key| (self.warm_snapshot(&key), key)) {
+                    Some((Ok(Some(snapshot)), _)) => {
+                        let spec = VmSpec { allow_vm_traffic: spec.allow_vm_traffic && snapshot.network, ..spec };
+                        (spec, Origin::Fork(Box::new(snapshot)))
+                    }
+                    Some((Err(e), _)) => return Err(e),
+                    Some((Ok(None), key)) => (spec, Origin::WarmBoot(key)),
+                    None => (spec, Origin::Boot),
+                }
+            }
+        };
         self.check_publish(&req.publish)?;
         self.ensure_name_free(&req.name)?;
         let op = self.ops.begin("vm.create", &req.name);
@@ -60,7 +89,7 @@ impl Daemon {
         let snapshot = op.snapshot()?;
         let daemon = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start, req.publish).await });
+        tokio::spawn(async move { daemon.run_create(op, req.name, spec, start, req.publish, origin).await });
         Ok(snapshot)
     }
 
@@ -73,7 +102,9 @@ impl Daemon {
     }
 
     /// The create operation's body; with `start`, the VM is booted too (with that git identity).
-    /// Returns the new record; on failure or cancellation nothing it made is left behind.
+    /// A fork's dir gets the snapshot's files (its start restores them); a warm boot is
+    /// snapshotted as the warm-start snapshot once ready. Returns the new record; on failure or
+    /// cancellation nothing it made is left behind.
     pub async fn run_create(
         self: Arc<Self>,
         op: OpHandle,
@@ -81,14 +112,23 @@ impl Daemon {
         spec: VmSpec,
         start: Option<Option<GitIdentity>>,
         publish: Vec<PortForward>,
+        origin: Origin,
     ) -> Result<VmRecord, ApiFailure> {
-        let mut result = self.create_stages(&op, &name, spec, &publish).await;
+        let mut result = self.create_stages(&op, &name, spec, &publish, &origin).await;
         if let (Some(git), Ok(vm)) = (start, &result) {
             result = match self.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => Ok(vm),
                 Err(crate::lifecycle::StartFailure::Cancelled) => Err(CreateFailure::Cancelled),
                 Err(crate::lifecycle::StartFailure::Api(e)) => Err(CreateFailure::Api(e)),
             };
+        }
+        if let (Origin::WarmBoot(key), Ok(vm)) = (&origin, &result) {
+            if op.stage("warm-snapshot").is_ok() {
+                match self.make_warm_snapshot(vm, key).await {
+                    Ok(s) => tracing::info!(vm = %vm.name, snapshot = %s.name, "warm-start snapshot kept"),
+                    Err(e) => op.warn(&format!("cannot keep a warm-start snapshot: {}", e.message)),
+                }
+            }
         }
         match &result {
             Ok(vm) => {
@@ -113,9 +153,14 @@ impl Daemon {
         name: &str,
         spec: VmSpec,
         publish: &[PortForward],
+        origin: &Origin,
     ) -> Result<VmRecord, CreateFailure> {
         op.stage("reserve")?;
-        let vm = self.reserve(name, spec)?;
+        let fork = match origin {
+            Origin::Fork(snapshot) => Some(snapshot),
+            Origin::Boot | Origin::WarmBoot(_) => None,
+        };
+        let vm = self.reserve(name, spec, fork.map(|s| s.id.as_str()))?;
         let undo = |d: &Self, vm: &VmRecord| {
             if let Err(e) = d.store.delete_vm(&vm.id) {
                 tracing::error!(vm = %vm.name, error = %chain(&e), "cannot roll back vm row");
@@ -137,6 +182,16 @@ impl Daemon {
             undo(self, &vm);
             return Err(e);
         }
+        if let Some(snapshot) = fork {
+            let copied = match op.stage("copy-snapshot") {
+                Ok(()) => self.copy_snapshot_into(snapshot, &vm).await.map_err(CreateFailure::Api),
+                Err(c) => Err(c.into()),
+            };
+            if let Err(e) = copied {
+                undo(self, &vm);
+                return Err(e);
+            }
+        }
         if let Err(e) = self.rewrite_known_hosts().await {
             tracing::warn!(vm = %vm.name, error = %e, "cannot update known_hosts");
         }
@@ -145,7 +200,7 @@ impl Daemon {
 
     /// Claims `name` (and, for a networked VM, a guest address) and records the VM, under the
     /// reservation lock. Held for one check and one insert: never across I/O beyond the store.
-    fn reserve(&self, name: &str, spec: VmSpec) -> Result<VmRecord, ApiFailure> {
+    fn reserve(&self, name: &str, spec: VmSpec, origin: Option<&str>) -> Result<VmRecord, ApiFailure> {
         let _guard = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
         self.ensure_name_free(name)?;
         let guest_ip = if spec.network { Some(self.allocate_guest_ip()?.to_string()) } else { None };
@@ -164,6 +219,13 @@ impl Daemon {
             last_error: None,
         };
         self.store.insert_vm(&vm)?;
+        if let Some(snapshot) = origin {
+            // Under the same lock as a snapshot delete's check: it sees this fork or fails.
+            if let Err(e) = self.store.set_vm_origin(&vm.id, Some(snapshot)) {
+                let _ = self.store.delete_vm(&vm.id);
+                return Err(e.into());
+            }
+        }
         Ok(vm)
     }
 
@@ -253,6 +315,17 @@ fn check_spec(spec: &VmSpec) -> Result<(), ApiFailure> {
     Ok(())
 }
 
+/// Where a new VM's first start comes from.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A cold boot.
+    Boot,
+    /// A cold boot that is then kept as the warm-start snapshot of this key.
+    WarmBoot(String),
+    /// A restore of this snapshot (a fork).
+    Fork(Box<banger_core::SnapshotRecord>),
+}
+
 enum CreateFailure {
     Cancelled,
     Api(ApiFailure),
@@ -290,7 +363,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, ApiFailure> {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
-        d.clone().run_create(op, name.into(), spec, None, Vec::new()).await
+        d.clone().run_create(op, name.into(), spec, None, Vec::new(), Origin::Boot).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -382,7 +455,11 @@ mod tests {
         let offline = CreateVmRequest { network: Some(false), ..req("offline") };
         let spec = d.resolve_spec(&offline).expect("spec");
         let op = d.ops.begin("vm.create", "offline");
-        let vm = d.clone().run_create(op, "offline".into(), spec, None, Vec::new()).await.expect("no address needed");
+        let vm = d
+            .clone()
+            .run_create(op, "offline".into(), spec, None, Vec::new(), Origin::Boot)
+            .await
+            .expect("no address needed");
         assert_eq!(vm.guest_ip, None, "--no-network takes no address");
         let full = create(&d, "one-too-many").await.expect_err("exhausted");
         assert_eq!(full.code, "conflict");

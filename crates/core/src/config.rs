@@ -151,6 +151,9 @@ pub struct Config {
     pub jailer_cgroup_version: u32,
     /// Cgroup settings the jailer applies, each `FILE=VALUE` (e.g. `cpu.max=50000 100000`).
     pub jailer_cgroups: Vec<String>,
+    /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
+    /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
+    pub warm_start: bool,
 }
 
 impl Default for Config {
@@ -184,6 +187,7 @@ impl Default for Config {
             jailer_chroot_base: "/srv/jailer".into(),
             jailer_cgroup_version: 2,
             jailer_cgroups: Vec::new(),
+            warm_start: false,
         }
     }
 }

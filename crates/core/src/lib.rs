@@ -11,6 +11,7 @@ pub mod net;
 pub mod op;
 pub mod session;
 pub mod size;
+pub mod snapshot;
 pub mod time;
 pub mod vm;
 
@@ -21,6 +22,7 @@ pub use id::new_id;
 pub use name::{validate_artifact_name, validate_name, NameError};
 pub use op::{OpState, OperationRecord, StageRecord, StageState};
 pub use session::{SessionRecord, SessionStatus, StdinMode};
+pub use snapshot::SnapshotRecord;
 pub use vm::{DesiredState, ObservedState, TransitionError, VmEvent, VmRecord, VmSpec};
 
 /// An error with its whole `source()` chain on one line: `outer: cause: root cause`.

@@ -24,6 +24,8 @@ pub enum ObservedState {
     Starting,
     /// Booted and its agent answered.
     Running,
+    /// Running, with its vCPUs paused (`banger vm pause`).
+    Paused,
     /// Shutting down.
     Stopping,
     /// Not running; its disks are kept.
@@ -39,6 +41,7 @@ impl ObservedState {
             Self::Created => "created",
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
@@ -47,14 +50,14 @@ impl ObservedState {
 
     /// Parses a stored state name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Created, Self::Starting, Self::Running, Self::Stopping, Self::Stopped, Self::Failed]
+        [Self::Created, Self::Starting, Self::Running, Self::Paused, Self::Stopping, Self::Stopped, Self::Failed]
             .into_iter()
             .find(|v| v.as_str() == s)
     }
 
     /// Whether a VMM may exist for a VM in this state.
     pub fn is_active(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(self, Self::Starting | Self::Running | Self::Paused | Self::Stopping)
     }
 }
 
@@ -178,6 +181,10 @@ pub enum VmEvent {
     Modify,
     /// It is being deleted.
     Delete,
+    /// Its vCPUs are being paused.
+    Pause,
+    /// Its paused vCPUs are being resumed.
+    Resume,
 }
 
 /// A transition the state machine refuses.
@@ -205,16 +212,20 @@ pub fn transition(state: ObservedState, event: &VmEvent) -> Result<ObservedState
     use VmEvent as E;
     match (state, event) {
         (S::Created | S::Stopped | S::Failed, E::Start) => Ok(S::Starting),
-        (S::Starting | S::Running, E::Start) => Err(TransitionError::Already(state.as_str())),
+        (S::Starting | S::Running | S::Paused, E::Start) => Err(TransitionError::Already(state.as_str())),
         (S::Starting, E::Booted) => Ok(S::Running),
-        (S::Starting | S::Running, E::Stop) => Ok(S::Stopping),
+        (S::Starting | S::Running | S::Paused, E::Stop) => Ok(S::Stopping),
+        (S::Running, E::Pause) => Ok(S::Paused),
+        (S::Paused, E::Pause) => Err(TransitionError::Already("paused")),
+        (S::Paused, E::Resume) => Ok(S::Running),
+        (S::Running, E::Resume) => Err(TransitionError::Already("running")),
         (S::Stopping, E::Stop) => Err(TransitionError::Already("stopping")),
         (S::Created | S::Stopped | S::Failed, E::Stop) => Err(TransitionError::Already(state.as_str())),
-        (S::Running | S::Stopping, E::Exited) => Ok(S::Stopped),
+        (S::Running | S::Paused | S::Stopping, E::Exited) => Ok(S::Stopped),
         (S::Starting, E::Exited) => Ok(S::Failed),
         (_, E::Fail) => Ok(S::Failed),
         (S::Created | S::Stopped | S::Failed, E::Modify | E::Delete) => Ok(state),
-        (S::Starting | S::Running | S::Stopping, E::Modify | E::Delete) => {
+        (S::Starting | S::Running | S::Paused | S::Stopping, E::Modify | E::Delete) => {
             Err(TransitionError::MustBeStopped(state.as_str()))
         }
         (_, ev) => Err(TransitionError::Invalid { event: event_word(ev), state: state.as_str() }),
@@ -230,6 +241,8 @@ fn event_word(e: &VmEvent) -> &'static str {
         VmEvent::Fail => "mark failed",
         VmEvent::Modify => "modify",
         VmEvent::Delete => "delete",
+        VmEvent::Pause => "pause",
+        VmEvent::Resume => "resume",
     }
 }
 
@@ -257,13 +270,28 @@ mod tests {
 
     #[test]
     fn running_vms_cannot_be_modified_or_deleted() {
-        for s in [S::Starting, S::Running, S::Stopping] {
+        for s in [S::Starting, S::Running, S::Paused, S::Stopping] {
             assert!(matches!(transition(s, &VmEvent::Modify), Err(TransitionError::MustBeStopped(_))));
             assert!(matches!(transition(s, &VmEvent::Delete), Err(TransitionError::MustBeStopped(_))));
         }
         for s in [S::Created, S::Stopped, S::Failed] {
             assert_eq!(transition(s, &VmEvent::Delete), Ok(s));
         }
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        assert_eq!(transition(S::Running, &VmEvent::Pause), Ok(S::Paused));
+        assert_eq!(transition(S::Paused, &VmEvent::Resume), Ok(S::Running));
+        assert_eq!(transition(S::Paused, &VmEvent::Stop), Ok(S::Stopping));
+        assert_eq!(transition(S::Paused, &VmEvent::Exited), Ok(S::Stopped));
+        assert!(matches!(transition(S::Paused, &VmEvent::Pause), Err(TransitionError::Already(_))));
+        assert!(matches!(transition(S::Running, &VmEvent::Resume), Err(TransitionError::Already(_))));
+        for s in [S::Created, S::Starting, S::Stopping, S::Stopped, S::Failed] {
+            assert!(transition(s, &VmEvent::Pause).is_err(), "{s:?}");
+            assert!(transition(s, &VmEvent::Resume).is_err(), "{s:?}");
+        }
+        assert!(S::Paused.is_active());
     }
 
     #[test]
@@ -276,7 +304,7 @@ mod tests {
 
     #[test]
     fn state_names_round_trip() {
-        for s in [S::Created, S::Starting, S::Running, S::Stopping, S::Stopped, S::Failed] {
+        for s in [S::Created, S::Starting, S::Running, S::Paused, S::Stopping, S::Stopped, S::Failed] {
             assert_eq!(S::parse(s.as_str()), Some(s));
         }
         assert_eq!(DesiredState::parse("running"), Some(DesiredState::Running));

@@ -488,6 +488,29 @@ pub fn build_seed_from_image(
     build_work_seed(tools, Some(&skel), out, size_mib)
 }
 
+/// Copies the disk image `src` to `dest` (which must not exist) as it is: a reflink where the
+/// file system can, else a copy of its data extents (holes stay holes). Written to a temporary
+/// name beside `dest` and renamed into place. Returns how, and the bytes copied.
+pub fn copy_disk(src: &Path, dest: &Path) -> Result<(CloneMethod, u64), SeedError> {
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(SeedError::Exists { path: dest.to_owned() });
+    }
+    let parent = parent_dir(dest);
+    let temp =
+        tempfile::Builder::new().prefix(".disk-").suffix(".tmp").tempfile_in(parent).map_err(io_error(parent))?;
+    let source = File::open(src).map_err(io_error(src))?;
+    let result = if copy::reflink(&source, temp.as_file()).map_err(io_error(temp.path()))? {
+        (CloneMethod::Reflink, 0)
+    } else {
+        (CloneMethod::SparseCopy, copy::sparse_copy(&source, temp.as_file()).map_err(io_error(temp.path()))?)
+    };
+    temp.persist_noclobber(dest).map_err(|e| match e.error.kind() {
+        io::ErrorKind::AlreadyExists => SeedError::Exists { path: dest.to_owned() },
+        _ => SeedError::Io { path: dest.to_owned(), source: e.error },
+    })?;
+    Ok(result)
+}
+
 /// Clones the seed into a new work disk at `dest` of `size_mib`, reflinking where possible.
 /// See [`clone_work_disk_with`].
 pub fn clone_work_disk(

@@ -24,6 +24,7 @@
 //! | `unpack` | tar stream in `Data` chunks, empty `Data` = end; `Close` | `Ack`, then `Response(unpacked)` |
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
 //! | `session` | see [`session`] | see [`session`] |
+//! | `reidentify` | – | `Response(ok)` once applied, or `Error` naming what failed |
 //!
 //! `connect` is a TCP tunnel: the agent connects to the port on the guest's loopback and relays
 //! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
@@ -288,6 +289,53 @@ pub enum AgentRequest {
         /// Absolute guest directory.
         dir: String,
     },
+    /// Take on an identity after a restore from a memory snapshot: set the clock, and for a
+    /// fork also the hostname, NIC address, ssh host key and machine id.
+    Reidentify(Identity),
+}
+
+/// What a guest restored from a memory snapshot becomes. The clock is always set; every other
+/// part only when present (a plain resume of the same VM sends the time alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host's wall-clock time in milliseconds since the Unix epoch, read just before
+    /// sending: the guest clock is set to it.
+    pub time_unix_ms: u64,
+    /// New hostname (also written to /etc/hostname).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New `eth0` MAC address and IPv4 configuration.
+    #[serde(default)]
+    pub net: Option<NetIdentity>,
+    /// New ssh host key: installed for sshd (and beside banger's copy on the work disk), then
+    /// the running sshd is restarted on it (open ssh sessions stay).
+    #[serde(default)]
+    pub host_key: Option<HostKey>,
+    /// New /etc/machine-id contents (32 lowercase hex digits).
+    #[serde(default)]
+    pub machine_id: Option<String>,
+}
+
+/// The guest NIC's new identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIdentity {
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Address and prefix, e.g. `172.30.0.3/24`.
+    pub cidr: String,
+    /// Default gateway.
+    pub gateway: Option<String>,
+    /// Name server(s) for /etc/resolv.conf, comma-separated.
+    pub dns: Option<String>,
+}
+
+/// An ssh host key pair in OpenSSH text form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    /// The private key (OpenSSH PEM text).
+    pub private_key: String,
+    /// The public key line.
+    pub public_key: String,
 }
 
 /// A command to run.
@@ -454,6 +502,14 @@ mod tests {
         assert_eq!(connect, r#"{"op":"connect","port":8000}"#);
         let unpack = serde_json::to_string(&AgentRequest::Unpack { dir: "/root/r".into() }).expect("json");
         assert_eq!(unpack, r#"{"op":"unpack","dir":"/root/r"}"#);
+        let id = AgentRequest::Reidentify(Identity { time_unix_ms: 5, ..Default::default() });
+        let text = serde_json::to_string(&id).expect("json");
+        assert_eq!(
+            text,
+            r#"{"op":"reidentify","time_unix_ms":5,"hostname":null,"net":null,"host_key":null,"machine_id":null}"#
+        );
+        let back: AgentRequest = serde_json::from_str(r#"{"op":"reidentify","time_unix_ms":7}"#).expect("parse");
+        assert_eq!(back, AgentRequest::Reidentify(Identity { time_unix_ms: 7, ..Default::default() }));
     }
 
     #[test]

@@ -75,6 +75,15 @@ pub struct CreateVmRequest {
     /// Port forwards to record with the VM; they listen whenever it runs.
     #[serde(default)]
     pub publish: Vec<PortForward>,
+    /// Start it from this memory snapshot (name or id) instead of booting: a fork with the
+    /// snapshot's image, kernel, vCPUs, memory and disks, and an identity of its own. Image,
+    /// kernel, vCPUs, memory, disk, VMM and network must then be omitted or equal the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// Start it from the daemon's warm-start snapshot when `warm_start` is on and one matches
+    /// (what `banger vm run` asks for); otherwise boot as usual.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_start: bool,
 }
 
 /// `POST /v1/vms/{vm}/start`: the body is optional.
@@ -166,6 +175,34 @@ pub struct VmView {
     pub paths: VmPaths,
     /// Whether its VMM process is alive right now.
     pub alive: bool,
+    /// The name of the memory snapshot it was started from, if it is a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_snapshot: Option<String>,
+}
+
+/// `POST /v1/vms/{vm}/snapshot`: the body is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// The snapshot's name, a DNS label; `VM-YYYYMMDD-HHMMSS` when omitted.
+    pub name: Option<String>,
+}
+
+/// A memory snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotView {
+    /// The durable record.
+    #[serde(flatten)]
+    pub record: banger_core::SnapshotRecord,
+    /// The VMs started from it (it cannot be deleted while any exists).
+    pub forks: Vec<String>,
+}
+
+/// `GET /v1/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    /// Every snapshot, oldest first (warm-start snapshots included).
+    pub snapshots: Vec<SnapshotView>,
 }
 
 /// `GET /v1/vms`.

@@ -9,6 +9,7 @@ mod forwards;
 mod migrate;
 mod ops;
 mod sessions;
+mod snapshots;
 mod vms;
 
 use std::path::Path;

@@ -105,6 +105,28 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX sessions_vm ON sessions (vm_id, created_at);
     "#,
+    // 6: memory snapshots, and the snapshot each fork was started from.
+    r#"
+    CREATE TABLE snapshots (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        source_vm_id    TEXT NOT NULL,
+        source_vm_name  TEXT NOT NULL,
+        image           TEXT NOT NULL,
+        kernel          TEXT NOT NULL,
+        vcpus           INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib      INTEGER NOT NULL CHECK (memory_mib > 0),
+        disk_mib        INTEGER NOT NULL CHECK (disk_mib > 0),
+        vmm             TEXT NOT NULL,
+        network         INTEGER NOT NULL,
+        dir             TEXT NOT NULL,
+        size_bytes      INTEGER NOT NULL DEFAULT 0,
+        warm_key        TEXT UNIQUE,
+        created_at      TEXT NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN origin_snapshot TEXT REFERENCES snapshots(id);
+    CREATE INDEX vms_origin_snapshot ON vms (origin_snapshot);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -146,7 +168,7 @@ mod tests {
             let rows = stmt.query_map([], |r| r.get(0)).expect("query");
             rows.collect::<Result<_, _>>().expect("rows")
         };
-        for table in ["forwards", "images", "kernels", "operations", "sessions", "vms"] {
+        for table in ["forwards", "images", "kernels", "operations", "sessions", "snapshots", "vms"] {
             assert!(tables.iter().any(|t| t == table), "{table} missing from {tables:?}");
         }
         let fk: i64 = store.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).expect("fk");

@@ -112,6 +112,38 @@ pub enum ControlError {
         /// The VMM.
         kind: VmmKind,
     },
+    /// The driver cannot do this.
+    #[error("{what} is not supported by the {kind} vmm; use a vm with --vmm qemu")]
+    NotSupported {
+        /// The VMM.
+        kind: VmmKind,
+        /// What was asked (`pause`, `resume`, `snapshot`).
+        what: &'static str,
+    },
+    /// The guest is in a run state that does not allow this.
+    #[error("the guest is {status}, {need}")]
+    BadRunState {
+        /// QEMU's run state (`running`, `paused`, ...).
+        status: String,
+        /// What was needed, as words.
+        need: &'static str,
+    },
+    /// Writing the guest state failed.
+    #[error("writing the guest state to {} failed: {reason}; check free space there", path.display())]
+    SaveFailed {
+        /// The state file.
+        path: PathBuf,
+        /// What the VMM said.
+        reason: String,
+    },
+    /// Writing the guest state took too long.
+    #[error("writing the guest state to {} did not finish within {timeout:?}", path.display())]
+    SaveTimeout {
+        /// The state file.
+        path: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
 }
 
 /// A VMM driver. Object-safe: the daemon holds an `Arc<dyn Vmm>`.
@@ -164,6 +196,44 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         _control_socket: &'a Path,
     ) -> VmmFuture<'a, Option<BTreeMap<String, u64>>> {
         Box::pin(async { None })
+    }
+
+    /// Pauses the guest's vCPUs (QMP `stop`). Pausing a paused guest is not an error.
+    fn pause<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        let _ = control_socket;
+        Box::pin(async move { Err(ControlError::NotSupported { kind: self.kind(), what: "pause" }) })
+    }
+
+    /// Resumes a paused guest's vCPUs (QMP `cont`), also one left paused by [`Self::snapshot`]
+    /// or [`Self::restore`].
+    fn resume<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        let _ = control_socket;
+        Box::pin(async move { Err(ControlError::NotSupported { kind: self.kind(), what: "resume" }) })
+    }
+
+    /// Writes the paused guest's memory and device state to `state_file` (which must not
+    /// exist yet). The guest must be paused (see [`Self::pause`]) and stays paused, so its disks
+    /// can be copied consistently with the state before it is resumed.
+    fn snapshot<'a>(
+        &'a self,
+        control_socket: &'a Path,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<(), ControlError>> {
+        let _ = (control_socket, state_file);
+        Box::pin(async move { Err(ControlError::NotSupported { kind: self.kind(), what: "snapshot" }) })
+    }
+
+    /// Starts a VMM for `spec` whose guest is loaded from `state_file` (written by
+    /// [`Self::snapshot`] of a VM with the same machine shape: vCPUs, memory, disks, NIC or none),
+    /// instead of booting. Returns once the state is loaded; the guest is left paused, so resume
+    /// it with [`Self::resume`].
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<Launched, LaunchError>> {
+        let _ = (spec, state_file);
+        Box::pin(async move { Err(LaunchError::NotSupported { kind: self.kind(), what: "restore" }) })
     }
 
     /// Ends the VMM: [`Self::quit`], up to `timeout` for it to exit, then [`Self::kill`].

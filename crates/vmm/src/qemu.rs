@@ -105,6 +105,28 @@ pub enum LaunchError {
     /// The Firecracker driver failed.
     #[error(transparent)]
     Firecracker(#[from] crate::firecracker::FirecrackerError),
+    /// The driver cannot do this.
+    #[error("{what} is not supported by the {kind} vmm; use --vmm qemu")]
+    NotSupported {
+        /// The VMM.
+        kind: VmmKind,
+        /// What was asked (`restore`).
+        what: &'static str,
+    },
+    /// The saved guest state cannot be named on QEMU's command line.
+    #[error("the state file path {} contains a quote or a newline; move the state dir", path.display())]
+    BadStatePath {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The saved guest state did not load: the VMM exited or never left `inmigrate`.
+    #[error("the vmm could not load the guest state ({reason}); its stderr ends with:\n{stderr}")]
+    RestoreFailed {
+        /// What happened.
+        reason: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
 }
 
 /// The QEMU `microvm` driver.
@@ -227,8 +249,27 @@ impl QemuDriver {
         args
     }
 
-    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+    /// QEMU's arguments for `spec` restored from `state_file`: the same machine, started
+    /// paused (`-S`) with the state streamed in by `cat`.
+    pub fn restore_command_line(&self, spec: &LaunchSpec, state_file: &Path) -> Result<Vec<OsString>, LaunchError> {
+        let quoted = crate::qmp::shell_quote(state_file)
+            .map_err(|_| LaunchError::BadStatePath { path: state_file.to_owned() })?;
+        let mut args = self.command_line(spec);
+        args.extend(["-S".into(), "-incoming".into(), format!("exec:cat {quoted}").into()]);
+        Ok(args)
+    }
+
+    async fn launch_inner(&self, spec: &LaunchSpec, state_file: Option<&Path>) -> Result<Launched, LaunchError> {
         spec.validate()?;
+        let args = match state_file {
+            Some(state) => {
+                if !state.is_file() {
+                    return Err(LaunchError::MissingFile { what: "guest state", path: state.to_owned() });
+                }
+                self.restore_command_line(spec, state)?
+            }
+            None => self.command_line(spec),
+        };
         let binary = process::find_program(&self.binary)
             .ok_or_else(|| LaunchError::QemuNotFound { binary: self.binary.clone() })?;
         if !spec.vm_dir.is_dir() {
@@ -253,12 +294,7 @@ impl QemuDriver {
             File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
 
         let mut command = Command::new(&binary);
-        command
-            .args(self.command_line(spec))
-            .current_dir(&spec.vm_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        command.args(args).current_dir(&spec.vm_dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let pid =
             process::spawn_in_own_session(&mut command).map_err(|source| LaunchError::Spawn { binary, source })?;
         self.children.track(pid);
@@ -282,7 +318,12 @@ impl QemuDriver {
                 });
             }
             match QmpClient::connect(&spec.control_socket, remaining).await {
-                Ok(_client) => break,
+                Ok(client) => {
+                    if state_file.is_some() {
+                        self.wait_restored(client, pid, spec, remaining).await?;
+                    }
+                    break;
+                }
                 // Not listening yet.
                 Err(QmpError::Connect { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(source) => {
@@ -309,6 +350,44 @@ impl QemuDriver {
     }
 }
 
+impl QemuDriver {
+    /// Waits until a restoring QEMU has loaded its state (a [`KillGuard`] still covers it).
+    async fn wait_restored(
+        &self,
+        mut client: QmpClient,
+        pid: u32,
+        spec: &LaunchSpec,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
+        let stderr_path = spec.stderr_log();
+        let timeout = timeout.max(RESTORE_TIMEOUT);
+        match client.wait_incoming(Duration::from_millis(10), timeout).await {
+            Ok(status) if status.status == "paused" || status.status == "running" => Ok(()),
+            Ok(status) => Err(LaunchError::RestoreFailed {
+                reason: format!("run state {}", status.status),
+                stderr: process::tail_lines(&stderr_path, STDERR_LINES),
+            }),
+            Err(e) => {
+                // A state that does not fit makes QEMU exit; give it a moment to say why.
+                let _ = self.children.reap_within(pid, Duration::from_millis(500)).await;
+                Err(LaunchError::RestoreFailed {
+                    reason: e.to_string(),
+                    stderr: process::tail_lines(&stderr_path, STDERR_LINES),
+                })
+            }
+        }
+    }
+
+    async fn control(&self, control_socket: &Path) -> Result<QmpClient, ControlError> {
+        Ok(QmpClient::connect(control_socket, self.control_timeout).await?)
+    }
+}
+
+/// Longest wait for QEMU to load a saved guest state.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for QEMU to write a guest state.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Kills and reaps a half-started VMM when dropped.
 struct KillGuard<'a> {
     children: &'a Children,
@@ -327,7 +406,34 @@ impl Vmm for QemuDriver {
     }
 
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> VmmFuture<'a, Result<Launched, LaunchError>> {
-        Box::pin(self.launch_inner(spec))
+        Box::pin(self.launch_inner(spec, None))
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<Launched, LaunchError>> {
+        Box::pin(self.launch_inner(spec, Some(state_file)))
+    }
+
+    fn pause<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move { Ok(self.control(control_socket).await?.stop().await?) })
+    }
+
+    fn resume<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move { Ok(self.control(control_socket).await?.cont().await?) })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        control_socket: &'a Path,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let mut client = self.control(control_socket).await?;
+            client.save_state(state_file, Duration::from_millis(10), SAVE_TIMEOUT).await
+        })
     }
 
     fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
@@ -431,6 +537,32 @@ mod tests {
         assert_eq!(values(&args, "-qmp"), ["unix:/srv/vms/01abc/qmp.sock,server=on,wait=off"]);
         assert_eq!(values(&args, "-pidfile"), ["/srv/vms/01abc/vmm.pid"]);
         assert_eq!(values(&args, "-name"), ["guest=web,debug-threads=on"]);
+    }
+
+    #[test]
+    fn restore_command_line_is_the_same_machine_started_paused_from_the_state() {
+        let driver = QemuDriver::new(Accel::Tcg, Some(2_596_096));
+        let boot = args(&driver, &spec());
+        let restore: Vec<String> = driver
+            .restore_command_line(&spec(), Path::new("/s/snapshots/01/state.bin"))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(&restore[..boot.len()], &boot[..], "same devices, same order");
+        assert_eq!(&restore[boot.len()..], ["-S", "-incoming", "exec:cat '/s/snapshots/01/state.bin'"]);
+        let bad = driver.restore_command_line(&spec(), Path::new("/s/it's/state.bin")).unwrap_err();
+        assert!(matches!(bad, LaunchError::BadStatePath { .. }), "{bad:?}");
+    }
+
+    #[tokio::test]
+    async fn restore_of_a_missing_state_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = LaunchSpec::new("01abc", "web", dir.path(), "/k/vmlinuz", "/k/initrd.img");
+        spec.disks = Vec::new();
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary("sh");
+        let error = driver.restore(&spec, &dir.path().join("state.bin")).await.unwrap_err();
+        assert!(matches!(error, LaunchError::MissingFile { what: "guest state", .. }), "{error:?}");
     }
 
     #[test]

@@ -75,6 +75,32 @@ pub struct RunStatus {
     pub status: String,
 }
 
+/// Where a migration is (`query-migrate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationState {
+    /// None was started.
+    None,
+    /// Under way (`setup`, `active`, `device`, ...).
+    Active(String),
+    /// Finished.
+    Completed,
+    /// Failed or cancelled, with QEMU's reason.
+    Failed(String),
+}
+
+/// Migration bandwidth for state saves, bytes/s (QEMU 7.2 defaults to 128 MiB/s).
+pub const MAX_BANDWIDTH: u64 = 64 << 30;
+
+/// `path` single-quoted for `/bin/sh` (QEMU runs `exec:` URIs through it). Paths with a quote
+/// or a newline are refused rather than escaped.
+pub fn shell_quote(path: &Path) -> Result<String, crate::ControlError> {
+    let text = path.to_str().filter(|t| !t.contains(['\'', '\n'])).ok_or_else(|| crate::ControlError::SaveFailed {
+        path: path.to_owned(),
+        reason: "the path contains a quote or a newline, or is not UTF-8".into(),
+    })?;
+    Ok(format!("'{text}'"))
+}
+
 /// A QMP connection in command mode.
 #[derive(Debug)]
 pub struct QmpClient {
@@ -181,6 +207,77 @@ impl QmpClient {
     /// `cont`: resumes the vCPUs.
     pub async fn cont(&mut self) -> Result<(), QmpError> {
         self.execute("cont", None).await.map(drop)
+    }
+
+    /// `query-migrate`: where the current (outgoing or incoming) migration is.
+    pub async fn query_migrate(&mut self) -> Result<MigrationState, QmpError> {
+        let value = self.execute("query-migrate", None).await?;
+        let status = value.get("status").and_then(Value::as_str).unwrap_or("none");
+        Ok(match status {
+            "none" => MigrationState::None,
+            "completed" => MigrationState::Completed,
+            "failed" | "cancelled" => {
+                MigrationState::Failed(value.get("error-desc").and_then(Value::as_str).unwrap_or(status).to_owned())
+            }
+            other => MigrationState::Active(other.to_owned()),
+        })
+    }
+
+    /// Writes the paused guest's memory and device state to `state_file` through QEMU's
+    /// migration to `exec:cat > FILE` (QEMU 7.2 has no `file:` URI), at full speed, and waits
+    /// (polling `query-migrate` every `poll`) until it completed, failed, or `timeout` passed.
+    /// A running guest is refused: its disks could not be copied consistently with the state.
+    /// The guest stays paused (QEMU's run state becomes `postmigrate`; `cont` resumes it).
+    pub async fn save_state(
+        &mut self,
+        state_file: &Path,
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<(), crate::ControlError> {
+        let status = self.query_status().await?;
+        if status.running {
+            return Err(crate::ControlError::BadRunState { status: status.status, need: "pause it first" });
+        }
+        if status.status == "postmigrate" {
+            // QEMU 7.2 refuses to migrate "a vm that was paused due to previous migration" (a
+            // paused guest snapshotted before): run it for a moment to leave that state.
+            self.cont().await?;
+            self.stop().await?;
+        }
+        let uri = format!("exec:cat > {}", shell_quote(state_file)?);
+        self.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": MAX_BANDWIDTH }))).await?;
+        self.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.query_migrate().await? {
+                MigrationState::Completed => return Ok(()),
+                MigrationState::Failed(reason) => {
+                    return Err(crate::ControlError::SaveFailed { path: state_file.to_owned(), reason })
+                }
+                MigrationState::None | MigrationState::Active(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.execute("migrate_cancel", None).await;
+                return Err(crate::ControlError::SaveTimeout { path: state_file.to_owned(), timeout });
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Waits (polling `query-status` every `poll`) until an incoming migration has loaded:
+    /// QEMU leaves `inmigrate` for `paused` (with `-S`) or `running`. Returns the new run state.
+    pub async fn wait_incoming(&mut self, poll: Duration, timeout: Duration) -> Result<RunStatus, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.query_status().await?;
+            if status.status != "inmigrate" {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QmpError::Timeout { timeout });
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     /// `quit`: ends QEMU at once (the guest is not asked). A connection closed before the answer
@@ -321,6 +418,96 @@ mod tests {
         assert!(seen[0].get("arguments").is_none());
         let ids: Vec<_> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, [1, 2, 3, 4, 5]);
+    }
+
+    fn status(status: &str, running: bool) -> Vec<String> {
+        vec![format!(r#"{{"return": {{"status": "{status}", "singlestep": false, "running": {running}}}, "id": $ID}}"#)]
+    }
+
+    fn migrate_status(status: &str) -> Vec<String> {
+        vec![format!(r#"{{"return": {{"status": "{status}"}}, "id": $ID}}"#)]
+    }
+
+    #[tokio::test]
+    async fn save_state_sets_bandwidth_migrates_to_cat_and_polls_until_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(fake_server(
+            listener,
+            vec![
+                ("qmp_capabilities", ok()),
+                ("query-status", status("paused", false)),
+                ("migrate-set-parameters", ok()),
+                ("migrate", ok()),
+                ("query-migrate", migrate_status("setup")),
+                ("query-migrate", migrate_status("active")),
+                ("query-migrate", migrate_status("completed")),
+            ],
+        ));
+        let mut client = QmpClient::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let state = Path::new("/srv/snapshots/01ab/state.bin");
+        client.save_state(state, Duration::from_millis(1), Duration::from_secs(5)).await.unwrap();
+        let seen = server.await.unwrap();
+        assert_eq!(seen[2]["arguments"], json!({"max-bandwidth": MAX_BANDWIDTH}));
+        assert_eq!(seen[3]["arguments"], json!({"uri": "exec:cat > '/srv/snapshots/01ab/state.bin'"}));
+        assert_eq!(seen.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn save_state_refuses_a_running_guest_and_reports_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(fake_server(
+            listener,
+            vec![
+                ("qmp_capabilities", ok()),
+                ("query-status", status("running", true)),
+                ("query-status", status("postmigrate", false)),
+                ("cont", ok()),
+                ("stop", ok()),
+                ("migrate-set-parameters", ok()),
+                ("migrate", ok()),
+                (
+                    "query-migrate",
+                    vec![r#"{"return": {"status": "failed", "error-desc": "No space left"}, "id": $ID}"#.into()],
+                ),
+            ],
+        ));
+        let mut client = QmpClient::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let state = Path::new("/s/state.bin");
+        let running = client.save_state(state, Duration::from_millis(1), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(running, crate::ControlError::BadRunState { .. }), "{running:?}");
+        let failed = client.save_state(state, Duration::from_millis(1), Duration::from_secs(5)).await.unwrap_err();
+        assert!(failed.to_string().contains("No space left"), "{failed}");
+        server.await.unwrap();
+        assert!(shell_quote(Path::new("/a'b")).is_err());
+        assert_eq!(shell_quote(Path::new("/a b")).unwrap(), "'/a b'");
+    }
+
+    #[tokio::test]
+    async fn wait_incoming_polls_until_the_state_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(fake_server(
+            listener,
+            vec![
+                ("qmp_capabilities", ok()),
+                ("query-status", status("inmigrate", false)),
+                ("query-status", status("inmigrate", false)),
+                ("query-status", status("paused", false)),
+                ("stop", ok()),
+                ("cont", ok()),
+            ],
+        ));
+        let mut client = QmpClient::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let loaded = client.wait_incoming(Duration::from_millis(1), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(loaded.status, "paused");
+        client.stop().await.unwrap();
+        client.cont().await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 6);
     }
 
     #[tokio::test]

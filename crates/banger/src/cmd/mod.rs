@@ -9,6 +9,7 @@ pub mod image;
 pub mod kernel;
 pub mod op;
 pub mod session;
+pub mod snapshot;
 pub mod ssh;
 pub mod vm;
 pub mod workspace;

@@ -52,6 +52,17 @@ pub enum VmCommand {
     /// Forward host ports to a VM: add, list (the default) or remove. Forwards are kept with
     /// the VM and listen on the host whenever it runs.
     Forward(super::forward::ForwardArgs),
+    /// Pause a running VM's vCPUs (it keeps its memory, processes and connections).
+    Pause(super::snapshot::PauseArgs),
+    /// Resume a paused VM and set its clock to the host's.
+    Resume(super::snapshot::PauseArgs),
+    /// Take a memory snapshot of a running or paused VM: memory, device state and disks, from one
+    /// instant (the guest is paused meanwhile). Prints the snapshot's name.
+    Snapshot(super::snapshot::SnapshotArgs),
+    /// Start a new VM from a memory snapshot, with its own name, MAC, address, hostname, ssh host
+    /// key and machine id, and the snapshot's memory and disks (same as `vm create
+    /// --from-snapshot S NAME` + `vm start NAME`).
+    Fork(super::snapshot::ForkArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +173,10 @@ pub struct SpecArgs {
     /// 8080:80 (HOST_ADDR defaults to 127.0.0.1; 0.0.0.0 is every interface). Repeatable.
     #[arg(long, short = 'p', value_name = "SPEC", value_parser = super::forward::parse_forward)]
     publish: Vec<banger_core::PortForward>,
+    /// Start from this memory snapshot instead of booting (a fork: its image, kernel, CPUs,
+    /// memory and disks are the snapshot's). See `banger snapshot list`.
+    #[arg(long, value_name = "SNAPSHOT")]
+    from_snapshot: Option<String>,
 }
 
 impl SpecArgs {
@@ -179,6 +194,8 @@ impl SpecArgs {
             allow_vm_traffic: self.allow_vm_traffic.then_some(true),
             git_identity: super::ssh::git_identity(),
             publish: self.publish,
+            from_snapshot: self.from_snapshot,
+            warm_start: false,
         }
     }
 }
@@ -314,6 +331,10 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         VmCommand::Run(a) => run_command(client, a).await,
         VmCommand::Ssh(a) => super::ssh::vm_ssh(client, a).await,
         VmCommand::Forward(a) => super::forward::run(client, a).await,
+        VmCommand::Pause(a) => super::snapshot::pause(client, a, false).await,
+        VmCommand::Resume(a) => super::snapshot::pause(client, a, true).await,
+        VmCommand::Snapshot(a) => super::snapshot::snapshot(client, a).await,
+        VmCommand::Fork(a) => super::snapshot::fork(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
@@ -377,7 +398,8 @@ async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> 
 async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.clone().unwrap_or_else(|| format!("run-{}", &banger_core::new_id()[..8]));
     let repo = super::workspace::prepare_flag(a.workspace.as_deref())?;
-    let req = a.spec.request(name.clone(), true);
+    // With the config's `warm_start`, a run may start from the warm-start snapshot.
+    let req = CreateVmRequest { warm_start: true, ..a.spec.request(name.clone(), true) };
     let mut opts = a.command.options(false);
     if let (Some(repo), None) = (&repo, &opts.cwd) {
         opts.cwd = Some(repo.guest_dir());

@@ -17,5 +17,6 @@ mod images;
 mod network;
 mod recovery;
 mod session;
+mod snapshot;
 mod ssh;
 mod workspace;

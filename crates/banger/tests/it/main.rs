@@ -8,5 +8,6 @@ mod harness;
 mod lifecycle;
 mod restart;
 mod session;
+mod snapshot;
 mod ssh;
 mod workspace;

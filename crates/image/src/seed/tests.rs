@@ -403,3 +403,21 @@ fn files_are_read_back_and_missing_or_odd_ones_are_none() {
         .all(|c| !matches!(c, SeedCall::Debugfs(r) if r.writable && r.script().contains("dump"))));
     assert!(matches!(read_files_from(&tools, &image, &["relative"]), Err(SeedError::InvalidPath(_))));
 }
+
+#[test]
+fn copy_disk_keeps_contents_and_holes_and_refuses_an_existing_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.ext4");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(8 << 20).unwrap();
+    use std::os::unix::fs::FileExt as _;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", (8 << 20) - 4).unwrap();
+    drop(f);
+    let dest = dir.path().join("dest.ext4");
+    let (_method, copied) = copy_disk(&src, &dest).unwrap();
+    assert!(copied < 8 << 20, "holes are not copied: {copied}");
+    assert_eq!(fs::read(&src).unwrap(), fs::read(&dest).unwrap());
+    assert!(matches!(copy_disk(&src, &dest), Err(SeedError::Exists { .. })));
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+}

@@ -1,0 +1,656 @@
+//! Memory snapshots: pause and resume, snapshots of a running VM, forks started from them, and
+//! warm start.
+//!
+//! A snapshot is the VM's memory and device state (written by the VMM while the guest is
+//! paused) plus copies of its overlay and work disks made during the same pause, so the three
+//! agree; the guest is resumed afterwards unless it was paused before. Files live in
+//! `<state>/snapshots/<id>/`, the record in the `snapshots` table. Taking one holds the VM's lock
+//! from the pause to the resume (like `image promote`, the other exception): no stop, pause or
+//! resume may run between the state and the disk copies. That is VMM and file I/O of a second or
+//! two, never a wait on the guest.
+//!
+//! A fork is a new VM whose dir gets copies of the snapshot's disks and a link to its state
+//! ([`RESTORE_STATE`]); its first start restores that state instead of booting, then the agent
+//! gives the guest the fork's identity (clock, hostname, MAC and address, ssh host key,
+//! machine id) before the start reports it ready. Later starts boot normally. A fork does not
+//! need the snapshot's files once made, but a snapshot cannot be deleted while VMs started from
+//! it exist (`vms.origin_snapshot`).
+//!
+//! Warm start (`warm_start = true`): the first `vm run` for a boot key (image, kernel, shape,
+//! agent, guest files) boots cold and is snapshotted right after it is ready; later runs with the
+//! same key fork that snapshot. A warm snapshot whose key no longer matches is deleted once no
+//! fork uses it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_core::vm::{transition, VmEvent};
+use banger_core::{new_id, validate_name, ObservedState, SnapshotRecord, VmRecord, VmSpec};
+use banger_proto::agent::{AgentRequest, HostKey, Identity, NetIdentity};
+use banger_proto::{CreateVmRequest, SnapshotView};
+
+use crate::daemon::Daemon;
+use crate::error::{chain, ApiFailure};
+
+/// A fork's copy of the state it starts from, in its VM dir, until its first start restores it.
+pub const RESTORE_STATE: &str = "restore-state.bin";
+/// How long the agent may take to apply a new identity.
+const REIDENTIFY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent may take to set the clock after a resume.
+const CLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The state file a VM's next start restores, if it has one.
+pub fn restore_state(vm: &VmRecord) -> Option<PathBuf> {
+    Some(Path::new(&vm.vm_dir).join(RESTORE_STATE)).filter(|p| p.is_file())
+}
+
+/// The default name of a snapshot of `vm` taken at `now` (RFC 3339): `VM-YYYYMMDD-HHMMSS`.
+pub fn default_snapshot_name(vm: &str, now: &str) -> String {
+    let digits: String = now.chars().filter(char::is_ascii_digit).take(14).collect();
+    let (date, time) = digits.split_at(digits.len().min(8));
+    let suffix = format!("-{date}-{time}");
+    let keep = 63usize.saturating_sub(suffix.len());
+    format!("{}{suffix}", vm.get(..keep).unwrap_or(vm).trim_end_matches('-'))
+}
+
+/// Refuses deleting a snapshot while VMs started from it exist.
+pub fn check_deletable(snapshot: &SnapshotRecord, forks: &[String]) -> Result<(), ApiFailure> {
+    if forks.is_empty() {
+        return Ok(());
+    }
+    Err(ApiFailure::conflict(format!(
+        "snapshot '{}' has forks ({}); delete them first with `banger vm delete {}`",
+        snapshot.name,
+        forks.join(", "),
+        forks.join(" ")
+    )))
+}
+
+/// The spec of a fork of `snapshot`: the snapshot's shape; the request may repeat it but not
+/// change it. `allow_vm_traffic` is the request's, else `default_allow`.
+pub fn fork_spec(snapshot: &SnapshotRecord, req: &CreateVmRequest, default_allow: bool) -> Result<VmSpec, ApiFailure> {
+    let differs = |what: &str, asked: String, have: String| {
+        ApiFailure::invalid(format!(
+            "a fork of snapshot '{}' has its {what} ({have}); omit it (asked for {asked})",
+            snapshot.name
+        ))
+    };
+    let same = |what: &str, asked: Option<String>, have: String| match asked {
+        Some(asked) if asked != have => Err(differs(what, asked, have)),
+        _ => Ok(()),
+    };
+    same("image", req.image.clone(), snapshot.image.clone())?;
+    same("kernel", req.kernel.clone(), snapshot.kernel.clone())?;
+    same("vcpus", req.vcpus.map(|v| v.to_string()), snapshot.vcpus.to_string())?;
+    same("memory in MiB", req.memory_mib.map(|v| v.to_string()), snapshot.memory_mib.to_string())?;
+    same("disk in MiB", req.disk_mib.map(|v| v.to_string()), snapshot.disk_mib.to_string())?;
+    same("network choice", req.network.map(|v| v.to_string()), snapshot.network.to_string())?;
+    if let Some(vmm) = req.vmm.filter(|v| *v != banger_core::config::VmmChoice::Auto) {
+        same("vmm", Some(vmm.to_string()), snapshot.vmm.to_string())?;
+    }
+    if req.allow_vm_traffic == Some(true) && !snapshot.network {
+        return Err(ApiFailure::invalid(format!(
+            "snapshot '{}' was taken of a vm without a network; --allow-vm-traffic needs one",
+            snapshot.name
+        )));
+    }
+    Ok(VmSpec {
+        image: snapshot.image.clone(),
+        kernel: snapshot.kernel.clone(),
+        vcpus: snapshot.vcpus,
+        memory_mib: snapshot.memory_mib,
+        disk_mib: snapshot.disk_mib,
+        vmm: snapshot.vmm,
+        network: snapshot.network,
+        allow_vm_traffic: snapshot.network && req.allow_vm_traffic.unwrap_or(default_allow),
+    })
+}
+
+/// The guest NIC a fork gets: its MAC, address with prefix, and the gateway (also its DNS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkNic {
+    /// MAC address.
+    pub mac: String,
+    /// `ADDR/PREFIX`.
+    pub cidr: String,
+    /// Gateway and name server.
+    pub gateway: String,
+}
+
+/// What the agent of a fork restored from a snapshot is told to become.
+pub fn fork_identity(
+    vm: &VmRecord,
+    now_unix_ms: u64,
+    nic: Option<&ForkNic>,
+    host_key: HostKey,
+    machine_id: String,
+) -> Identity {
+    Identity {
+        time_unix_ms: now_unix_ms,
+        hostname: Some(vm.name.clone()),
+        net: nic.map(|n| NetIdentity {
+            mac: n.mac.clone(),
+            cidr: n.cidr.clone(),
+            gateway: Some(n.gateway.clone()),
+            dns: Some(n.gateway.clone()),
+        }),
+        host_key: Some(host_key),
+        machine_id: Some(machine_id),
+    }
+}
+
+/// A fresh machine id: 32 lowercase hex digits.
+pub fn new_machine_id() -> String {
+    format!("{}{}", new_id(), new_id())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a warm-start snapshot stands for: everything a cold boot's result depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmParts<'a> {
+    /// The spec (image, kernel, shape, VMM, network).
+    pub spec: &'a VmSpec,
+    /// The image's identity (its creation time and digest).
+    pub image_version: String,
+    /// The kernel's identity (its release and creation time).
+    pub kernel_version: String,
+    /// The agent binary's digest.
+    pub agent_digest: String,
+    /// The guest files written at boot: the git identity and `sync_files`.
+    pub guest_files: String,
+}
+
+/// The warm-start key of `parts`: a digest, stable across daemon restarts.
+pub fn warm_key(parts: &WarmParts<'_>) -> String {
+    let s = parts.spec;
+    let text = format!(
+        "v1|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        s.image,
+        parts.image_version,
+        s.kernel,
+        parts.kernel_version,
+        s.vcpus,
+        s.memory_mib,
+        s.disk_mib,
+        s.vmm.as_str(),
+        s.network,
+        parts.agent_digest,
+        parts.guest_files
+    );
+    fnv64(text.as_bytes())
+}
+
+/// FNV-1a, 64 bits, as hex: stable across builds (unlike `DefaultHasher`).
+fn fnv64(bytes: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Bytes the files directly in `dir` take on disk.
+fn dir_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+        .unwrap_or(0)
+}
+
+fn control_failure(vm: &VmRecord, what: &str) -> impl FnOnce(banger_vmm::ControlError) -> ApiFailure {
+    let name = vm.name.clone();
+    let what = what.to_owned();
+    move |e| match e {
+        banger_vmm::ControlError::NotSupported { .. } => ApiFailure::invalid(chain(&e)),
+        e => ApiFailure::internal(format!("cannot {what} vm '{name}': {}", chain(&e))),
+    }
+}
+
+impl Daemon {
+    /// The control socket of running VM `vm`, or why it has none.
+    fn control_socket(&self, vm: &VmRecord) -> Result<PathBuf, ApiFailure> {
+        let handles = self.handles.get(vm).filter(|_| self.handles.alive(vm));
+        let control = handles.and_then(|h| h.control_socket).ok_or_else(|| {
+            ApiFailure::conflict(format!(
+                "vm '{}' is not running; start it with `banger vm start {}`",
+                vm.name, vm.name
+            ))
+        })?;
+        Ok(PathBuf::from(control))
+    }
+
+    /// Pauses a running VM's vCPUs.
+    pub async fn pause_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let _guard = self.vm_locks.lock(&id).await;
+        let mut vm = self.store.find_vm(&id)?;
+        let control = self.control_socket(&vm)?;
+        let next = transition(vm.state, &VmEvent::Pause)?;
+        self.driver(vm.spec.vmm).pause(&control).await.map_err(control_failure(&vm, "pause"))?;
+        vm.state = next;
+        vm.updated_at = banger_core::time::now_rfc3339();
+        self.store.update_vm(&vm)?;
+        tracing::info!(vm = %vm.name, "vm paused");
+        Ok(vm)
+    }
+
+    /// Resumes a paused VM, then sets its clock (it stood still while paused).
+    pub async fn resume_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
+        let id = self.store.find_vm(reference)?.id;
+        let vm = {
+            let _guard = self.vm_locks.lock(&id).await;
+            let mut vm = self.store.find_vm(&id)?;
+            let control = self.control_socket(&vm)?;
+            let next = transition(vm.state, &VmEvent::Resume)?;
+            self.driver(vm.spec.vmm).resume(&control).await.map_err(control_failure(&vm, "resume"))?;
+            vm.state = next;
+            vm.updated_at = banger_core::time::now_rfc3339();
+            self.store.update_vm(&vm)?;
+            vm
+        };
+        self.correct_clock(&vm).await;
+        tracing::info!(vm = %vm.name, "vm resumed");
+        Ok(vm)
+    }
+
+    /// Sets a resumed guest's clock to the host's (best effort: a failure is logged).
+    pub async fn correct_clock(&self, vm: &VmRecord) {
+        let request = AgentRequest::Reidentify(Identity { time_unix_ms: now_unix_ms(), ..Default::default() });
+        if let Err(e) = self.agent_for(vm).call(&request, CLOCK_TIMEOUT).await {
+            tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot set the guest clock");
+        }
+    }
+
+    /// Gives fork `vm`, just restored and resumed, its own identity through its agent.
+    pub async fn reidentify_fork(&self, vm: &VmRecord, nic: Option<&ForkNic>) -> Result<(), ApiFailure> {
+        let key = self.vm_host_key(vm)?;
+        let private_key = std::fs::read_to_string(&key.private)
+            .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", key.private.display())))?;
+        let host_key = HostKey { private_key, public_key: key.line };
+        let identity = fork_identity(vm, now_unix_ms(), nic, host_key, new_machine_id());
+        self.agent_for(vm).call(&AgentRequest::Reidentify(identity), REIDENTIFY_TIMEOUT).await.map_err(|e| {
+            ApiFailure::internal(format!("cannot give fork '{}' its own identity: {}", vm.name, chain(&e)))
+        })?;
+        Ok(())
+    }
+
+    /// The API view of a snapshot.
+    pub fn snapshot_view(&self, record: SnapshotRecord) -> Result<SnapshotView, ApiFailure> {
+        let forks = self.store.snapshot_forks(&record.id)?;
+        Ok(SnapshotView { record, forks })
+    }
+
+    /// The name of the snapshot VM `vm_id` was forked from, if any.
+    pub fn origin_snapshot_name(&self, vm_id: &str) -> Option<String> {
+        let origin = self.store.vm_origin(vm_id).ok().flatten()?;
+        self.store.find_snapshot(&origin).ok().map(|s| s.name)
+    }
+
+    /// Snapshots running (or paused) VM `reference` as `name` (default `VM-YYYYMMDD-HHMMSS`).
+    pub async fn snapshot_vm(&self, reference: &str, name: Option<String>) -> Result<SnapshotView, ApiFailure> {
+        let source = self.store.find_vm(reference)?;
+        let name = name.unwrap_or_else(|| default_snapshot_name(&source.name, &banger_core::time::now_rfc3339()));
+        validate_name(&name).map_err(|e| ApiFailure::invalid(format!("invalid snapshot name: {e}")))?;
+        let record = self.take_snapshot(&source.id, &name, None).await?;
+        self.snapshot_view(record)
+    }
+
+    /// Takes snapshot `name` of VM `id` (a warm-start one with `warm_key`).
+    pub async fn take_snapshot(
+        &self,
+        id: &str,
+        name: &str,
+        warm_key: Option<String>,
+    ) -> Result<SnapshotRecord, ApiFailure> {
+        let started = Instant::now();
+        let guard = self.vm_locks.lock(id).await;
+        let vm = self.store.find_vm(id)?;
+        let control = self.control_socket(&vm)?;
+        if !matches!(vm.state, ObservedState::Running | ObservedState::Paused) {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{}' is {}; snapshots are taken of running or paused vms",
+                vm.name,
+                vm.state.as_str()
+            )));
+        }
+        let was_paused = vm.state == ObservedState::Paused;
+        let sid = new_id();
+        let mut record = SnapshotRecord {
+            name: name.to_owned(),
+            source_vm_id: vm.id.clone(),
+            source_vm_name: vm.name.clone(),
+            image: vm.spec.image.clone(),
+            kernel: vm.spec.kernel.clone(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            disk_mib: vm.spec.disk_mib,
+            vmm: vm.spec.vmm,
+            network: vm.spec.network,
+            dir: self.layout.state_dir.join("snapshots").join(&sid).display().to_string(),
+            size_bytes: 0,
+            warm_key,
+            created_at: banger_core::time::now_rfc3339(),
+            id: sid,
+        };
+        {
+            let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
+            self.store.insert_snapshot(&record)?;
+        }
+        let written = self.write_snapshot(&vm, &control, &record, was_paused).await;
+        drop(guard);
+        if !was_paused {
+            self.correct_clock(&vm).await;
+        }
+        match written {
+            Ok(size) => {
+                self.store.set_snapshot_size(&record.id, size)?;
+                record.size_bytes = size;
+                tracing::info!(vm = %vm.name, snapshot = %record.name, size, elapsed_ms = started.elapsed().as_millis(),
+                    "snapshot taken");
+                Ok(record)
+            }
+            Err(e) => {
+                if let Err(d) = self.store.delete_snapshot(&record.id) {
+                    tracing::error!(snapshot = %record.name, error = %chain(&d), "cannot roll back snapshot row");
+                }
+                let _ = std::fs::remove_dir_all(&record.dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Pause (unless paused), state, disk copies, resume (unless it was paused). Returns the
+    /// bytes written. Called with the VM's lock held.
+    async fn write_snapshot(
+        &self,
+        vm: &VmRecord,
+        control: &Path,
+        record: &SnapshotRecord,
+        was_paused: bool,
+    ) -> Result<u64, ApiFailure> {
+        let dir = PathBuf::from(&record.dir);
+        banger_host::paths::ensure_dir(&dir, 0o700)
+            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let driver = self.driver(vm.spec.vmm);
+        if !was_paused {
+            driver.pause(control).await.map_err(control_failure(vm, "pause"))?;
+        }
+        let paths = record.paths();
+        let saved = async {
+            let t = Instant::now();
+            driver.snapshot(control, Path::new(&paths.state)).await.map_err(control_failure(vm, "snapshot"))?;
+            let state_ms = t.elapsed().as_millis();
+            let from = vm.paths();
+            let copies = [(from.overlay_disk, paths.overlay_disk.clone()), (from.work_disk, paths.work_disk.clone())];
+            let t = Instant::now();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                for (src, dest) in copies {
+                    banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
+                        .map_err(|e| format!("cannot copy {src}: {}", chain(&e)))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| ApiFailure::internal(e.to_string()))?
+            .map_err(ApiFailure::internal)?;
+            tracing::debug!(vm = %vm.name, state_ms, disks_ms = t.elapsed().as_millis(), "snapshot files written");
+            Ok::<(), ApiFailure>(())
+        }
+        .await;
+        if !was_paused {
+            if let Err(e) = driver.resume(control).await {
+                let failure = control_failure(vm, "resume")(e);
+                tracing::error!(vm = %vm.name, error = %failure, "cannot resume after the snapshot");
+                saved.clone()?;
+                return Err(failure);
+            }
+        }
+        saved?;
+        let dir2 = dir.clone();
+        tokio::task::spawn_blocking(move || dir_usage(&dir2)).await.map_err(|e| ApiFailure::internal(e.to_string()))
+    }
+
+    /// Every snapshot.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotView>, ApiFailure> {
+        self.store.list_snapshots()?.into_iter().map(|s| self.snapshot_view(s)).collect()
+    }
+
+    /// Deletes a snapshot no VM was started from, and its files.
+    pub async fn delete_snapshot(&self, reference: &str) -> Result<SnapshotView, ApiFailure> {
+        let record = {
+            let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
+            let record = self.store.find_snapshot(reference)?;
+            check_deletable(&record, &self.store.snapshot_forks(&record.id)?)?;
+            self.store.delete_snapshot(&record.id)?;
+            record
+        };
+        let dir = record.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if let Ok(Err(e)) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(snapshot = %record.name, dir = %record.dir, error = %e, "cannot remove snapshot files");
+            }
+        }
+        tracing::info!(snapshot = %record.name, "snapshot deleted");
+        Ok(SnapshotView { record, forks: Vec::new() })
+    }
+
+    /// Copies snapshot `snapshot`'s disks into new fork `vm`'s dir and links its state there
+    /// for the first start.
+    pub async fn copy_snapshot_into(&self, snapshot: &SnapshotRecord, vm: &VmRecord) -> Result<(), ApiFailure> {
+        let (from, to) = (snapshot.paths(), vm.paths());
+        let restore = Path::new(&vm.vm_dir).join(RESTORE_STATE);
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for (src, dest) in [(from.overlay_disk, to.overlay_disk), (from.work_disk, to.work_disk)] {
+                banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
+                    .map_err(|e| format!("cannot copy {src}: {}", chain(&e)))?;
+            }
+            // The state is only read: a hard link costs nothing (a copy across file systems).
+            if std::fs::hard_link(&from.state, &restore).is_err() {
+                std::fs::copy(&from.state, &restore).map_err(|e| format!("cannot copy {}: {e}", from.state))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiFailure::internal(e.to_string()))?
+        .map_err(|e| ApiFailure::internal(format!("cannot fork snapshot '{}': {e}", snapshot.name)))
+    }
+
+    /// The warm-start key for `spec` and the caller's git identity, when its image and kernel
+    /// exist (before their first build nothing can be warm).
+    pub fn warm_key_for(
+        &self,
+        spec: &VmSpec,
+        git: Option<&banger_proto::GitIdentity>,
+    ) -> Result<Option<String>, ApiFailure> {
+        let Some(image) = self.store.get_image(&spec.image)? else { return Ok(None) };
+        let Some(kernel) = self.store.list_kernels()?.into_iter().find(|k| k.name == spec.kernel) else {
+            return Ok(None);
+        };
+        let agent = crate::lifecycle::agent_binary()?;
+        let agent_digest = crate::lifecycle::file_digest(&agent)
+            .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", agent.display())))?;
+        let git = git.map(|g| format!("{:?}/{:?}", g.name, g.email)).unwrap_or_default();
+        let parts = WarmParts {
+            spec,
+            image_version: format!("{}/{}", image.created_at, image.sha256.unwrap_or_default()),
+            kernel_version: format!("{}/{}", kernel.release, kernel.created_at),
+            agent_digest,
+            guest_files: format!("{git}|{}", self.config.sync_files.join(",")),
+        };
+        Ok(Some(warm_key(&parts)))
+    }
+
+    /// The warm-start snapshot for `key`, if one is kept.
+    pub fn warm_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>, ApiFailure> {
+        Ok(self.store.find_warm_snapshot(key)?)
+    }
+
+    /// Snapshots `vm`, freshly booted, as the warm-start snapshot of `key`, then deletes the
+    /// warm snapshots of the same image, kernel and shape that `key` replaces (those no fork
+    /// uses).
+    pub async fn make_warm_snapshot(&self, vm: &VmRecord, key: &str) -> Result<SnapshotRecord, ApiFailure> {
+        let name = format!("warm-{key}");
+        let record = self.take_snapshot(&vm.id, &name, Some(key.to_owned())).await?;
+        let stale: Vec<SnapshotRecord> = self
+            .store
+            .list_snapshots()?
+            .into_iter()
+            .filter(|s| s.is_warm() && s.id != record.id)
+            .filter(|s| s.image == record.image && s.kernel == record.kernel)
+            .filter(|s| s.vcpus == record.vcpus && s.memory_mib == record.memory_mib)
+            .collect();
+        for s in stale {
+            match self.delete_snapshot(&s.id).await {
+                Ok(_) => tracing::info!(snapshot = %s.name, "stale warm-start snapshot deleted"),
+                Err(e) => tracing::debug!(snapshot = %s.name, error = %e.message, "stale warm-start snapshot kept"),
+            }
+        }
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_core::config::{VmmChoice, VmmKind};
+
+    fn snapshot() -> SnapshotRecord {
+        SnapshotRecord {
+            id: "0123456789abcdef".into(),
+            name: "base".into(),
+            source_vm_id: "fedcba9876543210".into(),
+            source_vm_name: "web".into(),
+            image: "debian-bookworm".into(),
+            kernel: "debian-6.1-cloud".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 2048,
+            vmm: VmmKind::Qemu,
+            network: true,
+            dir: "/s/snapshots/0123456789abcdef".into(),
+            size_bytes: 0,
+            warm_key: None,
+            created_at: "2026-11-22T17:00:00Z".into(),
+        }
+    }
+
+    fn vm(name: &str) -> VmRecord {
+        VmRecord {
+            id: "aaaaaaaaaaaaaaaa".into(),
+            name: name.into(),
+            spec: fork_spec(&snapshot(), &CreateVmRequest::default(), false).expect("spec"),
+            desired_state: banger_core::DesiredState::Running,
+            state: ObservedState::Starting,
+            guest_ip: Some("172.30.0.7".into()),
+            vm_dir: "/s/vms/aaaaaaaaaaaaaaaa".into(),
+            created_at: "t".into(),
+            updated_at: "t".into(),
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn forks_take_the_snapshot_shape_and_refuse_another() {
+        let s = snapshot();
+        let spec = fork_spec(&s, &CreateVmRequest::default(), true).expect("spec");
+        assert_eq!((spec.vcpus, spec.memory_mib, spec.disk_mib), (1, 512, 2048));
+        assert_eq!((spec.image.as_str(), spec.network, spec.allow_vm_traffic), ("debian-bookworm", true, true));
+        let same = CreateVmRequest {
+            vcpus: Some(1),
+            memory_mib: Some(512),
+            vmm: Some(VmmChoice::Auto),
+            allow_vm_traffic: Some(false),
+            ..Default::default()
+        };
+        assert!(!fork_spec(&s, &same, true).expect("same shape").allow_vm_traffic);
+        for bad in [
+            CreateVmRequest { memory_mib: Some(1024), ..Default::default() },
+            CreateVmRequest { image: Some("minimal".into()), ..Default::default() },
+            CreateVmRequest { network: Some(false), ..Default::default() },
+            CreateVmRequest { vmm: Some(VmmChoice::Firecracker), ..Default::default() },
+        ] {
+            let e = fork_spec(&s, &bad, false).expect_err("refused");
+            assert_eq!(e.code, "invalid_request");
+            assert!(e.message.contains("omit it"), "{}", e.message);
+        }
+        let no_net = SnapshotRecord { network: false, ..snapshot() };
+        let open = CreateVmRequest { allow_vm_traffic: Some(true), ..Default::default() };
+        assert!(fork_spec(&no_net, &open, false).is_err());
+        assert!(!fork_spec(&no_net, &CreateVmRequest::default(), true).expect("spec").allow_vm_traffic);
+    }
+
+    #[test]
+    fn deletion_is_refused_while_forks_exist() {
+        let s = snapshot();
+        check_deletable(&s, &[]).expect("no forks");
+        let e = check_deletable(&s, &["fork-a".into(), "fork-b".into()]).expect_err("forks");
+        assert_eq!(e.code, "conflict");
+        assert_eq!(
+            e.message,
+            "snapshot 'base' has forks (fork-a, fork-b); delete them first with `banger vm delete fork-a fork-b`"
+        );
+    }
+
+    #[test]
+    fn a_fork_identity_carries_name_nic_key_and_time() {
+        let nic =
+            ForkNic { mac: "52:54:00:12:34:56".into(), cidr: "172.30.0.7/24".into(), gateway: "172.30.0.1".into() };
+        let key = HostKey { private_key: "KEY".into(), public_key: "ssh-ed25519 AAAA root@fork-a".into() };
+        let id = fork_identity(&vm("fork-a"), 1_700_000_000_123, Some(&nic), key.clone(), "ab".repeat(16));
+        assert_eq!(id.time_unix_ms, 1_700_000_000_123);
+        assert_eq!(id.hostname.as_deref(), Some("fork-a"));
+        let net = id.net.expect("net");
+        assert_eq!((net.mac.as_str(), net.cidr.as_str()), ("52:54:00:12:34:56", "172.30.0.7/24"));
+        assert_eq!((net.gateway.as_deref(), net.dns.as_deref()), (Some("172.30.0.1"), Some("172.30.0.1")));
+        assert_eq!(id.host_key, Some(key.clone()));
+        assert_eq!(id.machine_id.as_deref(), Some("abababababababababababababababab"));
+        let offline = fork_identity(&vm("quiet"), 1, None, key, new_machine_id());
+        assert!(offline.net.is_none());
+        let mid = offline.machine_id.expect("machine id");
+        assert!(mid.len() == 32 && mid.bytes().all(|b| b.is_ascii_hexdigit()), "{mid}");
+        assert_ne!(new_machine_id(), new_machine_id());
+    }
+
+    #[test]
+    fn default_names_are_labels_with_the_time() {
+        assert_eq!(default_snapshot_name("web", "2026-11-22T17:05:09Z"), "web-20261122-170509");
+        let long = "a".repeat(63);
+        let name = default_snapshot_name(&long, "2026-11-22T17:05:09.123Z");
+        assert_eq!(name.len(), 63);
+        validate_name(&name).expect("a valid label");
+    }
+
+    #[test]
+    fn warm_keys_change_with_every_part() {
+        let spec = vm("x").spec;
+        let parts = WarmParts {
+            spec: &spec,
+            image_version: "t1/sha".into(),
+            kernel_version: "6.1/t".into(),
+            agent_digest: "d1".into(),
+            guest_files: String::new(),
+        };
+        let key = warm_key(&parts);
+        assert_eq!(key, warm_key(&parts.clone()), "stable");
+        assert_eq!(key.len(), 16);
+        let bigger = VmSpec { memory_mib: 1024, ..spec.clone() };
+        let more_cpus = VmSpec { vcpus: 2, ..spec.clone() };
+        for other in [
+            WarmParts { agent_digest: "d2".into(), ..parts.clone() },
+            WarmParts { image_version: "t2/sha".into(), ..parts.clone() },
+            WarmParts { kernel_version: "6.2/t".into(), ..parts.clone() },
+            WarmParts { guest_files: "git".into(), ..parts.clone() },
+            WarmParts { spec: &bigger, ..parts.clone() },
+            WarmParts { spec: &more_cpus, ..parts.clone() },
+        ] {
+            assert_ne!(warm_key(&other), key, "{other:?}");
+        }
+    }
+}
