@@ -13,4 +13,5 @@ pub use api::*;
 mod session_api;
 #[cfg(feature = "api")]
 pub use session_api::*;
+#[cfg(feature = "api")]
 pub mod workspace;
