@@ -236,9 +236,15 @@ impl Daemon {
         if let Some(state) = restore {
             op.stage("identity")?;
             self.reidentify_fork(vm, fork_nic.as_ref()).await?;
-            // From now on this VM boots like any other.
-            if let Err(e) = std::fs::remove_file(&state) {
-                tracing::warn!(vm = %vm.name, error = %e, "cannot remove the restored state");
+            // From now on this VM boots like any other. (A VMM that maps the memory file keeps
+            // its pages after the unlink.)
+            for file in [banger_vmm::snapshot_memory_file(&state), state] {
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(vm = %vm.name, file = %file.display(), error = %e, "cannot remove the restored state");
+                    }
+                    _ => {}
+                }
             }
         }
         Ok(())

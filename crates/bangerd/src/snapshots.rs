@@ -451,9 +451,18 @@ impl Daemon {
                 banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
                     .map_err(|e| format!("cannot copy {src}: {}", chain(&e)))?;
             }
-            // The state is only read: a hard link costs nothing (a copy across file systems).
-            if std::fs::hard_link(&from.state, &restore).is_err() {
-                std::fs::copy(&from.state, &restore).map_err(|e| format!("cannot copy {}: {e}", from.state))?;
+            // The state (and Firecracker's memory file beside it) is only read: a hard link
+            // costs nothing (a copy across file systems).
+            let state = PathBuf::from(&from.state);
+            let memory = banger_vmm::snapshot_memory_file(&state);
+            let mut files = vec![(state, restore.clone())];
+            if memory.is_file() {
+                files.push((memory, banger_vmm::snapshot_memory_file(&restore)));
+            }
+            for (src, dest) in files {
+                if std::fs::hard_link(&src, &dest).is_err() {
+                    std::fs::copy(&src, &dest).map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
+                }
             }
             Ok(())
         })

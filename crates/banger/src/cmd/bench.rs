@@ -3,6 +3,9 @@
 //! Every case runs the real CLI (this executable, against the same daemon) as a user would, so
 //! what is timed includes the API, the operation polling and the process start of the client:
 //! - cold: `banger vm run --rm -- true` (create, boot, exec, stop, delete);
+//! - snapshot: the same run started from a memory snapshot of a booted VM of the same image
+//!   (`vm run --rm --from-snapshot S -- true`: copy its disks, restore, new identity, exec,
+//!   stop, delete), the path `warm_start` takes;
 //! - bare: the VMM alone booting the same kernel, initramfs and disks with the command line
 //!   banger used, the guest running `/bin/true` and powering off (`banger.run=/bin/true`); this
 //!   is the floor banger's own work is measured against;
@@ -136,6 +139,8 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
         eprintln!("bench: cold run {i}/{runs}: {:.0} ms", cold[cold.len() - 1]);
     }
 
+    let snapshot = snapshot_runs(cli, image, runs)?;
+
     let bare = bare_boots(cli, image, runs)?;
 
     let one = creates(cli, image, 1)?;
@@ -143,6 +148,12 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
 
     let cold_case =
         Case { name: "cold", what: "vm run --rm -- true (cold)".into(), median_ms: median(&cold), samples_ms: cold };
+    let snapshot_case = Case {
+        name: "snapshot",
+        what: "vm run --rm -- true (from snapshot)".into(),
+        median_ms: median(&snapshot),
+        samples_ms: snapshot,
+    };
     let bare_case = Case {
         name: "bare",
         what: "bare VMM boot, true, power off".into(),
@@ -157,10 +168,40 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
         samples_ms: vec![many],
     };
     let ratios = vec![
+        ("snapshot / cold".to_owned(), snapshot_case.median_ms / cold_case.median_ms.max(0.1)),
         ("cold / bare".to_owned(), cold_case.median_ms / bare_case.median_ms.max(0.1)),
         (format!("{concurrent} concurrent creates / one"), many / one.max(0.1)),
     ];
-    Ok(Report { image: image.to_owned(), cases: vec![cold_case, bare_case, one_case, many_case], ratios })
+    Ok(Report {
+        image: image.to_owned(),
+        cases: vec![cold_case, snapshot_case, bare_case, one_case, many_case],
+        ratios,
+    })
+}
+
+/// `runs` timed `vm run --rm --from-snapshot S -- true`, S a snapshot of a freshly booted VM of
+/// `image` (made first, untimed, and deleted with its source at the end).
+fn snapshot_runs(cli: &Cli, image: &str, runs: u32) -> anyhow::Result<Vec<f64>> {
+    let source = format!("bench-snap-{}", std::process::id());
+    let snapshot = format!("{source}-s");
+    cli.run(&["vm", "create", &source, "--image", image])?;
+    let result = (|| {
+        cli.run(&["vm", "start", &source])?;
+        cli.run(&["vm", "snapshot", &source, "--name", &snapshot])?;
+        cli.run(&["vm", "stop", &source])?;
+        let mut samples = Vec::new();
+        for i in 1..=runs {
+            let started = Instant::now();
+            cli.run(&["vm", "run", "--rm", "--from-snapshot", &snapshot, "--", "true"])?;
+            samples.push(ms(started.elapsed()));
+            eprintln!("bench: snapshot run {i}/{runs}: {:.0} ms", samples[samples.len() - 1]);
+        }
+        Ok(samples)
+    })();
+    let _ = cli.run(&["snapshot", "delete", &snapshot]);
+    let _ = cli.run(&["vm", "stop", "--force", &source]);
+    let _ = cli.run(&["vm", "delete", &source]);
+    result
 }
 
 /// The wall time of `n` `vm create`s started at once (records and directories only), in ms.

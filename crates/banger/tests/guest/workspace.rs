@@ -145,6 +145,33 @@ fn a_workspace_round_trips_through_the_guest() {
     host.git(&check, &["apply", "--check", &shown]);
     assert_eq!(host.git(&repo, &["status", "--porcelain"]), status_before);
 
+    // A hostile guest. Its patch carries a symlink out of the repository: refused, no file.
+    exec(&["sh", "-c", "git checkout -q -- . && rm -f fresh.txt && ln -s /etc/shadow leak"]).ok();
+    let hostile = env.dir.path().join("hostile.patch");
+    let hostile_arg = hostile.display().to_string();
+    host.run(&env, &repo, &["workspace", "export", "ws", "--patch", &hostile_arg])
+        .fails(1, "the guest's patch is refused");
+    assert!(!hostile.exists(), "nothing was written");
+    // Its `git` answers the bundle request with a tar whose paths climb out: refused, no
+    // branch, no object, and nothing extracted anywhere.
+    let fake_git = "mkdir -p /tmp/h/a/b && echo evil > /tmp/h/escaped && cd /tmp/h/a/b && \
+                    exec tar -P -cf - ../../escaped";
+    let script = format!("#!/bin/sh\nif [ \"$1\" = bundle ]; then {fake_git}; fi\nexec /usr/bin/git \"$@\"\n");
+    exec(&[
+        "sh",
+        "-c",
+        &format!("rm leak && printf '%s' '{script}' > /usr/local/bin/git && chmod +x /usr/local/bin/git"),
+    ])
+    .ok();
+    let refs_before = host.git(&repo, &["for-each-ref"]);
+    host.run(&env, &repo, &["workspace", "export", "ws", "--branch", "banger/evil"]).fails(1, "is not a git bundle");
+    assert_eq!(host.git(&repo, &["for-each-ref"]), refs_before, "no ref was made");
+    assert_eq!(host.git(&repo, &["status", "--porcelain"]), status_before);
+    for dir in [env.dir.path(), repo.as_path(), std::env::temp_dir().as_path()] {
+        assert!(!dir.join("escaped").exists(), "nothing was extracted into {}", dir.display());
+    }
+    exec(&["rm", "/usr/local/bin/git"]).ok();
+
     env.banger(&["vm", "stop", "ws"]).ok();
     env.banger(&["vm", "delete", "ws"]).ok();
 }

@@ -211,6 +211,12 @@ impl SnapshotFiles {
     pub fn in_dir(dir: &Path) -> Self {
         Self { state: dir.join(SNAPSHOT_STATE_FILE), memory: dir.join(SNAPSHOT_MEMORY_FILE) }
     }
+
+    /// The files of the snapshot whose state file is `state` (the memory beside it, see
+    /// [`crate::snapshot_memory_file`]): the layout the [`Vmm`] trait's snapshots use.
+    pub fn for_state(state: &Path) -> Self {
+        Self { state: state.to_owned(), memory: crate::snapshot_memory_file(state) }
+    }
 }
 
 /// One configuration call: `PUT path` with `body`.
@@ -321,10 +327,14 @@ impl FirecrackerDriver {
         let log = spec.vm_dir.join(LOG_FILE);
         let metrics = spec.vm_dir.join(METRICS_FILE);
         let Some(jail) = jail else {
+            // Firecracker runs in the VM dir: the VM's own disks are named relative to it, so a
+            // snapshot (which records drive paths) restores in another VM dir onto that VM's
+            // copies. Shared disks (the base image) keep their absolute path.
+            let drive = |path: &PathBuf| path.strip_prefix(&spec.vm_dir).map_or_else(|_| path.clone(), Path::to_owned);
             let view = View {
                 kernel: kernel.to_owned(),
                 initrd: spec.initramfs.clone(),
-                drives: spec.disks.iter().map(|d| d.path.clone()).collect(),
+                drives: spec.disks.iter().map(|d| drive(&d.path)).collect(),
                 console: spec.console_log.clone(),
                 log,
                 metrics,
@@ -641,40 +651,37 @@ impl FirecrackerDriver {
         ApiClient::new(api_socket, self.options.api_timeout)
     }
 
-    /// Pauses the VM's vCPUs (`PATCH /vm Paused`).
-    pub async fn pause(&self, api_socket: &Path) -> Result<(), FirecrackerError> {
-        let state = api::VmState { state: api::VmRunState::Paused };
-        Ok(self.client(api_socket).patch("/vm", &state).await?)
-    }
-
-    /// Resumes the VM's vCPUs (`PATCH /vm Resumed`).
-    pub async fn resume(&self, api_socket: &Path) -> Result<(), FirecrackerError> {
-        let state = api::VmState { state: api::VmRunState::Resumed };
-        Ok(self.client(api_socket).patch("/vm", &state).await?)
-    }
-
     /// Pauses the VM and writes a full snapshot into `dir` (`vmstate` and `memory`). The VM is
-    /// left paused: [`Self::resume`] it, or end it.
-    pub async fn snapshot(&self, api_socket: &Path, dir: &Path) -> Result<SnapshotFiles, FirecrackerError> {
+    /// left paused: resume it ([`Vmm::resume`]), or end it.
+    pub async fn snapshot_to_dir(&self, api_socket: &Path, dir: &Path) -> Result<SnapshotFiles, FirecrackerError> {
         if self.options.jailer.is_some() {
             return Err(FirecrackerError::SnapshotInJail);
         }
         std::fs::create_dir_all(dir).map_err(|source| FirecrackerError::Io { path: dir.to_owned(), source })?;
         let files = SnapshotFiles::in_dir(dir);
-        self.pause(api_socket).await?;
+        let paused = api::VmState { state: api::VmRunState::Paused };
+        self.client(api_socket).patch("/vm", &paused).await?;
+        self.create_snapshot(api_socket, &files).await?;
+        Ok(files)
+    }
+
+    /// Writes a full snapshot of the paused VM to `files` (`PUT /snapshot/create`).
+    pub async fn create_snapshot(&self, api_socket: &Path, files: &SnapshotFiles) -> Result<(), FirecrackerError> {
+        if self.options.jailer.is_some() {
+            return Err(FirecrackerError::SnapshotInJail);
+        }
         let create = api::SnapshotCreate {
             snapshot_type: "Full",
             snapshot_path: text(&files.state),
             mem_file_path: text(&files.memory),
         };
-        self.client(api_socket).put("/snapshot/create", &create).await?;
-        Ok(files)
+        Ok(self.client(api_socket).put("/snapshot/create", &create).await?)
     }
 
     /// Starts a Firecracker for `spec` and loads `snapshot` into it instead of booting: the
     /// disks must be where the snapshot had them; the TAP and the vsock socket are `spec`'s.
     /// With `resume`, the VM runs at once; otherwise it stays paused.
-    pub async fn restore(
+    pub async fn restore_from(
         &self,
         spec: &LaunchSpec,
         snapshot: &SnapshotFiles,
@@ -756,6 +763,45 @@ impl Vmm for FirecrackerDriver {
 
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> VmmFuture<'a, Result<Launched, LaunchError>> {
         Box::pin(self.launch_inner(spec))
+    }
+
+    /// `PATCH /vm Paused`; Firecracker accepts it for a paused VM too.
+    fn pause<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        let state = api::VmState { state: api::VmRunState::Paused };
+        Box::pin(async move { Ok(self.client(control_socket).patch("/vm", &state).await?) })
+    }
+
+    /// `PATCH /vm Resumed`.
+    fn resume<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        let state = api::VmState { state: api::VmRunState::Resumed };
+        Box::pin(async move { Ok(self.client(control_socket).patch("/vm", &state).await?) })
+    }
+
+    /// `PUT /snapshot/create` of the paused VM: the device state to `state_file`, the memory
+    /// beside it ([`crate::snapshot_memory_file`]).
+    fn snapshot<'a>(
+        &'a self,
+        control_socket: &'a Path,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let files = SnapshotFiles::for_state(state_file);
+            match self.create_snapshot(control_socket, &files).await {
+                Ok(()) => Ok(()),
+                Err(FirecrackerError::Api(error)) => Err(error.into()),
+                Err(error) => Err(ControlError::SaveFailed { path: state_file.to_owned(), reason: error.to_string() }),
+            }
+        })
+    }
+
+    /// A fresh Firecracker that loads the snapshot of `state_file` (and its memory file) with
+    /// `spec`'s TAP and vsock socket, left paused.
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        state_file: &'a Path,
+    ) -> VmmFuture<'a, Result<Launched, LaunchError>> {
+        Box::pin(async move { self.restore_from(spec, &SnapshotFiles::for_state(state_file), false).await })
     }
 
     fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
@@ -868,7 +914,7 @@ mod tests {
         );
         assert_eq!(plan[5].body["is_read_only"], true);
         assert_eq!(plan[6].body["is_read_only"], false);
-        assert_eq!(plan[6].body["path_on_host"], "/srv/vms/01abc/overlay.ext4");
+        assert_eq!(plan[6].body["path_on_host"], "overlay.ext4", "relative to the vm dir, firecracker's cwd");
         assert_eq!(
             plan[8].body,
             serde_json::json!({"iface_id": "eth0", "host_dev_name": "bgpool3", "guest_mac": "02:aa:bb:cc:dd:ee"})

@@ -125,7 +125,10 @@ async fn every_call_fits_the_spec() {
             "is_root_device": false, "is_read_only": true, "cache_type": "Writeback"})
     );
     assert_eq!(server.body("/drives/drive1")["is_read_only"], false);
-    assert_eq!(server.body("/drives/drive2")["path_on_host"], text(&vm_dir.join("work.ext4")));
+    // The VM's own disks are named relative to the VM dir (Firecracker's working directory),
+    // so a snapshot of this VM restores onto another VM dir's copies.
+    assert_eq!(server.body("/drives/drive1")["path_on_host"], "overlay.ext4");
+    assert_eq!(server.body("/drives/drive2")["path_on_host"], "work.ext4");
     assert_eq!(
         server.body("/network-interfaces/eth0"),
         serde_json::json!({"iface_id": "eth0", "host_dev_name": "lo", "guest_mac": "02:aa:bb:cc:dd:ee"})
@@ -153,7 +156,7 @@ async fn every_call_fits_the_spec() {
     driver.resume(&launched.control_socket).await.expect("resume");
     assert_eq!(server.body("/vm"), serde_json::json!({"state": "Resumed"}));
     let snapshot_dir = setup.dir.join("snap");
-    let files = driver.snapshot(&launched.control_socket, &snapshot_dir).await.expect("snapshot");
+    let files = driver.snapshot_to_dir(&launched.control_socket, &snapshot_dir).await.expect("snapshot");
     assert_eq!(files, SnapshotFiles::in_dir(&snapshot_dir));
     assert_eq!(
         server.body("/snapshot/create"),
@@ -168,10 +171,9 @@ async fn every_call_fits_the_spec() {
     assert!(driver.wait_exit(launched.pid, vm_dir, Duration::from_secs(5)).await);
 
     // Restore: a fresh process, logger and metrics, then the snapshot load.
-    std::fs::write(&files.state, "state").expect("state file");
-    std::fs::write(&files.memory, "memory").expect("memory file");
+    assert!(files.state.is_file() && files.memory.is_file(), "firecracker wrote both files");
     let before = server.seen().len();
-    let restored = driver.restore(spec, &files, true).await.expect("restore");
+    let restored = driver.restore_from(spec, &files, true).await.expect("restore");
     let calls: Vec<String> = server.seen()[before..].iter().filter(|s| s.call() != "GET /").map(|s| s.call()).collect();
     assert_eq!(calls, ["PUT /logger", "PUT /metrics", "PUT /snapshot/load"]);
     assert_eq!(
@@ -365,8 +367,52 @@ async fn jailer_mode_runs_the_jailer_with_the_jail_paths() {
     assert_eq!(server.body("/logger")["log_path"], in_jail("firecracker.log"));
     assert_eq!(server.body("/vsock")["uds_path"], spec.agent_socket.display().to_string());
 
-    let error = driver.snapshot(&launched.control_socket, &setup.dir.join("snap")).await.expect_err("jailed");
+    let error = driver.snapshot_to_dir(&launched.control_socket, &setup.dir.join("snap")).await.expect_err("jailed");
     assert!(error.to_string().contains("firecracker_jailer = false"), "{error}");
     assert!(driver.kill(launched.pid, &spec.vm_dir).expect("kill"));
     assert!(driver.wait_exit(launched.pid, &spec.vm_dir, Duration::from_secs(5)).await);
+}
+
+/// The `Vmm` trait's snapshot calls, as the daemon makes them: pause, snapshot to a state file
+/// (memory beside it), resume; then a restore into a fresh process that stays paused until
+/// resumed. Firecracker's refusals (a snapshot of a running VM, a missing state file) are
+/// clear errors.
+#[tokio::test]
+async fn snapshots_through_the_vmm_trait() {
+    let setup = Setup::new(Script::default());
+    let driver: Arc<dyn Vmm> = Arc::new(setup.driver());
+    let spec = &setup.spec;
+    let launched = driver.launch(spec).await.expect("launch");
+    let control = &launched.control_socket;
+    let state = setup.dir.join("snapshots/01/state.bin");
+    std::fs::create_dir_all(state.parent().expect("parent")).expect("snapshot dir");
+
+    let running = driver.snapshot(control, &state).await.expect_err("not paused");
+    assert!(running.to_string().contains("not paused"), "{running}");
+    driver.pause(control).await.expect("pause");
+    driver.pause(control).await.expect("pausing a paused vm");
+    driver.snapshot(control, &state).await.expect("snapshot");
+    let memory = banger_vmm::snapshot_memory_file(&state);
+    assert_eq!(memory, setup.dir.join("snapshots/01/state.mem"));
+    assert_eq!(
+        setup.server.body("/snapshot/create"),
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": state.display().to_string(),
+            "mem_file_path": memory.display().to_string()})
+    );
+    driver.resume(control).await.expect("resume");
+    assert_eq!(setup.server.body("/vm"), serde_json::json!({"state": "Resumed"}));
+    assert!(driver.kill(launched.pid, &spec.vm_dir).expect("kill"));
+    assert!(driver.wait_exit(launched.pid, &spec.vm_dir, Duration::from_secs(5)).await);
+
+    let restored = driver.restore(spec, &state).await.expect("restore");
+    let load = setup.server.body("/snapshot/load");
+    assert_eq!(load["resume_vm"], false, "left paused for the daemon to resume");
+    assert_eq!(load["mem_backend"]["backend_path"], memory.display().to_string());
+    driver.resume(&restored.control_socket).await.expect("resume the restored vm");
+    setup.assert_no_violations();
+    assert!(driver.kill(restored.pid, &spec.vm_dir).expect("kill"));
+    assert!(driver.wait_exit(restored.pid, &spec.vm_dir, Duration::from_secs(5)).await);
+
+    let missing = driver.restore(spec, &setup.dir.join("nowhere/state.bin")).await.expect_err("missing");
+    assert!(missing.to_string().contains("nowhere/state.bin"), "{missing}");
 }

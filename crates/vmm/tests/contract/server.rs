@@ -54,6 +54,8 @@ struct State {
     log_path: Option<PathBuf>,
     metrics_path: Option<PathBuf>,
     state: &'static str,
+    /// The fake process the state belongs to: a new one starts "Not started".
+    pid: Option<String>,
 }
 
 /// A running contract server.
@@ -198,6 +200,11 @@ async fn serve(mut stream: UnixStream, state: &Mutex<State>, spec: &Swagger, scr
         };
         {
             let mut s = state.lock().expect("state");
+            let pid = std::fs::read_to_string(pidfile).ok().map(|p| p.trim().to_owned());
+            if pid != s.pid {
+                s.pid = pid;
+                s.state = "Not started";
+            }
             s.seen.push(Seen { method: method.clone(), path: path.clone(), body: body.clone() });
             s.violations.extend(violations.iter().cloned());
             if path == "/logger" {
@@ -218,7 +225,7 @@ async fn serve(mut stream: UnixStream, state: &Mutex<State>, spec: &Swagger, scr
         } else if let Some((_, message)) = script.refuse.as_ref().filter(|(call, _)| *call == key) {
             fault(message)
         } else {
-            respond(&method, &path, action.as_deref(), state, script)
+            respond(&method, &path, action.as_deref(), body.as_ref(), state, script)
         };
         if stream.write_all(&answer).await.is_err() {
             return;
@@ -227,8 +234,16 @@ async fn serve(mut stream: UnixStream, state: &Mutex<State>, spec: &Swagger, scr
 }
 
 /// Firecracker's answer to a request that fits the spec.
-fn respond(method: &str, path: &str, action: Option<&str>, state: &Mutex<State>, script: &Script) -> Vec<u8> {
+fn respond(
+    method: &str,
+    path: &str,
+    action: Option<&str>,
+    body: Option<&Value>,
+    state: &Mutex<State>,
+    script: &Script,
+) -> Vec<u8> {
     let mut s = state.lock().expect("state");
+    let text = |field: &str| body.and_then(|b| b[field].as_str()).unwrap_or_default().to_owned();
     match (method, path, action) {
         ("GET", "/", _) => response(
             200,
@@ -258,12 +273,42 @@ fn respond(method: &str, path: &str, action: Option<&str>, state: &Mutex<State>,
             }
             response(204, None)
         }
-        ("PATCH", "/vm", _) => {
-            s.state = if s.state == "Running" { "Paused" } else { "Running" };
-            response(204, None)
+        // Firecracker's run states: "Not started", "Running", "Paused".
+        ("PATCH", "/vm", _) => match (s.state, text("state").as_str()) {
+            ("Not started", _) => fault("The requested operation is not supported before starting the microVM."),
+            (_, "Paused") => {
+                s.state = "Paused";
+                response(204, None)
+            }
+            (_, _) => {
+                s.state = "Running";
+                response(204, None)
+            }
+        },
+        ("PUT", "/snapshot/create", _) => {
+            if s.state != "Paused" {
+                return fault("Cannot save the microVM state: the microVM is not paused.");
+            }
+            // Firecracker writes both files.
+            let written = std::fs::write(text("snapshot_path"), "vmstate")
+                .and_then(|()| std::fs::write(text("mem_file_path"), "memory"));
+            match written {
+                Ok(()) => response(204, None),
+                Err(error) => fault(&format!("Cannot create the snapshot files: {error}")),
+            }
         }
         ("PUT", "/snapshot/load", _) => {
-            s.state = "Running";
+            if s.state != "Not started" {
+                return fault("Loading a microVM snapshot not allowed after configuring boot-specific resources.");
+            }
+            let memory = body.map(|b| b["mem_backend"]["backend_path"].as_str().unwrap_or_default().to_owned());
+            for file in [Some(text("snapshot_path")), memory].into_iter().flatten() {
+                if !Path::new(&file).is_file() {
+                    return fault(&format!("Load snapshot error: cannot open {file}: No such file or directory"));
+                }
+            }
+            let resume = body.and_then(|b| b["resume_vm"].as_bool()).unwrap_or(false);
+            s.state = if resume { "Running" } else { "Paused" };
             response(204, None)
         }
         _ => response(204, None),
