@@ -16,8 +16,6 @@ use nix::time::{clock_settime, ClockId};
 use crate::net;
 use crate::serve::Link;
 
-/// Where banger's copy of the host key lives on the work disk (see init.rs).
-const BANGER_HOST_KEY_DIR: &str = "/root/.banger";
 /// sshd's directory.
 const SSH_DIR: &str = "/etc/ssh";
 /// The host key file name.
@@ -26,19 +24,43 @@ const HOST_KEY_NAME: &str = "ssh_host_ed25519_key";
 /// Serves one `reidentify` channel.
 pub fn serve(link: &Link, identity: &Identity) {
     let started = std::time::Instant::now();
-    let failures = apply(identity, Path::new("/"));
-    log!("identity applied in {} ms ({} failed)", started.elapsed().as_millis(), failures.len());
+    let mut steps = Steps::default();
+    let failures = apply_timed(identity, Path::new("/"), &mut steps);
+    let elapsed = started.elapsed().as_millis();
+    // Answer first: a console line costs a restored guest milliseconds under TCG.
     if failures.is_empty() {
         let _ = link.json(FrameKind::Response, &AgentResponse::Ok);
     } else {
         link.fail(&failures.join("; "));
     }
     link.finish();
+    log!("identity applied in {elapsed} ms ({} failed; {})", failures.len(), steps.0.join(", "));
 }
 
 /// Applies `identity` to the system whose root is `root` (tests pass a temp dir: then only
 /// file steps run). Returns what failed.
+#[cfg(test)]
 pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
+    apply_timed(identity, root, &mut Steps::default())
+}
+
+/// How long each step of an identity change took, for the console log.
+#[derive(Default)]
+struct Steps(Vec<String>, Option<std::time::Instant>);
+
+impl Steps {
+    /// Records the time since the previous mark as `step`.
+    fn mark(&mut self, step: &str) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.1 {
+            self.0.push(format!("{step} {} ms", now.duration_since(last).as_millis()));
+        }
+        self.1 = Some(now);
+    }
+}
+
+fn apply_timed(identity: &Identity, root: &Path, steps: &mut Steps) -> Vec<String> {
+    steps.mark("start");
     let live = root == Path::new("/");
     let mut failures = Vec::new();
     if live {
@@ -46,20 +68,24 @@ pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
             failures.push(format!("cannot set the clock: {e}"));
         }
     }
+    steps.mark("clock");
     if let (true, Some(n)) = (live, &identity.net) {
-        let started = std::time::Instant::now();
-        match net::readdress("eth0", &n.mac, &n.cidr, n.gateway.as_deref()) {
-            Ok(()) => log!("eth0: now {} ({}) in {} ms", n.cidr, n.mac, started.elapsed().as_millis()),
-            Err(e) => failures.push(format!("cannot readdress eth0: {e}")),
+        if let Err(e) = net::readdress("eth0", &n.mac, &n.cidr, n.gateway.as_deref()) {
+            failures.push(format!("cannot readdress eth0: {e}"));
         }
+        steps.mark(&format!("eth0 {} {}", n.cidr, n.mac));
     }
     if let Some(dns) = identity.net.as_ref().and_then(|n| n.dns.as_deref()) {
         let text: String = dns.split(',').filter(|s| !s.is_empty()).map(|s| format!("nameserver {s}\n")).collect();
         let path = root.join("etc/resolv.conf");
-        let _ = std::fs::remove_file(&path);
-        if let Err(e) = std::fs::write(&path, text) {
-            failures.push(format!("cannot write /etc/resolv.conf: {e}"));
+        // A fork on the same bridge keeps its name server: leave the file alone then.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            let _ = std::fs::remove_file(&path);
+            if let Err(e) = std::fs::write(&path, text) {
+                failures.push(format!("cannot write /etc/resolv.conf: {e}"));
+            }
         }
+        steps.mark("resolv.conf");
     }
     if let Some(name) = &identity.hostname {
         if live {
@@ -70,6 +96,7 @@ pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
         if let Err(e) = std::fs::write(root.join("etc/hostname"), format!("{name}\n")) {
             failures.push(format!("cannot write /etc/hostname: {e}"));
         }
+        steps.mark("hostname");
     }
     if let Some(id) = &identity.machine_id {
         if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -77,12 +104,14 @@ pub fn apply(identity: &Identity, root: &Path) -> Vec<String> {
         } else if let Err(e) = std::fs::write(root.join("etc/machine-id"), format!("{id}\n")) {
             failures.push(format!("cannot write /etc/machine-id: {e}"));
         }
+        steps.mark("machine-id");
     }
     if let Some(key) = &identity.host_key {
         match install_key(key, root) {
             Ok(()) => {}
             Err(e) => failures.push(format!("cannot install the ssh host key: {e}")),
         }
+        steps.mark("host key");
     }
     failures
 }
@@ -92,18 +121,22 @@ fn set_clock(unix_ms: u64) -> nix::Result<()> {
     clock_settime(ClockId::CLOCK_REALTIME, time)
 }
 
-/// Writes the key into banger's directory on the work disk, then installs it for sshd.
+/// Installs the key for sshd (which re-reads it for every connection). banger's copy on the
+/// work disk is left to the daemon, which rewrites it before the VM's next boot: under TCG every
+/// file a restored guest touches costs milliseconds of fresh translation.
 fn install_key(key: &HostKey, root: &Path) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let banger = root.join(BANGER_HOST_KEY_DIR.trim_start_matches('/'));
-    std::fs::create_dir_all(&banger)?;
-    let private = banger.join(HOST_KEY_NAME);
+    let dir = root.join(SSH_DIR.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir)?;
+    let private = dir.join(HOST_KEY_NAME);
+    // Never readable by others, not even for a moment; an existing file is tightened too.
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&private)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(key.private_key.as_bytes())?;
-    std::fs::write(banger.join(format!("{HOST_KEY_NAME}.pub")), format!("{}\n", key.public_key.trim()))?;
-    crate::init::install_host_key(&banger, &root.join(SSH_DIR.trim_start_matches('/'))).map(drop)
+    let public = dir.join(format!("{HOST_KEY_NAME}.pub"));
+    std::fs::write(&public, format!("{}\n", key.public_key.trim()))?;
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644))
 }
 
 #[cfg(test)]
@@ -138,7 +171,7 @@ mod tests {
         assert_eq!(read("etc/machine-id"), "0123456789abcdef0123456789abcdef\n");
         assert_eq!(read("etc/ssh/ssh_host_ed25519_key"), "PRIVATE\n");
         assert_eq!(read("etc/ssh/ssh_host_ed25519_key.pub"), "ssh-ed25519 AAAA root@fork-a\n");
-        assert_eq!(read("root/.banger/ssh_host_ed25519_key"), "PRIVATE\n");
+        assert!(!root.path().join("root/.banger").exists(), "the work disk's copy is the daemon's");
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(root.path().join("etc/ssh/ssh_host_ed25519_key")).expect("meta").permissions();
         assert_eq!(mode.mode() & 0o777, 0o600);

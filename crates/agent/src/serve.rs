@@ -407,8 +407,8 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
-                    if frame.kind == FrameKind::Request && reconnected(frame.channel, &mut highest) {
-                        log!("host reconnected (channel ids restarted); killing the old connection's processes");
+                    let restarted = frame.kind == FrameKind::Request && reconnected(frame.channel, &mut highest);
+                    if restarted {
                         end_connection(writer, &routes);
                         generation = writer.attach(Arc::clone(&fd));
                         routes = Arc::default();
@@ -421,6 +421,10 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
                     };
                     if dispatch(frame, link) {
                         break 'conn Ok(Outcome::Shutdown);
+                    }
+                    // Logged once the request is on its way: console lines are slow under TCG.
+                    if restarted {
+                        log!("host reconnected (channel ids restarted); killed the old connection's processes");
                     }
                 }
                 Ok(None) => break,

@@ -31,6 +31,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest `OK <port>` line accepted.
 const HANDSHAKE_MAX_LINE: usize = 64;
 
+/// How long one readiness ping waits for its pong.
+const PING_TRY: Duration = Duration::from_millis(700);
+/// How long one try of a request sent as a readiness probe waits for its answer.
+const WORK_TRY: Duration = Duration::from_secs(10);
+
 /// Why talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -283,20 +288,29 @@ impl AgentConn {
         tokio::time::timeout(timeout, channel.response()).await.map_err(|_| AgentError::Timeout(timeout))?
     }
 
-    /// Pings until the agent answers or `timeout` passes; `gave_up` is asked between tries
-    /// (e.g. "has the VMM died?") and ends the wait early with its reason.
-    pub async fn wait_ready(
+    /// Sends `request` until the agent answers it (`Pong` to a ping, `Ok` otherwise) or
+    /// `timeout` passes; `gave_up` is asked between tries (e.g. "has the VMM died?") and ends
+    /// the wait early with its reason. A ping is the readiness check; another request makes
+    /// readiness and that request one round trip (a restored fork's new identity). An error
+    /// the agent reports ends the wait at once. The request must be safe to apply twice: an
+    /// answer lost to a dropped connection means it is sent again.
+    pub async fn wait_answer(
         &self,
+        request: &AgentRequest,
         timeout: Duration,
         mut gave_up: impl FnMut() -> Option<String>,
     ) -> Result<AgentResponse, String> {
         let deadline = Instant::now() + timeout;
+        // A ping is answered at once by a listening agent; real work may take a while on a
+        // loaded host, and must not be cut short into a loop of retries.
+        let per_try = if matches!(request, AgentRequest::Ping) { PING_TRY } else { timeout.min(WORK_TRY) };
         loop {
             if let Some(reason) = gave_up() {
                 return Err(reason);
             }
-            let last = match self.call(&AgentRequest::Ping, Duration::from_millis(700)).await {
-                Ok(pong @ AgentResponse::Pong { .. }) => return Ok(pong),
+            let last = match self.call(request, per_try).await {
+                Ok(answer @ (AgentResponse::Pong { .. } | AgentResponse::Ok)) => return Ok(answer),
+                Err(AgentError::Failed(why)) => return Err(format!("the agent says: {why}")),
                 Ok(other) => format!("unexpected answer {other:?}"),
                 Err(e) => {
                     if !matches!(e, AgentError::Timeout(_)) {
@@ -372,7 +386,7 @@ mod tests {
         let listener = UnixListener::bind(&path).expect("bind");
         tokio::spawn(fake_agent(listener, 2));
         let conn = AgentConn::new(path);
-        let pong = conn.wait_ready(Duration::from_secs(5), || None).await.expect("ready");
+        let pong = conn.wait_answer(&AgentRequest::Ping, Duration::from_secs(5), || None).await.expect("ready");
         assert!(matches!(pong, AgentResponse::Pong { .. }));
 
         let exec = AgentRequest::Exec(Default::default());
@@ -456,9 +470,13 @@ mod tests {
     async fn wait_ready_reports_why_it_gave_up() {
         let dir = tempfile::tempdir().expect("tempdir");
         let conn = AgentConn::new(dir.path().join("missing.sock"));
-        let err = conn.wait_ready(Duration::from_millis(300), || None).await.expect_err("no agent");
+        let err =
+            conn.wait_answer(&AgentRequest::Ping, Duration::from_millis(300), || None).await.expect_err("no agent");
         assert!(err.contains("did not become ready") && err.contains("cannot connect"), "{err}");
-        let err = conn.wait_ready(Duration::from_secs(5), || Some("the vmm exited".into())).await.expect_err("gave up");
+        let err = conn
+            .wait_answer(&AgentRequest::Ping, Duration::from_secs(5), || Some("the vmm exited".into()))
+            .await
+            .expect_err("gave up");
         assert_eq!(err, "the vmm exited");
     }
 }

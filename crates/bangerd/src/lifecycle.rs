@@ -199,43 +199,17 @@ impl Daemon {
         };
         self.handles.publish(vm, handles).map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.spawn_monitor(vm.clone(), launched.pid);
-        if nic.is_some() {
-            self.sync_net().await;
-        }
-        if restore.is_some() {
-            self.driver(vm.spec.vmm)
-                .resume(&launched.control_socket)
-                .await
-                .map_err(|e| ApiFailure::internal(format!("cannot resume restored vm '{}': {}", vm.name, chain(&e))))?;
-        }
-        op.stage("agent")?;
-        let agent = self.agent_for(vm);
-        let console = launched.console_log.clone();
-        let watched = vm.clone();
-        let this = self.clone();
-        let cancel = op.sink();
-        let driver = self.driver(vm.spec.vmm);
-        agent
-            .wait_ready(Duration::from_secs(self.config.boot_timeout_secs), move || {
-                if cancel.cancelled() {
-                    return Some("cancelled".into());
-                }
-                (!this.handles.alive(&watched)).then(|| match driver.exit_reason(Path::new(&watched.vm_dir)) {
-                    Some(reason) => format!("the vmm exited during boot: {reason}"),
-                    None => "the vmm exited during boot".to_owned(),
-                })
-            })
-            .await
-            .map_err(|why| {
-                ApiFailure::internal(format!(
-                    "vm '{}' did not become ready: {why}; last console lines:\n{}",
-                    vm.name,
-                    tail_lines(&console, CONSOLE_TAIL)
-                ))
-            })?;
+        // Rules and names are republished (an `nft` run) while the guest comes up; both are
+        // done before the VM is reported running.
+        let publish = async {
+            if nic.is_some() {
+                self.sync_net().await;
+            }
+        };
+        let ((), ready) =
+            tokio::join!(publish, self.guest_ready(op, vm, &launched, restore.is_some(), fork_nic.as_ref()));
+        ready?;
         if let Some(state) = restore {
-            op.stage("identity")?;
-            self.reidentify_fork(vm, fork_nic.as_ref()).await?;
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps
             // its pages after the unlink.)
             for file in [banger_vmm::snapshot_memory_file(&state), state] {
@@ -247,6 +221,57 @@ impl Daemon {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Waits until the just-launched guest is ready: a booted one when its agent answers a
+    /// ping; a restored fork (resumed here) once its agent has applied the fork's own identity,
+    /// which is the probe.
+    async fn guest_ready(
+        self: &Arc<Self>,
+        op: &OpHandle,
+        vm: &VmRecord,
+        launched: &banger_vmm::Launched,
+        restored: bool,
+        fork_nic: Option<&crate::snapshots::ForkNic>,
+    ) -> Result<(), StartFailure> {
+        if restored {
+            self.driver(vm.spec.vmm)
+                .resume(&launched.control_socket)
+                .await
+                .map_err(|e| ApiFailure::internal(format!("cannot resume restored vm '{}': {}", vm.name, chain(&e))))?;
+        }
+        let probe = if restored {
+            op.stage("identity")?;
+            self.fork_identity_request(vm, fork_nic)?
+        } else {
+            op.stage("agent")?;
+            AgentRequest::Ping
+        };
+        let console = launched.console_log.clone();
+        let watched = vm.clone();
+        let this = self.clone();
+        let cancel = op.sink();
+        let driver = self.driver(vm.spec.vmm);
+        self.agent_for(vm)
+            .wait_answer(&probe, Duration::from_secs(self.config.boot_timeout_secs), move || {
+                if cancel.cancelled() {
+                    return Some("cancelled".into());
+                }
+                (!this.handles.alive(&watched)).then(|| match driver.exit_reason(Path::new(&watched.vm_dir)) {
+                    Some(reason) => format!("the vmm exited during boot: {reason}"),
+                    None => "the vmm exited during boot".to_owned(),
+                })
+            })
+            .await
+            .map_err(|why| {
+                let what = if restored { "did not take its own identity" } else { "did not become ready" };
+                ApiFailure::internal(format!(
+                    "vm '{}' {what}: {why}; last console lines:\n{}",
+                    vm.name,
+                    tail_lines(&console, CONSOLE_TAIL)
+                ))
+            })?;
         Ok(())
     }
 
@@ -447,10 +472,12 @@ pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
         .into_iter()
         .flatten()
         .chain(["/usr/local/lib/banger/banger-agent", "/usr/lib/banger/banger-agent"].map(PathBuf::from))
-        .find(|p| p.is_file())
+        // A dynamically linked agent (a plain `cargo build` beside a debug bangerd) cannot be
+        // the guest's /init: look on.
+        .find(|p| p.is_file() && matches!(banger_image::initramfs::elf_interpreter_of(p), Ok(None)))
         .ok_or_else(|| {
             ApiFailure::internal(
-                "the guest agent binary is missing; install banger with scripts/install or set BANGER_AGENT to a static banger-agent",
+                "no static guest agent binary was found; install banger with scripts/install or set BANGER_AGENT to a static banger-agent",
             )
         })
 }

@@ -34,8 +34,6 @@ use crate::error::{chain, ApiFailure};
 
 /// A fork's copy of the state it starts from, in its VM dir, until its first start restores it.
 pub const RESTORE_STATE: &str = "restore-state.bin";
-/// How long the agent may take to apply a new identity.
-const REIDENTIFY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent may take to set the clock after a resume.
 const CLOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -267,17 +265,14 @@ impl Daemon {
         }
     }
 
-    /// Gives fork `vm`, just restored and resumed, its own identity through its agent.
-    pub async fn reidentify_fork(&self, vm: &VmRecord, nic: Option<&ForkNic>) -> Result<(), ApiFailure> {
+    /// The request that gives fork `vm`, just restored and resumed, its own identity (and sets
+    /// its clock). Applying it twice is harmless, so it doubles as the readiness probe.
+    pub fn fork_identity_request(&self, vm: &VmRecord, nic: Option<&ForkNic>) -> Result<AgentRequest, ApiFailure> {
         let key = self.vm_host_key(vm)?;
         let private_key = std::fs::read_to_string(&key.private)
             .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", key.private.display())))?;
         let host_key = HostKey { private_key, public_key: key.line };
-        let identity = fork_identity(vm, now_unix_ms(), nic, host_key, new_machine_id());
-        self.agent_for(vm).call(&AgentRequest::Reidentify(identity), REIDENTIFY_TIMEOUT).await.map_err(|e| {
-            ApiFailure::internal(format!("cannot give fork '{}' its own identity: {}", vm.name, chain(&e)))
-        })?;
-        Ok(())
+        Ok(AgentRequest::Reidentify(fork_identity(vm, now_unix_ms(), nic, host_key, new_machine_id())))
     }
 
     /// The API view of a snapshot.

@@ -47,6 +47,18 @@ pub enum InitramfsError {
         /// Its parent that is a file, symlink or device.
         parent: String,
     },
+    /// The init program needs a dynamic loader, which the initramfs does not have.
+    #[error(
+        "{} is dynamically linked (it asks for {interpreter}), so the guest kernel cannot run it as \
+         /init; build the static agent with scripts/build-agent and point BANGER_AGENT at it",
+        path.display()
+    )]
+    DynamicInit {
+        /// The init program.
+        path: PathBuf,
+        /// Its ELF interpreter.
+        interpreter: String,
+    },
     /// A host file to include could not be read.
     #[error("cannot read {} to put it in the initramfs", path.display())]
     ReadHost {
@@ -370,6 +382,9 @@ pub fn guest_initramfs(
     }
     builder.char_device("dev/console", 0o600, 5, 1)?;
     builder.char_device("dev/null", 0o666, 1, 3)?;
+    if let Some(interpreter) = elf_interpreter_of(init)? {
+        return Err(InitramfsError::DynamicInit { path: init.to_owned(), interpreter });
+    }
     builder.file_from_host("init", 0o755, init)?;
 
     let modules_dir = format!("lib/modules/{release}");
@@ -395,6 +410,41 @@ pub fn build_guest_initramfs(
     out: &Path,
 ) -> Result<InitramfsSummary, InitramfsError> {
     guest_initramfs(init, release, modules)?.write_gz(out)
+}
+
+/// The ELF interpreter (`PT_INTERP`, e.g. `/lib64/ld-linux-x86-64.so.2`) the program at `path`
+/// asks for; `None` for a static executable or anything that is not a 64-bit little-endian ELF.
+pub fn elf_interpreter_of(path: &Path) -> Result<Option<String>, InitramfsError> {
+    use std::io::Read as _;
+    let read = |source| InitramfsError::ReadHost { path: path.to_owned(), source };
+    let mut head = Vec::new();
+    // Program headers sit near the start of any executable a linker makes.
+    fs::File::open(path).and_then(|f| f.take(64 * 1024).read_to_end(&mut head)).map_err(read)?;
+    Ok(elf_interpreter(&head))
+}
+
+/// [`elf_interpreter_of`] on the first bytes of a file.
+pub fn elf_interpreter(head: &[u8]) -> Option<String> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| head.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at: usize| head.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let u64_at = |at: usize| head.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    // 64-bit (class 2), little-endian (data 1).
+    if !head.starts_with(b"\x7fELF") || head.get(4) != Some(&2) || head.get(5) != Some(&1) {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let (entsize, count) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    (0..count).find_map(|i| {
+        let at = phoff.checked_add(i.checked_mul(entsize)?)?;
+        if u32_at(at)? != PT_INTERP {
+            return None;
+        }
+        let offset = usize::try_from(u64_at(at + 8)?).ok()?;
+        let size = usize::try_from(u64_at(at + 32)?).ok()?;
+        let name = head.get(offset..offset.checked_add(size)?)?;
+        Some(String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned())
+    })
 }
 
 /// `x.ko.xz` → `x.ko`: modules go into the initramfs decompressed.
@@ -634,6 +684,19 @@ mod tests {
     fn guest_initramfs_rejects_bad_release() {
         let err = guest_initramfs(Path::new("/bin/true"), "../x", &[]).unwrap_err();
         assert!(matches!(err, InitramfsError::InvalidPath { .. }));
+    }
+
+    #[test]
+    fn dynamic_programs_are_refused_as_init() {
+        // This test binary is dynamically linked (tests are built without +crt-static).
+        let me = std::env::current_exe().unwrap();
+        let interpreter = elf_interpreter_of(&me).unwrap().expect("a dynamic test binary");
+        assert!(interpreter.contains("ld-linux"), "{interpreter}");
+        let err = guest_initramfs(&me, "6.1.0", &[]).unwrap_err();
+        assert!(err.to_string().contains("dynamically linked") && err.to_string().contains("scripts/build-agent"));
+        // Not an ELF, or a short one: nothing to say.
+        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
+        assert_eq!(elf_interpreter(b"\x7fELF agent"), None);
     }
 
     #[test]

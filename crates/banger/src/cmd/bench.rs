@@ -6,6 +6,8 @@
 //! - snapshot: the same run started from a memory snapshot of a booted VM of the same image
 //!   (`vm run --rm --from-snapshot S -- true`: copy its disks, restore, new identity, exec,
 //!   stop, delete), the path `warm_start` takes;
+//! - to ready: `vm start` alone of a recorded VM, cold (boot until the agent answers) against
+//!   a recorded fork (`vm create --from-snapshot`: restore until it has its own identity);
 //! - bare: the VMM alone booting the same kernel, initramfs and disks with the command line
 //!   banger used, the guest running `/bin/true` and powering off (`banger.run=/bin/true`); this
 //!   is the floor banger's own work is measured against;
@@ -139,7 +141,7 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
         eprintln!("bench: cold run {i}/{runs}: {:.0} ms", cold[cold.len() - 1]);
     }
 
-    let snapshot = snapshot_runs(cli, image, runs)?;
+    let (snapshot, cold_ready, snapshot_ready) = snapshot_runs(cli, image, runs)?;
 
     let bare = bare_boots(cli, image, runs)?;
 
@@ -153,6 +155,18 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
         what: "vm run --rm -- true (from snapshot)".into(),
         median_ms: median(&snapshot),
         samples_ms: snapshot,
+    };
+    let cold_ready_case = Case {
+        name: "cold_ready",
+        what: "vm start to ready (cold boot)".into(),
+        median_ms: median(&cold_ready),
+        samples_ms: cold_ready,
+    };
+    let snapshot_ready_case = Case {
+        name: "snapshot_ready",
+        what: "vm start to ready (from snapshot)".into(),
+        median_ms: median(&snapshot_ready),
+        samples_ms: snapshot_ready,
     };
     let bare_case = Case {
         name: "bare",
@@ -168,36 +182,68 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
         samples_ms: vec![many],
     };
     let ratios = vec![
-        ("snapshot / cold".to_owned(), snapshot_case.median_ms / cold_case.median_ms.max(0.1)),
+        (
+            "snapshot / cold, start to ready".to_owned(),
+            snapshot_ready_case.median_ms / cold_ready_case.median_ms.max(0.1),
+        ),
+        ("snapshot / cold, whole vm run".to_owned(), snapshot_case.median_ms / cold_case.median_ms.max(0.1)),
         ("cold / bare".to_owned(), cold_case.median_ms / bare_case.median_ms.max(0.1)),
         (format!("{concurrent} concurrent creates / one"), many / one.max(0.1)),
     ];
     Ok(Report {
         image: image.to_owned(),
-        cases: vec![cold_case, snapshot_case, bare_case, one_case, many_case],
+        cases: vec![cold_case, snapshot_case, cold_ready_case, snapshot_ready_case, bare_case, one_case, many_case],
         ratios,
     })
 }
 
-/// `runs` timed `vm run --rm --from-snapshot S -- true`, S a snapshot of a freshly booted VM of
-/// `image` (made first, untimed, and deleted with its source at the end).
-fn snapshot_runs(cli: &Cli, image: &str, runs: u32) -> anyhow::Result<Vec<f64>> {
+/// Samples in ms: `vm run --rm --from-snapshot S -- true`, then `vm start` of a recorded cold
+/// VM and of a recorded fork (each `runs` times). S is a snapshot of a freshly booted VM of
+/// `image`, made first (untimed) and deleted with its source at the end.
+type SnapshotSamples = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+fn snapshot_runs(cli: &Cli, image: &str, runs: u32) -> anyhow::Result<SnapshotSamples> {
     let source = format!("bench-snap-{}", std::process::id());
     let snapshot = format!("{source}-s");
+    let scratch = format!("{source}-x");
     cli.run(&["vm", "create", &source, "--image", image])?;
     let result = (|| {
         cli.run(&["vm", "start", &source])?;
         cli.run(&["vm", "snapshot", &source, "--name", &snapshot])?;
         cli.run(&["vm", "stop", &source])?;
-        let mut samples = Vec::new();
+        let mut runs_ms = Vec::new();
         for i in 1..=runs {
             let started = Instant::now();
             cli.run(&["vm", "run", "--rm", "--from-snapshot", &snapshot, "--", "true"])?;
-            samples.push(ms(started.elapsed()));
-            eprintln!("bench: snapshot run {i}/{runs}: {:.0} ms", samples[samples.len() - 1]);
+            runs_ms.push(ms(started.elapsed()));
+            eprintln!("bench: snapshot run {i}/{runs}: {:.0} ms", runs_ms[runs_ms.len() - 1]);
         }
-        Ok(samples)
+        let (mut cold, mut fork) = (Vec::new(), Vec::new());
+        for i in 1..=runs {
+            for (from, samples) in [(None, &mut cold), (Some(snapshot.as_str()), &mut fork)] {
+                let mut create = vec!["vm", "create", scratch.as_str()];
+                match from {
+                    Some(s) => create.extend(["--from-snapshot", s]),
+                    None => create.extend(["--image", image]),
+                }
+                cli.run(&create)?;
+                let started = Instant::now();
+                let outcome = cli.run(&["vm", "start", &scratch]);
+                samples.push(ms(started.elapsed()));
+                let _ = cli.run(&["vm", "stop", "--force", &scratch]);
+                cli.run(&["vm", "delete", &scratch])?;
+                outcome?;
+            }
+            eprintln!(
+                "bench: start to ready {i}/{runs}: cold {:.0} ms, from snapshot {:.0} ms",
+                cold[i as usize - 1],
+                fork[i as usize - 1]
+            );
+        }
+        Ok((runs_ms, cold, fork))
     })();
+    let _ = cli.run(&["vm", "stop", "--force", &scratch]);
+    let _ = cli.run(&["vm", "delete", &scratch]);
     let _ = cli.run(&["snapshot", "delete", &snapshot]);
     let _ = cli.run(&["vm", "stop", "--force", &source]);
     let _ = cli.run(&["vm", "delete", &source]);
