@@ -20,6 +20,7 @@ mod exec;
 mod files;
 mod identity;
 mod init;
+mod memory;
 mod mounts;
 mod net;
 mod ports;

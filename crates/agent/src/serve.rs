@@ -568,9 +568,10 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
         }
         AgentRequest::Session(op) => session::request(op, link),
-        AgentRequest::Reidentify(identity) => {
-            spawn_channel(link, "reidentify", move |link| crate::identity::serve(&link, &identity));
-        }
+        // Served inline: it is brief, and a restored fork's first request, whose thread start
+        // would cost it a fresh translation of the clone path under TCG.
+        AgentRequest::Reidentify(identity) => crate::identity::serve(&link, &identity),
+        AgentRequest::ScrubFreeMemory => spawn_channel(link, "scrub", |link| crate::memory::serve_scrub(&link)),
         AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
         AgentRequest::WriteFile { path, mode } => {
             let (tx, rx) = mpsc::channel();

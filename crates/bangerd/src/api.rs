@@ -578,11 +578,31 @@ async fn list_ops(State(d): Shared) -> ApiResult<OperationList> {
     Ok(Json(OperationList { operations: d.ops.list()? }))
 }
 
+/// Query of `GET /v1/operations/{op}`: a long poll when `wait_ms` is given.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct ShowOpQuery {
+    /// Answer once the operation differs from what the caller has seen (more stages or
+    /// warnings, or it ended), or after this many milliseconds (at most 10,000).
+    wait_ms: Option<u64>,
+    /// How many stages the caller has seen.
+    #[serde(default)]
+    stages: usize,
+    /// How many warnings the caller has seen.
+    #[serde(default)]
+    warnings: usize,
+}
+
 /// One operation, by id or id prefix.
-#[utoipa::path(get, path = "/v1/operations/{op}", params(("op" = String, Path, description = "id or id prefix")),
+#[utoipa::path(get, path = "/v1/operations/{op}", params(("op" = String, Path, description = "id or id prefix"), ShowOpQuery),
     responses((status = 200, body = OperationRecord), (status = 404, body = ApiError)))]
-async fn show_op(State(d): Shared, Path(op): Path<String>) -> ApiResult<OperationRecord> {
-    Ok(Json(d.ops.get(&op)?))
+async fn show_op(State(d): Shared, Path(op): Path<String>, Query(q): Query<ShowOpQuery>) -> ApiResult<OperationRecord> {
+    match q.wait_ms {
+        Some(ms) => {
+            let wait = std::time::Duration::from_millis(ms.min(10_000));
+            Ok(Json(d.ops.wait_change(&op, (q.stages, q.warnings), wait).await?))
+        }
+        None => Ok(Json(d.ops.get(&op)?)),
+    }
 }
 
 /// Requests cancellation of a running operation.

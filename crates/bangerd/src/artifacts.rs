@@ -122,6 +122,7 @@ impl Daemon {
                 users.join(", ")
             )));
         }
+        self.refuse_if_snapshotted("kernel", name, |s| s.kernel == name)?;
         self.store.delete_kernel(name)?;
         if let Err(e) = banger_image::kernel::pull::delete_kernel_dir(&self.kernels_dir(), name) {
             tracing::warn!(kernel = name, error = %chain(&e), "cannot remove kernel files");
@@ -320,6 +321,7 @@ impl Daemon {
                 users.join(", ")
             )));
         }
+        self.refuse_if_snapshotted("image", name, |s| s.image == name)?;
         self.store.delete_image(name)?;
         if let Err(e) = banger_image::rootfs::delete_image_dir(&self.images_dir(), name) {
             tracing::warn!(image = name, error = %chain(&e), "cannot remove image files");
@@ -332,6 +334,23 @@ impl Daemon {
     /// Names of the VMs for which `uses` holds.
     fn vms_using(&self, uses: impl Fn(&banger_core::VmRecord) -> bool) -> Result<Vec<String>, ApiFailure> {
         Ok(self.store.list_vms()?.into_iter().filter(|vm| uses(vm)).map(|vm| vm.name).collect())
+    }
+
+    /// A kernel or image that snapshots were taken on stays: their forks restore onto it.
+    fn refuse_if_snapshotted(
+        &self,
+        what: &str,
+        name: &str,
+        uses: impl Fn(&banger_core::SnapshotRecord) -> bool,
+    ) -> Result<(), ApiFailure> {
+        let users: Vec<String> = self.store.list_snapshots()?.into_iter().filter(|s| uses(s)).map(|s| s.name).collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ApiFailure::conflict(format!(
+            "{what} '{name}' is used by snapshot {}; delete them first with `banger snapshot delete NAME`",
+            users.join(", ")
+        )))
     }
 }
 

@@ -482,12 +482,28 @@ pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
         })
 }
 
+/// A digest of the file at `path` (the agent binary, read on every start): remembered per path,
+/// size and modification time, so an unchanged file is hashed once per daemon.
 pub(crate) fn file_digest(path: &Path) -> std::io::Result<String> {
     use std::hash::{Hash as _, Hasher as _};
+    type Seen = std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<Seen>> = std::sync::OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let (len, modified) = (meta.len(), meta.modified()?);
+    let seen = SEEN.get_or_init(Default::default);
+    // A leaf lock: held for one lookup or one insert, never across the read.
+    let known = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(path).cloned();
+    if let Some((_, _, digest)) = known.filter(|(l, m, _)| (*l, *m) == (len, modified)) {
+        return Ok(digest);
+    }
     let bytes = std::fs::read(path)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
-    Ok(format!("{:016x}", h.finish()))
+    let digest = format!("{:016x}", h.finish());
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(path.to_owned(), (len, modified, digest.clone()));
+    Ok(digest)
 }
 
 /// Why a start failed.

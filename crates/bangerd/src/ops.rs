@@ -61,6 +61,8 @@ struct Entry {
 pub struct OpRegistry {
     running: Mutex<HashMap<String, Entry>>,
     store: Arc<Store>,
+    /// Woken on every change of any operation (long polls of `wait_change`).
+    changed: Notify,
 }
 
 /// The worker's side of one operation.
@@ -72,7 +74,7 @@ pub struct OpHandle {
 
 impl OpRegistry {
     pub fn new(store: Arc<Store>) -> Arc<Self> {
-        Arc::new(Self { running: Mutex::new(HashMap::new()), store })
+        Arc::new(Self { running: Mutex::new(HashMap::new()), store, changed: Notify::new() })
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -107,7 +109,33 @@ impl OpRegistry {
             snapshot
         };
         self.persist(&snapshot);
+        self.changed.notify_waiters();
         Some(snapshot)
+    }
+
+    /// Operation `reference` once it differs from what the caller has seen (`seen`: how many
+    /// stages and warnings), once it has ended, or after `wait`, whichever comes first.
+    pub async fn wait_change(
+        &self,
+        reference: &str,
+        seen: (usize, usize),
+        wait: std::time::Duration,
+    ) -> Result<OperationRecord, ApiFailure> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let record = self.get(reference)?;
+            let warnings = record.stages.iter().map(|s| s.warnings.len()).sum::<usize>();
+            if record.state.is_terminal() || (record.stages.len(), warnings) != seen {
+                return Ok(record);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(record);
+            }
+        }
     }
 
     /// An operation by id or id prefix, running or finished.
@@ -257,6 +285,37 @@ mod tests {
 
     fn registry() -> Arc<OpRegistry> {
         OpRegistry::new(Arc::new(Store::open_in_memory().expect("store")))
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_answers_at_the_next_change_or_its_deadline() {
+        use std::time::{Duration, Instant};
+        let reg = registry();
+        let op = reg.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        let seen = (reg.get(&id).expect("op").stages.len(), 0);
+        let started = Instant::now();
+        let same = reg.wait_change(&id, seen, Duration::from_millis(60)).await.expect("wait");
+        assert!(started.elapsed() >= Duration::from_millis(60), "nothing changed: it waited");
+        assert_eq!(same.stages.len(), seen.0);
+
+        let waiter = {
+            let (reg, id) = (reg.clone(), id.clone());
+            tokio::spawn(async move { reg.wait_change(&id, seen, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        op.stage("reserve").expect("stage");
+        let changed = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("task");
+        assert_eq!(changed.expect("record").stages.len(), seen.0 + 1);
+
+        op.warn("a warning");
+        let warned = reg.wait_change(&id, (seen.0 + 1, 0), Duration::from_secs(30)).await.expect("wait");
+        assert_eq!(warned.stages.last().map(|s| s.warnings.len()), Some(1));
+
+        op.succeed(None);
+        let started = Instant::now();
+        let ended = reg.wait_change(&id, (seen.0 + 1, 1), Duration::from_secs(30)).await.expect("wait");
+        assert!(ended.state.is_terminal() && started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -34,6 +34,8 @@ use crate::error::{chain, ApiFailure};
 
 /// A fork's copy of the state it starts from, in its VM dir, until its first start restores it.
 pub const RESTORE_STATE: &str = "restore-state.bin";
+/// How long the agent may take to zero its free memory before a snapshot.
+const SCRUB_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take to set the clock after a resume.
 const CLOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -257,6 +259,17 @@ impl Daemon {
         Ok(vm)
     }
 
+    /// Asks VM `id`'s agent to zero its free memory, so a snapshot leaves it out (best effort:
+    /// a failure is logged and the snapshot is only larger).
+    async fn scrub_free_memory(&self, id: &str) {
+        let Ok(vm) = self.store.find_vm(id) else { return };
+        let t = Instant::now();
+        match self.agent_for(&vm).call(&AgentRequest::ScrubFreeMemory, SCRUB_TIMEOUT).await {
+            Ok(_) => tracing::debug!(vm = %vm.name, elapsed_ms = t.elapsed().as_millis(), "free guest memory scrubbed"),
+            Err(e) => tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot scrub free guest memory"),
+        }
+    }
+
     /// Sets a resumed guest's clock to the host's (best effort: a failure is logged).
     pub async fn correct_clock(&self, vm: &VmRecord) {
         let request = AgentRequest::Reidentify(Identity { time_unix_ms: now_unix_ms(), ..Default::default() });
@@ -304,6 +317,10 @@ impl Daemon {
         warm_key: Option<String>,
     ) -> Result<SnapshotRecord, ApiFailure> {
         let started = Instant::now();
+        // Guest I/O, so before the VM lock: zero the free memory the snapshot would save.
+        if self.store.find_vm(id)?.state == ObservedState::Running {
+            self.scrub_free_memory(id).await;
+        }
         let guard = self.vm_locks.lock(id).await;
         let vm = self.store.find_vm(id)?;
         let control = self.control_socket(&vm)?;

@@ -366,6 +366,47 @@ mod tests {
         d.clone().run_create(op, name.into(), spec, None, Vec::new(), Origin::Boot).await
     }
 
+    #[test]
+    fn an_image_or_kernel_with_snapshots_is_not_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let image = banger_core::ImageRecord {
+            name: "minimal".into(),
+            source: "recipe:minimal".into(),
+            init_mode: banger_core::InitMode::Fast,
+            rootfs: "/i/rootfs.ext4".into(),
+            work_seed: None,
+            sha256: None,
+            size_bytes: 1,
+            created_at: "2026-11-22T00:00:00Z".into(),
+        };
+        d.store.insert_image(&image).expect("image");
+        let snapshot = banger_core::SnapshotRecord {
+            id: "0123456789abcdef".into(),
+            name: "base".into(),
+            source_vm_id: "fedcba9876543210".into(),
+            source_vm_name: "web".into(),
+            image: "minimal".into(),
+            kernel: "debian-6.1-cloud".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 2048,
+            vmm: banger_core::config::VmmKind::Qemu,
+            network: true,
+            dir: dir.path().join("snapshots/x").display().to_string(),
+            size_bytes: 0,
+            warm_key: None,
+            created_at: "2026-11-22T00:00:00Z".into(),
+        };
+        d.store.insert_snapshot(&snapshot).expect("snapshot");
+        let refused = d.delete_image("minimal").expect_err("pinned by a snapshot");
+        assert_eq!(refused.status, axum::http::StatusCode::CONFLICT);
+        assert!(refused.message.contains("used by snapshot base") && refused.message.contains("snapshot delete"));
+        assert!(d.store.get_image("minimal").expect("get").is_some(), "nothing was deleted");
+        d.store.delete_snapshot(&snapshot.id).expect("delete snapshot");
+        d.delete_image("minimal").expect("deletable now");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn twenty_concurrent_creates_of_one_name_have_one_winner() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -292,6 +292,9 @@ pub enum AgentRequest {
     /// Take on an identity after a restore from a memory snapshot: set the clock, and for a
     /// fork also the hostname, NIC address, ssh host key and machine id.
     Reidentify(Identity),
+    /// Before a memory snapshot: fault in (the kernel zeroes) most of the free memory and
+    /// release it again, so free pages are zero and the snapshot leaves them out. Answers `Ok`.
+    ScrubFreeMemory,
 }
 
 /// What a guest restored from a memory snapshot becomes. The clock is always set; every other
@@ -307,8 +310,8 @@ pub struct Identity {
     /// New `eth0` MAC address and IPv4 configuration.
     #[serde(default)]
     pub net: Option<NetIdentity>,
-    /// New ssh host key: installed for sshd (and beside banger's copy on the work disk), then
-    /// the running sshd is restarted on it (open ssh sessions stay).
+    /// New ssh host key, installed for sshd (which reads it for each new connection; open
+    /// ssh sessions stay). banger's copy on the work disk is rewritten at the next boot.
     #[serde(default)]
     pub host_key: Option<HostKey>,
     /// New /etc/machine-id contents (32 lowercase hex digits).
