@@ -248,6 +248,13 @@ impl Daemon {
             )));
         }
         transition(vm.state, &VmEvent::Modify)?;
+        if crate::snapshots::restore_state(&vm).is_some() {
+            return Err(ApiFailure::conflict(format!(
+                "vm '{0}' is a fork that has not started yet: its first start restores the snapshot's \
+                 machine as it was; start it once (`banger vm start {0}`), stop it, then change it",
+                vm.name
+            )));
+        }
         let UpdateVmRequest { image, kernel, vcpus, memory_mib, disk_mib } = req;
         if image.is_none() && kernel.is_none() && vcpus.is_none() && memory_mib.is_none() && disk_mib.is_none() {
             return Err(ApiFailure::invalid("nothing to change; pass --cpus, --memory, --disk, --image or --kernel"));
@@ -364,6 +371,20 @@ mod tests {
         let spec = d.resolve_spec(&req(name))?;
         let op = d.ops.begin("vm.create", name);
         d.clone().run_create(op, name.into(), spec, None, Vec::new(), Origin::Boot).await
+    }
+
+    #[tokio::test]
+    async fn an_unstarted_fork_keeps_its_machine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let vm = create(&d, "fork").await.expect("create");
+        std::fs::write(std::path::Path::new(&vm.vm_dir).join(crate::snapshots::RESTORE_STATE), "state").expect("state");
+        let change = UpdateVmRequest { vcpus: Some(2), ..Default::default() };
+        let refused = d.update_vm("fork", change.clone()).await.expect_err("restore pending");
+        assert_eq!(refused.status, axum::http::StatusCode::CONFLICT);
+        assert!(refused.message.contains("start it once"), "{}", refused.message);
+        std::fs::remove_file(std::path::Path::new(&vm.vm_dir).join(crate::snapshots::RESTORE_STATE)).expect("rm");
+        assert_eq!(d.update_vm("fork", change).await.expect("a booted fork is a vm like any").spec.vcpus, 2);
     }
 
     #[test]
