@@ -90,8 +90,11 @@ fn real_kernel_pull_through_apt() {
     assert_eq!(std::fs::read_dir(&kernels).expect("kernels dir").count(), 1, "staging left behind");
     // The daemon's next step works from what was published.
     let out = root.path().join("initramfs.cpio.gz");
-    let summary = build_guest_initramfs(Path::new("/bin/true"), &kernel.release, &kernel.modules, &out)
-        .expect("initramfs from the pulled kernel");
+    // A stand-in for the static agent (a dynamic program like /bin/true is refused as /init).
+    let init = root.path().join("init");
+    std::fs::write(&init, b"\x7fELF stand-in for the static agent").expect("init");
+    let summary =
+        build_guest_initramfs(&init, &kernel.release, &kernel.modules, &out).expect("initramfs from the pulled kernel");
     eprintln!("initramfs: {} bytes gzip", summary.gzip_bytes);
 }
 
