@@ -12,14 +12,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use banger_core::StdinMode;
 use banger_proto::agent::{AgentFailure, AgentResponse, Decoder, ExitStatus, Frame, FrameKind};
-use banger_proto::{ApiError, SessionView};
-use http_body_util::{BodyExt as _, Empty};
+use banger_proto::SessionView;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use nix::sys::termios::{self, LocalFlags, SetArg, SpecialCharacterIndices, Termios};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::client::Client;
@@ -158,25 +156,14 @@ pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode
 
 /// `GET path` and copies the streamed body to stdout.
 pub async fn logs(client: &Client, path: &str) -> anyhow::Result<()> {
-    let socket = &client.layout().socket;
-    let stream =
-        UnixStream::connect(socket).await.with_context(|| format!("cannot reach bangerd at {}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     let req =
-        Request::get(path).header("host", "bangerd").body(Empty::<Bytes>::new()).context("cannot build request")?;
-    let resp = sender.send_request(req).await.context("request to bangerd failed")?;
+        Request::get(path).header("host", "bangerd").body(Full::new(Bytes::new())).context("cannot build request")?;
+    let resp = client.request(req).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
         let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let message = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| format!("bangerd answered {status}: {}", String::from_utf8_lossy(&bytes)));
-        bail!(message);
+        bail!(crate::client::api_error(status, &bytes).message);
     }
     let mut stdout = tokio::io::stdout();
     while let Some(frame) = body.frame().await {

@@ -10,7 +10,8 @@ use banger_host::Layout;
 use banger_proto::{ApiError, DaemonStatus};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,6 +25,14 @@ pub struct ApiErrorAnswer {
     pub status: StatusCode,
     /// The daemon's error body.
     pub body: ApiError,
+}
+
+/// The daemon's error body of a `status` answer, or one made of the raw text when it sent none.
+pub fn api_error(status: StatusCode, bytes: &[u8]) -> ApiError {
+    serde_json::from_slice::<ApiError>(bytes).unwrap_or_else(|_| ApiError {
+        code: "http".into(),
+        message: format!("bangerd answered {status}: {}", String::from_utf8_lossy(bytes)),
+    })
 }
 
 /// A client bound to one daemon.
@@ -45,8 +54,9 @@ impl Client {
         UnixStream::connect(&self.layout.socket).await
     }
 
-    /// Sends one request; returns the status and raw body.
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<(StatusCode, Bytes)> {
+    /// Sends `req` on a connection of its own and returns the response head, its body still
+    /// to read. The connection serves upgrades, so a `101` answer can become a stream.
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
         let stream = self
             .connect()
             .await
@@ -55,14 +65,19 @@ impl Client {
             .await
             .context("http handshake with bangerd failed")?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
+        sender.send_request(req).await.context("request to bangerd failed")
+    }
+
+    /// Sends one request; returns the status and raw body.
+    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut req = Request::builder().method(method).uri(path).header("host", "bangerd");
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).context("cannot build request")?;
-        let resp = sender.send_request(req).await.context("request to bangerd failed")?;
+        let resp = self.request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.context("cannot read bangerd's answer")?.to_bytes();
         Ok((status, bytes))
@@ -78,11 +93,7 @@ impl Client {
         let body = body.map(serde_json::to_vec).transpose().context("cannot encode request")?;
         let (status, bytes) = self.send(method, path, body).await?;
         if !status.is_success() {
-            let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
-                code: "http".into(),
-                message: format!("bangerd answered {status}: {}", String::from_utf8_lossy(&bytes)),
-            });
-            return Err(ApiErrorAnswer { status, body }.into());
+            return Err(ApiErrorAnswer { status, body: api_error(status, &bytes) }.into());
         }
         serde_json::from_slice(&bytes).with_context(|| format!("cannot decode bangerd's answer to {path}"))
     }

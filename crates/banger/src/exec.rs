@@ -6,14 +6,12 @@ use anyhow::{bail, Context as _};
 use banger_proto::agent::{
     AgentFailure, AgentRequest, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest,
 };
-use banger_proto::ApiError;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::client::Client;
@@ -35,28 +33,17 @@ pub struct ExecOptions {
 
 /// `POST path` with `Upgrade: protocol`; the upgraded stream, or the daemon's error.
 pub async fn upgrade(client: &Client, path: &str, protocol: &str) -> anyhow::Result<TokioIo<Upgraded>> {
-    let socket = &client.layout().socket;
-    let stream =
-        UnixStream::connect(socket).await.with_context(|| format!("cannot reach bangerd at {}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
     let req = Request::post(path)
         .header("host", "bangerd")
         .header("connection", "upgrade")
         .header("upgrade", protocol)
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::new()))
         .context("cannot build the request")?;
-    let resp = sender.send_request(req).await.context("request to bangerd failed")?;
+    let resp = client.request(req).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let err = serde_json::from_slice::<ApiError>(&body)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| format!("bangerd answered {status}: {}", String::from_utf8_lossy(&body)));
-        bail!(err);
+        bail!(crate::client::api_error(status, &body).message);
     }
     let upgraded = hyper::upgrade::on(resp).await.with_context(|| format!("{protocol} upgrade failed"))?;
     Ok(TokioIo::new(upgraded))

@@ -65,13 +65,12 @@ pub async fn follow(client: &Client, mut op: OperationRecord) -> anyhow::Result<
         }
         // A long poll: the daemon answers as soon as a stage or warning is added or the
         // operation ends (or after the wait, which keeps a spinner's elapsed time fresh).
-        let seen = (op.stages.len(), op.stages.iter().map(|s| s.warnings.len()).sum::<usize>());
+        let seen = op.progress();
         let wait_ms = if live { 500 } else { 5000 };
         let next: OperationRecord = client
             .get(&format!("/v1/operations/{}?wait_ms={wait_ms}&stages={}&warnings={}", op.id, seen.0, seen.1))
             .await?;
-        let unchanged = (next.stages.len(), next.stages.iter().map(|s| s.warnings.len()).sum::<usize>()) == seen
-            && !next.state.is_terminal();
+        let unchanged = next.progress() == seen && !next.state.is_terminal();
         op = next;
         if unchanged {
             // A daemon that does not long-poll answers at once: do not spin.

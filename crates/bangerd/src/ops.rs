@@ -128,8 +128,7 @@ impl OpRegistry {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let record = self.get(reference)?;
-            let warnings = record.stages.iter().map(|s| s.warnings.len()).sum::<usize>();
-            if record.state.is_terminal() || (record.stages.len(), warnings) != seen {
+            if record.state.is_terminal() || record.progress() != seen {
                 return Ok(record);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

@@ -259,12 +259,11 @@ impl Daemon {
         Ok(vm)
     }
 
-    /// Asks VM `id`'s agent to zero its free memory, so a snapshot leaves it out (best effort:
-    /// a failure is logged and the snapshot is only larger).
-    async fn scrub_free_memory(&self, id: &str) {
-        let Ok(vm) = self.store.find_vm(id) else { return };
+    /// Asks `vm`'s agent to zero its free memory, so a snapshot leaves it out (best effort: a
+    /// failure is logged and the snapshot is only larger).
+    async fn scrub_free_memory(&self, vm: &VmRecord) {
         let t = Instant::now();
-        match self.agent_for(&vm).call(&AgentRequest::ScrubFreeMemory, SCRUB_TIMEOUT).await {
+        match self.agent_for(vm).call(&AgentRequest::ScrubFreeMemory, SCRUB_TIMEOUT).await {
             Ok(_) => tracing::debug!(vm = %vm.name, elapsed_ms = t.elapsed().as_millis(), "free guest memory scrubbed"),
             Err(e) => tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot scrub free guest memory"),
         }
@@ -318,8 +317,9 @@ impl Daemon {
     ) -> Result<SnapshotRecord, ApiFailure> {
         let started = Instant::now();
         // Guest I/O, so before the VM lock: zero the free memory the snapshot would save.
-        if self.store.find_vm(id)?.state == ObservedState::Running {
-            self.scrub_free_memory(id).await;
+        let before = self.store.find_vm(id)?;
+        if before.state == ObservedState::Running {
+            self.scrub_free_memory(&before).await;
         }
         let guard = self.vm_locks.lock(id).await;
         let vm = self.store.find_vm(id)?;

@@ -105,6 +105,12 @@ fn ms(d: std::time::Duration) -> u64 {
 }
 
 impl OperationRecord {
+    /// How far it has got, as a follower sees it: its stages and its warnings, counted. A long
+    /// poll answers when this changes (or the operation ends).
+    pub fn progress(&self) -> (usize, usize) {
+        (self.stages.len(), self.stages.iter().map(|s| s.warnings.len()).sum())
+    }
+
     /// A fresh running operation with no stages yet.
     pub fn begin(id: String, kind: &str, target: &str) -> Self {
         Self {

@@ -15,7 +15,7 @@ mod vms;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension as _};
 
 pub use migrate::{MIGRATIONS, SCHEMA_VERSION};
 
@@ -131,6 +131,47 @@ impl Store {
     pub fn journal_mode(&self) -> Result<String, StoreError> {
         Ok(self.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0))?)
     }
+}
+
+/// A row decoder: SQLite's own failure outside, a row that does not read back inside.
+type RowReader<T> = fn(&rusqlite::Row<'_>) -> rusqlite::Result<Result<T, StoreError>>;
+
+/// What [`find_by_reference`] looks in.
+struct Lookup<'a, T> {
+    /// `SELECT columns FROM table WHERE `, ending with any scope condition and its ` AND `.
+    select: String,
+    /// The scope condition's parameters (`?1`, ...); the reference comes after them.
+    scope: &'a [&'a str],
+    /// Whether rows have a `name` to match before the id.
+    by_name: bool,
+    /// The item kind in errors (`vm`, `snapshot`, ...).
+    kind: &'static str,
+    read: RowReader<T>,
+}
+
+/// Finds one row by exact name (when the table has names), exact id, or unique id prefix, in
+/// that order; an ambiguous prefix and no match are errors naming `lookup.kind`.
+fn find_by_reference<T>(conn: &Connection, lookup: &Lookup<'_, T>, reference: &str) -> Result<T, StoreError> {
+    let Lookup { select, scope, by_name, kind, read } = lookup;
+    let n = scope.len() + 1;
+    let args = || rusqlite::params_from_iter(scope.iter().copied().chain(std::iter::once(reference)));
+    let columns: &[&str] = if *by_name { &["name", "id"] } else { &["id"] };
+    for column in columns {
+        if let Some(found) = conn.query_row(&format!("{select}{column} = ?{n}"), args(), *read).optional()? {
+            return found;
+        }
+    }
+    if banger_core::id::looks_like_id_prefix(reference) {
+        let mut stmt = conn.prepare(&format!("{select}id LIKE ?{n} || '%' LIMIT 2"))?;
+        let mut found = stmt.query_map(args(), *read)?.collect::<Result<Vec<_>, _>>()?;
+        if found.len() > 1 {
+            return Err(StoreError::Ambiguous { kind, reference: reference.to_owned() });
+        }
+        if let Some(found) = found.pop() {
+            return found;
+        }
+    }
+    Err(StoreError::NotFound { kind, reference: reference.to_owned() })
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {

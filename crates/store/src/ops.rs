@@ -2,9 +2,9 @@
 //! a daemon restart. Stages are stored as a JSON array.
 
 use banger_core::{OpState, OperationRecord};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Row};
 
-use crate::{Store, StoreError};
+use crate::{find_by_reference, Lookup, Store, StoreError};
 
 const COLUMNS: &str = "id, kind, target, state, stages, error, result_id, created_at, finished_at, elapsed_ms";
 
@@ -60,25 +60,14 @@ impl Store {
 
     /// Finds an operation by id or unique id prefix.
     pub fn find_operation(&self, reference: &str) -> Result<OperationRecord, StoreError> {
-        let conn = self.conn();
-        if let Some(op) = conn
-            .query_row(&format!("SELECT {COLUMNS} FROM operations WHERE id = ?1"), [reference], from_row)
-            .optional()?
-        {
-            return op;
-        }
-        if banger_core::id::looks_like_id_prefix(reference) {
-            let mut stmt =
-                conn.prepare(&format!("SELECT {COLUMNS} FROM operations WHERE id LIKE ?1 || '%' LIMIT 2"))?;
-            let mut found = stmt.query_map([reference], from_row)?.collect::<Result<Vec<_>, _>>()?;
-            if found.len() > 1 {
-                return Err(StoreError::Ambiguous { kind: "operation", reference: reference.to_owned() });
-            }
-            if let Some(op) = found.pop() {
-                return op;
-            }
-        }
-        Err(StoreError::NotFound { kind: "operation", reference: reference.to_owned() })
+        let lookup = Lookup {
+            select: format!("SELECT {COLUMNS} FROM operations WHERE "),
+            scope: &[],
+            by_name: false,
+            kind: "operation",
+            read: from_row,
+        };
+        find_by_reference(&self.conn(), &lookup, reference)
     }
 
     /// Every stored operation, oldest first.

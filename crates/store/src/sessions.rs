@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use banger_core::session::{apply, SessionEvent};
 use banger_core::{SessionRecord, SessionStatus, StdinMode};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Row};
 
-use crate::{is_unique_violation, Store, StoreError};
+use crate::{find_by_reference, is_unique_violation, Lookup, Store, StoreError};
 
 const COLUMNS: &str = "id, vm_id, name, command, args, cwd, env, tags, stdin_mode, status, pid, exit_code, \
                        exit_signal, launch_stage, launch_message, error, created_at, started_at, ended_at, updated_at";
@@ -121,34 +121,14 @@ impl Store {
 
     /// Finds one of VM `vm_id`'s sessions by exact name, exact id, or unique id prefix.
     pub fn find_session(&self, vm_id: &str, reference: &str) -> Result<SessionRecord, StoreError> {
-        let conn = self.conn();
-        let one = |sql: &str| -> Result<Option<SessionRecord>, StoreError> {
-            conn.query_row(
-                &format!("SELECT {COLUMNS} FROM sessions WHERE vm_id = ?1 AND {sql}"),
-                [vm_id, reference],
-                from_row,
-            )
-            .optional()?
-            .transpose()
+        let lookup = Lookup {
+            select: format!("SELECT {COLUMNS} FROM sessions WHERE vm_id = ?1 AND "),
+            scope: &[vm_id],
+            by_name: true,
+            kind: "session",
+            read: from_row,
         };
-        if let Some(found) = one("name = ?2")? {
-            return Ok(found);
-        }
-        if let Some(found) = one("id = ?2")? {
-            return Ok(found);
-        }
-        if banger_core::id::looks_like_id_prefix(reference) {
-            let mut stmt = conn
-                .prepare(&format!("SELECT {COLUMNS} FROM sessions WHERE vm_id = ?1 AND id LIKE ?2 || '%' LIMIT 2"))?;
-            let mut found = stmt.query_map([vm_id, reference], from_row)?.collect::<Result<Vec<_>, _>>()?;
-            if found.len() > 1 {
-                return Err(StoreError::Ambiguous { kind: "session", reference: reference.to_owned() });
-            }
-            if let Some(session) = found.pop() {
-                return session;
-            }
-        }
-        Err(StoreError::NotFound { kind: "session", reference: reference.to_owned() })
+        find_by_reference(&self.conn(), &lookup, reference)
     }
 
     /// VM `vm_id`'s sessions, oldest first.

@@ -5,7 +5,7 @@ use banger_core::config::VmmKind;
 use banger_core::SnapshotRecord;
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::{is_unique_violation, Store, StoreError};
+use crate::{find_by_reference, is_unique_violation, Lookup, Store, StoreError};
 
 const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image, kernel, vcpus, memory_mib, disk_mib, vmm, \
                        network, dir, size_bytes, warm_key, created_at";
@@ -92,29 +92,14 @@ impl Store {
 
     /// Finds a snapshot by exact name, exact id, or unique id prefix (in that order).
     pub fn find_snapshot(&self, reference: &str) -> Result<SnapshotRecord, StoreError> {
-        let conn = self.conn();
-        let one = |sql: &str, arg: &str| -> Result<Option<SnapshotRecord>, StoreError> {
-            conn.query_row(&format!("SELECT {COLUMNS} FROM snapshots WHERE {sql}"), [arg], from_row)
-                .optional()?
-                .transpose()
+        let lookup = Lookup {
+            select: format!("SELECT {COLUMNS} FROM snapshots WHERE "),
+            scope: &[],
+            by_name: true,
+            kind: "snapshot",
+            read: from_row,
         };
-        if let Some(s) = one("name = ?1", reference)? {
-            return Ok(s);
-        }
-        if let Some(s) = one("id = ?1", reference)? {
-            return Ok(s);
-        }
-        if banger_core::id::looks_like_id_prefix(reference) {
-            let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM snapshots WHERE id LIKE ?1 || '%' LIMIT 2"))?;
-            let mut found = stmt.query_map([reference], from_row)?.collect::<Result<Vec<_>, _>>()?;
-            if found.len() > 1 {
-                return Err(StoreError::Ambiguous { kind: "snapshot", reference: reference.to_owned() });
-            }
-            if let Some(s) = found.pop() {
-                return s;
-            }
-        }
-        Err(StoreError::NotFound { kind: "snapshot", reference: reference.to_owned() })
+        find_by_reference(&self.conn(), &lookup, reference)
     }
 
     /// The warm-start snapshot recorded for `warm_key`, if any.

@@ -2,9 +2,9 @@
 
 use banger_core::config::VmmKind;
 use banger_core::{DesiredState, ObservedState, VmRecord, VmSpec};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Row};
 
-use crate::{is_unique_violation, Store, StoreError};
+use crate::{find_by_reference, is_unique_violation, Lookup, Store, StoreError};
 
 const COLUMNS: &str = "id, name, image, kernel, vcpus, memory_mib, disk_mib, desired_state, state, guest_ip, vm_dir, \
                        created_at, updated_at, last_error, vmm, network, allow_vm_traffic";
@@ -135,27 +135,14 @@ impl Store {
 
     /// Finds a VM by exact name, exact id, or unique id prefix (in that order).
     pub fn find_vm(&self, reference: &str) -> Result<VmRecord, StoreError> {
-        let conn = self.conn();
-        let one = |sql: &str, arg: &str| -> Result<Option<VmRecord>, StoreError> {
-            conn.query_row(&format!("SELECT {COLUMNS} FROM vms WHERE {sql}"), [arg], from_row).optional()?.transpose()
+        let lookup = Lookup {
+            select: format!("SELECT {COLUMNS} FROM vms WHERE "),
+            scope: &[],
+            by_name: true,
+            kind: "vm",
+            read: from_row,
         };
-        if let Some(vm) = one("name = ?1", reference)? {
-            return Ok(vm);
-        }
-        if let Some(vm) = one("id = ?1", reference)? {
-            return Ok(vm);
-        }
-        if banger_core::id::looks_like_id_prefix(reference) {
-            let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM vms WHERE id LIKE ?1 || '%' LIMIT 2"))?;
-            let mut found = stmt.query_map([reference], from_row)?.collect::<Result<Vec<_>, _>>()?;
-            if found.len() > 1 {
-                return Err(StoreError::Ambiguous { kind: "vm", reference: reference.to_owned() });
-            }
-            if let Some(vm) = found.pop() {
-                return vm;
-            }
-        }
-        Err(StoreError::NotFound { kind: "vm", reference: reference.to_owned() })
+        find_by_reference(&self.conn(), &lookup, reference)
     }
 
     /// Every VM, oldest first.

@@ -49,6 +49,13 @@ struct Case {
     samples_ms: Vec<f64>,
 }
 
+impl Case {
+    /// A case of `samples` (ms), summed up by their median.
+    fn of(name: &'static str, what: impl Into<String>, samples: Vec<f64>) -> Self {
+        Self { name, what: what.into(), median_ms: median(&samples), samples_ms: samples }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     image: String,
@@ -148,39 +155,13 @@ fn measure(cli: &Cli, image: &str, runs: u32, concurrent: u32) -> anyhow::Result
     let one = creates(cli, image, 1)?;
     let many = creates(cli, image, concurrent)?;
 
-    let cold_case =
-        Case { name: "cold", what: "vm run --rm -- true (cold)".into(), median_ms: median(&cold), samples_ms: cold };
-    let snapshot_case = Case {
-        name: "snapshot",
-        what: "vm run --rm -- true (from snapshot)".into(),
-        median_ms: median(&snapshot),
-        samples_ms: snapshot,
-    };
-    let cold_ready_case = Case {
-        name: "cold_ready",
-        what: "vm start to ready (cold boot)".into(),
-        median_ms: median(&cold_ready),
-        samples_ms: cold_ready,
-    };
-    let snapshot_ready_case = Case {
-        name: "snapshot_ready",
-        what: "vm start to ready (from snapshot)".into(),
-        median_ms: median(&snapshot_ready),
-        samples_ms: snapshot_ready,
-    };
-    let bare_case = Case {
-        name: "bare",
-        what: "bare VMM boot, true, power off".into(),
-        median_ms: median(&bare),
-        samples_ms: bare,
-    };
-    let one_case = Case { name: "create_one", what: "vm create x1".into(), median_ms: one, samples_ms: vec![one] };
-    let many_case = Case {
-        name: "create_concurrent",
-        what: format!("vm create x{concurrent} at once"),
-        median_ms: many,
-        samples_ms: vec![many],
-    };
+    let cold_case = Case::of("cold", "vm run --rm -- true (cold)", cold);
+    let snapshot_case = Case::of("snapshot", "vm run --rm -- true (from snapshot)", snapshot);
+    let cold_ready_case = Case::of("cold_ready", "vm start to ready (cold boot)", cold_ready);
+    let snapshot_ready_case = Case::of("snapshot_ready", "vm start to ready (from snapshot)", snapshot_ready);
+    let bare_case = Case::of("bare", "bare VMM boot, true, power off", bare);
+    let one_case = Case::of("create_one", "vm create x1", vec![one]);
+    let many_case = Case::of("create_concurrent", format!("vm create x{concurrent} at once"), vec![many]);
     let ratios = vec![
         (
             "snapshot / cold, start to ready".to_owned(),

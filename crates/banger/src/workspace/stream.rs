@@ -9,13 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use banger_proto::agent::{AgentFailure, Decoder, Frame, FrameKind, MAX_PAYLOAD};
 use banger_proto::workspace::{WorkspaceExportQuery, WorkspaceExported, WorkspaceImported, WORKSPACE_PROTOCOL};
-use banger_proto::ApiError;
-use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Bytes;
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
 use super::tarball::{self, Stats};
@@ -24,34 +18,6 @@ use crate::cmd::segment;
 
 /// Bytes per `Data` frame of the import.
 const CHUNK: usize = 512 * 1024;
-
-/// Asks for `path` with the workspace upgrade; the stream once the daemon agreed.
-async fn upgrade(client: &Client, path: &str) -> anyhow::Result<impl AsyncRead + AsyncWrite + Unpin> {
-    let socket = &client.layout().socket;
-    let stream =
-        UnixStream::connect(socket).await.with_context(|| format!("cannot reach bangerd at {}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let req = Request::post(path)
-        .header("host", "bangerd")
-        .header("connection", "upgrade")
-        .header("upgrade", WORKSPACE_PROTOCOL)
-        .body(Empty::<Bytes>::new())
-        .context("cannot build the workspace request")?;
-    let resp = sender.send_request(req).await.context("workspace request failed")?;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let err = serde_json::from_slice::<ApiError>(&body)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| format!("bangerd answered {status}: {}", String::from_utf8_lossy(&body)));
-        bail!(err);
-    }
-    Ok(TokioIo::new(hyper::upgrade::on(resp).await.context("workspace upgrade failed")?))
-}
 
 /// The daemon's final frame: `Response` parsed as `T`, `Error` as an error. `Data` frames go to
 /// `data`.
@@ -120,7 +86,8 @@ pub async fn import(
     files: Vec<PathBuf>,
     dir: &str,
 ) -> anyhow::Result<(WorkspaceImported, Stats)> {
-    let io = upgrade(client, &format!("/v1/vms/{}/workspace/import?dir={}", segment(vm), segment(dir))).await?;
+    let path = format!("/v1/vms/{}/workspace/import?dir={}", segment(vm), segment(dir));
+    let io = crate::exec::upgrade(client, &path, WORKSPACE_PROTOCOL).await?;
     let (mut rd, mut wr) = tokio::io::split(io);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
     let builder = tokio::task::spawn_blocking(move || {
@@ -182,6 +149,6 @@ pub async fn export(
     if let Some(basis) = &q.basis {
         path.push_str(&format!("&basis={}", segment(basis)));
     }
-    let mut io = upgrade(client, &path).await?;
+    let mut io = crate::exec::upgrade(client, &path, WORKSPACE_PROTOCOL).await?;
     final_frame(&mut io, |data| out.write_all(data).context("cannot write what the guest sent")).await
 }
