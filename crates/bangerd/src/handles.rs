@@ -62,7 +62,7 @@ impl HandleCache {
             }
         }
         if let Err(e) = VmHandles::remove(Path::new(&paths.handles)) {
-            tracing::warn!(vm = %vm.name, error = %crate::error::chain(&e), "cannot remove handles file");
+            tracing::warn!(vm = %vm.name, error = %banger_core::error_chain(&e), "cannot remove handles file");
         }
     }
 
@@ -75,7 +75,7 @@ impl HandleCache {
             let handles = match VmHandles::load(Path::new(&path)) {
                 Ok(h) => h,
                 Err(e) => {
-                    tracing::warn!(vm = %vm.name, error = %crate::error::chain(&e), "unreadable handles; treating the vm as stopped");
+                    tracing::warn!(vm = %vm.name, error = %banger_core::error_chain(&e), "unreadable handles; treating the vm as stopped");
                     None
                 }
             };

@@ -1,38 +1,15 @@
 //! `bangerd`: banger's daemon. Serves the HTTP/JSON API on a unix socket, keeps durable state in
 //! SQLite under the state directory, and refuses to run twice for one state directory.
 
-mod agent_conn;
-mod api;
-mod artifacts;
-mod config;
-mod daemon;
-mod disks;
-mod dns;
-mod error;
-mod exec;
-mod forward;
-mod handles;
-mod lifecycle;
-mod locks;
-mod net;
-mod ops;
-mod session_stream;
-mod sessions;
-mod snapshots;
-mod ssh;
-mod tunnel;
-mod vms;
-mod workspace;
-
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use banger_host::{lockfile, paths::ensure_dir, Layout};
+use bangerd::daemon::Daemon;
+use bangerd::services::Fleet;
+use bangerd::{config, http};
 use clap::Parser;
-use tokio::net::UnixListener;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -90,11 +67,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let selection = banger_vmm::select(choice, &host)
         .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
     tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "default vmm selected");
-    let daemon = daemon::Daemon::new(layout, config, config_source, store, host, choice);
-    let report = daemon.handles.reconcile(&daemon.store)?;
+    let daemon = Daemon::new(Fleet::new(layout, config, store, host, choice), config_source);
+    let report = daemon.lifecycle.reconcile()?;
     let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
     tracing::info!(?adopted, reaped = ?report.reaped, "reconciled vms with the host");
-    daemon.ops.prune(Duration::from_secs(daemon.config.operation_retention_secs));
+    daemon.fleet.ops.prune(Duration::from_secs(daemon.fleet.config.operation_retention_secs));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -103,26 +80,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async {
-        let in_use: std::collections::BTreeSet<String> = report
-            .adopted
-            .iter()
-            .filter(|(vm, _)| vm.spec.network)
-            .filter_map(|(vm, _)| daemon.handles.get(vm).and_then(|h| h.tap))
-            .collect();
-        let networked = report.adopted.iter().any(|(vm, _)| vm.spec.network);
-        for (vm, pid) in report.adopted {
-            daemon.activate_forwards(&vm).await;
-            daemon.spawn_monitor(vm, pid);
-        }
-        if networked {
-            // Running guests need their rules and names back before anything else happens.
-            match daemon.net.ensure_up(&in_use).await {
-                Ok(()) => daemon.sync_net().await,
-                Err(e) => tracing::error!(error = %banger_core::error_chain(&e), "cannot restore the guest network"),
-            }
-        }
-        let served = serve(daemon.clone()).await;
-        let running = daemon.store.list_vms().map(|vms| vms.iter().any(|vm| daemon.handles.alive(vm))).unwrap_or(true);
+        daemon.lifecycle.adopt(report.adopted).await;
+        let pruner = {
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    d.fleet.ops.prune(Duration::from_secs(d.fleet.config.operation_retention_secs));
+                }
+            })
+        };
+        let served = http::serve(daemon.clone(), shutdown_signal(daemon.clone())).await.context("api server failed");
+        pruner.abort();
+        let running =
+            daemon.fleet.store.list_vms().map(|vms| vms.iter().any(|vm| daemon.fleet.alive(vm))).unwrap_or(true);
         daemon.net.shutdown(running).await;
         served
     });
@@ -167,79 +139,18 @@ fn init_logging(
     Ok(guard)
 }
 
-async fn serve(daemon: Arc<daemon::Daemon>) -> anyhow::Result<()> {
-    let socket = daemon.layout.socket.clone();
-    let listener = bind_socket(&socket, &daemon.config.socket_group)?;
-    tracing::info!(socket = %socket.display(), "serving the api");
-
-    let pruner = {
-        let d = daemon.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                d.ops.prune(Duration::from_secs(d.config.operation_retention_secs));
-            }
-        })
-    };
-
-    let shutdown = {
-        let d = daemon.clone();
-        async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-                () = d.shutdown.notified() => {}
-            }
+/// Resolves on SIGTERM, SIGINT or a shutdown asked for over the API.
+async fn shutdown_signal(daemon: std::sync::Arc<Daemon>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return;
         }
     };
-    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(shutdown).await;
-    pruner.abort();
-    // Only the socket we bound is ours to remove.
-    let _ = std::fs::remove_file(&socket);
-    served.context("api server failed")
-}
-
-/// Binds the API socket. We hold the state dir's lock, so a socket file already there was left
-/// by a daemon that died: remove it.
-fn bind_socket(socket: &Path, group: &str) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = socket.parent() {
-        ensure_dir(parent, 0o755).with_context(|| format!("cannot create socket directory {}", parent.display()))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        () = daemon.shutdown.notified() => {}
     }
-    match std::fs::symlink_metadata(socket) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            tracing::warn!(socket = %socket.display(), "removing stale socket left by a previous daemon");
-            std::fs::remove_file(socket).with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
-        }
-        Ok(_) => bail!("{} exists and is not a socket; remove it or pass another --socket", socket.display()),
-        Err(_) => {}
-    }
-    // Bind with a tight umask so the socket is never briefly open to others.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(socket);
-    nix::sys::stat::umask(old);
-    let listener = bound.with_context(|| format!("cannot bind {}", socket.display()))?;
-    let mode = if group.is_empty() {
-        0o600
-    } else {
-        let gid = nix::unistd::Group::from_name(group)
-            .context("cannot look up socket_group")?
-            .with_context(|| {
-                format!("socket_group '{group}' does not exist; create it or clear socket_group in config.toml")
-            })?
-            .gid;
-        nix::unistd::chown(socket, None, Some(gid))
-            .with_context(|| format!("cannot give {} to group {group}", socket.display()))?;
-        0o660
-    };
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set mode on {}", socket.display()))?;
-    Ok(listener)
 }

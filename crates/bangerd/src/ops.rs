@@ -11,7 +11,21 @@ use banger_core::{new_id, OpState, OperationRecord};
 use banger_store::Store;
 use tokio::sync::Notify;
 
-use crate::error::ApiFailure;
+/// Why an operation could not be read or cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The store failed, or has no such operation.
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    /// It has ended already.
+    #[error("operation {id} already {state}")]
+    NotRunning {
+        /// The operation.
+        id: String,
+        /// How it ended.
+        state: &'static str,
+    },
+}
 
 /// A cancellation request, checked at stage boundaries and awaitable inside long stages.
 #[derive(Default)]
@@ -32,10 +46,6 @@ impl CancelFlag {
     }
 
     /// Resolves once cancellation is requested.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "long stages (boots, pulls) select on it from the boot-path issue on")
-    )]
     pub async fn cancelled(&self) {
         loop {
             let wait = self.notify.notified();
@@ -83,7 +93,7 @@ impl OpRegistry {
 
     fn persist(&self, record: &OperationRecord) {
         if let Err(e) = self.store.upsert_operation(record) {
-            tracing::warn!(op = %record.id, error = %crate::error::chain(&e), "cannot persist operation");
+            tracing::warn!(op = %record.id, error = %banger_core::error_chain(&e), "cannot persist operation");
         }
     }
 
@@ -120,7 +130,7 @@ impl OpRegistry {
         reference: &str,
         seen: (usize, usize),
         wait: std::time::Duration,
-    ) -> Result<OperationRecord, ApiFailure> {
+    ) -> Result<OperationRecord, OpsError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Registered before the check, so a change between the two is not missed.
@@ -138,7 +148,7 @@ impl OpRegistry {
     }
 
     /// An operation by id or id prefix, running or finished.
-    pub fn get(&self, reference: &str) -> Result<OperationRecord, ApiFailure> {
+    pub fn get(&self, reference: &str) -> Result<OperationRecord, OpsError> {
         {
             let map = self.map();
             let mut hits = map.values().filter(|e| e.record.id.starts_with(reference));
@@ -154,7 +164,7 @@ impl OpRegistry {
     }
 
     /// Every kept operation, oldest first, running ones with fresh elapsed times.
-    pub fn list(&self) -> Result<Vec<OperationRecord>, ApiFailure> {
+    pub fn list(&self) -> Result<Vec<OperationRecord>, OpsError> {
         let mut all = self.store.list_operations()?;
         let map = self.map();
         for op in &mut all {
@@ -168,10 +178,10 @@ impl OpRegistry {
 
     /// Requests cancellation. The worker notices at its next stage boundary; a finished
     /// operation is refused.
-    pub fn cancel(&self, reference: &str) -> Result<OperationRecord, ApiFailure> {
+    pub fn cancel(&self, reference: &str) -> Result<OperationRecord, OpsError> {
         let record = self.get(reference)?;
         if record.state.is_terminal() {
-            return Err(ApiFailure::conflict(format!("operation {} already {}", record.id, record.state.as_str())));
+            return Err(OpsError::NotRunning { id: record.id, state: record.state.as_str() });
         }
         if let Some(entry) = self.map().get(&record.id) {
             entry.cancel.cancel();
@@ -185,7 +195,7 @@ impl OpRegistry {
         match self.store.prune_operations(&banger_core::time::format_rfc3339(cutoff)) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(error = %crate::error::chain(&e), "cannot prune operations");
+                tracing::warn!(error = %banger_core::error_chain(&e), "cannot prune operations");
                 0
             }
         }
@@ -224,15 +234,11 @@ impl OpHandle {
     }
 
     /// The operation's record now.
-    pub fn snapshot(&self) -> Result<OperationRecord, ApiFailure> {
+    pub fn snapshot(&self) -> Result<OperationRecord, OpsError> {
         self.registry.get(&self.id)
     }
 
     /// The cancel flag, for long stages that want to select on it.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "long stages (boots, pulls) select on it from the boot-path issue on")
-    )]
     pub fn cancel_flag(&self) -> &CancelFlag {
         &self.cancel
     }

@@ -3,10 +3,9 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use banger_core::{Config, VmRecord};
-use banger_host::{Layout, VmHandles};
+use banger_core::VmRecord;
+use banger_host::VmHandles;
 use banger_proto::agent::{ack_payload, ExitStatus};
-use banger_store::Store;
 use tokio::io::DuplexStream;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
@@ -123,7 +122,7 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
 }
 
 struct Setup {
-    d: Arc<Daemon>,
+    d: Arc<Workspace>,
     vm: VmRecord,
     seen: Arc<Seen>,
     _dir: tempfile::TempDir,
@@ -132,9 +131,8 @@ struct Setup {
 /// A daemon with one running VM ("web", alive as this test process) served by the fake agent.
 async fn setup(stall: bool) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
-    let layout = Layout::resolve(Some(dir.path().to_path_buf()), Some(dir.path().join("s.sock")));
-    let store = Store::open(&dir.path().join("banger.db")).expect("store");
-    let d = Daemon::new(layout, Config::default(), None, store, banger_vmm::HostFacts::default(), Default::default());
+    let vmm = Arc::new(crate::services::testing::FakeVmm::default());
+    let d = Arc::new(Workspace::new(crate::services::testing::fleet_with(dir.path(), vmm.clone())));
     let vm_dir = dir.path().join("vms/web");
     std::fs::create_dir_all(&vm_dir).expect("vm dir");
     let vm = VmRecord {
@@ -158,10 +156,10 @@ async fn setup(stall: bool) -> Setup {
         updated_at: String::new(),
         last_error: None,
     };
-    d.store.insert_vm(&vm).expect("insert");
-    // This test process stands in for the VMM: alive, and an empty marker matches any command line.
-    let handles = VmHandles { pid: Some(std::process::id()), ..Default::default() };
-    d.handles.publish(&vm, handles).expect("publish");
+    d.fleet.store.insert_vm(&vm).expect("insert");
+    // A fake VMM stands in: alive until its handles are released.
+    let handles = VmHandles { pid: Some(vmm.adopt()), ..Default::default() };
+    d.fleet.handles.publish(&vm, handles).expect("publish");
     let listener = UnixListener::bind(vm_dir.join("agent.sock")).expect("bind");
     let seen = Arc::new(Seen::default());
     tokio::spawn(fake_agent(listener, seen.clone(), stall));
@@ -202,7 +200,7 @@ async fn final_frame(io: &mut DuplexStream) -> Frame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_streams_under_the_workspace_lock_only() {
     let s = setup(true).await;
-    let target = s.d.workspace_target("web").await.expect("target");
+    let target = s.d.target("web").await.expect("target");
     let (client, mut server) = tokio::io::duplex(64 * 1024);
     let d = s.d.clone();
     let relay = tokio::spawn(async move { d.import_into(&mut server, &target, "/root/repo").await });
@@ -211,15 +209,15 @@ async fn an_import_streams_under_the_workspace_lock_only() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(s.seen.received.load(Ordering::SeqCst), UNPACK_WINDOW, "one window, then the relay waits for acks");
     // Stalled mid-import: the VM lock is free (stop, delete and restart do not wait) ...
-    let vm_lock = tokio::time::timeout(Duration::from_millis(200), s.d.vm_locks.lock(&s.vm.id)).await;
+    let vm_lock = tokio::time::timeout(Duration::from_millis(200), s.d.fleet.locks.lock(&s.vm.id)).await;
     assert!(vm_lock.is_ok(), "the vm lock is free while the import streams");
     drop(vm_lock);
     // ... while the workspace lock is held.
-    let ws_lock = tokio::time::timeout(Duration::from_millis(200), s.d.workspace_locks.lock(&s.vm.id)).await;
+    let ws_lock = tokio::time::timeout(Duration::from_millis(200), s.d.locks.lock(&s.vm.id)).await;
     assert!(ws_lock.is_err(), "the workspace lock is held while the import streams");
     // A stop's shutdown request is not queued behind the import, and the connection dropping
     // (the guest powers off) ends the import with an error for the client.
-    let asked = s.d.agent_for(&s.vm).call(&AgentRequest::Shutdown, Duration::from_secs(2)).await;
+    let asked = s.d.fleet.agent_for(&s.vm).call(&AgentRequest::Shutdown, Duration::from_secs(2)).await;
     assert!(asked.is_err(), "the fake drops the connection instead of answering");
     let last = tokio::time::timeout(Duration::from_secs(5), sender).await.expect("the client is told").expect("join");
     assert_eq!(last.kind, FrameKind::Error);
@@ -236,7 +234,7 @@ async fn imports_into_one_vm_run_one_at_a_time() {
     let s = setup(false).await;
     let mut tasks = Vec::new();
     for _ in 0..3 {
-        let target = s.d.workspace_target("web").await.expect("target");
+        let target = s.d.target("web").await.expect("target");
         let (client, mut server) = tokio::io::duplex(64 * 1024);
         let d = s.d.clone();
         tokio::spawn(async move { d.import_into(&mut server, &target, "/root/repo").await });
@@ -258,7 +256,7 @@ async fn imports_into_one_vm_run_one_at_a_time() {
 #[tokio::test]
 async fn a_client_that_goes_away_abandons_the_unpack() {
     let s = setup(false).await;
-    let target = s.d.workspace_target("web").await.expect("target");
+    let target = s.d.target("web").await.expect("target");
     let (mut client, mut server) = tokio::io::duplex(64 * 1024);
     let d = s.d.clone();
     let relay = tokio::spawn(async move {
@@ -274,7 +272,7 @@ async fn a_client_that_goes_away_abandons_the_unpack() {
 #[tokio::test]
 async fn exports_relay_the_guests_output_and_name_the_fix_when_there_is_no_repository() {
     let s = setup(false).await;
-    let target = s.d.workspace_target("web").await.expect("target");
+    let target = s.d.target("web").await.expect("target");
     let (mut client, mut server) = tokio::io::duplex(64 * 1024);
     let q = WorkspaceExportQuery { dir: "/root/repo".into(), kind: ExportKind::Bundle, basis: None };
     s.d.export_from(&mut server, &target, &q).await;
@@ -311,12 +309,12 @@ async fn exports_relay_the_guests_output_and_name_the_fix_when_there_is_no_repos
 #[tokio::test]
 async fn a_vm_that_does_not_run_is_refused_with_the_fix() {
     let s = setup(false).await;
-    s.d.handles.release(&s.vm);
-    let err = s.d.workspace_target("web").await.err().expect("refused");
-    assert_eq!(err.code, "conflict");
-    assert_eq!(err.message, "vm 'web' is not running; start it with `banger vm start web`");
-    let err = s.d.workspace_target("nope").await.err().expect("refused");
-    assert_eq!(err.code, "not_found");
+    s.d.fleet.handles.release(&s.vm);
+    let err = s.d.target("web").await.err().expect("refused");
+    assert!(matches!(err, WorkspaceError::Fleet(FleetError::NotRunning { .. })), "{err}");
+    assert_eq!(err.to_string(), "vm 'web' is not running; start it with `banger vm start web`");
+    let err = s.d.target("nope").await.err().expect("refused");
+    assert!(matches!(err, WorkspaceError::Store(banger_store::StoreError::NotFound { .. })), "{err}");
 }
 
 #[test]

@@ -26,9 +26,9 @@ use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind}
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::ApiFailure;
 use crate::agent_conn::{AgentConn, Channel};
 use crate::daemon::Daemon;
-use crate::error::ApiFailure;
 
 /// The attach upgrade's protocol name.
 pub const ATTACH_PROTOCOL: &str = "banger-attach";
@@ -85,10 +85,10 @@ pub async fn logs(
     Path((vm, session)): Path<(String, String)>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiFailure> {
-    let (vm, agent, session) = d.find_session(&vm, &session).await?;
+    let (vm, agent, session) = d.sessions.find(&vm, &session).await?;
     let agent = agent.ok_or_else(|| not_running(&vm.name))?;
     let request = AgentRequest::Session(SessionOp::Logs { id: session.id.clone(), stderr: q.stderr, follow: q.follow });
-    let channel = agent.open(&request).await.map_err(|e| ApiFailure::internal(crate::error::chain(&e)))?;
+    let channel = agent.open(&request).await.map_err(|e| ApiFailure::internal(banger_core::error_chain(&e)))?;
     let mut stream = Closing { channel, done: false };
     // The first frame decides the status: an error before any byte is a proper error answer.
     let first = loop {
@@ -162,9 +162,9 @@ pub async fn attach(
         return ApiFailure::invalid(format!("attach needs `Connection: upgrade` and `Upgrade: {ATTACH_PROTOCOL}`"))
             .into_response();
     }
-    let (vm, agent, session) = match d.find_session(&vm, &session).await {
+    let (vm, agent, session) = match d.sessions.find(&vm, &session).await {
         Ok(found) => found,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiFailure::from(e).into_response(),
     };
     let Some(agent) = agent else {
         return ApiFailure::conflict(format!(
@@ -208,7 +208,7 @@ async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn, re
     let channel = match conn.open(request).await {
         Ok(c) => c,
         Err(e) => {
-            let failure = AgentFailure { message: crate::error::chain(&e) };
+            let failure = AgentFailure { message: banger_core::error_chain(&e) };
             let _ = send(&mut io, Frame::json(1, FrameKind::Error, &failure)).await;
             return;
         }

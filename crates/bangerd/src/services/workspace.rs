@@ -5,7 +5,7 @@
 //!
 //! Locks: the VM lock is held only to check that the VM runs and to take what the guest I/O
 //! needs (its agent connection); the I/O itself runs under the VM's workspace lock
-//! (`Daemon::workspace_locks`), never together with the VM lock. So `stop`, `delete` and
+//! (`Workspace::locks`), never together with the VM lock. So `stop`, `delete` and
 //! `restart` never wait behind a large import, while two imports or exports of one VM still
 //! run one at a time (their streams never interleave, and an export never sees half an
 //! import). A stop during an import ends it: the agent connection drops and the client gets an
@@ -14,26 +14,29 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
 use banger_core::ObservedState;
 use banger_proto::agent::{
     parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, ExecRequest, ExitStatus, Frame, FrameKind,
     SignalRequest,
 };
-use banger_proto::workspace::{
-    valid_commit_id, valid_guest_dir, ExportKind, WorkspaceExportQuery, WorkspaceExported, WorkspaceImportQuery,
-    WorkspaceImported, WORKSPACE_PROTOCOL,
-};
-use hyper_util::rt::TokioIo;
+use banger_proto::workspace::{ExportKind, WorkspaceExportQuery, WorkspaceExported, WorkspaceImported};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::agent_conn::AgentConn;
-use crate::daemon::Daemon;
-use crate::error::ApiFailure;
+use crate::locks::NamedLocks;
+use crate::services::{Fleet, FleetError};
+
+/// Why a workspace stream cannot begin (failures once it runs are sent to the client in-band,
+/// as the stream's final `Error` frame).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The store failed, or has no such VM.
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    /// The VM is not running.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+}
 
 /// Bytes of an import the daemon lets be unacknowledged by the agent. Bounds what sits in
 /// buffers between here and the guest, so a `shutdown` on the same connection is not queued
@@ -94,27 +97,41 @@ pub struct Target {
     pub agent: Arc<AgentConn>,
 }
 
-impl Daemon {
+/// The workspace service.
+pub struct Workspace {
+    fleet: Arc<Fleet>,
+    /// Per-VM workspace locks, held across an import's or export's guest I/O.
+    locks: NamedLocks,
+}
+
+impl Workspace {
+    /// The service over `fleet`.
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        Self { fleet, locks: NamedLocks::default() }
+    }
+
+    /// Forgets the workspace lock of deleted VM `id`.
+    pub fn forget(&self, id: &str) {
+        self.locks.forget(id);
+    }
+
     /// Under `reference`'s VM lock: checks that it runs and takes what the guest I/O needs.
     /// The lock is released on return.
-    pub async fn workspace_target(&self, reference: &str) -> Result<Target, ApiFailure> {
-        let id = self.store.find_vm(reference)?.id;
-        let _guard = self.vm_locks.lock(&id).await;
-        let vm = self.store.find_vm(&id)?;
-        if !self.handles.alive(&vm) || vm.state != ObservedState::Running {
-            return Err(ApiFailure::conflict(format!(
-                "vm '{}' is not running; start it with `banger vm start {}`",
-                vm.name, vm.name
-            )));
+    pub async fn target(&self, reference: &str) -> Result<Target, WorkspaceError> {
+        let id = self.fleet.store.find_vm(reference)?.id;
+        let _guard = self.fleet.locks.lock(&id).await;
+        let vm = self.fleet.store.find_vm(&id)?;
+        if !self.fleet.alive(&vm) || vm.state != ObservedState::Running {
+            return Err(FleetError::NotRunning { vm: vm.name }.into());
         }
-        Ok(Target { id: vm.id.clone(), name: vm.name.clone(), agent: self.agent_for(&vm) })
+        Ok(Target { id: vm.id.clone(), name: vm.name.clone(), agent: self.fleet.agent_for(&vm) })
     }
 
     /// Whether `target` still runs (it may have been stopped while we waited for its
     /// workspace lock).
     fn still_running(&self, target: &Target) -> Result<(), String> {
-        let vm = self.store.find_vm(&target.id).map_err(|e| e.to_string())?;
-        if self.handles.alive(&vm) && vm.state == ObservedState::Running {
+        let vm = self.fleet.store.find_vm(&target.id).map_err(|e| e.to_string())?;
+        if self.fleet.alive(&vm) && vm.state == ObservedState::Running {
             Ok(())
         } else {
             Err(format!("vm '{}' stopped before the workspace stream began", target.name))
@@ -124,7 +141,7 @@ impl Daemon {
     /// Relays an import from the client stream `io` into `dir` of `target` under its workspace
     /// lock, then sends the client the final frame.
     pub async fn import_into(&self, io: &mut (impl AsyncRead + AsyncWrite + Unpin), target: &Target, dir: &str) {
-        let _ws = self.workspace_locks.lock(&target.id).await;
+        let _ws = self.locks.lock(&target.id).await;
         let started = Instant::now();
         let outcome = match self.still_running(target) {
             Ok(()) => relay_import(io, &target.agent, dir).await,
@@ -156,7 +173,7 @@ impl Daemon {
     /// Relays an export of `target` to the client stream `io` under its workspace lock, then
     /// sends the client the final frame.
     pub async fn export_from(&self, io: &mut (impl AsyncWrite + Unpin), target: &Target, q: &WorkspaceExportQuery) {
-        let _ws = self.workspace_locks.lock(&target.id).await;
+        let _ws = self.locks.lock(&target.id).await;
         let outcome = match self.still_running(target) {
             Ok(()) => relay_export(io, target, q).await,
             Err(e) => Err(e),
@@ -298,105 +315,6 @@ fn export_failure(vm: &str, code: i32, stderr: &str) -> String {
         _ if said.is_empty() => format!("git in vm '{vm}' failed (exit {code})"),
         _ => format!("git in vm '{vm}' failed (exit {code}): {said}"),
     }
-}
-
-/// `Connection: upgrade` + `Upgrade: banger-workspace`, or the refusal.
-fn check_upgrade(req: &Request) -> Result<(), ApiFailure> {
-    let wants = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case(WORKSPACE_PROTOCOL));
-    if wants {
-        Ok(())
-    } else {
-        Err(ApiFailure::invalid(format!(
-            "workspace streams need `Connection: upgrade` and `Upgrade: {WORKSPACE_PROTOCOL}`"
-        )))
-    }
-}
-
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
-    q.map(|Query(q)| q).map_err(|r| ApiFailure::invalid(format!("invalid query: {}", r.body_text())))
-}
-
-fn check_dir(dir: &str) -> Result<(), ApiFailure> {
-    if valid_guest_dir(dir) {
-        Ok(())
-    } else {
-        Err(ApiFailure::invalid(format!(
-            "guest directory '{dir}' must be an absolute path without '.' or '..' components (e.g. /root/myrepo)"
-        )))
-    }
-}
-
-fn switching_protocols() -> Response {
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, WORKSPACE_PROTOCOL)
-        .body(Body::empty())
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// `POST /v1/vms/{vm}/workspace/import` (see `banger_proto::workspace`; not in the OpenAPI
-/// document, since it leaves HTTP after the upgrade).
-pub async fn import(
-    State(d): State<Arc<Daemon>>,
-    Path(vm): Path<String>,
-    q: Result<Query<WorkspaceImportQuery>, QueryRejection>,
-    mut req: Request,
-) -> Response {
-    let upgrade = check_upgrade(&req);
-    let checked = async {
-        upgrade?;
-        let q = query(q)?;
-        check_dir(&q.dir)?;
-        Ok::<_, ApiFailure>((q, d.workspace_target(&vm).await?))
-    };
-    let (q, target) = match checked.await {
-        Ok(ok) => ok,
-        Err(e) => return e.into_response(),
-    };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => d.import_into(&mut TokioIo::new(upgraded), &target, &q.dir).await,
-            Err(e) => tracing::warn!(error = %e, "workspace import upgrade failed"),
-        }
-    });
-    switching_protocols()
-}
-
-/// `POST /v1/vms/{vm}/workspace/export` (see `banger_proto::workspace`).
-pub async fn export(
-    State(d): State<Arc<Daemon>>,
-    Path(vm): Path<String>,
-    q: Result<Query<WorkspaceExportQuery>, QueryRejection>,
-    mut req: Request,
-) -> Response {
-    let upgrade = check_upgrade(&req);
-    let checked = async {
-        upgrade?;
-        let q = query(q)?;
-        check_dir(&q.dir)?;
-        if let Some(basis) = q.basis.as_deref().filter(|b| !valid_commit_id(b)) {
-            return Err(ApiFailure::invalid(format!("basis '{basis}' is not a full commit id")));
-        }
-        Ok((q, d.workspace_target(&vm).await?))
-    };
-    let (q, target) = match checked.await {
-        Ok(ok) => ok,
-        Err(e) => return e.into_response(),
-    };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => d.export_from(&mut TokioIo::new(upgraded), &target, &q).await,
-            Err(e) => tracing::warn!(error = %e, "workspace export upgrade failed"),
-        }
-    });
-    switching_protocols()
 }
 
 #[cfg(test)]

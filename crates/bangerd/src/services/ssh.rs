@@ -22,8 +22,13 @@ use banger_proto::{GitIdentity, SshConfig, SshHost, SshInfo};
 use nix::unistd::Gid;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
-use crate::daemon::Daemon;
-use crate::error::{chain, ApiFailure};
+use std::sync::Arc;
+
+use banger_core::error_chain as chain;
+use banger_store::StoreError;
+
+use crate::locks::NamedLocks;
+use crate::services::{Fleet, FleetError};
 
 /// Comment of the installation key; `authorized_keys` lines with it are banger's to replace.
 pub const INSTALLATION_KEY_COMMENT: &str = "banger-installation-key";
@@ -72,6 +77,81 @@ pub enum SshKeyError {
         #[source]
         source: nix::errno::Errno,
     },
+}
+
+/// A git identity `.gitconfig` cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitIdentityError {
+    /// A control character.
+    #[error("invalid git identity: {what} holds a control character")]
+    Control {
+        /// `user.name` or `user.email`.
+        what: String,
+    },
+    /// Too long.
+    #[error("invalid git identity: {what} is longer than {MAX_GIT_FIELD} bytes")]
+    TooLong {
+        /// `user.name` or `user.email`.
+        what: String,
+    },
+}
+
+/// Why an ssh key, `known_hosts`, the guest files or ssh access failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// The store failed, or has no such VM.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM is not running.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// `socket_group` could not be looked up.
+    #[error("cannot look up socket_group '{group}'")]
+    GroupLookup {
+        /// The group.
+        group: String,
+        /// Why.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// `socket_group` does not exist.
+    #[error("socket_group '{group}' does not exist; create it or clear socket_group in config.toml")]
+    NoGroup {
+        /// The group.
+        group: String,
+    },
+    /// The installation key could not be made or read.
+    #[error("cannot prepare the installation ssh key")]
+    InstallationKey(#[source] SshKeyError),
+    /// A VM's host key could not be made or read.
+    #[error("cannot prepare the ssh host key of vm '{vm}'")]
+    HostKey {
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: SshKeyError,
+    },
+    /// `known_hosts` could not be rewritten.
+    #[error("cannot rewrite known_hosts")]
+    KnownHosts(#[source] SshKeyError),
+    /// The keys and files could not be written into the work disk.
+    #[error("cannot write ssh keys into vm '{vm}': {message}")]
+    GuestFiles {
+        /// The VM.
+        vm: String,
+        /// What failed.
+        message: String,
+    },
+    /// The VM has no address to ssh to.
+    #[error("vm '{vm}' has no network address; use `banger vm exec {vm}`")]
+    NoAddress {
+        /// The VM.
+        vm: String,
+    },
+    /// A blocking task died.
+    #[error("a background task failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SshKeyError {
@@ -273,17 +353,15 @@ pub fn merge_gitconfig(existing: &str, git: &GitIdentity) -> String {
 }
 
 /// Trims a git identity, drops empty fields and refuses what `.gitconfig` cannot hold.
-pub fn check_git_identity(git: Option<GitIdentity>) -> Result<Option<GitIdentity>, ApiFailure> {
+pub fn check_git_identity(git: Option<GitIdentity>) -> Result<Option<GitIdentity>, GitIdentityError> {
     let Some(git) = git else { return Ok(None) };
-    let field = |what: &str, value: Option<String>| -> Result<Option<String>, ApiFailure> {
+    let field = |what: &str, value: Option<String>| -> Result<Option<String>, GitIdentityError> {
         let Some(value) = value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) else { return Ok(None) };
         if value.chars().any(char::is_control) {
-            return Err(ApiFailure::invalid(format!("invalid git identity: {what} holds a control character")));
+            return Err(GitIdentityError::Control { what: what.to_owned() });
         }
         if value.len() > MAX_GIT_FIELD {
-            return Err(ApiFailure::invalid(format!(
-                "invalid git identity: {what} is longer than {MAX_GIT_FIELD} bytes"
-            )));
+            return Err(GitIdentityError::TooLong { what: what.to_owned() });
         }
         Ok(Some(value))
     };
@@ -437,10 +515,22 @@ pub fn write_guest_files(tools: &dyn SeedTools, work: &Path, plan: GuestFilesPla
     Ok(warnings)
 }
 
-impl Daemon {
+/// The ssh service: the installation key, VM host keys, `known_hosts` and the guest files.
+pub struct Ssh {
+    fleet: Arc<Fleet>,
+    /// One `known_hosts` rewrite at a time.
+    known_hosts: NamedLocks,
+}
+
+impl Ssh {
+    /// The service over `fleet`.
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        Self { fleet, known_hosts: NamedLocks::default() }
+    }
+
     /// `<state>/ssh`: the installation key and known_hosts.
     pub fn ssh_dir(&self) -> PathBuf {
-        self.layout.state_dir.join("ssh")
+        self.fleet.layout.state_dir.join("ssh")
     }
 
     /// `<state>/ssh/known_hosts`.
@@ -449,24 +539,19 @@ impl Daemon {
     }
 
     /// The group of `socket_group`, if set.
-    fn ssh_group(&self) -> Result<Option<Gid>, ApiFailure> {
-        let group = &self.config.socket_group;
+    fn ssh_group(&self) -> Result<Option<Gid>, SshError> {
+        let group = &self.fleet.config.socket_group;
         if group.is_empty() {
             return Ok(None);
         }
         let found = nix::unistd::Group::from_name(group)
-            .map_err(|e| ApiFailure::internal(format!("cannot look up socket_group '{group}': {e}")))?;
-        found.map(|g| Some(g.gid)).ok_or_else(|| {
-            ApiFailure::internal(format!(
-                "socket_group '{group}' does not exist; create it or clear socket_group in config.toml"
-            ))
-        })
+            .map_err(|source| SshError::GroupLookup { group: group.clone(), source })?;
+        found.map(|g| Some(g.gid)).ok_or_else(|| SshError::NoGroup { group: group.clone() })
     }
 
     /// The installation key pair, made on first need.
-    pub fn installation_key(&self) -> Result<KeyPair, ApiFailure> {
-        let key = ensure_installation_key(&self.ssh_dir(), self.ssh_group()?)
-            .map_err(|e| ApiFailure::internal(format!("cannot prepare the installation ssh key: {}", chain(&e))))?;
+    pub fn installation_key(&self) -> Result<KeyPair, SshError> {
+        let key = ensure_installation_key(&self.ssh_dir(), self.ssh_group()?).map_err(SshError::InstallationKey)?;
         if key.created {
             tracing::info!(key = %key.private.display(), "installation ssh key made");
         }
@@ -474,18 +559,17 @@ impl Daemon {
     }
 
     /// `vm`'s host key pair, made on first need.
-    pub fn vm_host_key(&self, vm: &VmRecord) -> Result<KeyPair, ApiFailure> {
-        ensure_host_key(Path::new(&vm.vm_dir), &vm.name).map_err(|e| {
-            ApiFailure::internal(format!("cannot prepare the ssh host key of vm '{}': {}", vm.name, chain(&e)))
-        })
+    pub fn vm_host_key(&self, vm: &VmRecord) -> Result<KeyPair, SshError> {
+        ensure_host_key(Path::new(&vm.vm_dir), &vm.name)
+            .map_err(|source| SshError::HostKey { vm: vm.name.clone(), source })
     }
 
     /// Rewrites `known_hosts` from every VM's host public key. One rewrite at a time (under the
     /// `ssh:known_hosts` artifact lock), each from the store as it is then, so the last one run
     /// lists every VM whose key exists.
-    pub async fn rewrite_known_hosts(&self) -> Result<(), ApiFailure> {
-        let _guard = self.artifact_locks.lock("ssh:known_hosts").await;
-        let vms = self.store.list_vms()?;
+    pub async fn rewrite_known_hosts(&self) -> Result<(), SshError> {
+        let _guard = self.known_hosts.lock("known_hosts").await;
+        let vms = self.fleet.store.list_vms()?;
         let (dir, file, group) = (self.ssh_dir(), self.known_hosts_file(), self.ssh_group()?);
         tokio::task::spawn_blocking(move || -> Result<(), SshKeyError> {
             let entries: Vec<(String, String)> = vms
@@ -499,9 +583,8 @@ impl Daemon {
             banger_host::paths::ensure_dir(&dir, dir_mode).map_err(io_error(&dir))?;
             write_atomic(&file, render_known_hosts(&entries).as_bytes(), 0o644)
         })
-        .await
-        .map_err(|e| ApiFailure::internal(e.to_string()))?
-        .map_err(|e| ApiFailure::internal(format!("cannot rewrite known_hosts: {}", chain(&e))))
+        .await?
+        .map_err(SshError::KnownHosts)
     }
 
     /// Writes the installation key, the VM's host key, the git identity and `sync_files` into
@@ -512,11 +595,11 @@ impl Daemon {
         vm: &VmRecord,
         work_disk: &Path,
         git: Option<&GitIdentity>,
-    ) -> Result<Vec<String>, ApiFailure> {
+    ) -> Result<Vec<String>, SshError> {
         let started = std::time::Instant::now();
         let group = self.ssh_group()?;
         let (ssh_dir, vm_dir, name) = (self.ssh_dir(), PathBuf::from(&vm.vm_dir), vm.name.clone());
-        let (work, git, sync) = (work_disk.to_owned(), git.cloned(), self.config.sync_files.clone());
+        let (work, git, sync) = (work_disk.to_owned(), git.cloned(), self.fleet.config.sync_files.clone());
         let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
         let (warnings, host_key_made) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let installation = ensure_installation_key(&ssh_dir, group).map_err(|e| chain(&e))?;
@@ -529,9 +612,8 @@ impl Daemon {
             warnings.extend(write_guest_files(&SystemSeedTools, &work, plan)?);
             Ok((warnings, host.created))
         })
-        .await
-        .map_err(|e| ApiFailure::internal(e.to_string()))?
-        .map_err(|e| ApiFailure::internal(format!("cannot write ssh keys into vm '{}': {e}", vm.name)))?;
+        .await?
+        .map_err(|message| SshError::GuestFiles { vm: vm.name.clone(), message })?;
         if host_key_made {
             self.rewrite_known_hosts().await?;
         }
@@ -543,19 +625,13 @@ impl Daemon {
     }
 
     /// How to reach VM `reference` with `ssh`: it must have an address and be running.
-    pub fn ssh_info(&self, reference: &str) -> Result<SshInfo, ApiFailure> {
-        let vm = self.store.find_vm(reference)?;
+    pub fn ssh_info(&self, reference: &str) -> Result<SshInfo, SshError> {
+        let vm = self.fleet.store.find_vm(reference)?;
         let Some(host) = vm.guest_ip.clone() else {
-            return Err(ApiFailure::conflict(format!(
-                "vm '{}' has no network address; use `banger vm exec {}`",
-                vm.name, vm.name
-            )));
+            return Err(SshError::NoAddress { vm: vm.name });
         };
-        if !self.handles.alive(&vm) {
-            return Err(ApiFailure::conflict(format!(
-                "vm '{}' is not running; start it with `banger vm start {}`",
-                vm.name, vm.name
-            )));
+        if !self.fleet.alive(&vm) {
+            return Err(FleetError::NotRunning { vm: vm.name }.into());
         }
         let key = self.installation_key()?;
         Ok(SshInfo {
@@ -569,9 +645,10 @@ impl Daemon {
     }
 
     /// Every VM as an ssh_config host.
-    pub fn ssh_config(&self) -> Result<SshConfig, ApiFailure> {
+    pub fn ssh_config(&self) -> Result<SshConfig, SshError> {
         let key = self.installation_key()?;
         let hosts = self
+            .fleet
             .store
             .list_vms()?
             .into_iter()
@@ -580,7 +657,7 @@ impl Daemon {
                 hostname: vm.guest_ip.clone(),
                 user: SSH_USER.into(),
                 port: SSH_PORT,
-                running: self.handles.alive(&vm),
+                running: self.fleet.alive(&vm),
                 name: vm.name,
             })
             .collect();

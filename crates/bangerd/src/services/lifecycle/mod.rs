@@ -12,6 +12,8 @@
 //! A monitor task per running VM notices a VMM that exits on its own (guest poweroff, crash,
 //! kill) and cleans up after it.
 
+mod provision;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +25,96 @@ use banger_proto::agent::AgentRequest;
 use banger_proto::GitIdentity;
 use banger_vmm::{DiskSpec, LaunchSpec, NetSpec};
 
-use crate::daemon::Daemon;
-use crate::error::{chain, ApiFailure};
+use banger_core::error_chain as chain;
+use banger_store::StoreError;
+
+pub use self::provision::{ArtifactProvision, Prepared, Provision, ProvisionFuture};
+use crate::handles::ReconcileReport;
 use crate::ops::{Cancelled, OpHandle};
+use crate::services::artifacts::ArtifactsError;
+use crate::services::forwards::Forwards;
+use crate::services::net::{Net, NetError};
+use crate::services::sessions::Sessions;
+use crate::services::snapshots::{ForkNic, Snapshots, SnapshotsError};
+use crate::services::ssh::SshError;
+use crate::services::{Fleet, FleetError};
+
+/// Why a start or stop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The operation registry.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    /// The store failed, or has no such VM.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM could not be reached or published.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The VM's state does not allow it.
+    #[error(transparent)]
+    Transition(#[from] banger_core::TransitionError),
+    /// It runs already.
+    #[error("vm '{0}' is already running")]
+    AlreadyRunning(String),
+    /// A stop overtook the start.
+    #[error("vm '{0}' was stopped while it booted")]
+    StoppedWhileBooting(String),
+    /// The start was cancelled.
+    #[error("start cancelled")]
+    Cancelled,
+    /// Its kernel, image, disks or initramfs.
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactsError),
+    /// Its keys or guest files.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// Its snapshot (a fork's first start).
+    #[error(transparent)]
+    Snapshots(#[from] SnapshotsError),
+    /// Its guest address.
+    #[error(transparent)]
+    Address(NetError),
+    /// Its NIC.
+    #[error("cannot set up the guest network; check `banger doctor`, or create the vm with --no-network")]
+    Network(#[source] NetError),
+    /// The VMM did not start.
+    #[error(transparent)]
+    Launch(#[from] banger_vmm::LaunchError),
+    /// Its handles could not be written.
+    #[error(transparent)]
+    Handles(#[from] banger_host::handles::HandlesError),
+    /// A restored fork could not be resumed.
+    #[error("cannot resume restored vm '{vm}'")]
+    Resume {
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: banger_vmm::ControlError,
+    },
+    /// The guest did not come up.
+    #[error("vm '{vm}' {what}: {why}; last console lines:\n{console}")]
+    NotReady {
+        /// The VM.
+        vm: String,
+        /// "did not become ready" or "did not take its own identity".
+        what: &'static str,
+        /// Why the wait ended.
+        why: String,
+        /// The end of its console log.
+        console: String,
+    },
+    /// Its VMM outlived the stop.
+    #[error("vm '{0}' is still running after stop")]
+    StillRunning(String),
+}
+
+impl From<Cancelled> for LifecycleError {
+    fn from(_: Cancelled) -> Self {
+        Self::Cancelled
+    }
+}
 
 /// How long a guest may take to power off when asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,25 +129,49 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
     lines[start..].join("\n")
 }
 
-impl Daemon {
+/// The lifecycle service: start, stop, boot, and the monitors of running VMs.
+pub struct Lifecycle {
+    fleet: Arc<Fleet>,
+    net: Arc<Net>,
+    forwards: Arc<Forwards>,
+    provision: Arc<dyn Provision>,
+    sessions: Arc<Sessions>,
+    snapshots: Arc<Snapshots>,
+}
+
+impl Lifecycle {
+    /// The service, wired to its collaborators: the guest network, the forwards it activates
+    /// when a VM runs, what a boot needs, the sessions it fails when a VM stops, and the
+    /// snapshots a fork's first start restores.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        net: Arc<Net>,
+        forwards: Arc<Forwards>,
+        provision: Arc<dyn Provision>,
+        sessions: Arc<Sessions>,
+        snapshots: Arc<Snapshots>,
+    ) -> Arc<Self> {
+        Arc::new(Self { fleet, net, forwards, provision, sessions, snapshots })
+    }
+
     /// Starts a VM as an operation; `git` is written to the guest's `~/.gitconfig`.
     pub fn begin_start_vm(
         self: &Arc<Self>,
         reference: &str,
         git: Option<GitIdentity>,
-    ) -> Result<OperationRecord, ApiFailure> {
-        let vm = self.store.find_vm(reference)?;
-        if self.handles.alive(&vm) {
-            return Err(ApiFailure::conflict(format!("vm '{}' is already running", vm.name)));
+    ) -> Result<OperationRecord, LifecycleError> {
+        let vm = self.fleet.store.find_vm(reference)?;
+        if self.fleet.alive(&vm) {
+            return Err(LifecycleError::AlreadyRunning(vm.name));
         }
-        let op = self.ops.begin("vm.start", &vm.name);
+        let op = self.fleet.ops.begin("vm.start", &vm.name);
         let snapshot = op.snapshot()?;
-        let daemon = self.clone();
+        let this = self.clone();
         tokio::spawn(async move {
-            match daemon.start_vm(&op, &vm.id, git.as_ref()).await {
+            match this.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => op.succeed(Some(vm.id)),
-                Err(StartFailure::Cancelled) => op.cancelled(),
-                Err(StartFailure::Api(e)) => op.fail(e.message),
+                Err(LifecycleError::Cancelled) => op.cancelled(),
+                Err(e) => op.fail(chain(&e)),
             }
         });
         Ok(snapshot)
@@ -70,42 +183,35 @@ impl Daemon {
         op: &OpHandle,
         id: &str,
         git: Option<&GitIdentity>,
-    ) -> Result<VmRecord, StartFailure> {
+    ) -> Result<VmRecord, LifecycleError> {
         // Publish Starting.
         let vm = {
-            let _guard = self.vm_locks.lock(id).await;
-            let mut vm = self.store.find_vm(id)?;
-            if self.handles.alive(&vm) {
-                return Err(ApiFailure::conflict(format!("vm '{}' is already running", vm.name)).into());
+            let guard = self.fleet.locks.lock(id).await;
+            let mut vm = self.fleet.store.find_vm(id)?;
+            if self.fleet.alive(&vm) {
+                return Err(LifecycleError::AlreadyRunning(vm.name));
             }
-            vm.state = transition(vm.state, &VmEvent::Start).map_err(ApiFailure::from)?;
+            vm.state = transition(vm.state, &VmEvent::Start)?;
             vm.desired_state = DesiredState::Running;
             vm.last_error = None;
             vm.updated_at = banger_core::time::now_rfc3339();
-            self.store.update_vm(&vm)?;
+            self.fleet.publish(&guard, &vm)?;
             vm
         };
-        match self.boot(op, &vm, git).await {
-            Ok(()) => {}
-            Err(e) => {
-                let message = match &e {
-                    StartFailure::Cancelled => "start cancelled".to_owned(),
-                    StartFailure::Api(a) => a.message.clone(),
-                };
-                self.abort_start(&vm, &message).await;
-                return Err(e);
-            }
+        if let Err(e) = self.boot(op, &vm, git).await {
+            self.abort_start(&vm, &chain(&e)).await;
+            return Err(e);
         }
         // Publish Running, unless a stop overtook us.
-        let _guard = self.vm_locks.lock(id).await;
-        let mut vm = self.store.find_vm(id)?;
+        let guard = self.fleet.locks.lock(id).await;
+        let mut vm = self.fleet.store.find_vm(id)?;
         if vm.state != ObservedState::Starting {
-            return Err(ApiFailure::conflict(format!("vm '{}' was stopped while it booted", vm.name)).into());
+            return Err(LifecycleError::StoppedWhileBooting(vm.name));
         }
-        vm.state = transition(vm.state, &VmEvent::Booted).map_err(ApiFailure::from)?;
+        vm.state = transition(vm.state, &VmEvent::Booted)?;
         vm.updated_at = banger_core::time::now_rfc3339();
-        self.store.update_vm(&vm)?;
-        self.activate_forwards(&vm).await;
+        self.fleet.publish(&guard, &vm)?;
+        self.forwards.activate(&vm).await;
         tracing::info!(vm = %vm.name, "vm running");
         Ok(vm)
     }
@@ -115,66 +221,46 @@ impl Daemon {
         op: &OpHandle,
         vm: &VmRecord,
         git: Option<&GitIdentity>,
-    ) -> Result<(), StartFailure> {
-        op.stage("kernel")?;
-        let kernel = self.ensure_kernel(op, &vm.spec.kernel).await?;
-        op.stage("image")?;
-        let (image, built) = self.ensure_image(op, &vm.spec.image).await?;
+    ) -> Result<(), LifecycleError> {
         let vm_dir = PathBuf::from(&vm.vm_dir);
         // A fork's first start restores its snapshot: its disks belong to that state as they are.
-        let restore = crate::snapshots::restore_state(vm);
-        let disks = if restore.is_some() {
-            let paths = vm.paths();
-            crate::disks::VmDisks { overlay: paths.overlay_disk.into(), work: paths.work_disk.into() }
-        } else {
-            op.stage("disks")?;
-            let disks = self.provision_disks(vm, &image, &built).await?;
-            op.stage("guest-files")?;
-            self.prepare_guest_files(vm, &disks.work, git).await?.iter().for_each(|w| op.warn(w));
-            disks
-        };
-        op.stage("initramfs")?;
-        let initramfs = self.initramfs_for(&kernel).await?;
+        let restore = crate::services::snapshots::restore_state(vm);
+        let boot = self.provision.prepare(op, vm, git, restore.is_some()).await?;
         let nic = if vm.spec.network {
             op.stage("network")?;
-            let ip = self.ensure_guest_ip(vm)?;
-            let nic = self.net.nic_for(vm, ip).await.map_err(|e| {
-                ApiFailure::internal(format!(
-                    "cannot set up the guest network: {}; check `banger doctor`, or create the vm with --no-network",
-                    chain(&e)
-                ))
-            })?;
+            let ip = self.net.ensure_guest_ip(vm).map_err(LifecycleError::Address)?;
+            let nic = self.net.nic_for(vm, ip).await.map_err(LifecycleError::Network)?;
             Some((nic, ip))
         } else {
             None
         };
-        let fork_nic = nic.as_ref().map(|(n, ip)| crate::snapshots::ForkNic {
+        let fork_nic = nic.as_ref().map(|(n, ip)| ForkNic {
             mac: n.mac.clone(),
             cidr: format!("{ip}/{}", self.net.subnet().prefix_len()),
             gateway: self.net.subnet().gateway().to_string(),
         });
         let nic = nic.map(|(n, _)| n);
         op.stage(if restore.is_some() { "restore" } else { "boot" })?;
-        let mut spec = LaunchSpec::new(&vm.id, &vm.name, &vm_dir, &kernel.vmlinuz, initramfs);
+        let mut spec = LaunchSpec::new(&vm.id, &vm.name, &vm_dir, &boot.kernel, boot.initramfs);
         spec.vcpus = vm.spec.vcpus;
         spec.memory_mib = u32::try_from(vm.spec.memory_mib).unwrap_or(u32::MAX);
-        spec.kernel_elf = Some(kernel.vmlinux.clone());
+        spec.kernel_elf = boot.kernel_elf;
         spec.disks =
-            vec![DiskSpec::read_only(&built.path), DiskSpec::writable(&disks.overlay), DiskSpec::writable(&disks.work)];
+            vec![DiskSpec::read_only(&boot.base), DiskSpec::writable(&boot.overlay), DiskSpec::writable(&boot.work)];
         spec.kernel_args = vec![
             "banger.root=/dev/vda".into(),
             "banger.overlay=/dev/vdb".into(),
             "banger.work=/dev/vdc".into(),
             format!("banger.hostname={}", vm.name),
-            format!("banger.init={}", image.init_mode.as_str()),
+            format!("banger.init={}", boot.init_mode.as_str()),
         ];
         if let Some(nic) = &nic {
             spec.kernel_args.extend(nic.kernel_args.iter().cloned());
             spec.net = Some(NetSpec { tap: nic.tap.clone(), mac: nic.mac.clone() });
         }
         let launching = match &restore {
-            Some(state) => self.driver(vm.spec.vmm).restore(&spec, state).await,
-            None => self.driver(vm.spec.vmm).launch(&spec).await,
+            Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
+            None => self.fleet.driver(vm.spec.vmm).launch(&spec).await,
         };
         let launched = match launching {
             Ok(launched) => launched,
@@ -182,7 +268,7 @@ impl Daemon {
                 if let Some(nic) = &nic {
                     self.net.release_tap(&nic.tap).await;
                 }
-                return Err(ApiFailure::internal(chain(&e)).into());
+                return Err(e.into());
             }
         };
         let handles = VmHandles {
@@ -197,13 +283,13 @@ impl Daemon {
                 spec.pidfile.display().to_string(),
             ],
         };
-        self.handles.publish(vm, handles).map_err(|e| ApiFailure::internal(chain(&e)))?;
+        self.fleet.handles.publish(vm, handles)?;
         self.spawn_monitor(vm.clone(), launched.pid);
         // Rules and names are republished (an `nft` run) while the guest comes up; both are
         // done before the VM is reported running.
         let publish = async {
             if nic.is_some() {
-                self.sync_net().await;
+                self.net.publish().await;
             }
         };
         let ((), ready) =
@@ -233,17 +319,18 @@ impl Daemon {
         vm: &VmRecord,
         launched: &banger_vmm::Launched,
         restored: bool,
-        fork_nic: Option<&crate::snapshots::ForkNic>,
-    ) -> Result<(), StartFailure> {
+        fork_nic: Option<&ForkNic>,
+    ) -> Result<(), LifecycleError> {
         if restored {
-            self.driver(vm.spec.vmm)
+            self.fleet
+                .driver(vm.spec.vmm)
                 .resume(&launched.control_socket)
                 .await
-                .map_err(|e| ApiFailure::internal(format!("cannot resume restored vm '{}': {}", vm.name, chain(&e))))?;
+                .map_err(|source| LifecycleError::Resume { vm: vm.name.clone(), source })?;
         }
         let probe = if restored {
             op.stage("identity")?;
-            self.fork_identity_request(vm, fork_nic)?
+            self.snapshots.fork_identity_request(vm, fork_nic)?
         } else {
             op.stage("agent")?;
             AgentRequest::Ping
@@ -252,25 +339,24 @@ impl Daemon {
         let watched = vm.clone();
         let this = self.clone();
         let cancel = op.sink();
-        let driver = self.driver(vm.spec.vmm);
-        self.agent_for(vm)
-            .wait_answer(&probe, Duration::from_secs(self.config.boot_timeout_secs), move || {
+        let driver = self.fleet.driver(vm.spec.vmm);
+        self.fleet
+            .agent_for(vm)
+            .wait_answer(&probe, Duration::from_secs(self.fleet.config.boot_timeout_secs), move || {
                 if cancel.cancelled() {
                     return Some("cancelled".into());
                 }
-                (!this.handles.alive(&watched)).then(|| match driver.exit_reason(Path::new(&watched.vm_dir)) {
+                (!this.fleet.alive(&watched)).then(|| match driver.exit_reason(Path::new(&watched.vm_dir)) {
                     Some(reason) => format!("the vmm exited during boot: {reason}"),
                     None => "the vmm exited during boot".to_owned(),
                 })
             })
             .await
-            .map_err(|why| {
-                let what = if restored { "did not take its own identity" } else { "did not become ready" };
-                ApiFailure::internal(format!(
-                    "vm '{}' {what}: {why}; last console lines:\n{}",
-                    vm.name,
-                    tail_lines(&console, CONSOLE_TAIL)
-                ))
+            .map_err(|why| LifecycleError::NotReady {
+                vm: vm.name.clone(),
+                what: if restored { "did not take its own identity" } else { "did not become ready" },
+                why,
+                console: tail_lines(&console, CONSOLE_TAIL),
             })?;
         Ok(())
     }
@@ -279,18 +365,18 @@ impl Daemon {
     async fn abort_start(&self, vm: &VmRecord, message: &str) {
         self.terminate_vmm(vm).await;
         let tap = {
-            let _guard = self.vm_locks.lock(&vm.id).await;
-            self.deactivate_forwards(vm).await;
-            let tap = self.handles.get(vm).and_then(|h| h.tap);
-            self.handles.release(vm);
-            self.drop_agent(vm);
-            self.fail_sessions(&vm.id);
-            if let Ok(mut now) = self.store.find_vm(&vm.id) {
+            let guard = self.fleet.locks.lock(&vm.id).await;
+            self.forwards.deactivate(vm).await;
+            let tap = self.fleet.handles.get(vm).and_then(|h| h.tap);
+            self.fleet.handles.release(vm);
+            self.fleet.drop_agent(vm);
+            self.sessions.fail_open(&vm.id);
+            if let Ok(mut now) = self.fleet.store.find_vm(&vm.id) {
                 now.state = ObservedState::Failed;
                 now.desired_state = DesiredState::Stopped;
                 now.last_error = Some(message.to_owned());
                 now.updated_at = banger_core::time::now_rfc3339();
-                let _ = self.store.update_vm(&now);
+                let _ = self.fleet.publish(&guard, &now);
             }
             tap
         };
@@ -303,17 +389,17 @@ impl Daemon {
     async fn after_vmm_gone(&self, tap: Option<String>) {
         if let Some(tap) = tap {
             self.net.release_tap(&tap).await;
-            self.sync_net().await;
+            self.net.publish().await;
         }
     }
 
     /// Quits, then kills, the VM's VMM if it is alive.
     async fn terminate_vmm(&self, vm: &VmRecord) {
-        let Some(h) = self.handles.get(vm) else { return };
+        let Some(h) = self.fleet.handles.get(vm) else { return };
         let Some(pid) = h.pid else { return };
         let control = PathBuf::from(h.control_socket.unwrap_or_default());
         if let Err(e) =
-            self.driver(vm.spec.vmm).stop(pid, Path::new(&vm.vm_dir), &control, Duration::from_secs(5)).await
+            self.fleet.driver(vm.spec.vmm).stop(pid, Path::new(&vm.vm_dir), &control, Duration::from_secs(5)).await
         {
             tracing::error!(vm = %vm.name, error = %chain(&e), "cannot end the vmm");
         }
@@ -321,25 +407,25 @@ impl Daemon {
 
     /// Stops a VM: agent power-off, then VMM quit, then kill. With `force`, the guest is not
     /// asked: the VMM quits at once (for VMs about to be deleted, whose disks do not matter).
-    pub async fn stop_vm(&self, reference: &str, force: bool) -> Result<VmRecord, ApiFailure> {
-        let id = self.store.find_vm(reference)?.id;
+    pub async fn stop_vm(&self, reference: &str, force: bool) -> Result<VmRecord, LifecycleError> {
+        let id = self.fleet.store.find_vm(reference)?.id;
         let (vm, was_paused) = {
-            let _guard = self.vm_locks.lock(&id).await;
-            let mut vm = self.store.find_vm(&id)?;
-            if !self.handles.alive(&vm) {
+            let guard = self.fleet.locks.lock(&id).await;
+            let mut vm = self.fleet.store.find_vm(&id)?;
+            if !self.fleet.alive(&vm) {
                 // Nothing runs: make the record say so.
-                if let Some(tap) = self.handles.get(&vm).and_then(|h| h.tap) {
+                if let Some(tap) = self.fleet.handles.get(&vm).and_then(|h| h.tap) {
                     self.net.release_tap(&tap).await;
                 }
-                self.deactivate_forwards(&vm).await;
-                self.handles.release(&vm);
-                self.drop_agent(&vm);
-                self.fail_sessions(&vm.id);
+                self.forwards.deactivate(&vm).await;
+                self.fleet.handles.release(&vm);
+                self.fleet.drop_agent(&vm);
+                self.sessions.fail_open(&vm.id);
                 if vm.state.is_active() || vm.desired_state == DesiredState::Running {
                     vm.state = if vm.state.is_active() { ObservedState::Stopped } else { vm.state };
                     vm.desired_state = DesiredState::Stopped;
                     vm.updated_at = banger_core::time::now_rfc3339();
-                    self.store.update_vm(&vm)?;
+                    self.fleet.publish(&guard, &vm)?;
                 }
                 return Ok(vm);
             }
@@ -347,24 +433,24 @@ impl Daemon {
             vm.state = transition(vm.state, &VmEvent::Stop)?;
             vm.desired_state = DesiredState::Stopped;
             vm.updated_at = banger_core::time::now_rfc3339();
-            self.store.update_vm(&vm)?;
+            self.fleet.publish(&guard, &vm)?;
             (vm, was_paused)
         };
-        let pid = self.handles.get(&vm).and_then(|h| h.pid);
+        let pid = self.fleet.handles.get(&vm).and_then(|h| h.pid);
         if was_paused && !force {
             // A paused guest cannot shut itself down: let it run for that.
-            let control = PathBuf::from(self.handles.get(&vm).and_then(|h| h.control_socket).unwrap_or_default());
-            if let Err(e) = self.driver(vm.spec.vmm).resume(&control).await {
+            let control = PathBuf::from(self.fleet.handles.get(&vm).and_then(|h| h.control_socket).unwrap_or_default());
+            if let Err(e) = self.fleet.driver(vm.spec.vmm).resume(&control).await {
                 tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot resume the paused vm to stop it");
             }
         }
         let gone = if force {
             false
         } else {
-            let asked = self.agent_for(&vm).call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
+            let asked = self.fleet.agent_for(&vm).call(&AgentRequest::Shutdown, Duration::from_secs(3)).await;
             match (asked, pid) {
                 (Ok(_), Some(pid)) => {
-                    self.driver(vm.spec.vmm).wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await
+                    self.fleet.driver(vm.spec.vmm).wait_exit(pid, Path::new(&vm.vm_dir), SHUTDOWN_TIMEOUT).await
                 }
                 (Err(e), _) => {
                     tracing::warn!(vm = %vm.name, error = %e, "graceful shutdown through the agent failed");
@@ -380,24 +466,24 @@ impl Daemon {
     }
 
     /// Releases a stopped VM's handles and publishes `Stopped` (or `Failed` with `error`).
-    async fn finish_stop(&self, id: &str, error: Option<String>) -> Result<VmRecord, ApiFailure> {
-        let guard = self.vm_locks.lock(id).await;
-        let mut vm = self.store.find_vm(id)?;
-        if self.handles.alive(&vm) {
-            return Err(ApiFailure::internal(format!("vm '{}' is still running after stop", vm.name)));
+    async fn finish_stop(&self, id: &str, error: Option<String>) -> Result<VmRecord, LifecycleError> {
+        let guard = self.fleet.locks.lock(id).await;
+        let mut vm = self.fleet.store.find_vm(id)?;
+        if self.fleet.alive(&vm) {
+            return Err(LifecycleError::StillRunning(vm.name));
         }
-        let tap = self.handles.get(&vm).and_then(|h| h.tap);
-        self.deactivate_forwards(&vm).await;
-        self.handles.release(&vm);
-        self.drop_agent(&vm);
-        self.fail_sessions(&vm.id);
+        let tap = self.fleet.handles.get(&vm).and_then(|h| h.tap);
+        self.forwards.deactivate(&vm).await;
+        self.fleet.handles.release(&vm);
+        self.fleet.drop_agent(&vm);
+        self.sessions.fail_open(&vm.id);
         if vm.state.is_active() {
             vm.state = transition(vm.state, &VmEvent::Exited).unwrap_or(ObservedState::Stopped);
             if error.is_some() {
                 vm.last_error = error;
             }
             vm.updated_at = banger_core::time::now_rfc3339();
-            self.store.update_vm(&vm)?;
+            self.fleet.publish(&guard, &vm)?;
         }
         drop(guard);
         self.after_vmm_gone(tap).await;
@@ -405,12 +491,40 @@ impl Daemon {
         Ok(vm)
     }
 
+    /// Start-up: rebuilds the handle cache from each VM's scratch file and the OS, marking VMs
+    /// whose VMM is gone stopped (see `HandleCache::reconcile`).
+    pub fn reconcile(&self) -> Result<ReconcileReport, StoreError> {
+        self.fleet.handles.reconcile(&self.fleet.store)
+    }
+
+    /// Takes over VMs whose VMM outlived the previous daemon: their forwards listen again, a
+    /// monitor watches each, and their rules and names are published again.
+    pub async fn adopt(self: &Arc<Self>, adopted: Vec<(VmRecord, u32)>) {
+        let in_use: std::collections::BTreeSet<String> = adopted
+            .iter()
+            .filter(|(vm, _)| vm.spec.network)
+            .filter_map(|(vm, _)| self.fleet.handles.get(vm).and_then(|h| h.tap))
+            .collect();
+        let networked = adopted.iter().any(|(vm, _)| vm.spec.network);
+        for (vm, pid) in adopted {
+            self.forwards.activate(&vm).await;
+            self.spawn_monitor(vm, pid);
+        }
+        if networked {
+            // Running guests need their rules and names back before anything else happens.
+            match self.net.ensure_up(&in_use).await {
+                Ok(()) => self.net.publish().await,
+                Err(e) => tracing::error!(error = %chain(&e), "cannot restore the guest network"),
+            }
+        }
+    }
+
     /// Watches VM `vm`'s VMM and cleans up when it exits on its own.
     pub fn spawn_monitor(self: &Arc<Self>, vm: VmRecord, pid: u32) {
         let daemon = Arc::downgrade(self);
         tokio::spawn(async move {
             let dir = PathBuf::from(&vm.vm_dir);
-            let Some(driver) = daemon.upgrade().map(|d| d.driver(vm.spec.vmm)) else { return };
+            let Some(driver) = daemon.upgrade().map(|d| d.fleet.driver(vm.spec.vmm)) else { return };
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(d) = daemon.upgrade() else { return };
@@ -419,116 +533,19 @@ impl Daemon {
                     continue;
                 }
                 // Only act if these handles are still the VM's (a restart publishes new ones).
-                if d.handles.get(&vm).and_then(|h| h.pid) != Some(pid) {
+                if d.fleet.handles.get(&vm).and_then(|h| h.pid) != Some(pid) {
                     return;
                 }
-                let state = d.store.find_vm(&vm.id).map(|v| v.state).unwrap_or(ObservedState::Stopped);
+                let state = d.fleet.store.find_vm(&vm.id).map(|v| v.state).unwrap_or(ObservedState::Stopped);
                 let error = (state != ObservedState::Stopping).then(|| match driver.exit_reason(&dir) {
                     Some(reason) => format!("the vmm exited unexpectedly: {reason}"),
                     None => "the vmm exited unexpectedly".to_owned(),
                 });
                 if let Err(e) = d.finish_stop(&vm.id, error).await {
-                    tracing::warn!(vm = %vm.name, error = %e, "cleanup after the vmm exited failed");
+                    tracing::warn!(vm = %vm.name, error = %chain(&e), "cleanup after the vmm exited failed");
                 }
                 return;
             }
         });
-    }
-
-    /// The initramfs for `kernel` with this daemon's agent as `/init`, built once per agent
-    /// binary and cached beside the kernel.
-    async fn initramfs_for(&self, kernel: &banger_image::kernel::pull::PulledKernel) -> Result<PathBuf, ApiFailure> {
-        let agent = agent_binary()?;
-        let digest =
-            file_digest(&agent).map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", agent.display())))?;
-        let out = kernel.dir.join(format!("initramfs-{digest}.cpio.gz"));
-        if out.exists() {
-            return Ok(out);
-        }
-        let _guard = self.artifact_locks.lock(&format!("initramfs:{}", out.display())).await;
-        if out.exists() {
-            return Ok(out);
-        }
-        let (release, modules, target) = (kernel.release.clone(), kernel.modules.clone(), out.clone());
-        tokio::task::spawn_blocking(move || {
-            banger_image::initramfs::build_guest_initramfs(&agent, &release, &modules, &target)
-        })
-        .await
-        .map_err(|e| ApiFailure::internal(e.to_string()))?
-        .map_err(|e| ApiFailure::internal(format!("cannot build the initramfs: {}", chain(&e))))?;
-        Ok(out)
-    }
-}
-
-/// Where the static guest agent is: `$BANGER_AGENT`, beside this executable, in `../lib/banger/`
-/// next to it (as `scripts/install` lays it out), or the usual install locations.
-pub fn agent_binary() -> Result<PathBuf, ApiFailure> {
-    if let Some(p) = std::env::var_os("BANGER_AGENT").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
-    let near_exe = exe_dir.map(|d| [d.join("banger-agent"), d.join("../lib/banger/banger-agent")]);
-    near_exe
-        .into_iter()
-        .flatten()
-        .chain(["/usr/local/lib/banger/banger-agent", "/usr/lib/banger/banger-agent"].map(PathBuf::from))
-        // A dynamically linked agent (a plain `cargo build` beside a debug bangerd) cannot be
-        // the guest's /init: look on.
-        .find(|p| p.is_file() && matches!(banger_image::initramfs::elf_interpreter_of(p), Ok(None)))
-        .ok_or_else(|| {
-            ApiFailure::internal(
-                "no static guest agent binary was found; install banger with scripts/install or set BANGER_AGENT to a static banger-agent",
-            )
-        })
-}
-
-/// A digest of the file at `path` (the agent binary, read on every start): remembered per path,
-/// size and modification time, so an unchanged file is hashed once per daemon.
-pub(crate) fn file_digest(path: &Path) -> std::io::Result<String> {
-    use std::hash::{Hash as _, Hasher as _};
-    type Seen = std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
-    static SEEN: std::sync::OnceLock<std::sync::Mutex<Seen>> = std::sync::OnceLock::new();
-    let meta = std::fs::metadata(path)?;
-    let (len, modified) = (meta.len(), meta.modified()?);
-    let seen = SEEN.get_or_init(Default::default);
-    // A leaf lock: held for one lookup or one insert, never across the read.
-    let known = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(path).cloned();
-    if let Some((_, _, digest)) = known.filter(|(l, m, _)| (*l, *m) == (len, modified)) {
-        return Ok(digest);
-    }
-    let bytes = std::fs::read(path)?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    let digest = format!("{:016x}", h.finish());
-    seen.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(path.to_owned(), (len, modified, digest.clone()));
-    Ok(digest)
-}
-
-/// Why a start failed.
-#[derive(Debug)]
-pub enum StartFailure {
-    /// Cancelled on request.
-    Cancelled,
-    /// Anything else.
-    Api(ApiFailure),
-}
-
-impl From<Cancelled> for StartFailure {
-    fn from(_: Cancelled) -> Self {
-        Self::Cancelled
-    }
-}
-
-impl From<ApiFailure> for StartFailure {
-    fn from(e: ApiFailure) -> Self {
-        Self::Api(e)
-    }
-}
-
-impl From<banger_store::StoreError> for StartFailure {
-    fn from(e: banger_store::StoreError) -> Self {
-        Self::Api(e.into())
     }
 }

@@ -20,9 +20,9 @@ use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind,
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::ApiFailure;
 use crate::agent_conn::AgentConn;
 use crate::daemon::Daemon;
-use crate::error::ApiFailure;
 
 /// The upgrade protocol name.
 pub const EXEC_PROTOCOL: &str = "banger-exec";
@@ -39,9 +39,9 @@ pub async fn exec(State(d): State<Arc<Daemon>>, Path(vm): Path<String>, mut req:
         return ApiFailure::invalid(format!("exec needs `Connection: upgrade` and `Upgrade: {EXEC_PROTOCOL}`"))
             .into_response();
     }
-    let conn = match d.running_agent(&vm) {
-        Ok(conn) => conn,
-        Err(e) => return e.into_response(),
+    let conn = match d.fleet.running_agent(&vm) {
+        Ok((_, conn)) => conn,
+        Err(e) => return ApiFailure::from(e).into_response(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {

@@ -3,7 +3,7 @@
 //!
 //! Nothing is touched on the host until a networked VM boots (or a running one is adopted), so
 //! a daemon that only manages records or images never creates a bridge. Bring-up is idempotent
-//! and serialised by `up`; [`NetService::sync`] republishes the ruleset and the DNS records from
+//! and serialised by `up`; [`Net::sync`] republishes the ruleset and the DNS records from
 //! the set of running VMs and is serialised by `sync_lock`. Both are leaf locks: no VM lock is
 //! held while they are taken.
 
@@ -12,13 +12,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use banger_core::net::{format_mac, mac_for, IfName, Subnet};
-use banger_core::{Config, VmRecord};
+use banger_core::VmRecord;
 use banger_host::net::{
     ensure_bridge, ruleset, teardown, uplink_forwarding_key, HostNet, HostNetError, NetlinkNet, NftConfig, TapPool,
 };
 use tokio::task::JoinHandle;
 
 use crate::dns::{DnsConfig, DnsServer};
+use crate::locks::Claim;
+use crate::services::Fleet;
 
 /// Why the guest network could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,12 @@ pub enum NetError {
     /// The DNS server could not start.
     #[error("guest dns server")]
     Dns(#[from] crate::dns::DnsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    /// Every guest address of the subnet is taken.
+    #[error(transparent)]
+    Exhausted(banger_core::net::NetError),
 }
 
 /// A running VM as the network sees it.
@@ -63,7 +71,8 @@ struct Up {
 }
 
 /// The guest network service. See the module doc.
-pub struct NetService {
+pub struct Net {
+    fleet: Arc<Fleet>,
     bridge: IfName,
     subnet: Subnet,
     nat: bool,
@@ -76,9 +85,10 @@ pub struct NetService {
     sync_lock: tokio::sync::Mutex<()>,
 }
 
-impl NetService {
-    /// The service for `config`; touches nothing yet.
-    pub fn new(config: &Config) -> Self {
+impl Net {
+    /// The service for the fleet's config; touches nothing yet.
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        let config = &fleet.config;
         Self {
             bridge: config.bridge.clone(),
             subnet: config.bridge_subnet,
@@ -89,6 +99,7 @@ impl NetService {
             up: tokio::sync::Mutex::new(None),
             guard_uplink: std::sync::atomic::AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(()),
+            fleet,
         }
     }
 
@@ -232,12 +243,10 @@ impl NetService {
         config.guard_uplink = self.guard_uplink.load(std::sync::atomic::Ordering::SeqCst);
         config
     }
-}
 
-impl crate::daemon::Daemon {
     /// Every running networked VM, as the network publishes it.
-    pub fn net_guests(&self) -> Vec<NetGuest> {
-        let vms = match self.store.list_vms() {
+    pub fn guests(&self) -> Vec<NetGuest> {
+        let vms = match self.fleet.store.list_vms() {
             Ok(vms) => vms,
             Err(e) => {
                 tracing::warn!(error = %banger_core::error_chain(&e), "cannot list vms for the network");
@@ -245,7 +254,7 @@ impl crate::daemon::Daemon {
             }
         };
         vms.into_iter()
-            .filter(|vm| vm.spec.network && self.handles.alive(vm))
+            .filter(|vm| vm.spec.network && self.fleet.alive(vm))
             .filter_map(|vm| {
                 let ip = vm.guest_ip.as_deref()?.parse().ok()?;
                 Some(NetGuest { name: vm.name, ip, open: vm.spec.allow_vm_traffic })
@@ -255,23 +264,30 @@ impl crate::daemon::Daemon {
 
     /// Republishes rules and DNS names after a VM started or stopped; failures are logged (the
     /// previous rules stay in force, and they are closed by default).
-    pub async fn sync_net(&self) {
-        if let Err(e) = self.net.sync(&self.net_guests()).await {
+    pub async fn publish(&self) {
+        if let Err(e) = self.sync(&self.guests()).await {
             tracing::error!(error = %banger_core::error_chain(&e), "cannot publish guest network rules");
         }
     }
 
+    /// The lowest free guest address of the bridge subnet, under the reservation lock.
+    pub fn allocate_guest_ip(&self, _claim: &Claim<'_>) -> Result<Ipv4Addr, NetError> {
+        let used: BTreeSet<Ipv4Addr> =
+            self.fleet.store.list_vms()?.iter().filter_map(|v| v.guest_ip.as_deref()?.parse().ok()).collect();
+        banger_core::net::allocate(&self.subnet, &used).map_err(NetError::Exhausted)
+    }
+
     /// The guest address of networked VM `vm`, allocated now if it has none or its address is
     /// outside the configured subnet (after a config change). Stored at once.
-    pub fn ensure_guest_ip(&self, vm: &VmRecord) -> Result<Ipv4Addr, crate::error::ApiFailure> {
+    pub fn ensure_guest_ip(&self, vm: &VmRecord) -> Result<Ipv4Addr, NetError> {
         let current = vm.guest_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-        if let Some(ip) = current.filter(|ip| self.net.subnet().is_guest_addr(*ip)) {
+        if let Some(ip) = current.filter(|ip| self.subnet.is_guest_addr(*ip)) {
             return Ok(ip);
         }
-        let _guard = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
-        self.store.set_guest_ip(&vm.id, None)?;
-        let ip = self.allocate_guest_ip()?;
-        self.store.set_guest_ip(&vm.id, Some(&ip.to_string()))?;
+        let claim = self.fleet.reservations.claim();
+        self.fleet.store.set_guest_ip(&vm.id, None)?;
+        let ip = self.allocate_guest_ip(&claim)?;
+        self.fleet.store.set_guest_ip(&vm.id, Some(&ip.to_string()))?;
         tracing::info!(vm = %vm.name, %ip, "guest address allocated");
         Ok(ip)
     }

@@ -22,6 +22,7 @@
 //! fork uses it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_core::vm::{transition, VmEvent};
@@ -29,8 +30,13 @@ use banger_core::{new_id, validate_name, ObservedState, SnapshotRecord, VmRecord
 use banger_proto::agent::{AgentRequest, HostKey, Identity, NetIdentity};
 use banger_proto::{CreateVmRequest, SnapshotView};
 
-use crate::daemon::Daemon;
-use crate::error::{chain, ApiFailure};
+use banger_core::error_chain as chain;
+use banger_store::StoreError;
+
+use crate::services::artifacts::agent::AgentBinaryError;
+use crate::services::artifacts::Artifacts;
+use crate::services::ssh::{Ssh, SshError};
+use crate::services::{Fleet, FleetError};
 
 /// A fork's copy of the state it starts from, in its VM dir, until its first start restores it.
 pub const RESTORE_STATE: &str = "restore-state.bin";
@@ -38,6 +44,130 @@ pub const RESTORE_STATE: &str = "restore-state.bin";
 const SCRUB_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take to set the clock after a resume.
 const CLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A file of a snapshot or fork could not be copied or linked.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A disk copy failed.
+    #[error("cannot copy {src}")]
+    Disk {
+        /// The source.
+        src: String,
+        /// Why.
+        #[source]
+        source: banger_image::seed::SeedError,
+    },
+    /// A state file could not be linked or copied.
+    #[error("cannot copy {}", src.display())]
+    State {
+        /// The source.
+        src: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a pause, resume, snapshot, fork or snapshot delete failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotsError {
+    /// The store failed, or has no such VM.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM is not running.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The VM's state does not allow it.
+    #[error(transparent)]
+    Transition(#[from] banger_core::TransitionError),
+    /// No such snapshot.
+    #[error("no snapshot '{0}'; see `banger snapshot list`")]
+    NotFound(String),
+    /// The VMM could not do it.
+    #[error("cannot {what} vm '{vm}'")]
+    Control {
+        /// What was asked.
+        what: &'static str,
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: banger_vmm::ControlError,
+    },
+    /// A bad snapshot name.
+    #[error("invalid snapshot name")]
+    InvalidName(#[source] banger_core::NameError),
+    /// The VM is neither running nor paused.
+    #[error("vm '{vm}' is {state}; snapshots are taken of running or paused vms")]
+    NotSnapshottable {
+        /// The VM.
+        vm: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The snapshot directory could not be made.
+    #[error("cannot create {}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disks could not be copied into the snapshot.
+    #[error(transparent)]
+    Copy(Box<CopyError>),
+    /// A fork's files could not be made.
+    #[error("cannot fork snapshot '{snapshot}'")]
+    Fork {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        #[source]
+        source: Box<CopyError>,
+    },
+    /// VMs were forked from it.
+    #[error("snapshot '{snapshot}' has forks ({}); delete them first with `banger vm delete {}`", forks.join(", "), forks.join(" "))]
+    HasForks {
+        /// The snapshot.
+        snapshot: String,
+        /// Its forks.
+        forks: Vec<String>,
+    },
+    /// A fork request asks for another shape than the snapshot's.
+    #[error("a fork of snapshot '{snapshot}' has its {what} ({have}); omit it (asked for {asked})")]
+    ForkDiffers {
+        /// The snapshot.
+        snapshot: String,
+        /// What differs.
+        what: String,
+        /// The snapshot's.
+        have: String,
+        /// The request's.
+        asked: String,
+    },
+    /// `--allow-vm-traffic` for a fork of a VM without a network.
+    #[error("snapshot '{0}' was taken of a vm without a network; --allow-vm-traffic needs one")]
+    NoNetwork(String),
+    /// The fork's host key.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// The host key could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent binary (part of a warm-start key).
+    #[error(transparent)]
+    Agent(#[from] AgentBinaryError),
+    /// A blocking task died.
+    #[error("a background task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// The state file a VM's next start restores, if it has one.
 pub fn restore_state(vm: &VmRecord) -> Option<PathBuf> {
@@ -54,26 +184,25 @@ pub fn default_snapshot_name(vm: &str, now: &str) -> String {
 }
 
 /// Refuses deleting a snapshot while VMs started from it exist.
-pub fn check_deletable(snapshot: &SnapshotRecord, forks: &[String]) -> Result<(), ApiFailure> {
+pub fn check_deletable(snapshot: &SnapshotRecord, forks: &[String]) -> Result<(), SnapshotsError> {
     if forks.is_empty() {
         return Ok(());
     }
-    Err(ApiFailure::conflict(format!(
-        "snapshot '{}' has forks ({}); delete them first with `banger vm delete {}`",
-        snapshot.name,
-        forks.join(", "),
-        forks.join(" ")
-    )))
+    Err(SnapshotsError::HasForks { snapshot: snapshot.name.clone(), forks: forks.to_vec() })
 }
 
 /// The spec of a fork of `snapshot`: the snapshot's shape; the request may repeat it but not
 /// change it. `allow_vm_traffic` is the request's, else `default_allow`.
-pub fn fork_spec(snapshot: &SnapshotRecord, req: &CreateVmRequest, default_allow: bool) -> Result<VmSpec, ApiFailure> {
-    let differs = |what: &str, asked: String, have: String| {
-        ApiFailure::invalid(format!(
-            "a fork of snapshot '{}' has its {what} ({have}); omit it (asked for {asked})",
-            snapshot.name
-        ))
+pub fn fork_spec(
+    snapshot: &SnapshotRecord,
+    req: &CreateVmRequest,
+    default_allow: bool,
+) -> Result<VmSpec, SnapshotsError> {
+    let differs = |what: &str, asked: String, have: String| SnapshotsError::ForkDiffers {
+        snapshot: snapshot.name.clone(),
+        what: what.to_owned(),
+        have,
+        asked,
     };
     let same = |what: &str, asked: Option<String>, have: String| match asked {
         Some(asked) if asked != have => Err(differs(what, asked, have)),
@@ -89,10 +218,7 @@ pub fn fork_spec(snapshot: &SnapshotRecord, req: &CreateVmRequest, default_allow
         same("vmm", Some(vmm.to_string()), snapshot.vmm.to_string())?;
     }
     if req.allow_vm_traffic == Some(true) && !snapshot.network {
-        return Err(ApiFailure::invalid(format!(
-            "snapshot '{}' was taken of a vm without a network; --allow-vm-traffic needs one",
-            snapshot.name
-        )));
+        return Err(SnapshotsError::NoNetwork(snapshot.name.clone()));
     }
     Ok(VmSpec {
         image: snapshot.image.clone(),
@@ -203,55 +329,67 @@ fn dir_usage(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn control_failure(vm: &VmRecord, what: &str) -> impl FnOnce(banger_vmm::ControlError) -> ApiFailure {
+fn control_failure(vm: &VmRecord, what: &'static str) -> impl FnOnce(banger_vmm::ControlError) -> SnapshotsError {
     let name = vm.name.clone();
-    let what = what.to_owned();
-    move |e| match e {
-        banger_vmm::ControlError::NotSupported { .. } => ApiFailure::invalid(chain(&e)),
-        e => ApiFailure::internal(format!("cannot {what} vm '{name}': {}", chain(&e))),
-    }
+    move |source| SnapshotsError::Control { what, vm: name, source }
 }
 
-impl Daemon {
+/// The snapshots service.
+pub struct Snapshots {
+    fleet: Arc<Fleet>,
+    ssh: Arc<Ssh>,
+    artifacts: Arc<Artifacts>,
+}
+
+impl Snapshots {
+    /// The service over `fleet`, with its collaborators.
+    pub fn new(fleet: Arc<Fleet>, ssh: Arc<Ssh>, artifacts: Arc<Artifacts>) -> Self {
+        Self { fleet, ssh, artifacts }
+    }
+
+    /// Snapshot `reference`, by name, id or id prefix.
+    pub fn find(&self, reference: &str) -> Result<SnapshotRecord, SnapshotsError> {
+        self.fleet.store.find_snapshot(reference).map_err(|e| match e {
+            StoreError::NotFound { .. } => SnapshotsError::NotFound(reference.to_owned()),
+            e => e.into(),
+        })
+    }
+
     /// The control socket of running VM `vm`, or why it has none.
-    fn control_socket(&self, vm: &VmRecord) -> Result<PathBuf, ApiFailure> {
-        let handles = self.handles.get(vm).filter(|_| self.handles.alive(vm));
-        let control = handles.and_then(|h| h.control_socket).ok_or_else(|| {
-            ApiFailure::conflict(format!(
-                "vm '{}' is not running; start it with `banger vm start {}`",
-                vm.name, vm.name
-            ))
-        })?;
+    fn control_socket(&self, vm: &VmRecord) -> Result<PathBuf, SnapshotsError> {
+        let handles = self.fleet.handles.get(vm).filter(|_| self.fleet.alive(vm));
+        let control =
+            handles.and_then(|h| h.control_socket).ok_or_else(|| FleetError::NotRunning { vm: vm.name.clone() })?;
         Ok(PathBuf::from(control))
     }
 
     /// Pauses a running VM's vCPUs.
-    pub async fn pause_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
-        let id = self.store.find_vm(reference)?.id;
-        let _guard = self.vm_locks.lock(&id).await;
-        let mut vm = self.store.find_vm(&id)?;
+    pub async fn pause_vm(&self, reference: &str) -> Result<VmRecord, SnapshotsError> {
+        let id = self.fleet.store.find_vm(reference)?.id;
+        let _guard = self.fleet.locks.lock(&id).await;
+        let mut vm = self.fleet.store.find_vm(&id)?;
         let control = self.control_socket(&vm)?;
         let next = transition(vm.state, &VmEvent::Pause)?;
-        self.driver(vm.spec.vmm).pause(&control).await.map_err(control_failure(&vm, "pause"))?;
+        self.fleet.driver(vm.spec.vmm).pause(&control).await.map_err(control_failure(&vm, "pause"))?;
         vm.state = next;
         vm.updated_at = banger_core::time::now_rfc3339();
-        self.store.update_vm(&vm)?;
+        self.fleet.store.update_vm(&vm)?;
         tracing::info!(vm = %vm.name, "vm paused");
         Ok(vm)
     }
 
     /// Resumes a paused VM, then sets its clock (it stood still while paused).
-    pub async fn resume_vm(&self, reference: &str) -> Result<VmRecord, ApiFailure> {
-        let id = self.store.find_vm(reference)?.id;
+    pub async fn resume_vm(&self, reference: &str) -> Result<VmRecord, SnapshotsError> {
+        let id = self.fleet.store.find_vm(reference)?.id;
         let vm = {
-            let _guard = self.vm_locks.lock(&id).await;
-            let mut vm = self.store.find_vm(&id)?;
+            let _guard = self.fleet.locks.lock(&id).await;
+            let mut vm = self.fleet.store.find_vm(&id)?;
             let control = self.control_socket(&vm)?;
             let next = transition(vm.state, &VmEvent::Resume)?;
-            self.driver(vm.spec.vmm).resume(&control).await.map_err(control_failure(&vm, "resume"))?;
+            self.fleet.driver(vm.spec.vmm).resume(&control).await.map_err(control_failure(&vm, "resume"))?;
             vm.state = next;
             vm.updated_at = banger_core::time::now_rfc3339();
-            self.store.update_vm(&vm)?;
+            self.fleet.store.update_vm(&vm)?;
             vm
         };
         self.correct_clock(&vm).await;
@@ -263,7 +401,7 @@ impl Daemon {
     /// failure is logged and the snapshot is only larger).
     async fn scrub_free_memory(&self, vm: &VmRecord) {
         let t = Instant::now();
-        match self.agent_for(vm).call(&AgentRequest::ScrubFreeMemory, SCRUB_TIMEOUT).await {
+        match self.fleet.agent_for(vm).call(&AgentRequest::ScrubFreeMemory, SCRUB_TIMEOUT).await {
             Ok(_) => tracing::debug!(vm = %vm.name, elapsed_ms = t.elapsed().as_millis(), "free guest memory scrubbed"),
             Err(e) => tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot scrub free guest memory"),
         }
@@ -272,38 +410,38 @@ impl Daemon {
     /// Sets a resumed guest's clock to the host's (best effort: a failure is logged).
     pub async fn correct_clock(&self, vm: &VmRecord) {
         let request = AgentRequest::Reidentify(Identity { time_unix_ms: now_unix_ms(), ..Default::default() });
-        if let Err(e) = self.agent_for(vm).call(&request, CLOCK_TIMEOUT).await {
+        if let Err(e) = self.fleet.agent_for(vm).call(&request, CLOCK_TIMEOUT).await {
             tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot set the guest clock");
         }
     }
 
     /// The request that gives fork `vm`, just restored and resumed, its own identity (and sets
     /// its clock). Applying it twice is harmless, so it doubles as the readiness probe.
-    pub fn fork_identity_request(&self, vm: &VmRecord, nic: Option<&ForkNic>) -> Result<AgentRequest, ApiFailure> {
-        let key = self.vm_host_key(vm)?;
+    pub fn fork_identity_request(&self, vm: &VmRecord, nic: Option<&ForkNic>) -> Result<AgentRequest, SnapshotsError> {
+        let key = self.ssh.vm_host_key(vm)?;
         let private_key = std::fs::read_to_string(&key.private)
-            .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", key.private.display())))?;
+            .map_err(|source| SnapshotsError::Read { path: key.private.clone(), source })?;
         let host_key = HostKey { private_key, public_key: key.line };
         Ok(AgentRequest::Reidentify(fork_identity(vm, now_unix_ms(), nic, host_key, new_machine_id())))
     }
 
     /// The API view of a snapshot.
-    pub fn snapshot_view(&self, record: SnapshotRecord) -> Result<SnapshotView, ApiFailure> {
-        let forks = self.store.snapshot_forks(&record.id)?;
+    pub fn snapshot_view(&self, record: SnapshotRecord) -> Result<SnapshotView, SnapshotsError> {
+        let forks = self.fleet.store.snapshot_forks(&record.id)?;
         Ok(SnapshotView { record, forks })
     }
 
     /// The name of the snapshot VM `vm_id` was forked from, if any.
     pub fn origin_snapshot_name(&self, vm_id: &str) -> Option<String> {
-        let origin = self.store.vm_origin(vm_id).ok().flatten()?;
-        self.store.find_snapshot(&origin).ok().map(|s| s.name)
+        let origin = self.fleet.store.vm_origin(vm_id).ok().flatten()?;
+        self.fleet.store.find_snapshot(&origin).ok().map(|s| s.name)
     }
 
     /// Snapshots running (or paused) VM `reference` as `name` (default `VM-YYYYMMDD-HHMMSS`).
-    pub async fn snapshot_vm(&self, reference: &str, name: Option<String>) -> Result<SnapshotView, ApiFailure> {
-        let source = self.store.find_vm(reference)?;
+    pub async fn snapshot_vm(&self, reference: &str, name: Option<String>) -> Result<SnapshotView, SnapshotsError> {
+        let source = self.fleet.store.find_vm(reference)?;
         let name = name.unwrap_or_else(|| default_snapshot_name(&source.name, &banger_core::time::now_rfc3339()));
-        validate_name(&name).map_err(|e| ApiFailure::invalid(format!("invalid snapshot name: {e}")))?;
+        validate_name(&name).map_err(SnapshotsError::InvalidName)?;
         let record = self.take_snapshot(&source.id, &name, None).await?;
         self.snapshot_view(record)
     }
@@ -314,22 +452,18 @@ impl Daemon {
         id: &str,
         name: &str,
         warm_key: Option<String>,
-    ) -> Result<SnapshotRecord, ApiFailure> {
+    ) -> Result<SnapshotRecord, SnapshotsError> {
         let started = Instant::now();
         // Guest I/O, so before the VM lock: zero the free memory the snapshot would save.
-        let before = self.store.find_vm(id)?;
+        let before = self.fleet.store.find_vm(id)?;
         if before.state == ObservedState::Running {
             self.scrub_free_memory(&before).await;
         }
-        let guard = self.vm_locks.lock(id).await;
-        let vm = self.store.find_vm(id)?;
+        let guard = self.fleet.locks.lock(id).await;
+        let vm = self.fleet.store.find_vm(id)?;
         let control = self.control_socket(&vm)?;
         if !matches!(vm.state, ObservedState::Running | ObservedState::Paused) {
-            return Err(ApiFailure::conflict(format!(
-                "vm '{}' is {}; snapshots are taken of running or paused vms",
-                vm.name,
-                vm.state.as_str()
-            )));
+            return Err(SnapshotsError::NotSnapshottable { vm: vm.name, state: vm.state.as_str() });
         }
         let was_paused = vm.state == ObservedState::Paused;
         let sid = new_id();
@@ -344,15 +478,15 @@ impl Daemon {
             disk_mib: vm.spec.disk_mib,
             vmm: vm.spec.vmm,
             network: vm.spec.network,
-            dir: self.layout.state_dir.join("snapshots").join(&sid).display().to_string(),
+            dir: self.fleet.layout.state_dir.join("snapshots").join(&sid).display().to_string(),
             size_bytes: 0,
             warm_key,
             created_at: banger_core::time::now_rfc3339(),
             id: sid,
         };
         {
-            let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
-            self.store.insert_snapshot(&record)?;
+            let _claim = self.fleet.reservations.claim();
+            self.fleet.store.insert_snapshot(&record)?;
         }
         let written = self.write_snapshot(&vm, &control, &record, was_paused).await;
         drop(guard);
@@ -361,14 +495,14 @@ impl Daemon {
         }
         match written {
             Ok(size) => {
-                self.store.set_snapshot_size(&record.id, size)?;
+                self.fleet.store.set_snapshot_size(&record.id, size)?;
                 record.size_bytes = size;
                 tracing::info!(vm = %vm.name, snapshot = %record.name, size, elapsed_ms = started.elapsed().as_millis(),
                     "snapshot taken");
                 Ok(record)
             }
             Err(e) => {
-                if let Err(d) = self.store.delete_snapshot(&record.id) {
+                if let Err(d) = self.fleet.store.delete_snapshot(&record.id) {
                     tracing::error!(snapshot = %record.name, error = %chain(&d), "cannot roll back snapshot row");
                 }
                 let _ = std::fs::remove_dir_all(&record.dir);
@@ -385,11 +519,11 @@ impl Daemon {
         control: &Path,
         record: &SnapshotRecord,
         was_paused: bool,
-    ) -> Result<u64, ApiFailure> {
+    ) -> Result<u64, SnapshotsError> {
         let dir = PathBuf::from(&record.dir);
         banger_host::paths::ensure_dir(&dir, 0o700)
-            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
-        let driver = self.driver(vm.spec.vmm);
+            .map_err(|source| SnapshotsError::Dir { path: dir.clone(), source })?;
+        let driver = self.fleet.driver(vm.spec.vmm);
         if !was_paused {
             driver.pause(control).await.map_err(control_failure(vm, "pause"))?;
         }
@@ -401,45 +535,44 @@ impl Daemon {
             let from = vm.paths();
             let copies = [(from.overlay_disk, paths.overlay_disk.clone()), (from.work_disk, paths.work_disk.clone())];
             let t = Instant::now();
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
+            tokio::task::spawn_blocking(move || -> Result<(), CopyError> {
                 for (src, dest) in copies {
                     banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
-                        .map_err(|e| format!("cannot copy {src}: {}", chain(&e)))?;
+                        .map_err(|source| CopyError::Disk { src, source })?;
                 }
                 Ok(())
             })
-            .await
-            .map_err(|e| ApiFailure::internal(e.to_string()))?
-            .map_err(ApiFailure::internal)?;
+            .await?
+            .map_err(|e| SnapshotsError::Copy(Box::new(e)))?;
             tracing::debug!(vm = %vm.name, state_ms, disks_ms = t.elapsed().as_millis(), "snapshot files written");
-            Ok::<(), ApiFailure>(())
+            Ok::<(), SnapshotsError>(())
         }
         .await;
         if !was_paused {
             if let Err(e) = driver.resume(control).await {
                 let failure = control_failure(vm, "resume")(e);
-                tracing::error!(vm = %vm.name, error = %failure, "cannot resume after the snapshot");
-                saved.clone()?;
+                tracing::error!(vm = %vm.name, error = %chain(&failure), "cannot resume after the snapshot");
+                saved?;
                 return Err(failure);
             }
         }
         saved?;
         let dir2 = dir.clone();
-        tokio::task::spawn_blocking(move || dir_usage(&dir2)).await.map_err(|e| ApiFailure::internal(e.to_string()))
+        Ok(tokio::task::spawn_blocking(move || dir_usage(&dir2)).await?)
     }
 
     /// Every snapshot.
-    pub fn list_snapshots(&self) -> Result<Vec<SnapshotView>, ApiFailure> {
-        self.store.list_snapshots()?.into_iter().map(|s| self.snapshot_view(s)).collect()
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotView>, SnapshotsError> {
+        self.fleet.store.list_snapshots()?.into_iter().map(|s| self.snapshot_view(s)).collect()
     }
 
     /// Deletes a snapshot no VM was started from, and its files.
-    pub async fn delete_snapshot(&self, reference: &str) -> Result<SnapshotView, ApiFailure> {
+    pub async fn delete_snapshot(&self, reference: &str) -> Result<SnapshotView, SnapshotsError> {
         let record = {
-            let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
-            let record = self.store.find_snapshot(reference)?;
-            check_deletable(&record, &self.store.snapshot_forks(&record.id)?)?;
-            self.store.delete_snapshot(&record.id)?;
+            let _claim = self.fleet.reservations.claim();
+            let record = self.find(reference)?;
+            check_deletable(&record, &self.fleet.store.snapshot_forks(&record.id)?)?;
+            self.fleet.store.delete_snapshot(&record.id)?;
             record
         };
         let dir = record.dir.clone();
@@ -455,13 +588,13 @@ impl Daemon {
 
     /// Copies snapshot `snapshot`'s disks into new fork `vm`'s dir and links its state there
     /// for the first start.
-    pub async fn copy_snapshot_into(&self, snapshot: &SnapshotRecord, vm: &VmRecord) -> Result<(), ApiFailure> {
+    pub async fn copy_snapshot_into(&self, snapshot: &SnapshotRecord, vm: &VmRecord) -> Result<(), SnapshotsError> {
         let (from, to) = (snapshot.paths(), vm.paths());
         let restore = Path::new(&vm.vm_dir).join(RESTORE_STATE);
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        tokio::task::spawn_blocking(move || -> Result<(), CopyError> {
             for (src, dest) in [(from.overlay_disk, to.overlay_disk), (from.work_disk, to.work_disk)] {
                 banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
-                    .map_err(|e| format!("cannot copy {src}: {}", chain(&e)))?;
+                    .map_err(|source| CopyError::Disk { src, source })?;
             }
             // The state (and Firecracker's memory file beside it) is only read: a hard link
             // costs nothing (a copy across file systems).
@@ -473,14 +606,13 @@ impl Daemon {
             }
             for (src, dest) in files {
                 if std::fs::hard_link(&src, &dest).is_err() {
-                    std::fs::copy(&src, &dest).map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
+                    std::fs::copy(&src, &dest).map_err(|source| CopyError::State { src: src.clone(), source })?;
                 }
             }
             Ok(())
         })
-        .await
-        .map_err(|e| ApiFailure::internal(e.to_string()))?
-        .map_err(|e| ApiFailure::internal(format!("cannot fork snapshot '{}': {e}", snapshot.name)))
+        .await?
+        .map_err(|source| SnapshotsError::Fork { snapshot: snapshot.name.clone(), source: Box::new(source) })
     }
 
     /// The warm-start key for `spec` and the caller's git identity, when its image and kernel
@@ -489,37 +621,36 @@ impl Daemon {
         &self,
         spec: &VmSpec,
         git: Option<&banger_proto::GitIdentity>,
-    ) -> Result<Option<String>, ApiFailure> {
-        let Some(image) = self.store.get_image(&spec.image)? else { return Ok(None) };
-        let Some(kernel) = self.store.list_kernels()?.into_iter().find(|k| k.name == spec.kernel) else {
+    ) -> Result<Option<String>, SnapshotsError> {
+        let Some(image) = self.fleet.store.get_image(&spec.image)? else { return Ok(None) };
+        let Some(kernel) = self.fleet.store.list_kernels()?.into_iter().find(|k| k.name == spec.kernel) else {
             return Ok(None);
         };
-        let agent = crate::lifecycle::agent_binary()?;
-        let agent_digest = crate::lifecycle::file_digest(&agent)
-            .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", agent.display())))?;
+        let (_, agent_digest) = self.artifacts.agent()?;
         let git = git.map(|g| format!("{:?}/{:?}", g.name, g.email)).unwrap_or_default();
         let parts = WarmParts {
             spec,
             image_version: format!("{}/{}", image.created_at, image.sha256.unwrap_or_default()),
             kernel_version: format!("{}/{}", kernel.release, kernel.created_at),
             agent_digest,
-            guest_files: format!("{git}|{}", self.config.sync_files.join(",")),
+            guest_files: format!("{git}|{}", self.fleet.config.sync_files.join(",")),
         };
         Ok(Some(warm_key(&parts)))
     }
 
     /// The warm-start snapshot for `key`, if one is kept.
-    pub fn warm_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>, ApiFailure> {
-        Ok(self.store.find_warm_snapshot(key)?)
+    pub fn warm_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>, SnapshotsError> {
+        Ok(self.fleet.store.find_warm_snapshot(key)?)
     }
 
     /// Snapshots `vm`, freshly booted, as the warm-start snapshot of `key`, then deletes the
     /// warm snapshots of the same image, kernel and shape that `key` replaces (those no fork
     /// uses).
-    pub async fn make_warm_snapshot(&self, vm: &VmRecord, key: &str) -> Result<SnapshotRecord, ApiFailure> {
+    pub async fn make_warm_snapshot(&self, vm: &VmRecord, key: &str) -> Result<SnapshotRecord, SnapshotsError> {
         let name = format!("warm-{key}");
         let record = self.take_snapshot(&vm.id, &name, Some(key.to_owned())).await?;
         let stale: Vec<SnapshotRecord> = self
+            .fleet
             .store
             .list_snapshots()?
             .into_iter()
@@ -530,7 +661,7 @@ impl Daemon {
         for s in stale {
             match self.delete_snapshot(&s.id).await {
                 Ok(_) => tracing::info!(snapshot = %s.name, "stale warm-start snapshot deleted"),
-                Err(e) => tracing::debug!(snapshot = %s.name, error = %e.message, "stale warm-start snapshot kept"),
+                Err(e) => tracing::debug!(snapshot = %s.name, error = %chain(&e), "stale warm-start snapshot kept"),
             }
         }
         Ok(record)
@@ -598,8 +729,8 @@ mod tests {
             CreateVmRequest { vmm: Some(VmmChoice::Firecracker), ..Default::default() },
         ] {
             let e = fork_spec(&s, &bad, false).expect_err("refused");
-            assert_eq!(e.code, "invalid_request");
-            assert!(e.message.contains("omit it"), "{}", e.message);
+            assert!(matches!(e, SnapshotsError::ForkDiffers { .. }), "{e}");
+            assert!(e.to_string().contains("omit it"), "{e}");
         }
         let no_net = SnapshotRecord { network: false, ..snapshot() };
         let open = CreateVmRequest { allow_vm_traffic: Some(true), ..Default::default() };
@@ -612,9 +743,9 @@ mod tests {
         let s = snapshot();
         check_deletable(&s, &[]).expect("no forks");
         let e = check_deletable(&s, &["fork-a".into(), "fork-b".into()]).expect_err("forks");
-        assert_eq!(e.code, "conflict");
+        assert!(matches!(e, SnapshotsError::HasForks { .. }));
         assert_eq!(
-            e.message,
+            e.to_string(),
             "snapshot 'base' has forks (fork-a, fork-b); delete them first with `banger vm delete fork-a fork-b`"
         );
     }

@@ -1,15 +1,9 @@
-//! Port forwards: a user-space TCP proxy from a host address and port to a port in a VM.
-//!
-//! The forwards themselves are durable (the `forwards` table); their listeners exist only while
-//! the VM runs. The lifecycle calls [`Daemon::activate_forwards`] once a VM is running (and at
-//! start-up for adopted VMs) and [`Daemon::deactivate_forwards`] when it stops. Each accepted
-//! connection opens an [`Upstream`]: TCP to the guest's own address when the VM has one, else a
-//! tunnel through its agent (`AgentConn::connect_tcp`), and the two are copied both ways. An
-//! upstream that fails (nothing listening in the guest) resets the client, as a closed port
-//! would; so does a guest connection that fails midway.
-//!
-//! Listeners live in [`Forwarder`], a leaf lock. Adding a forward takes the VM's lock, then the
-//! reservation lock for one check, one bind and one insert.
+//! The forward proxy: listeners on host addresses whose connections are copied both ways to a
+//! port in a VM. Each accepted connection opens an [`Upstream`]: TCP to the guest's own address
+//! when the VM has one, else a tunnel through its agent (`AgentConn::connect_tcp`). An upstream
+//! that fails (nothing listening in the guest) resets the client, as a closed port would; so
+//! does a guest connection that fails midway. [`Forwarder`] keeps the listeners of running VMs
+//! (a leaf lock).
 
 use std::collections::HashMap;
 use std::io;
@@ -17,16 +11,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use banger_core::forward::first_overlap;
-use banger_core::{ForwardSpecError, PortForward, VmRecord};
-use banger_proto::{ForwardList, ForwardState, ForwardView};
+use banger_core::{PortForward, VmRecord};
+use banger_proto::ForwardState;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::agent_conn::{AgentConn, AgentError};
-use crate::daemon::Daemon;
-use crate::error::{chain, ApiFailure};
+use banger_core::error_chain as chain;
 
 /// Copy buffer per direction of a proxied connection.
 const COPY_BUF: usize = 64 * 1024;
@@ -63,16 +55,6 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
-}
-
-impl From<ListenError> for ApiFailure {
-    fn from(e: ListenError) -> Self {
-        match e {
-            ListenError::InUse { .. } => Self::conflict(e.to_string()),
-            ListenError::Other { .. } => Self::invalid(chain(&e)),
-            _ => Self::invalid(e.to_string()),
-        }
-    }
 }
 
 /// Listens on `addr` (with `SO_REUSEADDR`, so connections of an earlier listener lingering in
@@ -306,174 +288,13 @@ impl Forwarder {
     }
 }
 
-impl From<ForwardSpecError> for ApiFailure {
-    fn from(e: ForwardSpecError) -> Self {
-        Self::invalid(e.to_string())
-    }
-}
-
-impl Daemon {
-    /// Where `vm`'s forwarded connections go: its own address when it has a NIC (falling back
-    /// to its agent for loopback-only services), else its agent.
-    fn upstream_for(&self, vm: &VmRecord) -> Upstream {
-        let ip = vm.guest_ip.as_deref().and_then(|ip| ip.split('/').next()).and_then(|ip| ip.parse().ok());
-        match ip.filter(|_| vm.spec.network) {
-            Some(ip) => Upstream::Guest(ip, self.agent_for(vm)),
-            None => Upstream::Agent(self.agent_for(vm)),
-        }
-    }
-
-    fn forward_view(&self, vm: &VmRecord, forward: PortForward) -> ForwardView {
-        let (state, error) = self.forwarder.state(&vm.id, &forward);
-        ForwardView { forward, vm: vm.name.clone(), state, error }
-    }
-
-    /// Refuses `forward` when a stored forward takes its host port. Call under the reservation
-    /// lock.
-    fn check_forward_free(&self, forward: &PortForward) -> Result<(), ApiFailure> {
-        let taken = self.store.list_forwards(None)?.into_iter().find(|r| r.forward.overlaps(forward));
-        let Some(taken) = taken else { return Ok(()) };
-        let owner = self.store.find_vm(&taken.vm_id).map(|vm| vm.name).unwrap_or(taken.vm_id);
-        let (want, have) = (forward.host_socket(), taken.forward.host_socket());
-        let what = if want == have {
-            format!("host port {want} is")
-        } else {
-            format!("host port {want} overlaps {have}, which is")
-        };
-        Err(ApiFailure::conflict(format!(
-            "{what} already forwarded to {owner}:{}; remove that with `banger vm forward {owner} --remove {have}` or pick another host port",
-            taken.forward.guest_port,
-        )))
-    }
-
-    /// Validates the forwards of a new VM: each valid, none overlapping another or a stored one.
-    pub fn check_publish(&self, publish: &[PortForward]) -> Result<(), ApiFailure> {
-        for forward in publish {
-            forward.validate()?;
-        }
-        if let Some((a, b)) = first_overlap(publish) {
-            return Err(ApiFailure::invalid(format!(
-                "--publish {a} and --publish {b} both take host port {}; give them different host ports",
-                b.host_port
-            )));
-        }
-        publish.iter().try_for_each(|f| self.check_forward_free(f))
-    }
-
-    /// Records the forwards of a new VM (under the reservation lock, all or none).
-    pub fn claim_forwards(&self, vm: &VmRecord, publish: &[PortForward]) -> Result<(), ApiFailure> {
-        if publish.is_empty() {
-            return Ok(());
-        }
-        let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
-        publish.iter().try_for_each(|f| self.check_forward_free(f))?;
-        self.store.insert_forwards(&vm.id, publish)?;
-        Ok(())
-    }
-
-    /// Adds a forward to a VM. When the VM runs it listens at once, and a host address that
-    /// cannot be bound refuses the forward (nothing is recorded).
-    pub async fn add_forward(&self, reference: &str, forward: PortForward) -> Result<ForwardView, ApiFailure> {
-        forward.validate()?;
-        let id = self.store.find_vm(reference)?.id;
-        let _guard = self.vm_locks.lock(&id).await;
-        let vm = self.store.find_vm(&id)?;
-        let active = self.forwarder.is_active(&vm.id);
-        let listener = {
-            let _claim = self.reservation.lock().unwrap_or_else(|p| p.into_inner());
-            self.check_forward_free(&forward)?;
-            let listener = if active { Some(listen(forward.host_socket())?) } else { None };
-            self.store.insert_forward(&vm.id, &forward)?;
-            listener
-        };
-        if let Some(listener) = listener {
-            let task = serve(listener, self.upstream_for(&vm), forward.guest_port, &vm.name);
-            self.forwarder.insert(&vm.id, forward, task);
-        }
-        tracing::info!(vm = %vm.name, forward = %forward.describe(&vm.name), listening = active, "forward added");
-        Ok(self.forward_view(&vm, forward))
-    }
-
-    /// A VM's forwards.
-    pub fn list_forwards(&self, reference: &str) -> Result<ForwardList, ApiFailure> {
-        let vm = self.store.find_vm(reference)?;
-        let forwards =
-            self.store.list_forwards(Some(&vm.id))?.into_iter().map(|r| self.forward_view(&vm, r.forward)).collect();
-        Ok(ForwardList { vm: vm.name, forwards })
-    }
-
-    /// Removes a VM's forward on `host_port` (and `host_addr`, needed only when the VM has
-    /// forwards on that port on several addresses).
-    pub async fn remove_forward(
-        &self,
-        reference: &str,
-        host_port: u16,
-        host_addr: Option<IpAddr>,
-    ) -> Result<ForwardView, ApiFailure> {
-        let id = self.store.find_vm(reference)?.id;
-        let _guard = self.vm_locks.lock(&id).await;
-        let vm = self.store.find_vm(&id)?;
-        let matching: Vec<PortForward> = self
-            .store
-            .list_forwards(Some(&vm.id))?
-            .into_iter()
-            .map(|r| r.forward)
-            .filter(|f| f.host_port == host_port && host_addr.is_none_or(|a| a == f.host_addr))
-            .collect();
-        let forward = match matching.as_slice() {
-            [one] => *one,
-            [] => {
-                let on = host_addr.map_or_else(|| format!("host port {host_port}"), |a| format!("{a}:{host_port}"));
-                return Err(ApiFailure::not_found(format!(
-                    "vm '{}' has no forward on {on}; see `banger vm forward {} --list`",
-                    vm.name, vm.name
-                )));
-            }
-            several => {
-                let addrs: Vec<String> = several.iter().map(|f| f.host_socket().to_string()).collect();
-                return Err(ApiFailure::invalid(format!(
-                    "vm '{}' has forwards on {}; say which, e.g. --remove {}",
-                    vm.name,
-                    addrs.join(" and "),
-                    addrs[0]
-                )));
-            }
-        };
-        let view = self.forward_view(&vm, forward);
-        self.store.delete_forward(&vm.id, forward.host_addr, forward.host_port)?;
-        self.forwarder.remove(&vm.id, &forward).await;
-        tracing::info!(vm = %vm.name, forward = %forward.describe(&vm.name), "forward removed");
-        Ok(ForwardView { state: ForwardState::Inactive, error: None, ..view })
-    }
-
-    /// Starts listening for `vm`'s forwards; the lifecycle calls it once the VM runs (under its
-    /// VM lock), and start-up for adopted VMs. A forward that cannot bind is logged and shown as
-    /// failed; it does not fail the start.
-    pub async fn activate_forwards(&self, vm: &VmRecord) {
-        let forwards = match self.store.list_forwards(Some(&vm.id)) {
-            Ok(records) => records.into_iter().map(|r| r.forward).collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::error!(vm = %vm.name, error = %chain(&e), "cannot read the vm's forwards");
-                Vec::new()
-            }
-        };
-        self.forwarder.activate(vm, &forwards, &self.upstream_for(vm)).await;
-    }
-
-    /// Stops listening for `vm`'s forwards (they stay recorded); the lifecycle calls it when the
-    /// VM stops or fails to start.
-    pub async fn deactivate_forwards(&self, vm: &VmRecord) {
-        self.forwarder.deactivate(&vm.id).await;
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// An echo server on 127.0.0.1 that upper-cases, and closes its side after the client's EOF.
-    async fn echo_server() -> u16 {
+    pub(crate) async fn echo_server() -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
@@ -548,50 +369,11 @@ mod tests {
         let message = err.to_string();
         assert!(message.starts_with(&format!("cannot listen on {addr}: the address is already in use")), "{message}");
         assert!(message.contains(&format!("sport = :{}", addr.port())), "{message}");
-        assert_eq!(ApiFailure::from(err).code, "conflict");
         let err = listen("192.0.2.1:8080".parse().expect("addr")).expect_err("not ours");
         assert!(err.to_string().contains("no interface of this host has address 192.0.2.1"), "{err}");
-        assert_eq!(ApiFailure::from(err).code, "invalid_request");
     }
 
-    #[tokio::test]
-    async fn a_running_vms_forward_that_cannot_bind_is_refused_and_not_recorded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let layout = banger_host::Layout::resolve(Some(dir.path().to_path_buf()), Some(dir.path().join("s.sock")));
-        let store = banger_store::Store::open(&dir.path().join("banger.db")).expect("store");
-        let config = banger_core::Config::default();
-        let d = Daemon::new(layout, config, None, store, banger_vmm::HostFacts::default(), Default::default());
-        let vm = VmRecord { guest_ip: Some("127.0.0.1".into()), ..test_vm() };
-        d.store.insert_vm(&vm).expect("vm");
-        // Stopped: recorded, inactive, nothing bound.
-        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let busy = PortForward::tcp("127.0.0.1".parse().expect("ip"), held.local_addr().expect("addr").port(), 80);
-        let view = d.add_forward("web", busy).await.expect("a stopped vm's forward is only recorded");
-        assert_eq!(view.state, ForwardState::Inactive);
-        d.remove_forward("web", busy.host_port, None).await.expect("remove");
-        // Running (activated, as the lifecycle does once it is): the bind decides.
-        d.activate_forwards(&vm).await;
-        let err = d.add_forward("web", busy).await.expect_err("the port is taken");
-        assert_eq!(err.code, "conflict");
-        assert!(err.message.contains("already in use"), "{}", err.message);
-        assert!(d.list_forwards("web").expect("list").forwards.is_empty(), "nothing recorded");
-        let echo = echo_server().await;
-        let free = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free").port();
-        let good = PortForward::tcp("127.0.0.1".parse().expect("ip"), free, echo);
-        assert_eq!(d.add_forward("web", good).await.expect("add").state, ForwardState::Listening);
-        // The vm has a guest address (here this host), so connections go there directly.
-        let mut c = TcpStream::connect(good.host_socket()).await.expect("connect");
-        c.write_all(b"direct").await.expect("write");
-        c.shutdown().await.expect("eof");
-        let mut back = String::new();
-        c.read_to_string(&mut back).await.expect("read");
-        assert_eq!(back, "DIRECT|BYE");
-        d.deactivate_forwards(&vm).await;
-        assert_eq!(d.list_forwards("web").expect("list").forwards[0].state, ForwardState::Inactive);
-        assert!(TcpStream::connect(good.host_socket()).await.is_err(), "deactivated: not listening");
-    }
-
-    fn test_vm() -> VmRecord {
+    pub(crate) fn test_vm() -> VmRecord {
         VmRecord {
             id: "f00df00df00df00d".into(),
             name: "web".into(),

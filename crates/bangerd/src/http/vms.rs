@@ -1,0 +1,119 @@
+//! VM routes: list, create, show, set, delete, start and stop, and the reads of one VM (console
+//! log, resource use, listening ports).
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use banger_core::OperationRecord;
+use banger_proto::{
+    ApiError, CreateVmRequest, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+};
+
+use super::{body, optional_body, ApiFailure, ApiResult, Shared};
+use crate::services::ssh::check_git_identity;
+
+/// Every VM.
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList)))]
+pub(super) async fn list_vms(State(d): Shared) -> ApiResult<VmList> {
+    let vms = d.fleet.store.list_vms()?.into_iter().map(|vm| d.vms.vm_view(vm)).collect();
+    Ok(Json(VmList { vms }))
+}
+
+/// Starts creating a VM; answers with the operation to follow.
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest, responses(
+    (status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn create_vm(
+    State(d): Shared,
+    req: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let op = d.vms.begin_create_vm(body(req, "CreateVmRequest")?)?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// One VM, by name, id or id prefix.
+#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError)))]
+pub(super) async fn show_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    Ok(Json(d.vms.vm_view(d.fleet.store.find_vm(&vm)?)))
+}
+
+/// Changes a stopped VM.
+#[utoipa::path(patch, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body = UpdateVmRequest,
+    responses((status = 200, body = VmView), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn update_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    req: Result<Json<UpdateVmRequest>, JsonRejection>,
+) -> ApiResult<VmView> {
+    let updated = d.vms.update_vm(&vm, body(req, "UpdateVmRequest")?).await?;
+    Ok(Json(d.vms.vm_view(updated)))
+}
+
+/// Deletes a stopped VM and its files.
+#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn delete_vm(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmView> {
+    let deleted = d.vms.delete_vm(&vm).await?;
+    Ok(Json(d.vms.vm_view(deleted)))
+}
+
+/// Boots a VM; answers with the operation to follow. The body is optional.
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "name, id or id prefix")),
+    request_body(content = StartVmRequest, description = "optional: no body is the same as `{}`"),
+    responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn start_vm(
+    State(d): Shared,
+    Path(vm): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiFailure> {
+    let req: StartVmRequest = optional_body(&raw, "StartVmRequest")?;
+    let git = check_git_identity(req.git_identity)?;
+    Ok((StatusCode::ACCEPTED, Json(d.lifecycle.begin_start_vm(&vm, git)?)))
+}
+
+/// Query of `POST /v1/vms/{vm}/stop`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub(super) struct StopQuery {
+    /// Do not ask the guest: quit the VMM at once (its disks may be left unclean).
+    #[serde(default)]
+    force: bool,
+}
+
+/// Stops a VM: agent power-off, then VMM quit, then kill. Answers once it is stopped.
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "name, id or id prefix"), StopQuery),
+    responses((status = 200, body = VmView), (status = 404, body = ApiError)))]
+pub(super) async fn stop_vm(State(d): Shared, Path(vm): Path<String>, Query(q): Query<StopQuery>) -> ApiResult<VmView> {
+    let stopped = d.lifecycle.stop_vm(&vm, q.force).await?;
+    Ok(Json(d.vms.vm_view(stopped)))
+}
+
+/// Query of `GET /v1/vms/{vm}/logs`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub(super) struct LogsQuery {
+    /// Only the last N lines.
+    tail: Option<usize>,
+}
+
+/// A VM's serial console log.
+#[utoipa::path(get, path = "/v1/vms/{vm}/logs", params(("vm" = String, Path, description = "name, id or id prefix"), LogsQuery),
+    responses((status = 200, body = VmLogs), (status = 404, body = ApiError)))]
+pub(super) async fn vm_logs(State(d): Shared, Path(vm): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<VmLogs> {
+    Ok(Json(d.vms.logs(&vm, q.tail)?))
+}
+
+/// A VM's resource use.
+#[utoipa::path(get, path = "/v1/vms/{vm}/stats", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmStats), (status = 404, body = ApiError)))]
+pub(super) async fn vm_stats(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmStats> {
+    Ok(Json(d.vms.stats(&vm).await?))
+}
+
+/// Sockets listening in a running VM.
+#[utoipa::path(get, path = "/v1/vms/{vm}/ports", params(("vm" = String, Path, description = "name, id or id prefix")),
+    responses((status = 200, body = VmPorts), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn vm_ports(State(d): Shared, Path(vm): Path<String>) -> ApiResult<VmPorts> {
+    Ok(Json(d.vms.ports(&vm).await?))
+}

@@ -1,0 +1,559 @@
+//! Kernels and images: pulling and building them as operations, auto-pulling on first use, and
+//! deleting them; a VM's disks ([`disks`]); and the guest agent binary with the initramfs that
+//! carries it ([`agent`]). The slow part (apt, mmdebstrap, extraction) runs on a blocking thread
+//! under a per-name lock only, so different artifacts build in parallel and one name is never
+//! built twice at once; the store row is inserted after the files are published.
+
+pub mod agent;
+pub mod disks;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_core::error_chain as chain;
+use banger_core::{ImageRecord, KernelRecord, OperationRecord};
+use banger_image::catalog::{self, CatalogError};
+use banger_image::host::SystemHost;
+use banger_image::kernel::pull::{
+    open_kernel, pull_kernel, KernelDirError, KernelPull, KernelSource, PullKernelError, PulledKernel,
+};
+use banger_image::rootfs::{
+    build_image, open_image, BuildImageError, BuiltImage, ImageBuild, ImageDirError, ImageSource,
+};
+use banger_proto::{BuildImageRequest, ImageRecipe, PullImageRequest, PullKernelRequest, RegisterImageRequest};
+use banger_store::StoreError;
+
+use crate::locks::{NamedLocks, VmGuard};
+use crate::ops::{OpHandle, StageSink};
+use crate::services::Fleet;
+
+/// Why a kernel or image could not be pulled, built, found or deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactsError {
+    /// The operation registry.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    /// The store failed, or has no such VM.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A name that cannot be a kernel or image name.
+    #[error("invalid {what} name")]
+    InvalidName {
+        /// "kernel" or "image".
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: banger_core::NameError,
+    },
+    /// The name is taken.
+    #[error("{what} '{name}' already exists; delete it first with `banger {what} delete {name}`")]
+    Exists {
+        /// "kernel" or "image".
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// Another operation published the name while this one waited.
+    #[error("image '{0}' already exists (made meanwhile by another operation); delete it first with `banger image delete {0}`")]
+    MadeMeanwhile(String),
+    /// Not in the catalog.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// Neither local nor in the catalog.
+    #[error("{what} '{name}' is {how}")]
+    NotAvailable {
+        /// "kernel" or "image".
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// What is missing and the fix.
+        how: String,
+    },
+    /// No such local kernel or image.
+    #[error("no {what} '{name}'; see `banger {what} list`")]
+    NotFound {
+        /// "kernel" or "image".
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// VMs or snapshots use it.
+    #[error("{what} '{name}' is used by {users}; {fix}")]
+    InUse {
+        /// "kernel" or "image".
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// "vm a, b" or "snapshot s".
+        users: String,
+        /// What to do.
+        fix: &'static str,
+    },
+    /// The artifacts directory could not be made.
+    #[error("cannot create {}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Pulling a kernel failed.
+    #[error(transparent)]
+    KernelPull(PullKernelError),
+    /// Building, pulling, registering or promoting an image failed.
+    #[error(transparent)]
+    ImageBuild(BuildImageError),
+    /// A local kernel's files are unusable.
+    #[error("kernel '{name}' is unusable; delete and pull it again with `banger kernel delete {name}`")]
+    KernelFiles {
+        /// The kernel.
+        name: String,
+        /// Why.
+        #[source]
+        source: KernelDirError,
+    },
+    /// A local image's files are unusable.
+    #[error("image '{name}' is unusable; delete and rebuild it with `banger image delete {name}`")]
+    ImageFiles {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: ImageDirError,
+    },
+    /// The base image of a VM to promote is missing.
+    #[error("the base image of the vm is missing")]
+    NoBase(#[source] ImageDirError),
+    /// The VM to promote runs.
+    #[error("vm '{0}' is running; stop it first with `banger vm stop {0}`")]
+    Running(String),
+    /// A file to register is not a file.
+    #[error("{0} is not a file; give the absolute path of an ext4 image")]
+    NotAFile(String),
+    /// A user recipe is invalid.
+    #[error("invalid recipe: {0}")]
+    Recipe(String),
+    /// No image name can be derived from an OCI reference.
+    #[error("cannot derive an image name from '{0}'; pass --name")]
+    NoImageName(String),
+    /// A VM's disks could not be made.
+    #[error(transparent)]
+    Disk(#[from] disks::DiskError),
+    /// The agent or the initramfs.
+    #[error(transparent)]
+    Agent(#[from] agent::AgentBinaryError),
+    /// A blocking task died.
+    #[error("a background task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The kernels, images, disks and agent service.
+pub struct Artifacts {
+    fleet: Arc<Fleet>,
+    /// `kernel:NAME`, `image:NAME`, `seed:NAME`, `initramfs:PATH`: one pull, build or write per
+    /// name at a time.
+    locks: NamedLocks,
+    /// The agent binary's digest, by path, size and modification time.
+    digests: agent::DigestCache,
+}
+
+impl Artifacts {
+    /// The service over `fleet`.
+    pub fn new(fleet: Arc<Fleet>) -> Arc<Self> {
+        Arc::new(Self { fleet, locks: NamedLocks::default(), digests: agent::DigestCache::default() })
+    }
+
+    /// Where kernels live.
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.fleet.layout.state_dir.join("kernels")
+    }
+
+    /// Where images live.
+    pub fn images_dir(&self) -> PathBuf {
+        self.fleet.layout.state_dir.join("images")
+    }
+
+    /// Starts pulling a kernel.
+    pub fn begin_pull_kernel(self: &Arc<Self>, req: PullKernelRequest) -> Result<OperationRecord, ArtifactsError> {
+        banger_core::validate_artifact_name(&req.name)
+            .map_err(|source| ArtifactsError::InvalidName { what: "kernel", source })?;
+        if self.fleet.store.get_kernel(&req.name)?.is_some() {
+            return Err(ArtifactsError::Exists { what: "kernel", name: req.name });
+        }
+        if req.from.is_none() {
+            catalog::kernel(&req.name)?;
+        }
+        let op = self.fleet.ops.begin("kernel.pull", &req.name);
+        let snapshot = op.snapshot()?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.pull_kernel_locked(&op.sink(), &req.name, req.from).await {
+                Ok(k) => op.succeed(Some(k.name)),
+                Err(e) => op.fail(chain(&e)),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    async fn pull_kernel_locked(
+        &self,
+        sink: &StageSink,
+        name: &str,
+        from: Option<String>,
+    ) -> Result<KernelRecord, ArtifactsError> {
+        let _guard = self.locks.lock(&format!("kernel:{name}")).await;
+        if let Some(k) = self.fleet.store.get_kernel(name)? {
+            return Ok(k);
+        }
+        let pull = match &from {
+            Some(f) => KernelPull::from_arg(name, f),
+            None => KernelPull::catalog(name)?,
+        };
+        let dir = self.kernels_dir();
+        let sink2 = sink.clone();
+        let pulled = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|source| ArtifactsError::Dir { path: dir.clone(), source })?;
+            pull_kernel(&SystemHost::new(), &dir, &pull, &mut |stage| sink2.stage(&format!("kernel {stage}")))
+                .map_err(ArtifactsError::KernelPull)
+        })
+        .await??;
+        let record = KernelRecord {
+            name: name.to_owned(),
+            version: pulled.version.clone().unwrap_or_else(|| "unknown".into()),
+            release: pulled.release.clone(),
+            source: describe_kernel_source(&pulled),
+            dir: pulled.dir.display().to_string(),
+            created_at: banger_core::time::now_rfc3339(),
+        };
+        if let Err(e) = self.fleet.store.insert_kernel(&record) {
+            let _ = banger_image::kernel::pull::delete_kernel_dir(&self.kernels_dir(), name);
+            return Err(e.into());
+        }
+        tracing::info!(kernel = name, release = %record.release, version = %record.version, "kernel pulled");
+        Ok(record)
+    }
+
+    /// The kernel named `name`, pulling it from the catalog when it is not local.
+    pub async fn ensure_kernel(&self, op: &OpHandle, name: &str) -> Result<PulledKernel, ArtifactsError> {
+        if self.fleet.store.get_kernel(name)?.is_none() {
+            if catalog::kernel(name).is_err() {
+                return Err(ArtifactsError::NotAvailable {
+                    what: "kernel",
+                    name: name.to_owned(),
+                    how: format!(
+                        "not pulled and not in the catalog; pull it with `banger kernel pull {name} --from FILE.deb`"
+                    ),
+                });
+            }
+            op.sink().stage("kernel pull");
+            self.pull_kernel_locked(&op.sink(), name, None).await?;
+        }
+        open_kernel(&self.kernels_dir(), name)
+            .map_err(|source| ArtifactsError::KernelFiles { name: name.to_owned(), source })
+    }
+
+    /// Deletes a kernel no VM uses.
+    pub fn delete_kernel(&self, name: &str) -> Result<KernelRecord, ArtifactsError> {
+        let kernel = self
+            .fleet
+            .store
+            .get_kernel(name)?
+            .ok_or_else(|| ArtifactsError::NotFound { what: "kernel", name: name.to_owned() })?;
+        let users = self.vms_using(|vm| vm.spec.kernel == name)?;
+        if !users.is_empty() {
+            return Err(ArtifactsError::InUse {
+                what: "kernel",
+                name: name.to_owned(),
+                users: format!("vm {}", users.join(", ")),
+                fix: "delete those vms or `banger vm set NAME --kernel OTHER` first",
+            });
+        }
+        self.refuse_if_snapshotted("kernel", name, |s| s.kernel == name)?;
+        self.fleet.store.delete_kernel(name)?;
+        if let Err(e) = banger_image::kernel::pull::delete_kernel_dir(&self.kernels_dir(), name) {
+            tracing::warn!(kernel = name, error = %chain(&e), "cannot remove kernel files");
+        }
+        Ok(kernel)
+    }
+
+    /// Refuses an image name that is invalid or taken.
+    fn check_image_name(&self, name: &str) -> Result<(), ArtifactsError> {
+        banger_core::validate_artifact_name(name)
+            .map_err(|source| ArtifactsError::InvalidName { what: "image", source })?;
+        if self.fleet.store.get_image(name)?.is_some() {
+            return Err(ArtifactsError::Exists { what: "image", name: name.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// Starts an operation of `kind` that makes image `name` with `make` (a blocking function of
+    /// the images dir and a stage reporter) and records it. `make` runs under the image name's
+    /// lock only.
+    fn begin_image_op(
+        self: &Arc<Self>,
+        kind: &str,
+        name: &str,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+    ) -> Result<OperationRecord, ArtifactsError> {
+        self.check_image_name(name)?;
+        let op = self.fleet.ops.begin(kind, name);
+        let snapshot = op.snapshot()?;
+        let this = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match this.make_image_locked(&op.sink(), &name, false, make).await {
+                Ok(i) => op.succeed(Some(i.name)),
+                Err(e) => op.fail(chain(&e)),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    /// Makes image `name` under its lock. When another operation published that name while
+    /// this one waited, `reuse_existing` decides: auto-pulls take it, explicit builds, pulls and
+    /// registers fail (exactly one of two same-name operations wins).
+    async fn make_image_locked(
+        &self,
+        sink: &StageSink,
+        name: &str,
+        reuse_existing: bool,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+    ) -> Result<ImageRecord, ArtifactsError> {
+        let _guard = self.locks.lock(&format!("image:{name}")).await;
+        if let Some(i) = self.fleet.store.get_image(name)? {
+            if reuse_existing {
+                return Ok(i);
+            }
+            return Err(ArtifactsError::MadeMeanwhile(name.to_owned()));
+        }
+        let dir = self.images_dir();
+        let sink2 = sink.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|source| ArtifactsError::Dir { path: dir.clone(), source })?;
+            make(&dir, &mut |stage| sink2.stage(&format!("image {stage}"))).map_err(ArtifactsError::ImageBuild)
+        })
+        .await??;
+        let record = image_record(&built);
+        if let Err(e) = self.fleet.store.insert_image(&record) {
+            let _ = banger_image::rootfs::delete_image_dir(&self.images_dir(), name);
+            return Err(e.into());
+        }
+        tracing::info!(image = name, source = %record.source, size = record.size_bytes, "image published");
+        // Every image gets its work seed now, so the first VM does not wait for it.
+        sink.stage("image work seed");
+        self.ensure_seed(&record, &built).await?;
+        Ok(self.fleet.store.get_image(name)?.unwrap_or(record))
+    }
+
+    /// Starts building an image from the catalog or from the caller's recipe.
+    pub fn begin_build_image(self: &Arc<Self>, req: BuildImageRequest) -> Result<OperationRecord, ArtifactsError> {
+        let build = match req.recipe {
+            Some(recipe) => {
+                ImageBuild { name: req.name.clone(), source: ImageSource::Recipe, recipe: user_recipe(recipe)? }
+            }
+            None => ImageBuild::catalog(&req.name)?,
+        };
+        self.begin_image_op("image.build", &req.name, move |dir, progress| {
+            build_image(&SystemHost::new(), dir, &build, progress)
+        })
+    }
+
+    /// Starts pulling an OCI image (registry, OCI layout dir or docker-archive).
+    pub fn begin_pull_image(self: &Arc<Self>, req: PullImageRequest) -> Result<OperationRecord, ArtifactsError> {
+        let name = match req.name {
+            Some(n) => n,
+            None => default_image_name(&req.reference)?,
+        };
+        let source = banger_image::oci::parse_source(&req.reference, req.insecure);
+        let target = name.clone();
+        self.begin_image_op("image.pull", &name, move |dir, progress| {
+            banger_image::oci::pull_image(&SystemHost::new(), dir, &target, &source, progress)
+                .map_err(|e| BuildImageError::Io { path: dir.to_owned(), source: std::io::Error::other(chain(&e)) })
+        })
+    }
+
+    /// Starts registering an ext4 file as an image.
+    pub fn begin_register_image(
+        self: &Arc<Self>,
+        req: RegisterImageRequest,
+    ) -> Result<OperationRecord, ArtifactsError> {
+        let file = PathBuf::from(&req.file);
+        if !file.is_absolute() || !file.is_file() {
+            return Err(ArtifactsError::NotAFile(req.file));
+        }
+        let init = req.init.unwrap_or_default();
+        let name = req.name.clone();
+        self.begin_image_op("image.register", &req.name, move |dir, progress| {
+            banger_image::rootfs::register_image(dir, &name, &file, init, progress)
+        })
+    }
+
+    /// Starts making image `name` from stopped VM `vm`'s root (its base image plus overlay).
+    pub async fn begin_promote(self: &Arc<Self>, vm: &str, name: &str) -> Result<OperationRecord, ArtifactsError> {
+        let vm = self.fleet.store.find_vm(vm)?;
+        self.check_image_name(name)?;
+        // Hold the VM's lock for the whole promote so it cannot start while its disks are read;
+        // no other VM waits on it.
+        let guard: VmGuard = self.fleet.locks.lock(&vm.id).await;
+        let vm = self.fleet.store.find_vm(&vm.id)?;
+        if self.fleet.alive(&vm) || vm.state.is_active() {
+            return Err(ArtifactsError::Running(vm.name));
+        }
+        let base = open_image(&self.images_dir(), &vm.spec.image).map_err(ArtifactsError::NoBase)?;
+        let image = self.fleet.store.get_image(&vm.spec.image)?;
+        let init = image.map(|i| i.init_mode).unwrap_or_default();
+        let overlay = PathBuf::from(vm.paths().overlay_disk);
+        let source = ImageSource::Promoted { vm: vm.name.clone(), from: vm.spec.image.clone() };
+        let target = name.to_owned();
+        self.begin_image_op("image.promote", name, move |dir, progress| {
+            let _held = guard;
+            banger_image::rootfs::promote_image(
+                &SystemHost::new(),
+                &banger_image::promote::SystemMounter,
+                dir,
+                &target,
+                &base.path,
+                &overlay,
+                source,
+                init,
+                progress,
+            )
+        })
+    }
+
+    /// The image named `name`, building it from the catalog when it is not local.
+    pub async fn ensure_image(&self, op: &OpHandle, name: &str) -> Result<(ImageRecord, BuiltImage), ArtifactsError> {
+        let record = match self.fleet.store.get_image(name)? {
+            Some(r) => r,
+            None => {
+                if catalog::image(name).is_err() {
+                    return Err(ArtifactsError::NotAvailable {
+                        what: "image",
+                        name: name.to_owned(),
+                        how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
+                    });
+                }
+                op.sink().stage("image build");
+                let build = ImageBuild::catalog(name)?;
+                self.make_image_locked(&op.sink(), name, true, move |dir, progress| {
+                    build_image(&SystemHost::new(), dir, &build, progress)
+                })
+                .await?
+            }
+        };
+        let built = open_image(&self.images_dir(), name)
+            .map_err(|source| ArtifactsError::ImageFiles { name: name.to_owned(), source })?;
+        Ok((record, built))
+    }
+
+    /// Deletes an image no VM uses.
+    pub fn delete_image(&self, name: &str) -> Result<ImageRecord, ArtifactsError> {
+        let image = self
+            .fleet
+            .store
+            .get_image(name)?
+            .ok_or_else(|| ArtifactsError::NotFound { what: "image", name: name.to_owned() })?;
+        let users = self.vms_using(|vm| vm.spec.image == name)?;
+        if !users.is_empty() {
+            return Err(ArtifactsError::InUse {
+                what: "image",
+                name: name.to_owned(),
+                users: format!("vm {}", users.join(", ")),
+                fix: "delete those vms first",
+            });
+        }
+        self.refuse_if_snapshotted("image", name, |s| s.image == name)?;
+        self.fleet.store.delete_image(name)?;
+        if let Err(e) = banger_image::rootfs::delete_image_dir(&self.images_dir(), name) {
+            tracing::warn!(image = name, error = %chain(&e), "cannot remove image files");
+        }
+        Ok(image)
+    }
+}
+
+impl Artifacts {
+    /// Names of the VMs for which `uses` holds.
+    fn vms_using(&self, uses: impl Fn(&banger_core::VmRecord) -> bool) -> Result<Vec<String>, ArtifactsError> {
+        Ok(self.fleet.store.list_vms()?.into_iter().filter(|vm| uses(vm)).map(|vm| vm.name).collect())
+    }
+
+    /// A kernel or image that snapshots were taken on stays: their forks restore onto it.
+    fn refuse_if_snapshotted(
+        &self,
+        what: &'static str,
+        name: &str,
+        uses: impl Fn(&banger_core::SnapshotRecord) -> bool,
+    ) -> Result<(), ArtifactsError> {
+        let users: Vec<String> =
+            self.fleet.store.list_snapshots()?.into_iter().filter(|s| uses(s)).map(|s| s.name).collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ArtifactsError::InUse {
+            what,
+            name: name.to_owned(),
+            users: format!("snapshot {}", users.join(", ")),
+            fix: "delete them first with `banger snapshot delete NAME`",
+        })
+    }
+}
+
+/// A user's recipe with its defaults filled in, checked before anything runs.
+fn user_recipe(r: ImageRecipe) -> Result<catalog::Recipe, ArtifactsError> {
+    let bad = ArtifactsError::Recipe;
+    for p in &r.packages {
+        if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c)) {
+            return Err(bad(format!("'{p}' is not a Debian package name")));
+        }
+    }
+    for f in &r.files {
+        if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+            return Err(bad(format!("file path '{}' must be absolute and stay inside the image", f.path)));
+        }
+    }
+    Ok(catalog::Recipe {
+        suite: r.suite.unwrap_or_else(|| "bookworm".into()),
+        variant: r.variant.unwrap_or_else(|| "minbase".into()),
+        packages: r.packages,
+        files: r
+            .files
+            .into_iter()
+            .map(|f| catalog::ExtraFile { path: f.path, mode: f.mode, contents: f.contents })
+            .collect(),
+        init: r.init.unwrap_or_default(),
+    })
+}
+
+/// A local name for an OCI reference: its last path component, without tag or digest.
+fn default_image_name(reference: &str) -> Result<String, ArtifactsError> {
+    let last = reference.trim_end_matches('/').rsplit('/').next().unwrap_or(reference);
+    let bare = last.split(['@', ':']).next().unwrap_or(last).to_ascii_lowercase();
+    let name: String = bare.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
+    let name = name.trim_matches(['-', '.']).to_owned();
+    banger_core::validate_artifact_name(&name)
+        .map(|()| name)
+        .map_err(|_| ArtifactsError::NoImageName(reference.to_owned()))
+}
+
+fn describe_kernel_source(k: &PulledKernel) -> String {
+    match &k.source {
+        KernelSource::Apt { .. } => format!("apt:{}", k.package.as_deref().unwrap_or("?")),
+        KernelSource::File { path } => format!("file:{}", path.display()),
+        KernelSource::Url { url } => url.clone(),
+    }
+}
+
+fn image_record(b: &BuiltImage) -> ImageRecord {
+    let m = &b.manifest;
+    ImageRecord {
+        name: m.name.clone(),
+        source: m.source.to_string(),
+        init_mode: m.init,
+        rootfs: b.path.display().to_string(),
+        work_seed: None,
+        sha256: Some(m.sha256.clone()),
+        size_bytes: m.size_bytes,
+        created_at: banger_core::time::now_rfc3339(),
+    }
+}
