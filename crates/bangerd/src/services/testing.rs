@@ -27,7 +27,7 @@ use crate::ops::OpHandle;
 pub enum VmmCall {
     /// `launch` of the VM named so.
     Launch(String),
-    /// `quit` of a control socket.
+    /// `quit` of a control socket (the fake's VMMs all exit on it).
     Quit(PathBuf),
     /// `kill` of a pid.
     Kill(u32),
@@ -39,6 +39,7 @@ pub enum VmmCall {
 pub struct FakeVmm {
     calls: Mutex<Vec<VmmCall>>,
     live: Arc<Mutex<HashSet<u32>>>,
+    sockets: Mutex<HashMap<PathBuf, u32>>,
     next_pid: AtomicU32,
     /// When set, the guest never answers (a boot that hangs).
     pub silent_guest: AtomicBool,
@@ -91,6 +92,7 @@ impl Vmm for FakeVmm {
             let listener =
                 UnixListener::bind(&agent).map_err(|source| LaunchError::Prepare { path: agent.clone(), source })?;
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(pid);
+            self.sockets.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.control_socket.clone(), pid);
             if !self.silent_guest.load(Ordering::SeqCst) {
                 tokio::spawn(fake_agent(listener, pid, self.live.clone()));
             }
@@ -111,6 +113,11 @@ impl Vmm for FakeVmm {
     fn quit<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             self.record(VmmCall::Quit(control_socket.to_owned()));
+            // Like QEMU's `quit`: the VMM behind that control socket exits.
+            let pid = self.sockets.lock().unwrap_or_else(|p| p.into_inner()).get(control_socket).copied();
+            if let Some(pid) = pid {
+                self.end(pid);
+            }
             Ok(())
         })
     }

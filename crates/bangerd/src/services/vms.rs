@@ -512,7 +512,7 @@ impl From<VmsError> for CreateFailure {
 mod tests {
     use super::*;
     use crate::daemon::Daemon;
-    use crate::services::testing::daemon;
+    use crate::services::testing::{daemon, FakeProvision, FakeVmm};
     use banger_core::OpState;
 
     fn req(name: &str) -> CreateVmRequest {
@@ -658,6 +658,53 @@ mod tests {
         assert!(!std::path::Path::new(&vm.vm_dir).exists());
         let gone = d.vms.delete_vm("web").await.expect_err("gone");
         assert!(matches!(gone, VmsError::Store(StoreError::NotFound { .. })), "{gone}");
+    }
+
+    #[tokio::test]
+    async fn a_created_and_started_vm_is_deleted_only_once_stopped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vmm, provision) = (Arc::new(FakeVmm::default()), Arc::new(FakeProvision::default()));
+        let d = crate::services::testing::daemon_with(dir.path(), vmm.clone(), provision.clone(), |c| {
+            c.network = false;
+        });
+        let spec = d.vms.resolve_spec(&req("web")).expect("spec");
+        let op = d.fleet.ops.begin("vm.create", "web");
+        let id = op.id().to_owned();
+        let vm = d.vms.clone().run_create(op, "web".into(), spec, Some(None), Vec::new(), Origin::Boot).await;
+        let vm = vm.expect("created and started");
+        assert_eq!(vm.state, banger_core::ObservedState::Running);
+        let stages: Vec<String> = d.fleet.ops.get(&id).expect("op").stages.into_iter().map(|s| s.name).collect();
+        assert_eq!(stages, ["reserve", "prepare", "provision", "boot", "agent"].map(String::from));
+        assert!(std::path::Path::new(&vm.vm_dir).join("ssh_host_ed25519_key").is_file(), "host key made at create");
+        assert_eq!((provision.calls().len(), vmm.running()), (1, 1));
+        let refused = d.vms.delete_vm("web").await.expect_err("running");
+        assert!(matches!(refused, VmsError::Running(_)), "{refused}");
+        assert!(std::path::Path::new(&vm.vm_dir).is_dir(), "nothing removed");
+        d.lifecycle.stop_vm("web", false).await.expect("stop");
+        let deleted = d.vms.delete_vm("web").await.expect("delete");
+        assert_eq!(deleted.id, vm.id);
+        assert!(!std::path::Path::new(&vm.vm_dir).exists(), "its directory went with it");
+        assert!(d.fleet.store.list_vms().expect("list").is_empty());
+        assert_eq!(vmm.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_create_whose_start_fails_keeps_the_record_as_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vmm = Arc::new(FakeVmm::default());
+        vmm.fail_launch.store(true, std::sync::atomic::Ordering::SeqCst);
+        let d = crate::services::testing::daemon_with(dir.path(), vmm.clone(), Default::default(), |c| {
+            c.network = false;
+        });
+        let spec = d.vms.resolve_spec(&req("web")).expect("spec");
+        let op = d.fleet.ops.begin("vm.create", "web");
+        let e = d.vms.clone().run_create(op, "web".into(), spec, Some(None), Vec::new(), Origin::Boot).await;
+        let e = e.expect_err("launch fails");
+        assert!(matches!(e, VmsError::Lifecycle(LifecycleError::Launch(_))), "{e}");
+        let vm = d.fleet.store.find_vm("web").expect("the record stays, to be inspected and deleted");
+        assert_eq!(vm.state, banger_core::ObservedState::Failed);
+        d.vms.delete_vm("web").await.expect("a failed vm deletes");
+        assert_eq!(vmm.running(), 0);
     }
 
     #[tokio::test]

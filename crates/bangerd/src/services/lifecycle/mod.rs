@@ -549,3 +549,6 @@ impl Lifecycle {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
