@@ -20,12 +20,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-pub use crate::tunnel::Tunnel;
-
 type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
 
-/// How long the agent may take to open a tunnel (its own connect gives up after 5 s).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the VMM may take to answer a hybrid vsock `CONNECT`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest `OK <port>` line accepted.
@@ -266,20 +262,6 @@ impl AgentConn {
     /// Forgets the current connection (e.g. after the VMM stopped).
     pub async fn reset(&self) {
         *self.live.lock().await = None;
-    }
-
-    /// Opens a TCP tunnel to `port` on the guest's loopback, as a byte stream: EOF and errors
-    /// cross in both directions (see [`Tunnel`]). A port nothing listens on gives
-    /// [`AgentError::Failed`] with "connection refused on guest port N".
-    pub async fn connect_tcp(&self, port: u16) -> Result<Tunnel, AgentError> {
-        let mut channel = self.open(&AgentRequest::Connect { port }).await?;
-        let answer = tokio::time::timeout(CONNECT_TIMEOUT, channel.response())
-            .await
-            .map_err(|_| AgentError::Timeout(CONNECT_TIMEOUT))??;
-        match answer {
-            AgentResponse::Connected { .. } => Ok(Tunnel::new(channel)),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
     }
 
     /// One request with a single JSON answer.

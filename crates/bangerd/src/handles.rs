@@ -1,7 +1,8 @@
 //! The daemon's view of what is currently true of each VM: an in-memory cache of
-//! [`VmHandles`], mirrored to each VM's `handles.json`, and the one liveness check every code
-//! path uses. At start-up, [`HandleCache::reconcile`] adopts VMs whose VMM outlived the previous
-//! daemon and cleans up after those whose VMM is gone.
+//! [`VmHandles`], mirrored to each VM's `handles.json`. At start-up, [`HandleCache::reconcile`]
+//! adopts VMs whose VMM outlived the previous daemon (found by the command-line marker, the
+//! only way to know a process we did not spawn) and cleans up after those whose VMM is gone.
+//! While the daemon runs, the one liveness check is `Fleet::alive`, which asks the VM's driver.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,11 +31,6 @@ pub struct ReconcileReport {
 impl HandleCache {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmHandles>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The one liveness check: does `vm` have a live VMM right now?
-    pub fn alive(&self, vm: &VmRecord) -> bool {
-        self.map().get(&vm.id).is_some_and(VmHandles::is_alive)
     }
 
     /// The handles of `vm`, if it has any.
@@ -168,9 +164,10 @@ mod tests {
         let report = cache.reconcile(&store).expect("reconcile");
         let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
         assert_eq!((adopted, report.reaped), (vec!["live"], vec!["dead".to_owned()]));
-        assert!(cache.alive(&live));
-        assert!(!cache.alive(&dead));
-        assert!(!cache.alive(&idle));
+        let alive = |vm: &VmRecord| cache.get(vm).is_some_and(|h| h.is_alive());
+        assert!(alive(&live));
+        assert!(!alive(&dead));
+        assert!(!alive(&idle));
         let dead_now = store.find_vm("dead").expect("dead");
         assert_eq!(dead_now.state, ObservedState::Stopped);
         assert!(dead_now.last_error.is_some());
@@ -185,10 +182,10 @@ mod tests {
         let v = vm(dir.path(), "a", ObservedState::Running);
         let cache = HandleCache::default();
         cache.publish(&v, VmHandles { pid: Some(std::process::id()), ..Default::default() }).expect("publish");
-        assert!(cache.alive(&v));
+        assert!(cache.get(&v).is_some_and(|h| h.is_alive()));
         assert!(Path::new(&v.paths().handles).exists());
         cache.release(&v);
-        assert!(!cache.alive(&v));
+        assert!(cache.get(&v).is_none());
         assert!(!Path::new(&v.paths().handles).exists());
     }
 }

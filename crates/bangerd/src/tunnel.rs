@@ -20,7 +20,12 @@ use banger_proto::agent::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::agent_conn::Channel;
+use banger_proto::agent::{AgentRequest, AgentResponse};
+
+use crate::agent_conn::{AgentConn, AgentError, Channel};
+
+/// How long the agent may take to open a tunnel (its own connect gives up after 5 s).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An open tunnel to a guest port.
 pub struct Tunnel {
@@ -45,7 +50,21 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    pub(crate) fn new(channel: Channel) -> Self {
+    /// Opens a TCP tunnel through `conn` to `port` on the guest's loopback, as a byte stream:
+    /// EOF and errors cross in both directions. A port nothing listens on gives
+    /// [`AgentError::Failed`] with "connection refused on guest port N".
+    pub async fn connect(conn: &AgentConn, port: u16) -> Result<Self, AgentError> {
+        let mut channel = conn.open(&AgentRequest::Connect { port }).await?;
+        let answer = tokio::time::timeout(CONNECT_TIMEOUT, channel.response())
+            .await
+            .map_err(|_| AgentError::Timeout(CONNECT_TIMEOUT))??;
+        match answer {
+            AgentResponse::Connected { .. } => Ok(Self::new(channel)),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    fn new(channel: Channel) -> Self {
         Self {
             channel,
             incoming: VecDeque::new(),
@@ -309,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn a_tunnel_is_a_byte_stream_with_eof_both_ways() {
         let mut fake = setup().await;
-        let mut t = fake.conn.connect_tcp(8000).await.expect("connect");
+        let mut t = Tunnel::connect(&fake.conn, 8000).await.expect("connect");
         t.write_all(b"hello ").await.expect("write");
         t.write_all(b"world").await.expect("write");
         t.shutdown().await.expect("eof");
@@ -325,10 +344,10 @@ mod tests {
     #[tokio::test]
     async fn refusals_and_failures_arrive_as_errors_and_drops_send_close() {
         let mut fake = setup().await;
-        let err = fake.conn.connect_tcp(REFUSED).await.err().expect("refused");
+        let err = Tunnel::connect(&fake.conn, REFUSED).await.err().expect("refused");
         assert!(matches!(&err, AgentError::Failed(m) if m == "connection refused on guest port 1"), "{err}");
 
-        let mut t = fake.conn.connect_tcp(FAILS).await.expect("connect");
+        let mut t = Tunnel::connect(&fake.conn, FAILS).await.expect("connect");
         let mut buf = [0u8; 7];
         t.read_exact(&mut buf).await.expect("the bytes before the failure");
         assert_eq!(&buf, b"partial");
@@ -338,7 +357,7 @@ mod tests {
         assert!(t.write_all(b"x").await.is_err(), "a failed tunnel takes no more bytes");
         drop(t);
 
-        let t = fake.conn.connect_tcp(8000).await.expect("connect");
+        let t = Tunnel::connect(&fake.conn, 8000).await.expect("connect");
         drop(t);
         let closed = tokio::time::timeout(Duration::from_secs(5), fake.closes.recv()).await.expect("a Close frame");
         assert!(closed.is_some());
@@ -348,7 +367,7 @@ mod tests {
     #[tokio::test]
     async fn writes_wait_for_the_guests_acks() {
         let fake = setup().await;
-        let mut t = fake.conn.connect_tcp(SLOW_ACKS).await.expect("connect");
+        let mut t = Tunnel::connect(&fake.conn, SLOW_ACKS).await.expect("connect");
         let start = Instant::now();
         let writer = tokio::spawn(async move {
             t.write_all(&vec![7u8; 2 * TUNNEL_WINDOW]).await.expect("write");
@@ -365,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn reads_acknowledge_so_a_windowed_sender_gets_everything_across() {
         let fake = setup().await;
-        let mut t = fake.conn.connect_tcp(BULK).await.expect("connect");
+        let mut t = Tunnel::connect(&fake.conn, BULK).await.expect("connect");
         let mut got = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut got)).await;
         read.expect("the sender was never stuck waiting for acks").expect("read");

@@ -1,6 +1,6 @@
 //! The forward proxy: listeners on host addresses whose connections are copied both ways to a
 //! port in a VM. Each accepted connection opens an [`Upstream`]: TCP to the guest's own address
-//! when the VM has one, else a tunnel through its agent (`AgentConn::connect_tcp`). An upstream
+//! when the VM has one, else a tunnel through its agent (`Tunnel::connect`). An upstream
 //! that fails (nothing listening in the guest) resets the client, as a closed port would; so
 //! does a guest connection that fails midway. [`Forwarder`] keeps the listeners of running VMs
 //! (a leaf lock).
@@ -125,7 +125,7 @@ impl Upstream {
                 let _ = stream.set_nodelay(true);
                 Ok(Box::new(stream))
             }
-            Self::Agent(conn) => match conn.connect_tcp(port).await {
+            Self::Agent(conn) => match crate::tunnel::Tunnel::connect(conn, port).await {
                 Ok(tunnel) => Ok(Box::new(tunnel)),
                 Err(source) => Err(UpstreamError::Agent { port, source }),
             },
