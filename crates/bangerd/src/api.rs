@@ -33,6 +33,7 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         health,
         shutdown,
         config,
+        doctor,
         list_vms,
         create_vm,
         show_vm,
@@ -69,6 +70,9 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         ApiError,
         DaemonStatus,
         ConfigView,
+        banger_proto::DoctorReport,
+        banger_proto::DoctorCheck,
+        banger_proto::DoctorStatus,
         CreateVmRequest,
         UpdateVmRequest,
         VmView,
@@ -115,6 +119,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/daemon/shutdown", post(shutdown))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/config", get(config))
+        .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{vm}", get(show_vm).patch(update_vm).delete(delete_vm))
         .route("/v1/vms/{vm}/exec", post(crate::exec::exec))
@@ -190,6 +195,12 @@ async fn config(State(d): Shared) -> ApiResult<ConfigView> {
         source: crate::config::describe_source(d.config_source.as_deref()),
         config: d.config.clone(),
     }))
+}
+
+/// The daemon's checks of this host, with the fix for anything missing.
+#[utoipa::path(get, path = "/v1/doctor", responses((status = 200, body = banger_proto::DoctorReport)))]
+async fn doctor(State(d): Shared) -> ApiResult<banger_proto::DoctorReport> {
+    Ok(Json(crate::doctor::report(&d.layout, &d.config)))
 }
 
 /// Every VM.

@@ -8,6 +8,7 @@ mod config;
 mod daemon;
 mod disks;
 mod dns;
+mod doctor;
 mod error;
 mod exec;
 mod forward;
