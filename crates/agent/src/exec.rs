@@ -22,7 +22,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{access, AccessFlags, Pid};
 
-use crate::serve::Link;
+use crate::channel::{self, Link};
 
 /// `PATH` when the request gives none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -436,6 +436,16 @@ impl ExecControl {
                 let _ = killpg(pgid, Signal::SIGKILL);
             }
         }
+    }
+}
+
+impl channel::Process for ExecControl {
+    fn signal(&self, signal: Signal) {
+        ExecControl::signal(self, signal);
+    }
+
+    fn kill(&self) {
+        ExecControl::kill(self);
     }
 }
 

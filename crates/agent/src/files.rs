@@ -9,7 +9,7 @@ use std::sync::mpsc;
 
 use banger_proto::agent::{AgentResponse, FrameKind};
 
-use crate::serve::Link;
+use crate::channel::Link;
 
 /// Bytes per `Data` frame sent to the host.
 const CHUNK: usize = 256 * 1024;

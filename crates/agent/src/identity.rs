@@ -13,8 +13,8 @@ use banger_proto::agent::{AgentResponse, FrameKind, HostKey, Identity};
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 
+use crate::channel::Link;
 use crate::net;
-use crate::serve::Link;
 
 /// sshd's directory.
 const SSH_DIR: &str = "/etc/ssh";

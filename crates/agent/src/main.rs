@@ -16,6 +16,7 @@
 
 #[macro_use]
 mod log;
+mod channel;
 mod exec;
 mod files;
 mod identity;

@@ -6,7 +6,7 @@
 
 use banger_proto::agent::{AgentResponse, FrameKind};
 
-use crate::serve::Link;
+use crate::channel::Link;
 
 /// Never take the last of this much free memory (KiB), nor of a tenth of it.
 const RESERVE_KIB: u64 = 32 * 1024;

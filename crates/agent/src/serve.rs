@@ -1,4 +1,5 @@
-//! Serving the host over the agent channel (framing and messages in `banger_proto::agent`).
+//! Serving the host over the agent channel (framing and messages in `banger_proto::agent`; the
+//! channel primitives in [`crate::channel`]). This is the one module that knows every handler.
 //!
 //! One reader (the serving thread) decodes frames and dispatches them; requests that take time
 //! run on their own threads and answer through a shared [`Writer`], which writes whole frames
@@ -18,22 +19,17 @@
 //! reaches it through Firecracker's hybrid socket with `CONNECT <port>`). [`find_transport`]
 //! picks whichever of the two the VM has.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use banger_proto::agent::{
-    parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind, SignalRequest, AGENT_PORT_NAME,
-    AGENT_VSOCK_PORT, MAX_PAYLOAD,
-};
+use banger_proto::agent::{AgentRequest, AgentResponse, Decoder, Frame, FrameKind, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::Signal;
 
+use crate::channel::{self, spawn_channel, Link, Route, Routes, Writer};
 use crate::exec::{self, ExecControl};
 use crate::{files, ports, session, tunnel, workspace};
 
@@ -95,128 +91,6 @@ pub enum ServeError {
         #[source]
         source: Errno,
     },
-}
-
-/// A frame could not be sent: the host it was for has gone.
-#[derive(Debug, thiserror::Error)]
-#[error("the host connection has gone")]
-pub struct Gone;
-
-/// The one writer: the current connection's fd and its generation.
-#[derive(Debug, Default)]
-pub struct Writer {
-    generation: AtomicU64,
-    conn: Mutex<Option<Arc<OwnedFd>>>,
-}
-
-impl Writer {
-    fn attach(&self, fd: Arc<OwnedFd>) -> u64 {
-        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *conn = Some(fd);
-        self.generation.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    fn detach(&self) {
-        // Bump first: a writer waiting for POLLOUT notices and lets go of the lock.
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *conn = None;
-    }
-
-    fn write(&self, generation: u64, bytes: &[u8]) -> Result<(), Gone> {
-        let conn = self.conn.lock().map_err(|_| Gone)?;
-        let fd = match conn.as_ref() {
-            Some(fd) if self.generation.load(Ordering::SeqCst) == generation => fd,
-            _ => return Err(Gone),
-        };
-        let mut done = 0;
-        while done < bytes.len() {
-            match nix::unistd::write(fd.as_fd(), &bytes[done..]) {
-                Ok(n) => done += n,
-                Err(Errno::EAGAIN) => {
-                    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
-                    let _ = poll(&mut fds, PollTimeout::from(50u8));
-                    let broken = PollFlags::POLLHUP | PollFlags::POLLERR;
-                    if fds[0].revents().is_some_and(|r| r.intersects(broken)) {
-                        // No host on the port: writes block until one comes, or this
-                        // connection is replaced.
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    if self.generation.load(Ordering::SeqCst) != generation {
-                        return Err(Gone);
-                    }
-                }
-                Err(Errno::EINTR) => {}
-                Err(_) => return Err(Gone),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What the reader does with later frames on a channel.
-#[derive(Debug)]
-pub enum Route {
-    /// A running exec: its control and stdin (when asked for).
-    Exec {
-        /// Signals and kill.
-        control: Arc<ExecControl>,
-        /// Host stdin chunks.
-        stdin: Option<mpsc::Sender<Vec<u8>>>,
-    },
-    /// A `write_file` or `unpack` receiving `Data` (dropping the sender abandons it).
-    Upload(mpsc::Sender<Vec<u8>>),
-    /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
-    /// its `Ack`s open.
-    Tunnel(mpsc::Sender<Vec<u8>>, Arc<tunnel::Credit>),
-    /// A session attach or followed log: stdin, signals and `Close` (detach) go to it.
-    Session(Arc<session::Control>),
-}
-
-type Routes = Arc<Mutex<HashMap<u32, Route>>>;
-
-/// One channel's way back to the host.
-#[derive(Debug, Clone)]
-pub struct Link {
-    writer: Arc<Writer>,
-    generation: u64,
-    channel: u32,
-    routes: Routes,
-}
-
-impl Link {
-    /// Sends raw bytes, split into frames of at most `MAX_PAYLOAD`.
-    pub fn send(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), Gone> {
-        if payload.len() <= MAX_PAYLOAD {
-            return self.writer.write(self.generation, &Frame::new(self.channel, kind, payload).encode());
-        }
-        for piece in payload.chunks(MAX_PAYLOAD) {
-            self.writer.write(self.generation, &Frame::new(self.channel, kind, piece.to_vec()).encode())?;
-        }
-        Ok(())
-    }
-
-    /// Sends a JSON payload.
-    pub fn json(&self, kind: FrameKind, value: &impl serde::Serialize) -> Result<(), Gone> {
-        self.writer.write(self.generation, &Frame::json(self.channel, kind, value).encode())
-    }
-
-    /// Ends the channel with an `Error` frame.
-    pub fn fail(&self, message: &str) {
-        let _ = self.json(FrameKind::Error, &AgentFailure { message: message.to_owned() });
-    }
-
-    /// Routes the channel's later frames to `route`.
-    pub fn route(&self, route: Route) {
-        insert_route(self, route);
-    }
-
-    /// Forgets the channel's route: later frames on it are ignored.
-    pub fn finish(&self) {
-        if let Ok(mut routes) = self.routes.lock() {
-            routes.remove(&self.channel);
-        }
-    }
 }
 
 /// Finds `/dev/vportNpM` whose name is [`AGENT_PORT_NAME`], waiting up to `timeout`.
@@ -413,12 +287,7 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
                         generation = writer.attach(Arc::clone(&fd));
                         routes = Arc::default();
                     }
-                    let link = Link {
-                        writer: Arc::clone(writer),
-                        generation,
-                        channel: frame.channel,
-                        routes: Arc::clone(&routes),
-                    };
+                    let link = Link::new(Arc::clone(writer), generation, frame.channel, Arc::clone(&routes));
                     if dispatch(frame, link) {
                         break 'conn Ok(Outcome::Shutdown);
                     }
@@ -431,7 +300,7 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
                 Err(e) => {
                     // The stream is out of step; tell the host on channel 0 and start afresh.
                     log!("bad frame from the host: {e}; resetting the decoder");
-                    let link = Link { writer: Arc::clone(writer), generation, channel: 0, routes: Arc::clone(&routes) };
+                    let link = Link::new(Arc::clone(writer), generation, 0, Arc::clone(&routes));
                     link.fail(&format!("bad frame: {e}"));
                     decoder = Decoder::default();
                     break;
@@ -457,84 +326,23 @@ fn reconnected(channel: u32, highest: &mut u32) -> bool {
 /// Stops writing for the connection and SIGKILLs the processes it started.
 fn end_connection(writer: &Writer, routes: &Routes) {
     writer.detach();
-    let routes: Vec<Route> = routes.lock().map(|mut r| r.drain().map(|(_, route)| route).collect()).unwrap_or_default();
-    for route in routes {
-        match route {
-            Route::Exec { control, .. } => control.kill(),
-            // Sessions outlive connections: only their attaches end.
-            Route::Session(control) => control.close(),
-            Route::Upload(_) | Route::Tunnel(..) => {}
-        }
-    }
+    channel::hang_up(routes);
 }
 
 /// Handles one frame; true when the host asked for `shutdown` (answered already).
 fn dispatch(frame: Frame, link: Link) -> bool {
-    match frame.kind {
-        FrameKind::Request => {
-            let request: AgentRequest = match frame.parse("request") {
-                Ok(request) => request,
-                Err(e) => {
-                    link.fail(&e.to_string());
-                    return false;
-                }
-            };
-            return request_frame(request, link);
-        }
-        FrameKind::Stdin => {
-            let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(Route::Session(control)) = routes.get(&frame.channel) {
-                control.stdin(frame.payload);
-            } else if let Some(Route::Exec { stdin: slot @ Some(_), .. }) = routes.get_mut(&frame.channel) {
-                let eof = frame.payload.is_empty();
-                if let Some(tx) = slot.as_ref() {
-                    let _ = tx.send(frame.payload);
-                }
-                if eof {
-                    *slot = None;
-                }
-            }
-        }
-        FrameKind::Signal => match frame.parse::<SignalRequest>("signal") {
-            Ok(request) => {
-                let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let signal = Signal::try_from(request.signal);
-                match (routes.get(&frame.channel), signal) {
-                    (Some(Route::Exec { control, .. }), Ok(signal)) => control.signal(signal),
-                    (Some(Route::Session(control)), Ok(signal)) => control.signal(signal),
-                    (_, Err(_)) => log!("ignoring unknown signal {}", request.signal),
-                    _ => {}
-                }
-            }
-            Err(e) => log!("ignoring a bad signal frame: {e}"),
-        },
-        FrameKind::Data => {
-            let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(Route::Upload(tx) | Route::Tunnel(tx, _)) = routes.get(&frame.channel) {
-                let _ = tx.send(frame.payload);
-            }
-        }
-        FrameKind::Close => {
-            let mut routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match routes.get(&frame.channel) {
-                // Dropping the sender tells the tunnel to close its socket, an upload to stop.
-                Some(Route::Tunnel(..) | Route::Upload(_)) => {
-                    routes.remove(&frame.channel);
-                }
-                // The channel's thread notices, says `Close` and forgets the route.
-                Some(Route::Session(control)) => control.close(),
-                _ => {}
-            }
-        }
-        FrameKind::Ack => {
-            let routes = link.routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let (Some(Route::Tunnel(_, credit)), Some(n)) = (routes.get(&frame.channel), parse_ack(&frame.payload)) {
-                credit.release(n);
-            }
-        }
-        other => log!("ignoring a {other:?} frame from the host on channel {}", frame.channel),
+    if frame.kind != FrameKind::Request {
+        link.deliver(frame);
+        return false;
     }
-    false
+    let request: AgentRequest = match frame.parse("request") {
+        Ok(request) => request,
+        Err(e) => {
+            link.fail(&e.to_string());
+            return false;
+        }
+    };
+    request_frame(request, link)
 }
 
 fn request_frame(request: AgentRequest, link: Link) -> bool {
@@ -558,13 +366,13 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             } else {
                 (None, None)
             };
-            insert_route(&link, Route::Exec { control: Arc::clone(&control), stdin: tx });
+            link.route(Route::Exec { control: Arc::<ExecControl>::clone(&control), stdin: tx });
             spawn_channel(link, "exec", move |link| exec::session(link, request, control, rx));
         }
         AgentRequest::Connect { port } => {
             let (tx, rx) = mpsc::channel();
             let credit = Arc::new(tunnel::Credit::default());
-            insert_route(&link, Route::Tunnel(tx, Arc::clone(&credit)));
+            link.route(Route::Tunnel(tx, Arc::<tunnel::Credit>::clone(&credit)));
             spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
         }
         AgentRequest::Session(op) => session::request(op, link),
@@ -575,31 +383,16 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
         AgentRequest::ReadFile { path } => spawn_channel(link, "read_file", move |link| files::read_file(&link, &path)),
         AgentRequest::WriteFile { path, mode } => {
             let (tx, rx) = mpsc::channel();
-            insert_route(&link, Route::Upload(tx));
+            link.route(Route::Upload(tx));
             spawn_channel(link, "write_file", move |link| files::write_file(&link, &path, mode, &rx));
         }
         AgentRequest::Unpack { dir } => {
             let (tx, rx) = mpsc::channel();
-            insert_route(&link, Route::Upload(tx));
+            link.route(Route::Upload(tx));
             spawn_channel(link, "unpack", move |link| workspace::session(&link, &dir, &rx));
         }
     }
     false
-}
-
-fn insert_route(link: &Link, route: Route) {
-    if let Ok(mut routes) = link.routes.lock() {
-        routes.insert(link.channel, route);
-    }
-}
-
-/// Runs `work` for the channel on a thread of its own (or fails the channel).
-pub fn spawn_channel(link: Link, name: &str, work: impl FnOnce(Link) + Send + 'static) {
-    let theirs = link.clone();
-    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(move || work(theirs)) {
-        link.fail(&format!("cannot start a thread: {e}"));
-        link.finish();
-    }
 }
 
 /// The answer to `ping`.

@@ -27,8 +27,8 @@ use banger_proto::agent::{AgentResponse, ExitStatus, FrameKind};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::channel::{self, Link, Route};
 use crate::exec::{self, Command, SpawnError, Stdio};
-use crate::serve::{Link, Route};
 
 /// Overrides [`SESSION_DIR`] (for running the agent outside a guest, e.g. in tests).
 pub const SESSION_DIR_ENV: &str = "BANGER_SESSION_DIR";
@@ -447,6 +447,20 @@ impl Control {
     }
 }
 
+impl channel::Attachment for Control {
+    fn stdin(&self, bytes: Vec<u8>) {
+        Control::stdin(self, bytes);
+    }
+
+    fn signal(&self, signal: Signal) {
+        Control::signal(self, signal);
+    }
+
+    fn close(&self) {
+        Control::close(self);
+    }
+}
+
 /// Serves one `session` request.
 pub fn request(op: SessionOp, link: Link) {
     let sup = supervisor();
@@ -455,7 +469,7 @@ pub fn request(op: SessionOp, link: Link) {
         link.finish();
     };
     match op {
-        SessionOp::Start(req) => crate::serve::spawn_channel(link, "session-start", move |link| {
+        SessionOp::Start(req) => crate::channel::spawn_channel(link, "session-start", move |link| {
             let state = sup.start(req);
             let _ = link.json(FrameKind::Response, &AgentResponse::Session(state));
             link.finish();
@@ -483,8 +497,8 @@ pub fn request(op: SessionOp, link: Link) {
                         closed: AtomicBool::new(false),
                         attach: Some((Arc::clone(&session), attachment.token)),
                     });
-                    link.route(Route::Session(Arc::clone(&control)));
-                    crate::serve::spawn_channel(link, "session-attach", move |link| {
+                    link.route(Route::Session(Arc::<Control>::clone(&control)));
+                    crate::channel::spawn_channel(link, "session-attach", move |link| {
                         relay(&link, &session, &attachment, &control);
                         link.finish();
                     });
@@ -502,7 +516,7 @@ pub fn request(op: SessionOp, link: Link) {
                 if !proto::valid_id(&id) || !path.is_file() {
                     return unknown(&link, &id);
                 }
-                return crate::serve::spawn_channel(link, "session-logs", move |link| {
+                return crate::channel::spawn_channel(link, "session-logs", move |link| {
                     if send_file(&link, &path) {
                         let _ = link.json(FrameKind::Response, &AgentResponse::Ok);
                     }
@@ -510,8 +524,8 @@ pub fn request(op: SessionOp, link: Link) {
                 });
             };
             let control = Arc::new(Control::default());
-            link.route(Route::Session(Arc::clone(&control)));
-            crate::serve::spawn_channel(link, "session-logs", move |link| {
+            link.route(Route::Session(Arc::<Control>::clone(&control)));
+            crate::channel::spawn_channel(link, "session-logs", move |link| {
                 send_log(&link, &session, stderr, follow, &control);
                 link.finish();
             });

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use banger_proto::agent::{ack_payload, AgentResponse, FrameKind, TUNNEL_ACK_EVERY, TUNNEL_WINDOW};
 
-use crate::serve::Link;
+use crate::channel::{self, Link};
 
 /// How long a connect to the loopback may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +65,12 @@ impl Credit {
     fn close(&self) {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
         self.changed.notify_all();
+    }
+}
+
+impl channel::Window for Credit {
+    fn release(&self, n: usize) {
+        Credit::release(self, n);
     }
 }
 

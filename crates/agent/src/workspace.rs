@@ -28,7 +28,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
-use crate::serve::Link;
+use crate::channel::Link;
 
 /// Bytes copied per read from the stream into a file.
 const COPY_BUF: usize = 256 * 1024;

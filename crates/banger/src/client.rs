@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use banger_host::Layout;
+use banger_core::Layout;
 use banger_proto::{ApiError, DaemonStatus};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -163,7 +163,7 @@ impl Client {
     /// Waits until the socket stops answering and the daemon with `pid` has exited.
     pub async fn wait_stopped(&self, pid: u32, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        while banger_host::process::pid_alive(pid, "") || self.connect().await.is_ok() {
+        while pid_alive(pid) || self.connect().await.is_ok() {
             if Instant::now() > deadline {
                 bail!("bangerd (pid {pid}) did not stop within {} s", timeout.as_secs());
             }
@@ -171,6 +171,17 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Whether `pid` is a live process (a zombie is dead): the same test as the daemon's
+/// `banger_host::process::pid_alive` without a marker, kept here so the CLI links no host crate.
+fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name, which may itself hold spaces.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x"))
 }
 
 /// Where `bangerd` is: `$BANGER_BANGERD`, beside this executable, or on `PATH`.

@@ -59,6 +59,10 @@ enum Command {
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
     /// Check that this host has what banger needs, with the fix for anything missing.
+    ///
+    /// The checks run in bangerd, which is what runs the VMMs (with its user, config and state
+    /// dir); like every command, doctor starts it when nothing answers. If bangerd cannot start,
+    /// that error says why and what to fix. Exit code 1 when a check fails.
     Doctor(cmd::doctor::DoctorArgs),
     /// Time a cold `vm run`, the bare VMM boot of the same guest and concurrent creates, side
     /// by side with their ratios (needs root for nothing more than the VMs do).
@@ -72,7 +76,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let layout = banger_host::Layout::resolve(cli.state_dir, cli.socket);
+    let layout = banger_core::Layout::resolve(cli.state_dir, cli.socket);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -91,7 +95,7 @@ fn main() -> ExitCode {
             Command::Daemon(c) => cmd::daemon::run(&client, c).await,
             Command::Config(c) => cmd::config::run(&client, c).await,
             Command::Snapshot(c) => cmd::snapshot::run(&client, c).await,
-            Command::Doctor(a) => cmd::doctor::run(&client, a),
+            Command::Doctor(a) => cmd::doctor::run(&client, a).await,
             Command::Bench(a) => cmd::bench::run(&client, a).await,
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
             Command::Workspace(c) => cmd::workspace::run(&client, c).await,

@@ -1,11 +1,13 @@
 //! banger's model: what a VM, an image, a kernel and an operation *are*, how names and sizes are
-//! validated, and the pure state transitions of a VM. Nothing here performs I/O beyond reading the
-//! clock and the system RNG.
+//! validated, the pure state transitions of a VM, and where banger keeps its files ([`Layout`]).
+//! Nothing here performs I/O beyond reading the clock, the system RNG and, for
+//! [`Layout::resolve`], the process's effective uid, environment and current directory.
 
 pub mod artifact;
 pub mod config;
 pub mod forward;
 pub mod id;
+pub mod layout;
 pub mod name;
 pub mod net;
 pub mod op;
@@ -19,6 +21,7 @@ pub use artifact::{ImageRecord, InitMode, KernelRecord};
 pub use config::Config;
 pub use forward::{ForwardProtocol, ForwardRecord, ForwardSpecError, PortForward};
 pub use id::new_id;
+pub use layout::{Layout, LayoutEnv};
 pub use name::{validate_artifact_name, validate_name, NameError};
 pub use op::{OpState, OperationRecord, StageRecord, StageState};
 pub use session::{SessionRecord, SessionStatus, StdinMode};

@@ -1,5 +1,5 @@
 //! Host side effects behind narrow traits, with Linux implementations and recording fakes:
-//! where banger keeps its files, process liveness, the per-VM handles scratch file, the daemon's
+//! making banger's directories (the paths are `banger_core::Layout`), process liveness, the per-VM handles scratch file, the daemon's
 //! lock file, and the probes `banger doctor` runs.
 
 pub mod doctor;
@@ -10,6 +10,6 @@ pub mod paths;
 pub mod probe;
 pub mod process;
 
+pub use banger_core::Layout;
 pub use handles::VmHandles;
-pub use paths::Layout;
 pub use probe::{HostProbe, LinuxProbe};

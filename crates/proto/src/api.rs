@@ -228,6 +228,52 @@ pub struct ConfigView {
     pub config: Config,
 }
 
+/// `GET /v1/doctor`: the daemon's checks of this host (it runs the VMMs, so its view is the one
+/// that counts), one per thing banger needs, each with the fix when not ok.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DoctorReport {
+    /// No check failed.
+    pub ok: bool,
+    /// Every check, in a stable order.
+    pub checks: Vec<DoctorCheck>,
+}
+
+/// One check of [`DoctorReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DoctorCheck {
+    /// Short name, e.g. `kvm`, `qemu`, `vmm`, `disk space`.
+    pub name: String,
+    /// How it came out.
+    pub status: DoctorStatus,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it, when not ok.
+    pub fix: Option<String>,
+}
+
+/// How a [`DoctorCheck`] came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DoctorStatus {
+    /// Fine.
+    Ok,
+    /// Works, with a caveat.
+    Warn,
+    /// banger cannot do its job until this is fixed.
+    Fail,
+}
+
+impl DoctorStatus {
+    /// The status as printed (`ok`, `warn`, `fail`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Warn => "warn",
+            Self::Fail => "fail",
+        }
+    }
+}
+
 /// `GET /v1/vms/{vm}/logs`: the VM's serial console.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmLogs {
@@ -428,5 +474,32 @@ impl ForwardState {
             Self::Inactive => "inactive",
             Self::Failed => "failed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doctor_report_keeps_the_shape_of_doctor_json() {
+        let report = DoctorReport {
+            ok: false,
+            checks: vec![DoctorCheck {
+                name: "tun".into(),
+                status: DoctorStatus::Fail,
+                detail: "/dev/net/tun is missing".into(),
+                fix: None,
+            }],
+        };
+        let value = serde_json::to_value(&report).expect("serialise");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "ok": false,
+                "checks": [{"name": "tun", "status": "fail", "detail": "/dev/net/tun is missing", "fix": null}]
+            })
+        );
+        assert_eq!(serde_json::from_value::<DoctorReport>(value).expect("parse"), report);
     }
 }

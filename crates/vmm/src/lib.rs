@@ -11,6 +11,7 @@
 //! the VMM to exit now), [`Vmm::kill`] (SIGKILL, last resort) and [`Vmm::wait_exit`];
 //! [`Vmm::stop`] chains them.
 
+mod error;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
@@ -26,9 +27,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use error::{ControlError, LaunchError};
 pub use firecracker::{FirecrackerDriver, FirecrackerError, FirecrackerOptions};
 pub use process::{is_alive, read_pidfile, StatsError, VmmStats};
-pub use qemu::{LaunchError, QemuDriver};
+pub use qemu::QemuDriver;
 pub use qmp::{QmpClient, QmpError, RunStatus};
 pub use select::{
     explain, host_tsc_khz, select, Accel, HostFacts, ParseVmmChoiceError, SelectError, Selection, VmmChoice, VmmKind,
@@ -88,70 +90,6 @@ pub enum StopOutcome {
     Quit,
     /// It had to be killed.
     Killed,
-}
-
-/// Why a VMM could not be controlled.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The control socket failed.
-    #[error(transparent)]
-    Qmp(#[from] QmpError),
-    /// Firecracker's API failed.
-    #[error(transparent)]
-    Firecracker(#[from] firecracker::api::ApiError),
-    /// Sending a signal failed.
-    #[error("cannot signal vmm process {pid}; is the daemon running as root?")]
-    Signal {
-        /// The pid.
-        pid: u32,
-        /// The cause.
-        #[source]
-        source: nix::errno::Errno,
-    },
-    /// The process survived SIGKILL.
-    #[error("vmm process {pid} survived SIGKILL; it may be stuck in the kernel (check `ps -o stat {pid}`)")]
-    Unkillable {
-        /// The pid.
-        pid: u32,
-    },
-    /// The driver is not built.
-    #[error("the {kind} driver is not built yet; use --vmm qemu")]
-    Unsupported {
-        /// The VMM.
-        kind: VmmKind,
-    },
-    /// The driver cannot do this.
-    #[error("{what} is not supported by the {kind} vmm; use a vm with --vmm qemu")]
-    NotSupported {
-        /// The VMM.
-        kind: VmmKind,
-        /// What was asked (`pause`, `resume`, `snapshot`).
-        what: &'static str,
-    },
-    /// The guest is in a run state that does not allow this.
-    #[error("the guest is {status}, {need}")]
-    BadRunState {
-        /// QEMU's run state (`running`, `paused`, ...).
-        status: String,
-        /// What was needed, as words.
-        need: &'static str,
-    },
-    /// Writing the guest state failed.
-    #[error("writing the guest state to {} failed: {reason}; check free space there", path.display())]
-    SaveFailed {
-        /// The state file.
-        path: PathBuf,
-        /// What the VMM said.
-        reason: String,
-    },
-    /// Writing the guest state took too long.
-    #[error("writing the guest state to {} did not finish within {timeout:?}", path.display())]
-    SaveTimeout {
-        /// The state file.
-        path: PathBuf,
-        /// How long we waited.
-        timeout: Duration,
-    },
 }
 
 /// A VMM driver. Object-safe: the daemon holds an `Arc<dyn Vmm>`.

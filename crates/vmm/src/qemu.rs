@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use banger_core::config::VmmKind;
+
 use crate::process::{self, Children};
 use crate::qmp::{QmpClient, QmpError};
-use crate::select::{Accel, VmmKind};
-use crate::spec::{LaunchSpec, SpecError, AGENT_PORT_NAME};
-use crate::{ControlError, Launched, Vmm, VmmFuture, VmmStats};
+use crate::spec::{Accel, LaunchSpec, AGENT_PORT_NAME};
+use crate::{ControlError, LaunchError, Launched, Vmm, VmmFuture, VmmStats};
 
 /// The QEMU binary banger runs by default.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -32,96 +33,6 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many stderr lines a launch error quotes.
 const STDERR_LINES: usize = 15;
-
-/// Why a VM could not be launched.
-#[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    /// The spec cannot be booted as written.
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    /// The VMM binary is not installed.
-    #[error("{} not found; install it with `apt-get install qemu-system-x86` (see `banger doctor`)", binary.display())]
-    QemuNotFound {
-        /// The binary looked for.
-        binary: PathBuf,
-    },
-    /// A file the boot needs is missing.
-    #[error("{what} {} not found; re-pull or rebuild it (see `banger doctor`)", path.display())]
-    MissingFile {
-        /// What the file is (`kernel`, `initramfs`, `disk`, `vm dir`).
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-    },
-    /// A stale file could not be removed or a log file not created.
-    #[error("cannot prepare {}; check the vm dir's permissions", path.display())]
-    Prepare {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The VMM process could not be started.
-    #[error("cannot start {}", binary.display())]
-    Spawn {
-        /// The binary.
-        binary: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The VMM exited before its control socket answered.
-    #[error("the vmm exited during startup ({status}); its stderr ends with:\n{stderr}")]
-    Exited {
-        /// How it ended.
-        status: String,
-        /// The last lines of its stderr.
-        stderr: String,
-    },
-    /// The control socket did not answer in time; the VMM was killed.
-    #[error("the vmm did not answer on its control socket within {timeout:?} and was killed; its stderr ends with:\n{stderr}")]
-    NotReady {
-        /// How long we waited.
-        timeout: Duration,
-        /// The last lines of its stderr.
-        stderr: String,
-    },
-    /// The QMP handshake failed; the VMM was killed.
-    #[error("the qmp handshake failed and the vmm was killed; its stderr ends with:\n{stderr}")]
-    Handshake {
-        /// The cause.
-        #[source]
-        source: QmpError,
-        /// The last lines of its stderr.
-        stderr: String,
-    },
-    /// The selected VMM is not built.
-    #[error("the {kind} driver is not built yet; use --vmm qemu")]
-    Unsupported {
-        /// The VMM.
-        kind: VmmKind,
-    },
-    /// The Firecracker driver failed.
-    #[error(transparent)]
-    Firecracker(#[from] crate::firecracker::FirecrackerError),
-    /// The driver cannot do this.
-    #[error("{what} is not supported by the {kind} vmm; use --vmm qemu")]
-    NotSupported {
-        /// The VMM.
-        kind: VmmKind,
-        /// What was asked (`restore`).
-        what: &'static str,
-    },
-    /// The saved guest state did not load: the VMM exited or never left `inmigrate`.
-    #[error("the vmm could not load the guest state ({reason}); its stderr ends with:\n{stderr}")]
-    RestoreFailed {
-        /// What happened.
-        reason: String,
-        /// The last lines of its stderr.
-        stderr: String,
-    },
-}
 
 /// The QEMU `microvm` driver.
 #[derive(Debug)]

@@ -8,7 +8,6 @@
 //! `auto` picks Firecracker when its binary is found and KVM boots stock guests; otherwise QEMU,
 //! with KVM when usable and TCG when not. [`explain`] says why, for `banger doctor`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,33 +19,8 @@ use crate::firecracker::{FirecrackerDriver, FirecrackerOptions};
 use crate::qemu::QemuDriver;
 use crate::Vmm;
 
+pub use crate::spec::Accel;
 pub use banger_core::config::{ParseVmmChoiceError, VmmChoice, VmmKind};
-
-/// How guest code runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Accel {
-    /// Hardware virtualisation.
-    Kvm,
-    /// QEMU's software emulation (slow, works everywhere).
-    Tcg,
-}
-
-impl Accel {
-    /// The accelerator's name as QEMU spells it (`kvm`, `tcg`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
-        }
-    }
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Facts about the host that selection depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

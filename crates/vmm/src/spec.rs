@@ -1,11 +1,39 @@
-//! What a boot needs ([`LaunchSpec`]) and the file names every VM directory uses ([`VmPaths`]).
+//! What a boot needs ([`LaunchSpec`], run with an [`Accel`]) and the file names every VM
+//! directory uses ([`VmPaths`]).
 //!
 //! The daemon fills a [`LaunchSpec`]; the driver turns it into a VMM process. Socket, pidfile and
 //! log names are fixed here so that the daemon, `doctor` and the drivers agree on them.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// How guest code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation (slow, works everywhere).
+    Tcg,
+}
+
+impl Accel {
+    /// The accelerator's name as QEMU spells it (`kvm`, `tcg`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// File name of the VMM control socket (QMP for QEMU) in a VM directory.
 pub const CONTROL_SOCKET_FILE: &str = "qmp.sock";

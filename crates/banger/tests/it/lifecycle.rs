@@ -125,6 +125,9 @@ fn config_file_sets_defaults_and_bad_config_is_refused() {
     env.banger(&["daemon", "stop"]).ok();
     std::fs::write(env.state.join("config.toml"), "default_cpus = 3\n").expect("write");
     env.banger(&["vm", "list"]).fails(1, "unknown field `default_cpus`");
+    // doctor too: its checks run in the daemon, which refuses the file rather than defaulting.
+    env.banger(&["doctor"]).fails(1, "unknown field `default_cpus`");
+    assert!(env.daemon_pid().is_none());
 }
 
 #[test]
@@ -168,7 +171,7 @@ fn doctor_reports_on_this_host() {
             "{detail}"
         );
     }
-    assert!(env.daemon_pid().is_none(), "doctor does not start the daemon");
+    assert!(env.daemon_pid().is_some(), "doctor's checks run in the daemon, started on demand");
     let human = env.banger(&["doctor"]).stdout;
     assert!(human.lines().all(|l| ["ok ", "warn", "fail"].iter().any(|p| l.starts_with(p))), "{human}");
 }

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use banger_proto::{ConfigView, DaemonStatus};
+use banger_proto::{ConfigView, DaemonStatus, DoctorReport};
 
 use super::{ApiResult, Shared};
 
@@ -41,6 +41,12 @@ pub(super) async fn config(State(d): Shared) -> ApiResult<ConfigView> {
         source: crate::config::describe_source(d.config_source.as_deref()),
         config: d.fleet.config.clone(),
     }))
+}
+
+/// The daemon's checks of this host, with the fix for anything missing.
+#[utoipa::path(get, path = "/v1/doctor", responses((status = 200, body = DoctorReport)))]
+pub(super) async fn doctor(State(d): Shared) -> ApiResult<DoctorReport> {
+    Ok(Json(crate::services::doctor::report(&d.fleet.layout, &d.fleet.config)))
 }
 
 /// This document.

@@ -52,6 +52,7 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         daemon::health,
         daemon::shutdown,
         daemon::config,
+        daemon::doctor,
         vms::list_vms,
         vms::create_vm,
         vms::show_vm,
@@ -93,6 +94,9 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         ApiError,
         DaemonStatus,
         ConfigView,
+        banger_proto::DoctorReport,
+        banger_proto::DoctorCheck,
+        banger_proto::DoctorStatus,
         CreateVmRequest,
         UpdateVmRequest,
         VmView,
@@ -150,6 +154,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/daemon/shutdown", post(daemon::shutdown))
         .route("/v1/openapi.json", get(daemon::openapi))
         .route("/v1/config", get(daemon::config))
+        .route("/v1/doctor", get(daemon::doctor))
         .route("/v1/vms", get(vms::list_vms).post(vms::create_vm))
         .route("/v1/vms/{vm}", get(vms::show_vm).patch(vms::update_vm).delete(vms::delete_vm))
         .route("/v1/vms/{vm}/exec", post(exec::exec))

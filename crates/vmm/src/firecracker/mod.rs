@@ -29,6 +29,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use banger_core::config::VmmKind;
 use banger_core::Config;
 use serde::Serialize;
 use serde_json::Value;
@@ -37,10 +38,8 @@ use self::api::{ActionType, ApiClient, ApiError};
 use self::jailer::{Jail, JailError, JailFs, JailLink, JailerOptions, LinuxJailFs};
 use self::logs::ExitCause;
 use crate::process::{self, Children, StatsError, VmmStats};
-use crate::qemu::LaunchError;
-use crate::select::VmmKind;
 use crate::spec::LaunchSpec;
-use crate::{AgentEndpoint, ControlError, Launched, Vmm, VmmFuture};
+use crate::{AgentEndpoint, ControlError, LaunchError, Launched, Vmm, VmmFuture};
 
 /// The Firecracker binary banger runs by default.
 pub const FIRECRACKER_BINARY: &str = "firecracker";
