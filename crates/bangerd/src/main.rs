@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use banger_host::{lockfile, paths::ensure_dir, Layout};
+use banger_core::Layout;
+use banger_host::{lockfile, paths::ensure_dir};
 use bangerd::daemon::Daemon;
 use bangerd::services::Fleet;
 use bangerd::{config, http};

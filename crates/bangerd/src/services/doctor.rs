@@ -4,8 +4,9 @@
 //! already says why and what to fix.
 
 use banger_core::Config;
+use banger_core::Layout;
 use banger_host::doctor::{self, DoctorInput, Status};
-use banger_host::{Layout, LinuxProbe};
+use banger_host::LinuxProbe;
 use banger_proto::{DoctorCheck, DoctorReport, DoctorStatus};
 
 /// Runs every check on this host for the daemon's layout and config.

@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use banger_core::config::{VmmChoice, VmmKind};
+use banger_core::Layout;
 use banger_core::{Config, VmRecord};
-use banger_host::Layout;
 use banger_store::{Store, StoreError};
 use banger_vmm::{HostFacts, Selection, Vmm};
 

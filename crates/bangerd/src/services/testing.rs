@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_core::config::{VmmChoice, VmmKind};
+use banger_core::Layout;
 use banger_core::{Config, InitMode, VmRecord};
-use banger_host::Layout;
 use banger_proto::agent::{AgentRequest, AgentResponse, Decoder, Frame, FrameKind};
 use banger_proto::GitIdentity;
 use banger_store::Store;
