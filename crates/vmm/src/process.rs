@@ -179,46 +179,85 @@ impl std::fmt::Display for ExitReport {
     }
 }
 
-/// The VMM children a driver spawned and has not reaped yet (see the module docs).
+/// How many exit reports of reaped children are kept for [`Children::reap`] to hand out.
+const KEPT_REPORTS: usize = 64;
+
+/// The VMM children a driver spawned (see the module docs). A child we spawned is judged alive
+/// through its pid alone, with `waitpid`: until we reap it its pid cannot be reused, and its
+/// command line is no evidence (between fork and exec it still reads as the daemon's). Only
+/// processes we did not spawn (adopted after a restart) are judged by their command line.
 #[derive(Debug, Default)]
 pub(crate) struct Children {
-    pids: Mutex<HashSet<u32>>,
+    state: Mutex<ChildState>,
+}
+
+#[derive(Debug, Default)]
+struct ChildState {
+    /// Spawned and not reaped.
+    running: HashSet<u32>,
+    /// Reaped, with how they ended, until [`Children::reap`] hands the report out (the newest
+    /// few only).
+    exited: std::collections::VecDeque<(u32, ExitReport)>,
 }
 
 impl Children {
+    fn state(&self) -> std::sync::MutexGuard<'_, ChildState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Remembers a freshly spawned child.
     pub(crate) fn track(&self, pid: u32) {
-        self.pids.lock().unwrap_or_else(PoisonError::into_inner).insert(pid);
+        let mut state = self.state();
+        state.exited.retain(|(p, _)| *p != pid);
+        state.running.insert(pid);
     }
 
-    /// How many children are tracked.
+    /// How many children run (spawned, not reaped).
     #[cfg(test)]
     pub(crate) fn tracked(&self) -> usize {
-        self.pids.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.state().running.len()
     }
 
-    /// Reaps `pid` if it is one of ours and has exited; returns how it ended.
-    pub(crate) fn reap(&self, pid: u32) -> Option<ExitReport> {
-        let mut pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
-        if !pids.contains(&pid) {
+    /// Whether child `pid` of ours runs (reaping it if it has exited); `None` when it is not a
+    /// child of ours.
+    fn poll(&self, pid: u32) -> Option<bool> {
+        let mut state = self.state();
+        if state.exited.iter().any(|(p, _)| *p == pid) {
+            return Some(false);
+        }
+        if !state.running.contains(&pid) {
             return None;
         }
-        let report = match waitpid(to_pid(pid)?, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return None,
-            Ok(WaitStatus::Exited(_, code)) => ExitReport(format!("exit status {code}")),
-            Ok(WaitStatus::Signaled(_, sig, _)) => ExitReport(format!("killed by {sig}")),
-            Ok(other) => ExitReport(format!("{other:?}")),
-            // Someone else reaped it (e.g. a SIGCHLD handler set to SIG_IGN).
-            Err(_) => ExitReport("exit status unknown".into()),
+        let report = match to_pid(pid).map(|p| waitpid(p, Some(WaitPidFlag::WNOHANG))) {
+            Some(Ok(WaitStatus::StillAlive)) => return Some(true),
+            Some(Ok(WaitStatus::Exited(_, code))) => ExitReport(format!("exit status {code}")),
+            Some(Ok(WaitStatus::Signaled(_, sig, _))) => ExitReport(format!("killed by {sig}")),
+            // Stopped or continued: it still runs.
+            Some(Ok(_)) => return Some(true),
+            // Someone else reaped it (e.g. a SIGCHLD handler set to SIG_IGN), or no such pid.
+            Some(Err(_)) | None => ExitReport("exit status unknown".into()),
         };
-        pids.remove(&pid);
-        Some(report)
+        state.running.remove(&pid);
+        if state.exited.len() >= KEPT_REPORTS {
+            state.exited.pop_front();
+        }
+        state.exited.push_back((pid, report));
+        Some(false)
+    }
+
+    /// Reaps `pid` if it is one of ours and has exited; returns how it ended (once).
+    pub(crate) fn reap(&self, pid: u32) -> Option<ExitReport> {
+        if self.poll(pid) != Some(false) {
+            return None;
+        }
+        let mut state = self.state();
+        let at = state.exited.iter().position(|(p, _)| *p == pid)?;
+        state.exited.remove(at).map(|(_, report)| report)
     }
 
     /// SIGKILLs `pid` if it is one of ours and waits for it (blocking; it dies at once).
     pub(crate) fn kill_and_reap(&self, pid: u32) {
-        let mut pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
-        if !pids.remove(&pid) {
+        if !self.state().running.remove(&pid) {
             return;
         }
         if let Some(target) = to_pid(pid) {
@@ -232,8 +271,8 @@ impl Children {
     /// so its command line need not be checked: it reads empty while the child execs). Returns
     /// whether it was ours.
     pub(crate) fn kill_child(&self, pid: u32) -> bool {
-        let pids = self.pids.lock().unwrap_or_else(PoisonError::into_inner);
-        match to_pid(pid).filter(|_| pids.contains(&pid)) {
+        let state = self.state();
+        match to_pid(pid).filter(|_| state.running.contains(&pid)) {
             Some(target) => {
                 let _ = signal::kill(target, Signal::SIGKILL);
                 true
@@ -242,17 +281,17 @@ impl Children {
         }
     }
 
-    /// [`is_alive`], reaping the child if it is ours and gone.
+    /// The one liveness test for a driver: a child of ours by `waitpid` (reaping it when it has
+    /// exited), any other process by [`is_alive`] (pid and command line).
     pub(crate) fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
-        let alive = is_alive(pid, vm_dir);
-        if !alive {
-            self.reap(pid);
+        match self.poll(pid) {
+            Some(alive) => alive,
+            None => is_alive(pid, vm_dir),
         }
-        alive
     }
 
     fn is_tracked(&self, pid: u32) -> bool {
-        self.pids.lock().unwrap_or_else(PoisonError::into_inner).contains(&pid)
+        self.state().running.contains(&pid)
     }
 
     /// Waits up to `timeout` for the VMM `pid` of `vm_dir` to be gone; returns whether it is.

@@ -211,7 +211,7 @@ impl QemuDriver {
 
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
-            if !process::is_alive(pid, &spec.vm_dir) {
+            if !self.children.is_alive(pid, &spec.vm_dir) {
                 let report = self.children.reap_within(pid, Duration::from_secs(1)).await;
                 let status = report.map_or_else(|| "exit status unknown".to_owned(), |s| s.to_string());
                 return Err(LaunchError::Exited { status, stderr: process::tail_lines(&stderr_path, STDERR_LINES) });

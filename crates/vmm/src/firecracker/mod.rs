@@ -531,11 +531,10 @@ impl FirecrackerDriver {
         Ok((Started { pid, client }, view))
     }
 
-    /// How our child `pid` ended, if it has. The command line alone cannot say: it reads empty
-    /// while a process execs (the jailer execs Firecracker), so a child that looks gone is
-    /// reaped to be sure.
+    /// How our child `pid` ended, if it has: judged by `waitpid`, never by its command line
+    /// (which reads as ours, or empty, while the child execs; the jailer execs Firecracker).
     async fn gone(&self, pid: u32, vm_dir: &Path) -> Option<process::ExitReport> {
-        if process::is_alive(pid, vm_dir) {
+        if self.children.is_alive(pid, vm_dir) {
             return None;
         }
         self.children.reap_within(pid, Duration::from_millis(100)).await
