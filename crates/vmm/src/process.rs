@@ -454,6 +454,28 @@ mod tests {
     }
 
     #[test]
+    fn a_child_is_alive_by_its_pid_whatever_its_command_line_says() {
+        let dir = tempfile::tempdir().unwrap();
+        // Its command line never names the dir: as a child between fork and exec looks.
+        let mut command = Command::new("sleep");
+        command.arg("30").stdin(Stdio::null()).stdout(Stdio::null());
+        let pid = spawn_in_own_session(&mut command).unwrap();
+        let children = Children::default();
+        children.track(pid);
+        assert!(!is_alive(pid, dir.path()), "the marker test alone would call it dead");
+        assert!(children.is_alive(pid, dir.path()), "a child of ours is alive until waitpid says otherwise");
+        assert!(children.kill_child(pid));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while children.is_alive(pid, dir.path()) {
+            assert!(std::time::Instant::now() < deadline, "child did not die");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(children.tracked(), 0, "reaped by the liveness test");
+        assert_eq!(children.reap(pid), Some(ExitReport("killed by SIGKILL".into())), "its report is kept once");
+        assert_eq!(children.reap(pid), None);
+    }
+
+    #[test]
     fn zombies_are_dead_and_reaped_with_their_status() {
         let dir = tempfile::tempdir().unwrap();
         let marker = format!("{}/marker", dir.path().display());
