@@ -10,9 +10,8 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use banger_core::StdinMode;
 use banger_proto::agent::{AgentFailure, AgentResponse, Decoder, ExitStatus, Frame, FrameKind};
-use banger_proto::SessionView;
+use banger_proto::{SessionView, StdinMode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::Request;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use banger_core::time::human_duration;
-use banger_core::{OpState, OperationRecord, StageState};
+use banger_proto::{OpState, OperationRecord, StageState};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::Client;

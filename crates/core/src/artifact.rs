@@ -1,10 +1,9 @@
 //! Records of the artifacts VMs are made from: kernels and root filesystem images.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// A pulled kernel, as kept in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelRecord {
     /// Name (a catalog name such as `debian-6.1-cloud`, or the user's).
     pub name: String,
@@ -21,7 +20,7 @@ pub struct KernelRecord {
 }
 
 /// How a guest's userspace starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum InitMode {
     /// banger-agent stays PID 1 in the guest's root: fastest.
@@ -51,7 +50,7 @@ impl InitMode {
 }
 
 /// A root filesystem image, as kept in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// Name.
     pub name: String,

@@ -3,10 +3,9 @@
 
 use crate::net::{IfName, Subnet};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Which VMM drives guests (`vmm` in the config, `--vmm` on the daemon).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmChoice {
     /// Let banger pick: Firecracker when its binary is there and KVM boots stock guests,
@@ -48,7 +47,7 @@ impl std::str::FromStr for VmmChoice {
 }
 
 /// Which VMM runs a VM (what [`VmmChoice::Auto`] resolves to).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmKind {
     /// QEMU `microvm`.
@@ -87,7 +86,7 @@ pub struct ParseVmmChoiceError {
 }
 
 /// banger's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// VMM selection: `auto`, `qemu` or `firecracker`.
@@ -115,10 +114,8 @@ pub struct Config {
     /// Whether new VMs get a NIC unless created with `--no-network`.
     pub network: bool,
     /// The bridge guests are attached to.
-    #[schema(value_type = String)]
     pub bridge: IfName,
     /// The bridge's subnet: the host is its `.1`, guests get addresses from `.2` up.
-    #[schema(value_type = String)]
     pub bridge_subnet: Subnet,
     /// Masquerade guest traffic out of the host (guest internet access).
     pub nat: bool,

@@ -7,13 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// The host address a forward listens on when the spec names none: this host only.
 pub const DEFAULT_HOST_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// The transport a forward relays.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardProtocol {
     /// TCP, the only one so far.
@@ -43,13 +42,12 @@ fn default_host_addr() -> IpAddr {
 }
 
 /// One forward: connections to `host_addr:host_port` on the host reach `guest_port` in the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortForward {
     /// Host address to listen on [default: 127.0.0.1, this host only; 0.0.0.0 for every
     /// interface].
     #[serde(default = "default_host_addr")]
-    #[schema(value_type = String, example = "127.0.0.1")]
     pub host_addr: IpAddr,
     /// Host port, 1-65535.
     pub host_port: u16,

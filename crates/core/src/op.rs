@@ -2,12 +2,11 @@
 //! with elapsed times, its outcome, and the pure rules for advancing it.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::time::{age, now_rfc3339};
 
 /// Where an operation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OpState {
     /// Still working.
@@ -48,7 +47,7 @@ impl OpState {
 }
 
 /// Where a stage stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageState {
     /// Under way.
@@ -60,7 +59,7 @@ pub enum StageState {
 }
 
 /// One named step of an operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageRecord {
     /// Short name, e.g. `reserve`.
     pub name: String,
@@ -76,7 +75,7 @@ pub struct StageRecord {
 }
 
 /// An asynchronous operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationRecord {
     /// Random id.
     pub id: String,

@@ -3,12 +3,11 @@
 //! directory; the record says what machine shape they need.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::config::VmmKind;
 
 /// A memory snapshot, as kept in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     /// Random id, 16 hex digits.
     pub id: String,

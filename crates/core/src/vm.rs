@@ -2,10 +2,9 @@
 //! running VM (VMM pid, tap, sockets) is not here: that lives with the daemon's handle cache.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// What the user wants the VM to be doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DesiredState {
     /// The VM should be running.
@@ -15,7 +14,7 @@ pub enum DesiredState {
 }
 
 /// What banger last observed the VM doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObservedState {
     /// Recorded, never booted.
@@ -81,7 +80,7 @@ impl DesiredState {
 }
 
 /// What a VM is made of; the part of a record a user chooses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Root filesystem image name.
     pub image: String,
@@ -110,7 +109,7 @@ fn yes() -> bool {
 }
 
 /// The durable record of a VM, as kept in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
     /// Random id, 16 hex digits.
     pub id: String,
@@ -136,7 +135,7 @@ pub struct VmRecord {
 }
 
 /// Deterministic per-VM paths, all under the VM's directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmPaths {
     /// The VM's directory.
     pub dir: String,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use banger_core::{SessionRecord, StdinMode};
+use crate::{SessionRecord, StdinMode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

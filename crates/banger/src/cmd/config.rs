@@ -29,7 +29,7 @@ pub async fn run(client: &Client, command: ConfigCommand) -> anyhow::Result<Exit
         output::json(&view)?;
     } else {
         let source = view.source.as_deref().unwrap_or("none: every key is a default");
-        print!("# source: {source}\n{}", view.config.to_toml());
+        print!("# source: {source}\n{}", toml::to_string(&view.config).unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }

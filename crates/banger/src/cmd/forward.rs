@@ -52,7 +52,8 @@ pub async fn run(client: &Client, a: ForwardArgs) -> anyhow::Result<ExitCode> {
     if !a.specs.is_empty() {
         let mut added = Vec::new();
         for spec in &a.specs {
-            let view: ForwardView = client.call(Method::POST, &base, Some(spec)).await?;
+            let view: ForwardView =
+                client.call(Method::POST, &base, Some(&banger_proto::PortForward::from(*spec))).await?;
             if !a.json {
                 println!("{}", view.forward.describe(&view.vm));
             }

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
-use banger_core::{ImageRecord, OperationRecord};
-use banger_proto::{BuildImageRequest, ImageList, ImageRecipe, PromoteRequest, PullImageRequest, RegisterImageRequest};
+use banger_proto::{
+    BuildImageRequest, ImageList, ImageRecipe, ImageRecord, OperationRecord, PromoteRequest, PullImageRequest,
+    RegisterImageRequest,
+};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -148,7 +150,11 @@ pub async fn run(client: &Client, command: ImageCommand) -> anyhow::Result<ExitC
         }
         ImageCommand::Register(a) => {
             let file = std::path::absolute(&a.file).unwrap_or(a.file);
-            let req = RegisterImageRequest { name: a.name.clone(), file: file.display().to_string(), init: a.init };
+            let req = RegisterImageRequest {
+                name: a.name.clone(),
+                file: file.display().to_string(),
+                init: a.init.map(Into::into),
+            };
             let op: OperationRecord = client.call(Method::POST, "/v1/images/register", Some(&req)).await?;
             crate::progress::follow(client, op).await?;
             eprintln!("registered image {}", a.name);

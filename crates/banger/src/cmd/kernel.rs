@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 
 use banger_core::time::{age, human_duration};
-use banger_core::{KernelRecord, OperationRecord};
-use banger_proto::{KernelList, PullKernelRequest};
+use banger_proto::{KernelList, KernelRecord, OperationRecord, PullKernelRequest};
 use clap::{Args, Subcommand};
 use hyper::Method;
 

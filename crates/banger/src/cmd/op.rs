@@ -4,8 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use banger_core::time::human_duration;
-use banger_core::OperationRecord;
-use banger_proto::OperationList;
+use banger_proto::{OperationList, OperationRecord};
 use clap::{Args, Subcommand};
 use hyper::Method;
 

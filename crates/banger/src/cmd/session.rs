@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use banger_core::time::{age, human_duration};
-use banger_core::{SessionStatus, StdinMode};
-use banger_proto::{SessionList, SessionView, StartSessionRequest};
+use banger_core::StdinMode;
+use banger_proto::{SessionList, SessionRecord, SessionStatus, SessionView, StartSessionRequest};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -177,7 +177,7 @@ async fn start(client: &Client, a: StartArgs) -> anyhow::Result<ExitCode> {
         cwd: a.cwd,
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         tags: a.tag.into_iter().collect::<BTreeMap<_, _>>(),
-        stdin: a.stdin,
+        stdin: a.stdin.into(),
     };
     let s: SessionView = client.call(Method::POST, &base(&a.vm), Some(&req)).await?;
     if a.json {
@@ -210,7 +210,7 @@ async fn start(client: &Client, a: StartArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `exited 143 (SIGTERM)`, `running`, `failed at cwd`, ...
-fn outcome(r: &banger_core::SessionRecord) -> String {
+fn outcome(r: &SessionRecord) -> String {
     match (r.status, r.exit_code, r.exit_signal, &r.launch_stage) {
         (SessionStatus::Exited, Some(code), Some(sig), _) => format!("exited {code} ({})", signal_name(sig)),
         (SessionStatus::Exited, Some(code), None, _) => format!("exited {code}"),

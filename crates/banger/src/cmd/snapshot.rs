@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
-use banger_core::OperationRecord;
-use banger_proto::{CreateSnapshotRequest, CreateVmRequest, SnapshotList, SnapshotView, VmView};
+use banger_proto::{CreateSnapshotRequest, CreateVmRequest, OperationRecord, SnapshotList, SnapshotView, VmView};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -157,7 +156,7 @@ pub async fn fork(client: &Client, a: ForkArgs) -> anyhow::Result<ExitCode> {
         start: true,
         allow_vm_traffic: a.allow_vm_traffic.then_some(true),
         git_identity: super::ssh::git_identity(),
-        publish: a.publish,
+        publish: a.publish.into_iter().map(Into::into).collect(),
         ..Default::default()
     };
     let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(&req)).await?;

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
-use banger_core::OperationRecord;
-use banger_proto::{CreateVmRequest, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView};
+use banger_proto::{
+    CreateVmRequest, OperationRecord, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
@@ -189,11 +190,11 @@ impl SpecArgs {
             memory_mib: self.memory,
             disk_mib: self.disk,
             start,
-            vmm: self.vmm,
+            vmm: self.vmm.map(Into::into),
             network: self.no_network.then_some(false),
             allow_vm_traffic: self.allow_vm_traffic.then_some(true),
             git_identity: super::ssh::git_identity(),
-            publish: self.publish,
+            publish: self.publish.into_iter().map(Into::into).collect(),
             from_snapshot: self.from_snapshot,
             warm_start: false,
         }

@@ -2,22 +2,21 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use banger_core::{ImageRecord, KernelRecord, OperationRecord};
 use banger_proto::{
-    ApiError, BuildImageRequest, ImageList, KernelList, PromoteRequest, PullImageRequest, PullKernelRequest,
-    RegisterImageRequest,
+    ApiError, BuildImageRequest, ImageList, ImageRecord, KernelList, KernelRecord, OperationRecord, PromoteRequest,
+    PullImageRequest, PullKernelRequest, RegisterImageRequest,
 };
 
-use super::{body, ApiFailure, ApiResult, Shared};
+use super::{accepted, body, ApiFailure, ApiResult, Shared};
 
 /// Pulled kernels and the catalog's names.
 #[utoipa::path(get, path = "/v1/kernels", responses((status = 200, body = KernelList)))]
 pub(super) async fn list_kernels(State(d): Shared) -> ApiResult<KernelList> {
     let catalog = banger_image::catalog::KERNELS.iter().map(|k| k.name.to_owned()).collect();
-    Ok(Json(KernelList { kernels: d.fleet.store.list_kernels()?, catalog }))
+    let kernels = d.fleet.store.list_kernels()?.into_iter().map(Into::into).collect();
+    Ok(Json(KernelList { kernels, catalog }))
 }
 
 /// Pulls a kernel; answers with the operation to follow.
@@ -27,21 +26,22 @@ pub(super) async fn pull_kernel(
     State(d): Shared,
     req: Result<Json<PullKernelRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok((StatusCode::ACCEPTED, Json(d.artifacts.begin_pull_kernel(body(req, "PullKernelRequest")?)?)))
+    Ok(accepted(d.artifacts.begin_pull_kernel(body(req, "PullKernelRequest")?)?))
 }
 
 /// Deletes a kernel no VM uses.
 #[utoipa::path(delete, path = "/v1/kernels/{name}", params(("name" = String, Path, description = "kernel name")),
     responses((status = 200, body = KernelRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn delete_kernel(State(d): Shared, Path(name): Path<String>) -> ApiResult<KernelRecord> {
-    Ok(Json(d.artifacts.delete_kernel(&name)?))
+    Ok(Json(d.artifacts.delete_kernel(&name)?.into()))
 }
 
 /// Local images and the catalog's names.
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = ImageList)))]
 pub(super) async fn list_images(State(d): Shared) -> ApiResult<ImageList> {
     let catalog = banger_image::catalog::IMAGES.iter().map(|i| i.name.to_owned()).collect();
-    Ok(Json(ImageList { images: d.fleet.store.list_images()?, catalog }))
+    let images = d.fleet.store.list_images()?.into_iter().map(Into::into).collect();
+    Ok(Json(ImageList { images, catalog }))
 }
 
 /// Builds a catalog image; answers with the operation to follow.
@@ -51,7 +51,7 @@ pub(super) async fn build_image(
     State(d): Shared,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok((StatusCode::ACCEPTED, Json(d.artifacts.begin_build_image(body(req, "BuildImageRequest")?)?)))
+    Ok(accepted(d.artifacts.begin_build_image(body(req, "BuildImageRequest")?)?))
 }
 
 /// Pulls an OCI image; answers with the operation to follow.
@@ -61,7 +61,7 @@ pub(super) async fn pull_image(
     State(d): Shared,
     req: Result<Json<PullImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok((StatusCode::ACCEPTED, Json(d.artifacts.begin_pull_image(body(req, "PullImageRequest")?)?)))
+    Ok(accepted(d.artifacts.begin_pull_image(body(req, "PullImageRequest")?)?))
 }
 
 /// Registers an ext4 file as an image; answers with the operation to follow.
@@ -71,7 +71,7 @@ pub(super) async fn register_image(
     State(d): Shared,
     req: Result<Json<RegisterImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok((StatusCode::ACCEPTED, Json(d.artifacts.begin_register_image(body(req, "RegisterImageRequest")?)?)))
+    Ok(accepted(d.artifacts.begin_register_image(body(req, "RegisterImageRequest")?)?))
 }
 
 /// Makes a stopped VM's root a new image; answers with the operation to follow.
@@ -84,7 +84,7 @@ pub(super) async fn promote_vm(
     req: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
     let req = body(req, "PromoteRequest")?;
-    Ok((StatusCode::ACCEPTED, Json(d.artifacts.begin_promote(&vm, &req.name).await?)))
+    Ok(accepted(d.artifacts.begin_promote(&vm, &req.name).await?))
 }
 
 /// One image.
@@ -92,12 +92,13 @@ pub(super) async fn promote_vm(
     responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
 pub(super) async fn show_image(State(d): Shared, Path(name): Path<String>) -> ApiResult<ImageRecord> {
     let image = d.fleet.store.get_image(&name)?;
-    Ok(Json(image.ok_or_else(|| ApiFailure::not_found(format!("no image '{name}'; see `banger image list`")))?))
+    let image = image.ok_or_else(|| ApiFailure::not_found(format!("no image '{name}'; see `banger image list`")))?;
+    Ok(Json(image.into()))
 }
 
 /// Deletes an image no VM uses.
 #[utoipa::path(delete, path = "/v1/images/{name}", params(("name" = String, Path, description = "image name")),
     responses((status = 200, body = ImageRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn delete_image(State(d): Shared, Path(name): Path<String>) -> ApiResult<ImageRecord> {
-    Ok(Json(d.artifacts.delete_image(&name)?))
+    Ok(Json(d.artifacts.delete_image(&name)?.into()))
 }

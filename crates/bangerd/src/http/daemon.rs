@@ -39,7 +39,7 @@ pub(super) async fn shutdown(State(d): Shared) -> impl IntoResponse {
 pub(super) async fn config(State(d): Shared) -> ApiResult<ConfigView> {
     Ok(Json(ConfigView {
         source: crate::config::describe_source(d.config_source.as_deref()),
-        config: d.fleet.config.clone(),
+        config: d.fleet.config.clone().into(),
     }))
 }
 

@@ -5,8 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use banger_core::PortForward;
-use banger_proto::{ApiError, ForwardList, ForwardView};
+use banger_proto::{ApiError, ForwardList, ForwardView, PortForward};
 
 use super::{body, ApiFailure, ApiResult, Shared};
 
@@ -29,7 +28,7 @@ pub(super) async fn add_forward(
     Path(vm): Path<String>,
     req: Result<Json<PortForward>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    let view = d.forwards.add(&vm, body(req, "PortForward")?).await?;
+    let view = d.forwards.add(&vm, body(req, "PortForward")?.into()).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 

@@ -25,15 +25,14 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use banger_core::{ForwardProtocol, ImageRecord, KernelRecord, OperationRecord, PortForward};
-use banger_core::{SessionRecord, SessionStatus, StdinMode};
 use banger_host::paths::ensure_dir;
 use banger_proto::{
     ApiError, BuildImageRequest, ConfigView, CreateSnapshotRequest, CreateVmRequest, DaemonStatus, ForwardList,
-    ForwardState, ForwardView, GitIdentity, GuestPort, ImageList, ImageRecipe, KernelList, OperationList,
-    PromoteRequest, PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest, SessionList, SessionView,
-    SnapshotList, SnapshotView, SshConfig, SshHost, SshInfo, StartSessionRequest, StartVmRequest, UpdateVmRequest,
-    VmList, VmLogs, VmPorts, VmStats, VmView,
+    ForwardProtocol, ForwardState, ForwardView, GitIdentity, GuestPort, ImageList, ImageRecipe, ImageRecord,
+    KernelList, KernelRecord, OperationList, OperationRecord, PortForward, PromoteRequest, PullImageRequest,
+    PullKernelRequest, RecipeFile, RegisterImageRequest, SessionList, SessionRecord, SessionStatus, SessionView,
+    SnapshotList, SnapshotRecord, SnapshotView, SshConfig, SshHost, SshInfo, StartSessionRequest, StartVmRequest,
+    StdinMode, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
 };
 use tokio::net::UnixListener;
 use utoipa::OpenApi;
@@ -131,7 +130,7 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         CreateSnapshotRequest,
         SnapshotView,
         SnapshotList,
-        banger_core::SnapshotRecord,
+        SnapshotRecord,
         StartSessionRequest,
         SessionView,
         SessionList,
@@ -187,6 +186,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .merge(sessions::routes())
         .fallback(|| async { ApiFailure::not_found("no such endpoint; see GET /v1/openapi.json") })
         .with_state(daemon)
+}
+
+/// `202 Accepted` with the operation to follow.
+fn accepted(op: banger_core::OperationRecord) -> (axum::http::StatusCode, Json<OperationRecord>) {
+    (axum::http::StatusCode::ACCEPTED, Json(op.into()))
 }
 
 /// A JSON body, or the refusal that names the type to send.

@@ -2,15 +2,14 @@
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use banger_core::OperationRecord;
-use banger_proto::{ApiError, OperationList};
+use banger_proto::{ApiError, OperationList, OperationRecord};
 
 use super::{ApiResult, Shared};
 
 /// Every kept operation.
 #[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = OperationList)))]
 pub(super) async fn list_ops(State(d): Shared) -> ApiResult<OperationList> {
-    Ok(Json(OperationList { operations: d.fleet.ops.list()? }))
+    Ok(Json(OperationList { operations: d.fleet.ops.list()?.into_iter().map(Into::into).collect() }))
 }
 
 /// Query of `GET /v1/operations/{op}`: a long poll when `wait_ms` is given.
@@ -38,9 +37,9 @@ pub(super) async fn show_op(
     match q.wait_ms {
         Some(ms) => {
             let wait = std::time::Duration::from_millis(ms.min(10_000));
-            Ok(Json(d.fleet.ops.wait_change(&op, (q.stages, q.warnings), wait).await?))
+            Ok(Json(d.fleet.ops.wait_change(&op, (q.stages, q.warnings), wait).await?.into()))
         }
-        None => Ok(Json(d.fleet.ops.get(&op)?)),
+        None => Ok(Json(d.fleet.ops.get(&op)?.into())),
     }
 }
 
@@ -48,5 +47,5 @@ pub(super) async fn show_op(
 #[utoipa::path(post, path = "/v1/operations/{op}/cancel", params(("op" = String, Path, description = "id or id prefix")),
     responses((status = 200, body = OperationRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn cancel_op(State(d): Shared, Path(op): Path<String>) -> ApiResult<OperationRecord> {
-    Ok(Json(d.fleet.ops.cancel(&op)?))
+    Ok(Json(d.fleet.ops.cancel(&op)?.into()))
 }

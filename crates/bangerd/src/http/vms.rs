@@ -3,15 +3,14 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use banger_core::OperationRecord;
 use banger_proto::{
-    ApiError, CreateVmRequest, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+    ApiError, CreateVmRequest, OperationRecord, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats,
+    VmView,
 };
 
-use super::{body, optional_body, ApiFailure, ApiResult, Shared};
+use super::{accepted, body, optional_body, ApiFailure, ApiResult, Shared};
 use crate::services::ssh::check_git_identity;
 
 /// Every VM.
@@ -29,7 +28,7 @@ pub(super) async fn create_vm(
     req: Result<Json<CreateVmRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
     let op = d.vms.begin_create_vm(body(req, "CreateVmRequest")?)?;
-    Ok((StatusCode::ACCEPTED, Json(op)))
+    Ok(accepted(op))
 }
 
 /// One VM, by name, id or id prefix.
@@ -71,7 +70,7 @@ pub(super) async fn start_vm(
 ) -> Result<impl IntoResponse, ApiFailure> {
     let req: StartVmRequest = optional_body(&raw, "StartVmRequest")?;
     let git = check_git_identity(req.git_identity)?;
-    Ok((StatusCode::ACCEPTED, Json(d.lifecycle.begin_start_vm(&vm, git)?)))
+    Ok(accepted(d.lifecycle.begin_start_vm(&vm, git)?))
 }
 
 /// Query of `POST /v1/vms/{vm}/stop`.

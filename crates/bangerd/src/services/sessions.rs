@@ -126,7 +126,7 @@ pub fn view(vm: &VmRecord, record: SessionRecord) -> SessionView {
         stdout_path: log_path(&record.id, false),
         stderr_path: log_path(&record.id, true),
         vm: vm.name.clone(),
-        record,
+        record: record.into(),
     }
 }
 
@@ -234,7 +234,7 @@ impl Sessions {
             cwd: req.cwd.clone(),
             env: req.env.clone(),
             tags: req.tags,
-            stdin_mode: req.stdin,
+            stdin_mode: req.stdin.into(),
             status: SessionStatus::Starting,
             pid: None,
             exit_code: None,
@@ -253,7 +253,7 @@ impl Sessions {
             argv: std::iter::once(req.command).chain(req.args).collect(),
             env: req.env.into_iter().collect(),
             cwd: req.cwd,
-            stdin: req.stdin == StdinMode::Pipe,
+            stdin: StdinMode::from(req.stdin) == StdinMode::Pipe,
         };
         let answer = agent.call(&AgentRequest::Session(SessionOp::Start(start)), START_TIMEOUT).await;
         let events = match answer {

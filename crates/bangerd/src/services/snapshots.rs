@@ -214,7 +214,8 @@ pub fn fork_spec(
     same("memory in MiB", req.memory_mib.map(|v| v.to_string()), snapshot.memory_mib.to_string())?;
     same("disk in MiB", req.disk_mib.map(|v| v.to_string()), snapshot.disk_mib.to_string())?;
     same("network choice", req.network.map(|v| v.to_string()), snapshot.network.to_string())?;
-    if let Some(vmm) = req.vmm.filter(|v| *v != banger_core::config::VmmChoice::Auto) {
+    let vmm = req.vmm.map(banger_core::config::VmmChoice::from);
+    if let Some(vmm) = vmm.filter(|v| *v != banger_core::config::VmmChoice::Auto) {
         same("vmm", Some(vmm.to_string()), snapshot.vmm.to_string())?;
     }
     if req.allow_vm_traffic == Some(true) && !snapshot.network {
@@ -428,7 +429,7 @@ impl Snapshots {
     /// The API view of a snapshot.
     pub fn snapshot_view(&self, record: SnapshotRecord) -> Result<SnapshotView, SnapshotsError> {
         let forks = self.fleet.store.snapshot_forks(&record.id)?;
-        Ok(SnapshotView { record, forks })
+        Ok(SnapshotView { record: record.into(), forks })
     }
 
     /// The name of the snapshot VM `vm_id` was forked from, if any.
@@ -583,7 +584,7 @@ impl Snapshots {
             }
         }
         tracing::info!(snapshot = %record.name, "snapshot deleted");
-        Ok(SnapshotView { record, forks: Vec::new() })
+        Ok(SnapshotView { record: record.into(), forks: Vec::new() })
     }
 
     /// Copies snapshot `snapshot`'s disks into new fork `vm`'s dir and links its state there
@@ -671,7 +672,8 @@ impl Snapshots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_core::config::{VmmChoice, VmmKind};
+    use banger_core::config::VmmKind;
+    use banger_proto::VmmChoice;
 
     fn snapshot() -> SnapshotRecord {
         SnapshotRecord {

@@ -156,7 +156,12 @@ impl Vms {
     /// A VM as the API shows it.
     pub fn vm_view(&self, record: VmRecord) -> VmView {
         let origin_snapshot = self.snapshots.origin_snapshot_name(&record.id);
-        VmView { paths: record.paths(), alive: self.fleet.alive(&record), record, origin_snapshot }
+        VmView {
+            paths: record.paths().into(),
+            alive: self.fleet.alive(&record),
+            record: record.into(),
+            origin_snapshot,
+        }
     }
 
     fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec, VmsError> {
@@ -167,7 +172,7 @@ impl Vms {
             vcpus: req.vcpus.unwrap_or(c.default_vcpus),
             memory_mib: req.memory_mib.unwrap_or(c.default_memory_mib),
             disk_mib: req.disk_mib.unwrap_or(c.default_disk_mib),
-            vmm: self.fleet.resolve_vmm(req.vmm)?,
+            vmm: self.fleet.resolve_vmm(req.vmm.map(Into::into))?,
             network: req.network.unwrap_or(c.network),
             allow_vm_traffic: req.allow_vm_traffic.unwrap_or(c.allow_vm_traffic),
         };
@@ -204,14 +209,15 @@ impl Vms {
                 }
             }
         };
-        self.forwards.check_publish(&req.publish)?;
+        let publish: Vec<PortForward> = req.publish.iter().map(|&f| f.into()).collect();
+        self.forwards.check_publish(&publish)?;
         self.ensure_name_free(&req.name)?;
         let op = self.fleet.ops.begin("vm.create", &req.name);
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let this = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(async move { this.run_create(op, req.name, spec, start, req.publish, origin).await });
+        tokio::spawn(async move { this.run_create(op, req.name, spec, start, publish, origin).await });
         Ok(snapshot)
     }
 
@@ -625,7 +631,7 @@ mod tests {
             CreateVmRequest { vcpus: Some(0), ..req("ok") },
             CreateVmRequest { memory_mib: Some(1), ..req("ok") },
             CreateVmRequest { image: Some("no/such".into()), ..req("ok") },
-            CreateVmRequest { vmm: Some(banger_core::config::VmmChoice::Firecracker), ..req("ok") },
+            CreateVmRequest { vmm: Some(banger_proto::VmmChoice::Firecracker), ..req("ok") },
         ] {
             let e = d.vms.begin_create_vm(bad).expect_err("refused");
             let invalid = matches!(e, VmsError::Name(_) | VmsError::Size(_) | VmsError::RefName { .. })

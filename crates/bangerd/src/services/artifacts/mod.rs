@@ -382,7 +382,7 @@ impl Artifacts {
         if !file.is_absolute() || !file.is_file() {
             return Err(ArtifactsError::NotAFile(req.file));
         }
-        let init = req.init.unwrap_or_default();
+        let init = req.init.map(Into::into).unwrap_or_default();
         let name = req.name.clone();
         self.begin_image_op("image.register", &req.name, move |dir, progress| {
             banger_image::rootfs::register_image(dir, &name, &file, init, progress)
@@ -521,7 +521,7 @@ fn user_recipe(r: ImageRecipe) -> Result<catalog::Recipe, ArtifactsError> {
             .into_iter()
             .map(|f| catalog::ExtraFile { path: f.path, mode: f.mode, contents: f.contents })
             .collect(),
-        init: r.init.unwrap_or_default(),
+        init: r.init.map(Into::into).unwrap_or_default(),
     })
 }
 

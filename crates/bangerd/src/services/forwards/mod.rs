@@ -101,7 +101,7 @@ impl Forwards {
 
     fn forward_view(&self, vm: &VmRecord, forward: PortForward) -> ForwardView {
         let (state, error) = self.forwarder.state(&vm.id, &forward);
-        ForwardView { forward, vm: vm.name.clone(), state, error }
+        ForwardView { forward: forward.into(), vm: vm.name.clone(), state, error }
     }
 
     /// Refuses `forward` when a stored forward takes its host port. Call under the reservation

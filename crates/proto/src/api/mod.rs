@@ -1,10 +1,26 @@
-//! The daemon's HTTP/JSON API types.
+//! The daemon's HTTP/JSON API types: here the requests and answers of each endpoint, in the
+//! submodules the records they carry. Every type is the wire's own, not the model's
+//! (`banger_core`): a model change reaches the API only through a `From` conversion here, and
+//! shows up in the OpenAPI snapshot.
 
-use banger_core::{Config, ImageRecord, KernelRecord, OperationRecord, PortForward, VmRecord};
+mod artifact;
+mod config;
+mod forward;
+mod op;
+mod session;
+mod snapshot;
+mod vm;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use banger_core::vm::VmPaths;
+pub use self::artifact::{ImageRecord, InitMode, KernelRecord};
+pub use self::config::{Config, VmmChoice, VmmKind};
+pub use self::forward::{ForwardProtocol, PortForward};
+pub use self::op::{OpState, OperationRecord, StageRecord, StageState};
+pub use self::session::{SessionRecord, SessionStatus, StdinMode};
+pub use self::snapshot::SnapshotRecord;
+pub use self::vm::{DesiredState, ObservedState, VmPaths, VmRecord, VmSpec};
 
 /// The API version prefix.
 pub const API_PREFIX: &str = "/v1";
@@ -61,7 +77,7 @@ pub struct CreateVmRequest {
     #[serde(default)]
     pub start: bool,
     /// VMM: `auto`, `qemu` or `firecracker`; the daemon's default when omitted.
-    pub vmm: Option<banger_core::config::VmmChoice>,
+    pub vmm: Option<VmmChoice>,
     /// Give it a NIC on banger's bridge; the config's `network` when omitted. Without one
     /// the VM is reachable through the agent channel only (`exec`, forwards).
     #[serde(default)]
@@ -193,7 +209,7 @@ pub struct CreateSnapshotRequest {
 pub struct SnapshotView {
     /// The durable record.
     #[serde(flatten)]
-    pub record: banger_core::SnapshotRecord,
+    pub record: SnapshotRecord,
     /// The VMs started from it (it cannot be deleted while any exists).
     pub forks: Vec<String>,
 }
@@ -348,7 +364,7 @@ pub struct ImageRecipe {
     #[serde(default)]
     pub files: Vec<RecipeFile>,
     /// How the guest starts [default: fast].
-    pub init: Option<banger_core::InitMode>,
+    pub init: Option<InitMode>,
 }
 
 /// A file a recipe writes into the image.
@@ -400,7 +416,7 @@ pub struct RegisterImageRequest {
     /// Absolute path of the ext4 file (copied; the original is untouched).
     pub file: String,
     /// How its guest starts [default: fast].
-    pub init: Option<banger_core::InitMode>,
+    pub init: Option<InitMode>,
 }
 
 /// `POST /v1/vms/{vm}/promote`: make a stopped VM's root a new image.
@@ -478,28 +494,4 @@ impl ForwardState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn doctor_report_keeps_the_shape_of_doctor_json() {
-        let report = DoctorReport {
-            ok: false,
-            checks: vec![DoctorCheck {
-                name: "tun".into(),
-                status: DoctorStatus::Fail,
-                detail: "/dev/net/tun is missing".into(),
-                fix: None,
-            }],
-        };
-        let value = serde_json::to_value(&report).expect("serialise");
-        assert_eq!(
-            value,
-            serde_json::json!({
-                "ok": false,
-                "checks": [{"name": "tun", "status": "fail", "detail": "/dev/net/tun is missing", "fix": null}]
-            })
-        );
-        assert_eq!(serde_json::from_value::<DoctorReport>(value).expect("parse"), report);
-    }
-}
+mod tests;
