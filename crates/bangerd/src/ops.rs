@@ -35,7 +35,8 @@ pub struct CancelFlag {
 }
 
 impl CancelFlag {
-    fn cancel(&self) {
+    /// Requests cancellation.
+    pub fn cancel(&self) {
         self.set.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
@@ -239,8 +240,8 @@ impl OpHandle {
     }
 
     /// The cancel flag, for long stages that want to select on it.
-    pub fn cancel_flag(&self) -> &CancelFlag {
-        &self.cancel
+    pub fn cancel_flag(&self) -> Arc<CancelFlag> {
+        self.cancel.clone()
     }
 
     /// Enters stage `name`, unless cancellation was requested.

@@ -115,3 +115,39 @@ fn a_guest_that_never_answers_times_out_with_its_console() {
     let vms_dir = env.state.join("vms").display().to_string();
     assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.contains(&vms_dir)), "no vmm left");
 }
+
+/// The stages the running `vm.start` of `vm` has entered, if one runs.
+fn start_stages(env: &crate::harness::Env, vm: &str) -> Option<Vec<String>> {
+    let ops = env.banger(&["op", "list", "--json"]).ok().json();
+    let op = ops["operations"].as_array()?.iter().rev().find(|o| o["kind"] == "vm.start" && o["target"] == vm)?.clone();
+    let stages = op["stages"].as_array()?.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect();
+    Some(stages)
+}
+
+#[test]
+fn a_stop_during_a_start_cancels_it_and_leaves_no_vmm() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    env.banger(&["vm", "create", "racer", "--image", "minimal"]).ok();
+    // Once at the start's first stage (before anything is launched), once while the guest boots.
+    for wait_for in ["kernel", "agent"] {
+        let start = env.cmd(&["vm", "start", "racer"]).spawn().expect("spawn vm start");
+        wait_until(&format!("the start reaches its {wait_for} stage"), Duration::from_secs(120), || {
+            start_stages(&env, "racer").is_some_and(|s| s.iter().any(|n| n == wait_for))
+        });
+        env.banger(&["vm", "stop", "racer"]).ok();
+        let out = start.wait_with_output().expect("vm start ends");
+        assert_ne!(out.status.code(), Some(0), "the start was cancelled: {}", String::from_utf8_lossy(&out.stderr));
+        let shown = env.banger(&["vm", "show", "racer", "--json"]).ok().json();
+        assert_eq!(shown["state"], "stopped", "{shown}");
+        let vm_dir = shown["vm_dir"].as_str().expect("dir").to_owned();
+        let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().expect("ps");
+        assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.contains(&vm_dir)), "no vmm left");
+        env.banger(&["vm", "stop", "racer"]).ok();
+    }
+    // And it is a vm like any other after that.
+    env.banger(&["vm", "start", "racer"]).ok();
+    env.banger(&["vm", "exec", "racer", "--", "true"]).ok();
+    env.banger(&["vm", "stop", "racer"]).ok();
+    env.banger(&["vm", "delete", "racer"]).ok();
+}

@@ -14,6 +14,7 @@
 
 mod provision;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,13 +25,14 @@ use banger_host::VmHandles;
 use banger_proto::agent::AgentRequest;
 use banger_proto::GitIdentity;
 use banger_vmm::{DiskSpec, LaunchSpec, NetSpec};
+use tokio::sync::watch;
 
 use banger_core::error_chain as chain;
 use banger_store::StoreError;
 
 pub use self::provision::{ArtifactProvision, Prepared, Provision, ProvisionFuture};
 use crate::handles::ReconcileReport;
-use crate::ops::{Cancelled, OpHandle};
+use crate::ops::{CancelFlag, Cancelled, OpHandle};
 use crate::services::artifacts::ArtifactsError;
 use crate::services::forwards::Forwards;
 use crate::services::net::{Net, NetError};
@@ -137,6 +139,30 @@ pub struct Lifecycle {
     provision: Arc<dyn Provision>,
     sessions: Arc<Sessions>,
     snapshots: Arc<Snapshots>,
+    /// Starts in flight, by VM id (a leaf lock): how a stop cancels one and waits for its end.
+    starts: std::sync::Mutex<HashMap<String, InFlight>>,
+}
+
+/// A start in flight.
+struct InFlight {
+    /// Its operation's cancel flag.
+    cancel: Arc<CancelFlag>,
+    /// Turns true when the start has ended (and ended what it launched).
+    done: watch::Receiver<bool>,
+}
+
+/// Unregisters a start when it ends, however it ends, and wakes the stops waiting for it.
+struct Ending<'a> {
+    starts: &'a std::sync::Mutex<HashMap<String, InFlight>>,
+    id: String,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.starts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.id);
+        let _ = self.done.send(true);
+    }
 }
 
 impl Lifecycle {
@@ -151,7 +177,7 @@ impl Lifecycle {
         sessions: Arc<Sessions>,
         snapshots: Arc<Snapshots>,
     ) -> Arc<Self> {
-        Arc::new(Self { fleet, net, forwards, provision, sessions, snapshots })
+        Arc::new(Self { fleet, net, forwards, provision, sessions, snapshots, starts: Default::default() })
     }
 
     /// Starts a VM as an operation; `git` is written to the guest's `~/.gitconfig`.
@@ -184,8 +210,8 @@ impl Lifecycle {
         id: &str,
         git: Option<&GitIdentity>,
     ) -> Result<VmRecord, LifecycleError> {
-        // Publish Starting.
-        let vm = {
+        // Publish Starting, and register the start (under the VM lock, where stops look).
+        let (vm, _ending) = {
             let guard = self.fleet.locks.lock(id).await;
             let mut vm = self.fleet.store.find_vm(id)?;
             if self.fleet.alive(&vm) {
@@ -196,17 +222,29 @@ impl Lifecycle {
             vm.last_error = None;
             vm.updated_at = banger_core::time::now_rfc3339();
             self.fleet.publish(&guard, &vm)?;
-            vm
+            let (done_tx, done_rx) = watch::channel(false);
+            let flight = InFlight { cancel: op.cancel_flag(), done: done_rx };
+            self.starts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(vm.id.clone(), flight);
+            (vm, Ending { starts: &self.starts, id: id.to_owned(), done: done_tx })
         };
-        if let Err(e) = self.boot(op, &vm, git).await {
-            self.abort_start(&vm, &chain(&e)).await;
+        let booted = match self.boot(op, &vm, git).await {
+            // Cancelled while the guest came up: end it like any failed start.
+            Ok(()) if op.cancel_flag().is_set() => Err(LifecycleError::Cancelled),
+            other => other,
+        };
+        if let Err(e) = booted {
+            self.abort_start(&vm, &e).await;
             return Err(e);
         }
-        // Publish Running, unless a stop overtook us.
+        // Publish Running, unless a stop overtook us (then end what was launched: no VMM
+        // outlives its VM's `running`).
         let guard = self.fleet.locks.lock(id).await;
         let mut vm = self.fleet.store.find_vm(id)?;
         if vm.state != ObservedState::Starting {
-            return Err(LifecycleError::StoppedWhileBooting(vm.name));
+            drop(guard);
+            let e = LifecycleError::StoppedWhileBooting(vm.name.clone());
+            self.abort_start(&vm, &e).await;
+            return Err(e);
         }
         vm.state = transition(vm.state, &VmEvent::Booted)?;
         vm.updated_at = banger_core::time::now_rfc3339();
@@ -283,7 +321,15 @@ impl Lifecycle {
                 spec.pidfile.display().to_string(),
             ],
         };
-        self.fleet.handles.publish(vm, handles)?;
+        if let Err(e) = self.fleet.handles.publish(vm, handles) {
+            // Unpublished handles would leave an orphan: end the VMM while we know its pid.
+            let driver = self.fleet.driver(vm.spec.vmm);
+            let _ = driver.stop(launched.pid, &vm_dir, &launched.control_socket, Duration::from_secs(5)).await;
+            if let Some(nic) = &nic {
+                self.net.release_tap(&nic.tap).await;
+            }
+            return Err(e.into());
+        }
         self.spawn_monitor(vm.clone(), launched.pid);
         // Rules and names are republished (an `nft` run) while the guest comes up; both are
         // done before the VM is reported running.
@@ -340,7 +386,8 @@ impl Lifecycle {
         let this = self.clone();
         let cancel = op.sink();
         let driver = self.fleet.driver(vm.spec.vmm);
-        self.fleet
+        let waited = self
+            .fleet
             .agent_for(vm)
             .wait_answer(&probe, Duration::from_secs(self.fleet.config.boot_timeout_secs), move || {
                 if cancel.cancelled() {
@@ -351,18 +398,24 @@ impl Lifecycle {
                     None => "the vmm exited during boot".to_owned(),
                 })
             })
-            .await
-            .map_err(|why| LifecycleError::NotReady {
+            .await;
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) if op.cancel_flag().is_set() => Err(LifecycleError::Cancelled),
+            Err(why) => Err(LifecycleError::NotReady {
                 vm: vm.name.clone(),
                 what: if restored { "did not take its own identity" } else { "did not become ready" },
                 why,
                 console: tail_lines(&console, CONSOLE_TAIL),
-            })?;
-        Ok(())
+            }),
+        }
     }
 
-    /// Ends a failed start: kill what was launched, release, mark failed.
-    async fn abort_start(&self, vm: &VmRecord, message: &str) {
+    /// Ends a failed or cancelled start: kill what was launched, release, and mark the VM
+    /// failed (with the reason) or, when cancelled (a stop), stopped.
+    async fn abort_start(&self, vm: &VmRecord, why: &LifecycleError) {
+        let cancelled = matches!(why, LifecycleError::Cancelled | LifecycleError::StoppedWhileBooting(_));
+        let message = chain(why);
         self.terminate_vmm(vm).await;
         let tap = {
             let guard = self.fleet.locks.lock(&vm.id).await;
@@ -372,16 +425,24 @@ impl Lifecycle {
             self.fleet.drop_agent(vm);
             self.sessions.fail_open(&vm.id);
             if let Ok(mut now) = self.fleet.store.find_vm(&vm.id) {
-                now.state = ObservedState::Failed;
+                if cancelled {
+                    now.state = ObservedState::Stopped;
+                } else {
+                    now.state = ObservedState::Failed;
+                    now.last_error = Some(message.clone());
+                }
                 now.desired_state = DesiredState::Stopped;
-                now.last_error = Some(message.to_owned());
                 now.updated_at = banger_core::time::now_rfc3339();
                 let _ = self.fleet.publish(&guard, &now);
             }
             tap
         };
         self.after_vmm_gone(tap).await;
-        tracing::warn!(vm = %vm.name, error = message, "vm start failed");
+        if cancelled {
+            tracing::info!(vm = %vm.name, reason = %message, "vm start cancelled");
+        } else {
+            tracing::warn!(vm = %vm.name, error = %message, "vm start failed");
+        }
     }
 
     /// Network clean-up once a VM's VMM is gone (no lock held): its TAP goes back to the pool,
@@ -410,7 +471,22 @@ impl Lifecycle {
     pub async fn stop_vm(&self, reference: &str, force: bool) -> Result<VmRecord, LifecycleError> {
         let id = self.fleet.store.find_vm(reference)?.id;
         let (vm, was_paused) = {
-            let guard = self.fleet.locks.lock(&id).await;
+            let mut guard = self.fleet.locks.lock(&id).await;
+            // A start in flight (registered under this lock) is cancelled, and the stop waits
+            // for it to end: it ends what it launched, and marks the VM stopped.
+            let flight = self
+                .starts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&id)
+                .map(|f| (f.cancel.clone(), f.done.clone()));
+            if let Some((cancel, mut done)) = flight {
+                drop(guard);
+                tracing::info!(vm = %id, "stop: cancelling the start in flight");
+                cancel.cancel();
+                let _ = done.wait_for(|ended| *ended).await;
+                guard = self.fleet.locks.lock(&id).await;
+            }
             let mut vm = self.fleet.store.find_vm(&id)?;
             if !self.fleet.alive(&vm) {
                 // Nothing runs: make the record say so.

@@ -67,6 +67,8 @@ impl Provision for ArtifactProvision {
         restoring: bool,
     ) -> ProvisionFuture<'a> {
         Box::pin(async move {
+            // A pull or build is not abandoned half-way (its files and row are published
+            // together): a cancelled start stops at the next stage boundary after it.
             op.stage("kernel")?;
             let kernel = self.artifacts.ensure_kernel(op, &vm.spec.kernel).await?;
             op.stage("image")?;

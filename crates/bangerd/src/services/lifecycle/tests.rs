@@ -166,3 +166,50 @@ async fn a_vmm_that_exits_on_its_own_is_noticed_and_cleaned_up() {
     assert!(s.d.fleet.handles.get(&after).is_none());
     assert!(after.last_error.is_some_and(|m| m.contains("exited unexpectedly")));
 }
+
+#[tokio::test]
+async fn a_stop_during_a_start_cancels_it_and_leaves_no_vmm() {
+    let s = setup();
+    // The guest never answers, so the start waits in its `agent` stage until the stop.
+    s.vmm.silent_guest.store(true, Ordering::SeqCst);
+    let vm = recorded(&s, "web");
+    let op = s.d.fleet.ops.begin("vm.start", "web");
+    let op_id = op.id().to_owned();
+    let d = s.d.clone();
+    let id = vm.id.clone();
+    let start = tokio::spawn(async move {
+        let r = d.lifecycle.start_vm(&op, &id, None).await;
+        match &r {
+            Err(LifecycleError::Cancelled) => op.cancelled(),
+            Err(e) => op.fail(e.to_string()),
+            Ok(_) => op.succeed(None),
+        }
+        r
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.vmm.running() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the vmm never launched");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let stopped = s.d.lifecycle.stop_vm("web", false).await.expect("stop");
+    assert_eq!((stopped.state, stopped.desired_state), (ObservedState::Stopped, DesiredState::Stopped));
+    assert_eq!(stopped.last_error, None, "a stop is not a failure");
+    assert_eq!(s.vmm.running(), 0, "what the start launched is ended before the stop answers");
+    let started = start.await.expect("join");
+    assert!(matches!(started, Err(LifecycleError::Cancelled)), "{started:?}");
+    assert_eq!(s.d.fleet.ops.get(&op_id).expect("op").state, OpState::Cancelled);
+    s.d.vms.delete_vm("web").await.expect("a stopped vm deletes");
+}
+
+#[tokio::test]
+async fn a_stop_before_the_launch_keeps_the_vmm_from_starting() {
+    let s = setup();
+    let vm = recorded(&s, "web");
+    let op = s.d.fleet.ops.begin("vm.start", "web");
+    // Cancelled before the first stage, as a stop that came in at once would do.
+    s.d.fleet.ops.cancel(op.id()).expect("cancel");
+    let e = s.d.lifecycle.start_vm(&op, &vm.id, None).await.expect_err("cancelled");
+    assert!(matches!(e, LifecycleError::Cancelled), "{e}");
+    assert!(s.vmm.calls().is_empty(), "nothing was launched");
+    assert_eq!(s.d.fleet.store.find_vm("web").expect("vm").state, ObservedState::Stopped);
+}
