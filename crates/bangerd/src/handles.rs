@@ -26,6 +26,8 @@ pub struct ReconcileReport {
     pub adopted: Vec<(VmRecord, u32)>,
     /// VMs whose VMM was gone; marked stopped and cleaned up.
     pub reaped: Vec<String>,
+    /// VMs whose VMM was named by a pidfile but not by handles: it was killed.
+    pub orphans: Vec<String>,
 }
 
 impl HandleCache {

@@ -71,7 +71,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::new(Fleet::new(layout, config, store, host, choice), config_source);
     let report = daemon.lifecycle.reconcile()?;
     let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
-    tracing::info!(?adopted, reaped = ?report.reaped, "reconciled vms with the host");
+    tracing::info!(?adopted, reaped = ?report.reaped, orphans = ?report.orphans, "reconciled vms with the host");
     daemon.fleet.ops.prune(Duration::from_secs(daemon.fleet.config.operation_retention_secs));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

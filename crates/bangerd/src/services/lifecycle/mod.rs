@@ -569,8 +569,35 @@ impl Lifecycle {
 
     /// Start-up: rebuilds the handle cache from each VM's scratch file and the OS, marking VMs
     /// whose VMM is gone stopped (see `HandleCache::reconcile`).
+    /// A VMM named by a VM's pidfile but by no `handles.json` (the daemon died between
+    /// spawning it and publishing its handles) is an orphan: it is killed, and its runtime
+    /// files removed, so its VM is stopped for real and its TAP is free.
     pub fn reconcile(&self) -> Result<ReconcileReport, StoreError> {
-        self.fleet.handles.reconcile(&self.fleet.store)
+        let mut report = self.fleet.handles.reconcile(&self.fleet.store)?;
+        for vm in self.fleet.store.list_vms()? {
+            if report.adopted.iter().any(|(a, _)| a.id == vm.id) {
+                continue;
+            }
+            let dir = Path::new(&vm.vm_dir);
+            let paths = banger_vmm::VmPaths::new(dir);
+            let Some(pid) = banger_vmm::read_pidfile(&paths.pidfile) else { continue };
+            if banger_vmm::is_alive(pid, dir) {
+                tracing::warn!(vm = %vm.name, pid, "killing an orphan vmm (no handles were published for it)");
+                if let Err(e) = banger_vmm::process::kill(pid, dir) {
+                    tracing::error!(vm = %vm.name, pid, error = %e, "cannot kill the orphan vmm");
+                    continue;
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while banger_vmm::is_alive(pid, dir) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                report.orphans.push(vm.name.clone());
+            }
+            if let Err(e) = paths.remove_runtime_files() {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot remove the orphan's runtime files");
+            }
+        }
+        Ok(report)
     }
 
     /// Takes over VMs whose VMM outlived the previous daemon: their forwards listen again, a

@@ -213,3 +213,31 @@ async fn a_stop_before_the_launch_keeps_the_vmm_from_starting() {
     assert!(s.vmm.calls().is_empty(), "nothing was launched");
     assert_eq!(s.d.fleet.store.find_vm("web").expect("vm").state, ObservedState::Stopped);
 }
+
+#[tokio::test]
+async fn an_orphan_vmm_named_only_by_its_pidfile_is_killed_at_reconcile() {
+    let s = setup();
+    let vm = recorded(&s, "orphaned");
+    // A "VMM" whose command line names the VM dir, as QEMU's does, and which wrote its pidfile;
+    // the daemon died before publishing handles.json.
+    let marker = std::path::Path::new(&vm.vm_dir).join("disk.img");
+    std::fs::write(&marker, b"").expect("marker");
+    let mut child = std::process::Command::new("tail")
+        .arg("-f")
+        .arg(&marker)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let paths = banger_vmm::VmPaths::new(std::path::Path::new(&vm.vm_dir));
+    std::fs::write(&paths.pidfile, format!("{pid}\n")).expect("pidfile");
+    let report = s.d.lifecycle.reconcile().expect("reconcile");
+    assert_eq!(report.orphans, ["orphaned"]);
+    let status = child.wait().expect("reaped by the test");
+    assert!(!status.success(), "killed: {status:?}");
+    assert!(!paths.pidfile.exists(), "runtime files removed");
+    // A pidfile naming nothing alive is only cleaned up.
+    std::fs::write(&paths.pidfile, format!("{pid}\n")).expect("stale pidfile");
+    assert!(s.d.lifecycle.reconcile().expect("reconcile").orphans.is_empty());
+    assert!(!paths.pidfile.exists());
+}
