@@ -10,7 +10,7 @@ use std::str::FromStr;
 /// Default name of banger's bridge.
 pub const DEFAULT_BRIDGE: &str = "banger0";
 /// Default bridge subnet; the host takes `.1`, guests `.2` upwards.
-pub const DEFAULT_SUBNET: &str = "172.30.0.0/24";
+pub const DEFAULT_SUBNET: &str = "172.30.0.0/20";
 /// Longest interface name Linux accepts (`IFNAMSIZ` is 16 including the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
 /// Prefix of per-VM TAP devices made on demand: `bgtap0`, `bgtap1`, ...
@@ -130,7 +130,8 @@ impl Subnet {
 
 impl Default for Subnet {
     fn default() -> Self {
-        Self { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 24 }
+        // A /20: 4,093 guest addresses, so 4,000 VMs fit with the defaults.
+        Self { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 20 }
     }
 }
 
@@ -328,10 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn the_default_subnet_holds_four_thousand_guests() {
+        let s = Subnet::default();
+        assert_eq!(s.to_string(), DEFAULT_SUBNET);
+        assert_eq!(subnet(DEFAULT_SUBNET), s);
+        assert_eq!(
+            (s.gateway(), s.first_guest(), s.last_guest()),
+            (ip("172.30.0.1"), ip("172.30.0.2"), ip("172.30.15.254"))
+        );
+        assert!(s.guest_capacity() >= 4000, "{}", s.guest_capacity());
+        // 3,999 taken (every one from .2 on): the 4,000th still gets an address, the next one up.
+        let used: BTreeSet<Ipv4Addr> = (0..3999u32).map(|i| Ipv4Addr::from(u32::from(s.first_guest()) + i)).collect();
+        assert_eq!(allocate(&s, &used), Ok(Ipv4Addr::from(u32::from(s.first_guest()) + 3999)));
+    }
+
+    #[test]
     fn parses_and_describes_a_subnet() {
         let s = subnet("172.30.0.0/24");
-        assert_eq!(s, Subnet::default());
-        assert_eq!(s.to_string(), DEFAULT_SUBNET);
         assert_eq!(s.network(), ip("172.30.0.0"));
         assert_eq!(s.prefix_len(), 24);
         assert_eq!(s.netmask(), ip("255.255.255.0"));
@@ -387,7 +401,7 @@ mod tests {
 
     #[test]
     fn exhaustion_names_the_fix_and_release_allows_reuse() {
-        let s = Subnet::default();
+        let s = subnet("172.30.0.0/24");
         let mut used = BTreeSet::new();
         for _ in 0..s.guest_capacity() {
             let a = allocate(&s, &used).expect("capacity left");

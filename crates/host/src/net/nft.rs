@@ -261,8 +261,8 @@ mod tests {
         let mut config = NftConfig::new(IfName::default(), Subnet::default());
         config.nat = true;
         let text = ruleset(&config);
-        assert!(text.contains("ip saddr 172.30.0.0/24 oifname != \"banger0\" masquerade"), "{text}");
-        assert!(text.contains("iifname \"banger0\" ip saddr 172.30.0.0/24 accept"), "{text}");
+        assert!(text.contains("ip saddr 172.30.0.0/20 oifname != \"banger0\" masquerade"), "{text}");
+        assert!(text.contains("iifname \"banger0\" ip saddr 172.30.0.0/20 accept"), "{text}");
         assert!(!text.contains("chain prerouting"), "{text}");
     }
 
