@@ -16,7 +16,7 @@ use crate::services::artifacts::ArtifactsError;
 use crate::services::forwards::proxy::ListenError;
 use crate::services::forwards::ForwardsError;
 use crate::services::lifecycle::LifecycleError;
-use crate::services::net::NetError;
+use crate::services::net::{claim, NetError};
 use crate::services::sessions::SessionsError;
 use crate::services::snapshots::SnapshotsError;
 use crate::services::ssh::{GitIdentityError, SshError};
@@ -170,8 +170,8 @@ impl Status for NetError {
     fn kind(&self) -> Kind {
         match self {
             Self::Store(e) => e.kind(),
-            Self::Exhausted(_) => Kind::Conflict,
-            Self::Host(_) | Self::Dns(_) => Kind::Internal,
+            Self::Exhausted(_) | Self::Claim(claim::ClaimError::Taken { .. }) => Kind::Conflict,
+            Self::Host(_) | Self::Dns(_) | Self::Claim(_) => Kind::Internal,
         }
     }
 

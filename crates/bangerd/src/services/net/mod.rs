@@ -7,6 +7,8 @@
 //! the set of running VMs and is serialised by `sync_lock`. Both are leaf locks: no VM lock is
 //! held while they are taken.
 
+pub mod claim;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -34,6 +36,9 @@ pub enum NetError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] banger_store::StoreError),
+    /// Another daemon runs guests in this network namespace.
+    #[error(transparent)]
+    Claim(#[from] claim::ClaimError),
     /// Every guest address of the subnet is taken.
     #[error(transparent)]
     Exhausted(banger_core::net::NetError),
@@ -62,6 +67,8 @@ pub struct GuestNic {
 }
 
 struct Up {
+    /// This daemon's claim on the network namespace.
+    _claim: claim::Claim,
     net: Arc<NetlinkNet>,
     /// The uplink forwarding sysctl banger turned on for NAT (restored at teardown).
     flipped_forwarding: Option<String>,
@@ -116,6 +123,7 @@ impl Net {
             return Ok(());
         }
         let started = std::time::Instant::now();
+        let claim = claim::claim(claim::CLAIM_NAME, &self.fleet.layout.state_dir)?;
         let net = Arc::new(NetlinkNet::connect()?);
         ensure_bridge(&*net, &self.bridge, &self.subnet).await?;
         let flipped_forwarding = self.enable_nat_forwarding(&net).await?;
@@ -132,7 +140,7 @@ impl Net {
         let refiller = pool.spawn_refiller();
         tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
             elapsed_ms = started.elapsed().as_millis(), "guest network up");
-        *up = Some(Up { net, flipped_forwarding, pool, refiller, dns });
+        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns });
         Ok(())
     }
 
