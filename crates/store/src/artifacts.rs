@@ -94,7 +94,7 @@ impl Store {
 
     /// Forgets a kernel.
     pub fn delete_kernel(&self, name: &str) -> Result<(), StoreError> {
-        match self.conn().execute("DELETE FROM kernels WHERE name = ?1 AND pending IS NULL", [name])? {
+        match self.conn().execute("DELETE FROM kernels WHERE name = ?1", [name])? {
             0 => Err(StoreError::NotFound { kind: "kernel", reference: name.to_owned() }),
             _ => Ok(()),
         }
@@ -182,7 +182,7 @@ impl Store {
 
     /// Forgets an image.
     pub fn delete_image(&self, name: &str) -> Result<(), StoreError> {
-        match self.conn().execute("DELETE FROM images WHERE name = ?1 AND pending IS NULL", [name])? {
+        match self.conn().execute("DELETE FROM images WHERE name = ?1", [name])? {
             0 => Err(StoreError::NotFound { kind: "image", reference: name.to_owned() }),
             _ => Ok(()),
         }
