@@ -85,6 +85,9 @@ pub struct Fleet {
     drivers: HashMap<VmmKind, Arc<dyn Vmm>>,
     /// One agent connection per VM that has been talked to (a leaf lock).
     agents: Mutex<HashMap<String, Arc<AgentConn>>>,
+    /// This fleet's failpoints (tests only: see [`crate::failpoint`]).
+    #[cfg(test)]
+    pub failpoints: Arc<crate::failpoint::Failpoints>,
 }
 
 impl Fleet {
@@ -119,6 +122,8 @@ impl Fleet {
             default_vmm,
             drivers,
             agents: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            failpoints: Arc::default(),
         }
     }
 

@@ -108,6 +108,9 @@ pub enum LifecycleError {
     /// Its VMM outlived the stop.
     #[error("vm '{0}' is still running after stop")]
     StillRunning(String),
+    /// A test's injected failure.
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 impl From<Cancelled> for LifecycleError {
@@ -222,6 +225,7 @@ impl Lifecycle {
         vm: &VmRecord,
         git: Option<&GitIdentity>,
     ) -> Result<(), LifecycleError> {
+        crate::failpoint!(self.fleet, "vm.start.provision");
         let vm_dir = PathBuf::from(&vm.vm_dir);
         // A fork's first start restores its snapshot: its disks belong to that state as they are.
         let restore = crate::services::snapshots::restore_state(vm);
@@ -284,6 +288,7 @@ impl Lifecycle {
             ],
         };
         self.fleet.handles.publish(vm, handles)?;
+        crate::failpoint!(self.fleet, "vm.start.launched");
         self.spawn_monitor(vm.clone(), launched.pid);
         // Rules and names are republished (an `nft` run) while the guest comes up; both are
         // done before the VM is reported running.
@@ -295,6 +300,7 @@ impl Lifecycle {
         let ((), ready) =
             tokio::join!(publish, self.guest_ready(op, vm, &launched, restore.is_some(), fork_nic.as_ref()));
         ready?;
+        crate::failpoint!(self.fleet, "vm.start.ready");
         if let Some(state) = restore {
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps
             // its pages after the unlink.)
@@ -437,6 +443,7 @@ impl Lifecycle {
             (vm, was_paused)
         };
         let pid = self.fleet.handles.get(&vm).and_then(|h| h.pid);
+        crate::failpoint!(self.fleet, "vm.stop.stopping");
         if was_paused && !force {
             // A paused guest cannot shut itself down: let it run for that.
             let control = PathBuf::from(self.fleet.handles.get(&vm).and_then(|h| h.control_socket).unwrap_or_default());
@@ -462,6 +469,7 @@ impl Lifecycle {
         if !gone {
             self.terminate_vmm(&vm).await;
         }
+        crate::failpoint!(self.fleet, "vm.stop.ended");
         self.finish_stop(&vm.id, None).await
     }
 
