@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod forwards;
 pub mod lifecycle;
 pub mod net;
+pub mod recovery;
 pub mod sessions;
 pub mod snapshots;
 pub mod ssh;
