@@ -776,3 +776,28 @@ fn image_record(b: &BuiltImage) -> ImageRecord {
         created_at: banger_core::time::now_rfc3339(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Status as _;
+
+    #[test]
+    fn a_hostile_layer_is_reported_as_what_the_layer_did_not_as_a_disk_problem() {
+        let e = ArtifactsError::ImagePull {
+            reference: "evil/image:latest".into(),
+            source: Box::new(banger_image::oci::PullImageError::Entry {
+                layer: "2/3 (sha256:abcd)".into(),
+                entry: "../../escape".into(),
+                problem: banger_image::oci::EntryProblem::Escapes,
+            }),
+        };
+        let message = e.message();
+        assert_eq!(
+            message,
+            "cannot pull image 'evil/image:latest': layer 2/3 (sha256:abcd) entry '../../escape' escapes the image root"
+        );
+        assert!(!message.contains("writable") && !message.contains("space"), "{message}");
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept as a source");
+    }
+}
