@@ -13,10 +13,17 @@ use banger_core::VmRecord;
 use banger_host::VmHandles;
 use banger_store::Store;
 
+/// A test's liveness judge: is this pid a live (fake) VMM?
+#[cfg(test)]
+pub type TestAlive = std::sync::Arc<dyn Fn(u32) -> bool + Send + Sync>;
+
 /// In-memory handles, keyed by VM id.
 #[derive(Default)]
 pub struct HandleCache {
     map: Mutex<HashMap<String, VmHandles>>,
+    /// Tests whose "VMMs" are not processes judge liveness here instead of the OS.
+    #[cfg(test)]
+    pub test_alive: Mutex<Option<TestAlive>>,
 }
 
 /// What start-up reconciliation did.
@@ -64,6 +71,14 @@ impl HandleCache {
         }
     }
 
+    fn judge(&self, h: &VmHandles) -> bool {
+        #[cfg(test)]
+        if let Some(alive) = self.test_alive.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return h.pid.is_some_and(|pid| alive(pid));
+        }
+        h.is_alive()
+    }
+
     /// Rebuilds the cache from each VM's scratch file and the OS, fixing the store's observed
     /// states to match.
     pub fn reconcile(&self, store: &Store) -> Result<ReconcileReport, banger_store::StoreError> {
@@ -77,7 +92,7 @@ impl HandleCache {
                     None
                 }
             };
-            if let Some(h) = handles.filter(VmHandles::is_alive) {
+            if let Some(h) = handles.filter(|h| self.judge(h)) {
                 tracing::info!(vm = %vm.name, pid = ?h.pid, "adopted running vm");
                 if let Some(pid) = h.pid {
                     report.adopted.push((vm.clone(), pid));

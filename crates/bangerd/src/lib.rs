@@ -7,6 +7,7 @@ pub mod agent_conn;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod failpoint;
 pub mod handles;
 pub mod http;
 pub mod locks;

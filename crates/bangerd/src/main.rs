@@ -69,6 +69,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot select a vmm; set `vmm = \"auto\"` in config.toml or pass --vmm qemu")?;
     tracing::info!(vmm = %selection.kind, accel = %selection.accel, tsc_khz = ?selection.tsc_khz, "default vmm selected");
     let daemon = Daemon::new(Fleet::new(layout, config, store, host, choice), config_source);
+    let swept = bangerd::services::recovery::sweep(&daemon.fleet).context("cannot recover from the last run")?;
+    tracing::info!(?swept, "swept what the last run left half-done");
     let report = daemon.lifecycle.reconcile()?;
     let adopted: Vec<&str> = report.adopted.iter().map(|(vm, _)| vm.name.as_str()).collect();
     tracing::info!(?adopted, reaped = ?report.reaped, orphans = ?report.orphans, "reconciled vms with the host");

@@ -3,7 +3,7 @@
 use banger_core::{ImageRecord, InitMode, KernelRecord};
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::{is_unique_violation, Store, StoreError};
+use crate::{is_unique_violation, Pending, Store, StoreError};
 
 const KERNEL_COLUMNS: &str = "name, version, release, source, dir, created_at";
 const IMAGE_COLUMNS: &str = "name, source, init_mode, rootfs, work_seed, sha256, size_bytes, created_at";
@@ -41,9 +41,15 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<Result<ImageRecord, StoreEr
 impl Store {
     /// Records a published kernel; a taken name gives [`StoreError::NameTaken`].
     pub fn insert_kernel(&self, k: &KernelRecord) -> Result<(), StoreError> {
+        self.insert_kernel_as(k, None)
+    }
+
+    /// Records a kernel, complete (`None`) or with an unfinished step; a taken name (also by an
+    /// unfinished kernel) gives [`StoreError::NameTaken`].
+    pub fn insert_kernel_as(&self, k: &KernelRecord, pending: Option<Pending>) -> Result<(), StoreError> {
         let result = self.conn().execute(
-            &format!("INSERT INTO kernels ({KERNEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-            params![k.name, k.version, k.release, k.source, k.dir, k.created_at],
+            &format!("INSERT INTO kernels ({KERNEL_COLUMNS}, pending) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            params![k.name, k.version, k.release, k.source, k.dir, k.created_at, pending.map(Pending::as_str)],
         );
         match result {
             Ok(_) => Ok(()),
@@ -52,18 +58,36 @@ impl Store {
         }
     }
 
-    /// A kernel by name, if recorded.
+    /// Replaces kernel `k.name`'s row (being made) with `k`, complete.
+    pub fn complete_kernel(&self, k: &KernelRecord) -> Result<(), StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE kernels SET version = ?2, release = ?3, source = ?4, dir = ?5, created_at = ?6, pending = NULL \
+             WHERE name = ?1",
+            params![k.name, k.version, k.release, k.source, k.dir, k.created_at],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { kind: "kernel", reference: k.name.clone() });
+        }
+        Ok(())
+    }
+
+    /// A complete kernel by name, if recorded.
     pub fn get_kernel(&self, name: &str) -> Result<Option<KernelRecord>, StoreError> {
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1"), [name], kernel_from_row)
+            .query_row(
+                &format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1 AND pending IS NULL"),
+                [name],
+                kernel_from_row,
+            )
             .optional()?)
     }
 
-    /// Every kernel, by name.
+    /// Every complete kernel, by name.
     pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {KERNEL_COLUMNS} FROM kernels ORDER BY name"))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE pending IS NULL ORDER BY name"))?;
         let rows = stmt.query_map([], kernel_from_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -78,8 +102,38 @@ impl Store {
 
     /// Records a published image; a taken name gives [`StoreError::NameTaken`].
     pub fn insert_image(&self, i: &ImageRecord) -> Result<(), StoreError> {
+        self.insert_image_as(i, None)
+    }
+
+    /// Records an image, complete (`None`) or with an unfinished step; a taken name (also by an
+    /// unfinished image) gives [`StoreError::NameTaken`].
+    pub fn insert_image_as(&self, i: &ImageRecord, pending: Option<Pending>) -> Result<(), StoreError> {
         let result = self.conn().execute(
-            &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            &format!("INSERT INTO images ({IMAGE_COLUMNS}, pending) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![
+                i.name,
+                i.source,
+                i.init_mode.as_str(),
+                i.rootfs,
+                i.work_seed,
+                i.sha256,
+                i64::try_from(i.size_bytes).unwrap_or(i64::MAX),
+                i.created_at,
+                pending.map(Pending::as_str),
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "image", name: i.name.clone() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces image `i.name`'s row (being made) with `i`, complete.
+    pub fn complete_image(&self, i: &ImageRecord) -> Result<(), StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE images SET source = ?2, init_mode = ?3, rootfs = ?4, work_seed = ?5, sha256 = ?6, \
+             size_bytes = ?7, created_at = ?8, pending = NULL WHERE name = ?1",
             params![
                 i.name,
                 i.source,
@@ -90,26 +144,30 @@ impl Store {
                 i64::try_from(i.size_bytes).unwrap_or(i64::MAX),
                 i.created_at
             ],
-        );
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "image", name: i.name.clone() }),
-            Err(e) => Err(e.into()),
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { kind: "image", reference: i.name.clone() });
         }
+        Ok(())
     }
 
-    /// An image by name, if recorded.
+    /// A complete image by name, if recorded.
     pub fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
         self.conn()
-            .query_row(&format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"), [name], image_from_row)
+            .query_row(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1 AND pending IS NULL"),
+                [name],
+                image_from_row,
+            )
             .optional()?
             .transpose()
     }
 
-    /// Every image, by name.
+    /// Every complete image, by name.
     pub fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {IMAGE_COLUMNS} FROM images WHERE pending IS NULL ORDER BY name"))?;
         let rows = stmt.query_map([], image_from_row)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().collect()
     }

@@ -8,6 +8,7 @@ mod artifacts;
 mod forwards;
 mod migrate;
 mod ops;
+mod pending;
 mod sessions;
 mod snapshots;
 mod vms;
@@ -18,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension as _};
 
 pub use migrate::{MIGRATIONS, SCHEMA_VERSION};
+pub use pending::{Pending, PendingRow, Table};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

@@ -127,6 +127,15 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN origin_snapshot TEXT REFERENCES snapshots(id);
     CREATE INDEX vms_origin_snapshot ON vms (origin_snapshot);
     "#,
+    // 7: unfinished steps: a row being made (its files are not all there yet) or being deleted
+    // (its files may be partly gone). NULL when complete. The daemon's start-up sweep finishes or
+    // rolls back every row that has one.
+    r#"
+    ALTER TABLE vms ADD COLUMN pending TEXT;
+    ALTER TABLE snapshots ADD COLUMN pending TEXT;
+    ALTER TABLE kernels ADD COLUMN pending TEXT;
+    ALTER TABLE images ADD COLUMN pending TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

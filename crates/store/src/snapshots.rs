@@ -5,7 +5,7 @@ use banger_core::config::VmmKind;
 use banger_core::SnapshotRecord;
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::{find_by_reference, is_unique_violation, Lookup, Store, StoreError};
+use crate::{find_by_reference, is_unique_violation, Lookup, Pending, Store, StoreError};
 
 const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image, kernel, vcpus, memory_mib, disk_mib, vmm, \
                        network, dir, size_bytes, warm_key, created_at";
@@ -48,11 +48,17 @@ fn i64_of(v: u64) -> i64 {
 }
 
 impl Store {
-    /// Records a snapshot; a taken name (or warm key) gives [`StoreError::NameTaken`].
+    /// Records a complete snapshot; a taken name (or warm key) gives [`StoreError::NameTaken`].
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        self.insert_snapshot_as(s, None)
+    }
+
+    /// Records a snapshot, complete (`None`) or with an unfinished step (one being made holds
+    /// its name and warm key but is not found, listed or forked until [`Self::complete_snapshot`]).
+    pub fn insert_snapshot_as(&self, s: &SnapshotRecord, pending: Option<Pending>) -> Result<(), StoreError> {
         let result = self.conn().execute(
             &format!(
-                "INSERT INTO snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                "INSERT INTO snapshots ({COLUMNS}, pending) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             ),
             params![
                 s.id,
@@ -70,6 +76,7 @@ impl Store {
                 i64_of(s.size_bytes),
                 s.warm_key,
                 s.created_at,
+                pending.map(Pending::as_str),
             ],
         );
         match result {
@@ -77,6 +84,18 @@ impl Store {
             Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "snapshot", name: s.name.clone() }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Marks snapshot `id` complete, with its size (known once its files are written).
+    pub fn complete_snapshot(&self, id: &str, size_bytes: u64) -> Result<(), StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE snapshots SET size_bytes = ?2, pending = NULL WHERE id = ?1",
+            params![id, i64_of(size_bytes)],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { kind: "snapshot", reference: id.to_owned() });
+        }
+        Ok(())
     }
 
     /// Sets a recorded snapshot's size (known once its files are written).
@@ -90,10 +109,10 @@ impl Store {
         Ok(())
     }
 
-    /// Finds a snapshot by exact name, exact id, or unique id prefix (in that order).
+    /// Finds a complete snapshot by exact name, exact id, or unique id prefix (in that order).
     pub fn find_snapshot(&self, reference: &str) -> Result<SnapshotRecord, StoreError> {
         let lookup = Lookup {
-            select: format!("SELECT {COLUMNS} FROM snapshots WHERE "),
+            select: format!("SELECT {COLUMNS} FROM snapshots WHERE pending IS NULL AND "),
             scope: &[],
             by_name: true,
             kind: "snapshot",
@@ -102,18 +121,24 @@ impl Store {
         find_by_reference(&self.conn(), &lookup, reference)
     }
 
-    /// The warm-start snapshot recorded for `warm_key`, if any.
+    /// The complete warm-start snapshot recorded for `warm_key`, if any (one being made is
+    /// never chosen: its files are not all there).
     pub fn find_warm_snapshot(&self, warm_key: &str) -> Result<Option<SnapshotRecord>, StoreError> {
         self.conn()
-            .query_row(&format!("SELECT {COLUMNS} FROM snapshots WHERE warm_key = ?1"), [warm_key], from_row)
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM snapshots WHERE warm_key = ?1 AND pending IS NULL"),
+                [warm_key],
+                from_row,
+            )
             .optional()?
             .transpose()
     }
 
-    /// Every snapshot, oldest first.
+    /// Every complete snapshot, oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM snapshots ORDER BY created_at, name"))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {COLUMNS} FROM snapshots WHERE pending IS NULL ORDER BY created_at, name"))?;
         let rows = stmt.query_map([], from_row)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().collect()
     }
@@ -154,7 +179,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::vms::tests::vm;
 

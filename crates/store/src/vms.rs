@@ -4,7 +4,7 @@ use banger_core::config::VmmKind;
 use banger_core::{DesiredState, ObservedState, VmRecord, VmSpec};
 use rusqlite::{params, Row};
 
-use crate::{find_by_reference, is_unique_violation, Lookup, Store, StoreError};
+use crate::{find_by_reference, is_unique_violation, Lookup, Pending, Store, StoreError};
 
 const COLUMNS: &str = "id, name, image, kernel, vcpus, memory_mib, disk_mib, desired_state, state, guest_ip, vm_dir, \
                        created_at, updated_at, last_error, vmm, network, allow_vm_traffic";
@@ -55,12 +55,23 @@ fn i64_of(v: u64) -> i64 {
 }
 
 impl Store {
-    /// Inserts a new VM; a taken name gives [`StoreError::NameTaken`].
+    /// Inserts a new, complete VM; a taken name gives [`StoreError::NameTaken`].
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.insert_vm_as(vm, None, None)
+    }
+
+    /// Inserts a new VM, complete (`None`) or with an unfinished step, started from snapshot
+    /// `origin` if any, in one statement; a taken name gives [`StoreError::NameTaken`].
+    pub fn insert_vm_as(
+        &self,
+        vm: &VmRecord,
+        origin: Option<&str>,
+        pending: Option<Pending>,
+    ) -> Result<(), StoreError> {
         let conn = self.conn();
         let result = conn.execute(
             &format!(
-                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                "INSERT INTO vms ({COLUMNS}, origin_snapshot, pending) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
             ),
             params![
                 vm.id,
@@ -80,6 +91,8 @@ impl Store {
                 vm.spec.vmm.as_str(),
                 vm.spec.network,
                 vm.spec.allow_vm_traffic,
+                origin,
+                pending.map(Pending::as_str),
             ],
         );
         match result {

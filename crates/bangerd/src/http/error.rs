@@ -264,7 +264,8 @@ impl Status for ArtifactsError {
             | Self::Recipe(_)
             | Self::NoImageName(_)
             | Self::KernelPull(_)
-            | Self::ImageBuild(_) => Kind::Invalid,
+            | Self::ImageBuild(_)
+            | Self::ImagePull { .. } => Kind::Invalid,
             Self::Exists { .. } | Self::MadeMeanwhile(_) | Self::InUse { .. } | Self::Running(_) => Kind::Conflict,
             Self::Catalog(_) | Self::NotAvailable { .. } | Self::NotFound { .. } | Self::NoBase(_) => Kind::NotFound,
             Self::Dir { .. }
@@ -272,7 +273,9 @@ impl Status for ArtifactsError {
             | Self::ImageFiles { .. }
             | Self::Disk(_)
             | Self::Agent(_)
-            | Self::Task(_) => Kind::Internal,
+            | Self::Task(_)
+            | Self::Remove { .. }
+            | Self::Injected(_) => Kind::Internal,
         }
     }
 
@@ -302,8 +305,10 @@ impl Status for SnapshotsError {
             | Self::Copy(_)
             | Self::Fork { .. }
             | Self::Read { .. }
+            | Self::Remove { .. }
             | Self::Agent(_)
-            | Self::Task(_) => Kind::Internal,
+            | Self::Task(_)
+            | Self::Injected(_) => Kind::Internal,
         }
     }
 
@@ -337,7 +342,8 @@ impl Status for LifecycleError {
             | Self::Handles(_)
             | Self::Resume { .. }
             | Self::NotReady { .. }
-            | Self::StillRunning(_) => Kind::Internal,
+            | Self::StillRunning(_)
+            | Self::Injected(_) => Kind::Internal,
         }
     }
 
@@ -374,6 +380,7 @@ impl Status for VmsError {
             | Self::DiskShrink { .. } => Kind::Invalid,
             Self::Transition(_) | Self::Running(_) | Self::UnstartedFork(_) | Self::Cancelled(_) => Kind::Conflict,
             Self::VmDir { .. } | Self::Ports { .. } | Self::UnexpectedAnswer { .. } => Kind::Internal,
+            Self::RemoveDir { .. } | Self::Injected(_) => Kind::Internal,
         }
     }
 

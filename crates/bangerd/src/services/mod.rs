@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod forwards;
 pub mod lifecycle;
 pub mod net;
+pub mod recovery;
 pub mod sessions;
 pub mod snapshots;
 pub mod ssh;
@@ -85,6 +86,9 @@ pub struct Fleet {
     drivers: HashMap<VmmKind, Arc<dyn Vmm>>,
     /// One agent connection per VM that has been talked to (a leaf lock).
     agents: Mutex<HashMap<String, Arc<AgentConn>>>,
+    /// This fleet's failpoints (tests only: see [`crate::failpoint`]).
+    #[cfg(test)]
+    pub failpoints: Arc<crate::failpoint::Failpoints>,
 }
 
 impl Fleet {
@@ -119,6 +123,8 @@ impl Fleet {
             default_vmm,
             drivers,
             agents: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            failpoints: Arc::default(),
         }
     }
 

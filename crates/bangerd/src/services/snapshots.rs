@@ -31,7 +31,7 @@ use banger_proto::agent::{AgentRequest, HostKey, Identity, NetIdentity};
 use banger_proto::{CreateVmRequest, SnapshotView};
 
 use banger_core::error_chain as chain;
-use banger_store::StoreError;
+use banger_store::{Pending, StoreError, Table};
 
 use crate::services::artifacts::agent::AgentBinaryError;
 use crate::services::artifacts::Artifacts;
@@ -164,9 +164,29 @@ pub enum SnapshotsError {
     /// The agent binary (part of a warm-start key).
     #[error(transparent)]
     Agent(#[from] AgentBinaryError),
+    /// A snapshot's files could not be removed.
+    #[error("cannot remove {}", path.display())]
+    Remove {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A blocking task died.
     #[error("a background task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// A test's injected failure.
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
+}
+
+/// Removes directory `dir` and everything in it; one that is not there is removed already.
+pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The state file a VM's next start restores, if it has one.
@@ -485,31 +505,46 @@ impl Snapshots {
             created_at: banger_core::time::now_rfc3339(),
             id: sid,
         };
+        // Intent first: a row that says "being made" (never chosen, listed or forked) holds the
+        // name; the files follow; the row is marked complete last. A crash in between leaves a
+        // row the start-up sweep rolls back, never a complete-looking snapshot without files.
         {
             let _claim = self.fleet.reservations.claim();
-            self.fleet.store.insert_snapshot(&record)?;
+            self.fleet.store.insert_snapshot_as(&record, Some(Pending::Making))?;
         }
         let written = self.write_snapshot(&vm, &control, &record, was_paused).await;
         drop(guard);
         if !was_paused {
             self.correct_clock(&vm).await;
         }
-        match written {
+        let completed = match written {
+            Ok(size) => self.complete_snapshot(&record.id, size).map(|()| size),
+            Err(e) => Err(e),
+        };
+        match completed {
             Ok(size) => {
-                self.fleet.store.set_snapshot_size(&record.id, size)?;
                 record.size_bytes = size;
                 tracing::info!(vm = %vm.name, snapshot = %record.name, size, elapsed_ms = started.elapsed().as_millis(),
                     "snapshot taken");
                 Ok(record)
             }
             Err(e) => {
-                if let Err(d) = self.fleet.store.delete_snapshot(&record.id) {
+                // Files first, the row (still "being made") last.
+                if let Err(r) = remove_dir(Path::new(&record.dir)) {
+                    tracing::error!(snapshot = %record.name, error = %r, "cannot remove a failed snapshot's files");
+                } else if let Err(d) = self.fleet.store.remove_row(Table::Snapshots, &record.id) {
                     tracing::error!(snapshot = %record.name, error = %chain(&d), "cannot roll back snapshot row");
                 }
-                let _ = std::fs::remove_dir_all(&record.dir);
                 Err(e)
             }
         }
+    }
+
+    /// Publishes snapshot `id`: its files are all written.
+    fn complete_snapshot(&self, id: &str, size: u64) -> Result<(), SnapshotsError> {
+        crate::failpoint!(self.fleet, "snapshot.files");
+        self.fleet.store.complete_snapshot(id, size)?;
+        Ok(())
     }
 
     /// Pause (unless paused), state, disk copies, resume (unless it was paused). Returns the
@@ -521,6 +556,7 @@ impl Snapshots {
         record: &SnapshotRecord,
         was_paused: bool,
     ) -> Result<u64, SnapshotsError> {
+        crate::failpoint!(self.fleet, "snapshot.intent");
         let dir = PathBuf::from(&record.dir);
         banger_host::paths::ensure_dir(&dir, 0o700)
             .map_err(|source| SnapshotsError::Dir { path: dir.clone(), source })?;
@@ -532,6 +568,7 @@ impl Snapshots {
         let saved = async {
             let t = Instant::now();
             driver.snapshot(control, Path::new(&paths.state)).await.map_err(control_failure(vm, "snapshot"))?;
+            crate::failpoint!(self.fleet, "snapshot.state");
             let state_ms = t.elapsed().as_millis();
             let from = vm.paths();
             let copies = [(from.overlay_disk, paths.overlay_disk.clone()), (from.work_disk, paths.work_disk.clone())];
@@ -567,29 +604,43 @@ impl Snapshots {
         self.fleet.store.list_snapshots()?.into_iter().map(|s| self.snapshot_view(s)).collect()
     }
 
-    /// Deletes a snapshot no VM was started from, and its files.
+    /// Deletes a snapshot no VM was started from: marks its row "being deleted" (it is no
+    /// longer found), removes its files, then the row. A crash in between is finished by the
+    /// start-up sweep; a failure to remove the files keeps the mark for it.
     pub async fn delete_snapshot(&self, reference: &str) -> Result<SnapshotView, SnapshotsError> {
         let record = {
             let _claim = self.fleet.reservations.claim();
             let record = self.find(reference)?;
             check_deletable(&record, &self.fleet.store.snapshot_forks(&record.id)?)?;
-            self.fleet.store.delete_snapshot(&record.id)?;
+            self.fleet.store.set_pending(Table::Snapshots, &record.id, Some(Pending::Deleting))?;
             record
         };
-        let dir = record.dir.clone();
-        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
-        if let Ok(Err(e)) = removed {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(snapshot = %record.name, dir = %record.dir, error = %e, "cannot remove snapshot files");
-            }
+        let removed = self.remove_snapshot_files(&record).await;
+        if let Err(e) = removed {
+            tracing::warn!(snapshot = %record.name, dir = %record.dir, error = %chain(&e),
+                "cannot remove snapshot files; the next start-up finishes the delete");
+            return Err(e);
         }
+        self.fleet.store.remove_row(Table::Snapshots, &record.id)?;
         tracing::info!(snapshot = %record.name, "snapshot deleted");
         Ok(SnapshotView { record: record.into(), forks: Vec::new() })
+    }
+
+    async fn remove_snapshot_files(&self, record: &SnapshotRecord) -> Result<(), SnapshotsError> {
+        crate::failpoint!(self.fleet, "snapshot.delete.marked");
+        let dir = PathBuf::from(&record.dir);
+        let dir2 = dir.clone();
+        tokio::task::spawn_blocking(move || remove_dir(&dir2))
+            .await?
+            .map_err(|source| SnapshotsError::Remove { path: dir, source })?;
+        crate::failpoint!(self.fleet, "snapshot.delete.files");
+        Ok(())
     }
 
     /// Copies snapshot `snapshot`'s disks into new fork `vm`'s dir and links its state there
     /// for the first start.
     pub async fn copy_snapshot_into(&self, snapshot: &SnapshotRecord, vm: &VmRecord) -> Result<(), SnapshotsError> {
+        crate::failpoint!(self.fleet, "vm.fork.copy");
         let (from, to) = (snapshot.paths(), vm.paths());
         let restore = Path::new(&vm.vm_dir).join(RESTORE_STATE);
         tokio::task::spawn_blocking(move || -> Result<(), CopyError> {

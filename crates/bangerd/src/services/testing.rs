@@ -58,6 +58,11 @@ impl FakeVmm {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// The pids of the VMMs that run now.
+    pub fn live(&self) -> HashSet<u32> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// A "VMM" that runs until killed, with no guest behind it (for tests that serve their own
     /// agent); its pid.
     pub fn adopt(&self) -> u32 {
@@ -134,6 +139,21 @@ impl Vmm for FakeVmm {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             !self.is_alive(pid, vm_dir)
+        })
+    }
+
+    fn pause<'a>(&'a self, _control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn resume<'a>(&'a self, _control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn snapshot<'a>(&'a self, _control: &'a Path, state_file: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let _ = std::fs::write(state_file, b"fake state");
+            Ok(())
         })
     }
 
@@ -214,6 +234,12 @@ impl Provision for FakeProvision {
             op.stage("provision")?;
             self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(ProvisionCall { vm: vm.name.clone(), restoring });
             let dir = PathBuf::from(&vm.vm_dir);
+            // Small disks, so snapshots and forks have something to copy.
+            for disk in ["overlay.ext4", "work.ext4"] {
+                if !dir.join(disk).exists() {
+                    let _ = std::fs::write(dir.join(disk), b"fake disk");
+                }
+            }
             Ok(Prepared {
                 kernel: dir.join("vmlinuz"),
                 kernel_elf: None,
@@ -253,10 +279,13 @@ pub fn daemon_with(
     let layout = Layout::resolve(Some(dir.to_path_buf()), Some(dir.join("s.sock")));
     let store = Store::open(&dir.join("banger.db")).expect("store");
     let drivers: HashMap<VmmKind, Arc<dyn Vmm>> =
-        [(VmmKind::Qemu, vmm.clone() as Arc<dyn Vmm>), (VmmKind::Firecracker, vmm as Arc<dyn Vmm>)].into();
+        [(VmmKind::Qemu, vmm.clone() as Arc<dyn Vmm>), (VmmKind::Firecracker, vmm.clone() as Arc<dyn Vmm>)].into();
     let mut c = Config::default();
     config(&mut c);
     let fleet = Fleet::with_drivers(layout, c, store, banger_vmm::HostFacts::default(), VmmChoice::default(), drivers);
+    let live = vmm.live.clone();
+    *fleet.handles.test_alive.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(Arc::new(move |pid| live.lock().unwrap_or_else(|p| p.into_inner()).contains(&pid)));
     crate::daemon::Daemon::wire(Arc::new(fleet), None, Some(provision))
 }
 

@@ -16,7 +16,7 @@ use banger_core::{
     VmSpec,
 };
 use banger_proto::{CreateVmRequest, GitIdentity, GuestPort, UpdateVmRequest, VmLogs, VmPorts, VmStats, VmView};
-use banger_store::StoreError;
+use banger_store::{Pending, StoreError, Table};
 
 use crate::ops::{Cancelled, OpHandle};
 use crate::services::forwards::{Forwards, ForwardsError};
@@ -86,6 +86,15 @@ pub enum VmsError {
         #[source]
         source: std::io::Error,
     },
+    /// The VM directory could not be removed (the delete is finished at the next start-up).
+    #[error("cannot remove vm directory {dir}; retry `banger vm delete`")]
+    RemoveDir {
+        /// The directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The create was cancelled.
     #[error("creating vm '{0}' was cancelled")]
     Cancelled(String),
@@ -121,6 +130,9 @@ pub enum VmsError {
         /// What it said.
         answer: String,
     },
+    /// A test's injected failure.
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 fn check_ref_name(what: &'static str, value: &str) -> Result<(), VmsError> {
@@ -288,22 +300,28 @@ impl Vms {
             Origin::Fork(snapshot) => Some(snapshot),
             Origin::Boot | Origin::WarmBoot(_) => None,
         };
+        // The row is recorded "being made" (for a fork: a fork whose disks are still being
+        // copied) and marked complete once its directory, host key and disk copies are all there.
+        // A crash in between leaves a row the start-up sweep deletes with its directory.
         let vm = self.reserve(name, spec, fork.map(|s| s.id.as_str()))?;
         let undo = |d: &Self, vm: &VmRecord| {
-            if let Err(e) = d.fleet.store.delete_vm(&vm.id) {
+            // Files first; the row, still "being made", last.
+            if let Err(e) = crate::services::snapshots::remove_dir(std::path::Path::new(&vm.vm_dir)) {
+                tracing::error!(vm = %vm.name, dir = %vm.vm_dir, error = %e, "cannot remove a failed create's directory");
+            } else if let Err(e) = d.fleet.store.delete_vm(&vm.id) {
                 tracing::error!(vm = %vm.name, error = %chain(&e), "cannot roll back vm row");
             }
-            let _ = std::fs::remove_dir_all(&vm.vm_dir);
         };
-        if let Err(e) = self.forwards.claim(&vm, publish) {
+        if let Err(e) = self.forwards.claim(&vm, publish).map_err(VmsError::from).and_then(|()| self.reserved()) {
             undo(self, &vm);
-            return Err(CreateFailure::Failed(e.into()));
+            return Err(CreateFailure::Failed(e));
         }
         let prepared = op.stage("prepare").map_err(CreateFailure::from).and_then(|()| {
             banger_host::paths::ensure_dir(std::path::Path::new(&vm.vm_dir), 0o700)
                 .map_err(|source| CreateFailure::Failed(VmsError::VmDir { dir: vm.vm_dir.clone(), source }))?;
             // The host key is made here, so it is known (and pinned) before the VM first boots.
-            self.ssh.vm_host_key(&vm).map(drop).map_err(|e| CreateFailure::Failed(e.into()))
+            self.ssh.vm_host_key(&vm).map(drop).map_err(|e| CreateFailure::Failed(e.into()))?;
+            self.prepared().map_err(CreateFailure::Failed)
         });
         if let Err(e) = prepared {
             undo(self, &vm);
@@ -311,15 +329,20 @@ impl Vms {
         }
         if let Some(snapshot) = fork {
             let copied = match op.stage("copy-snapshot") {
-                Ok(()) => {
-                    self.snapshots.copy_snapshot_into(snapshot, &vm).await.map_err(|e| CreateFailure::Failed(e.into()))
-                }
+                Ok(()) => match self.snapshots.copy_snapshot_into(snapshot, &vm).await {
+                    Ok(()) => self.fork_copied().map_err(CreateFailure::Failed),
+                    Err(e) => Err(CreateFailure::Failed(e.into())),
+                },
                 Err(c) => Err(c.into()),
             };
             if let Err(e) = copied {
                 undo(self, &vm);
                 return Err(e);
             }
+        }
+        if let Err(e) = self.complete(&vm) {
+            undo(self, &vm);
+            return Err(CreateFailure::Failed(e));
         }
         if let Err(e) = self.ssh.rewrite_known_hosts().await {
             tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot update known_hosts");
@@ -347,15 +370,32 @@ impl Vms {
             updated_at: now,
             last_error: None,
         };
-        self.fleet.store.insert_vm(&vm)?;
-        if let Some(snapshot) = origin {
-            // Under the same lock as a snapshot delete's check: it sees this fork or fails.
-            if let Err(e) = self.fleet.store.set_vm_origin(&vm.id, Some(snapshot)) {
-                let _ = self.fleet.store.delete_vm(&vm.id);
-                return Err(e.into());
-            }
-        }
+        // Under the same lock as a snapshot delete's check: it sees this fork or fails.
+        self.fleet.store.insert_vm_as(&vm, origin, Some(Pending::Making))?;
         Ok(vm)
+    }
+
+    /// Step boundaries of a create where tests inject failures and crashes.
+    fn reserved(&self) -> Result<(), VmsError> {
+        crate::failpoint!(self.fleet, "vm.create.reserve");
+        Ok(())
+    }
+
+    fn prepared(&self) -> Result<(), VmsError> {
+        crate::failpoint!(self.fleet, "vm.create.prepare");
+        Ok(())
+    }
+
+    fn fork_copied(&self) -> Result<(), VmsError> {
+        crate::failpoint!(self.fleet, "vm.fork.copied");
+        Ok(())
+    }
+
+    /// Publishes a new VM: its files are all there.
+    fn complete(&self, vm: &VmRecord) -> Result<(), VmsError> {
+        crate::failpoint!(self.fleet, "vm.create.complete");
+        self.fleet.store.set_pending(Table::Vms, &vm.id, None)?;
+        Ok(())
     }
 
     /// Changes a stopped VM's spec.
@@ -393,7 +433,9 @@ impl Vms {
         Ok(vm)
     }
 
-    /// Deletes a stopped VM: its record, then its directory.
+    /// Deletes a stopped VM: marks its record "being deleted", removes its directory, then the
+    /// record. A crash in between is finished by the start-up sweep; a directory that cannot be
+    /// removed keeps the record (and the mark), so nothing is leaked unseen.
     pub async fn delete_vm(&self, reference: &str) -> Result<VmRecord, VmsError> {
         let id = self.fleet.store.find_vm(reference)?.id;
         let guard = self.fleet.locks.lock(&id).await;
@@ -402,15 +444,12 @@ impl Vms {
             return Err(VmsError::Running(vm.name));
         }
         transition(vm.state, &VmEvent::Delete)?;
+        self.fleet.store.set_pending(Table::Vms, &vm.id, Some(Pending::Deleting))?;
         // Its forwards' rows go with its row; listeners, if any were left, go here.
         self.forwards.deactivate(&vm).await;
-        self.fleet.store.delete_vm(&vm.id)?;
         self.fleet.handles.release(&vm);
-        if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(vm = %vm.name, dir = %vm.vm_dir, error = %e, "cannot remove vm directory");
-            }
-        }
+        self.remove_vm_dir(&vm)?;
+        self.fleet.store.delete_vm(&vm.id)?;
         drop(guard);
         self.fleet.locks.forget(&vm.id);
         self.workspace.forget(&vm.id);
@@ -423,6 +462,14 @@ impl Vms {
 }
 
 impl Vms {
+    fn remove_vm_dir(&self, vm: &VmRecord) -> Result<(), VmsError> {
+        crate::failpoint!(self.fleet, "vm.delete.marked");
+        crate::services::snapshots::remove_dir(std::path::Path::new(&vm.vm_dir))
+            .map_err(|source| VmsError::RemoveDir { dir: vm.vm_dir.clone(), source })?;
+        crate::failpoint!(self.fleet, "vm.delete.files");
+        Ok(())
+    }
+
     /// VM `reference`'s serial console log: all of it, or its last `tail` lines.
     pub fn logs(&self, reference: &str, tail: Option<usize>) -> Result<VmLogs, VmsError> {
         let vm = self.fleet.store.find_vm(reference)?;

@@ -21,7 +21,7 @@ use banger_image::rootfs::{
     build_image, open_image, BuildImageError, BuiltImage, ImageBuild, ImageDirError, ImageSource,
 };
 use banger_proto::{BuildImageRequest, ImageRecipe, PullImageRequest, PullKernelRequest, RegisterImageRequest};
-use banger_store::StoreError;
+use banger_store::{Pending, StoreError, Table};
 
 use crate::locks::{NamedLocks, VmGuard};
 use crate::ops::{OpHandle, StageSink};
@@ -101,9 +101,27 @@ pub enum ArtifactsError {
     /// Pulling a kernel failed.
     #[error(transparent)]
     KernelPull(PullKernelError),
-    /// Building, pulling, registering or promoting an image failed.
+    /// Building, registering or promoting an image failed.
     #[error(transparent)]
     ImageBuild(BuildImageError),
+    /// Pulling an OCI image failed (the cause names the layer and entry, or the registry).
+    #[error("cannot pull image '{reference}'")]
+    ImagePull {
+        /// The reference pulled.
+        reference: String,
+        /// Why.
+        #[source]
+        source: Box<banger_image::oci::PullImageError>,
+    },
+    /// An artifact's files could not be removed (the next start-up finishes the delete).
+    #[error("cannot remove {}", path.display())]
+    Remove {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A local kernel's files are unusable.
     #[error("kernel '{name}' is unusable; delete and pull it again with `banger kernel delete {name}`")]
     KernelFiles {
@@ -146,6 +164,49 @@ pub enum ArtifactsError {
     /// A blocking task died.
     #[error("a background task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// A test's injected failure.
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
+}
+
+/// What a promote's merge gets.
+pub(crate) struct PromoteInput<'a> {
+    /// Where images live.
+    pub images_dir: &'a Path,
+    /// The new image.
+    pub name: &'a str,
+    /// The VM's base image file.
+    pub base: &'a Path,
+    /// The VM's overlay disk.
+    pub overlay: &'a Path,
+    /// What the new image's manifest says it came from.
+    pub source: ImageSource,
+    /// How the new image starts.
+    pub init: banger_core::InitMode,
+    /// Stage reporter.
+    pub progress: &'a mut dyn FnMut(&str),
+}
+
+/// What [`Artifacts::publish_image_with`] found or made.
+pub(crate) enum Published {
+    /// Another operation made it meanwhile (auto-pulls take it).
+    Existing(ImageRecord),
+    /// Made now.
+    New(ImageRecord, Box<BuiltImage>),
+}
+
+/// Removes `<parent>/<name>` if it is there (renaming it aside first, so a half-removed
+/// artifact never keeps its name).
+fn remove_artifact_dir(parent: &Path, name: &str) -> std::io::Result<()> {
+    let dir = parent.join(name);
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let aside = parent.join(format!(".deleting-{name}-{}", banger_core::new_id()));
+    std::fs::rename(&dir, &aside)?;
+    std::fs::remove_dir_all(&aside)
 }
 
 /// The kernels, images, disks and agent service.
@@ -202,36 +263,98 @@ impl Artifacts {
         name: &str,
         from: Option<String>,
     ) -> Result<KernelRecord, ArtifactsError> {
-        let _guard = self.locks.lock(&format!("kernel:{name}")).await;
-        if let Some(k) = self.fleet.store.get_kernel(name)? {
-            return Ok(k);
-        }
         let pull = match &from {
             Some(f) => KernelPull::from_arg(name, f),
             None => KernelPull::catalog(name)?,
         };
+        self.make_kernel_with(sink, name, move |dir, progress| pull_kernel(&SystemHost::new(), dir, &pull, progress))
+            .await
+    }
+
+    /// Makes kernel `name` with `make` (a blocking function of the kernels dir and a stage
+    /// reporter that publishes the kernel's directory) under the name's lock. Intent first: a row
+    /// "being made" is recorded before `make` runs and marked complete after, so a crash leaves
+    /// a row the start-up sweep rolls back (with any directory), never a nameless directory.
+    pub(crate) async fn make_kernel_with(
+        &self,
+        sink: &StageSink,
+        name: &str,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<PulledKernel, PullKernelError> + Send + 'static,
+    ) -> Result<KernelRecord, ArtifactsError> {
+        let _guard = self.locks.lock(&format!("kernel:{name}")).await;
+        if let Some(k) = self.fleet.store.get_kernel(name)? {
+            return Ok(k);
+        }
         let dir = self.kernels_dir();
+        let now = banger_core::time::now_rfc3339();
+        let intent = KernelRecord {
+            name: name.to_owned(),
+            version: String::new(),
+            release: String::new(),
+            source: String::new(),
+            dir: dir.join(name).display().to_string(),
+            created_at: now.clone(),
+        };
+        self.fleet.store.insert_kernel_as(&intent, Some(Pending::Making)).map_err(|e| match e {
+            StoreError::NameTaken { .. } => ArtifactsError::Exists { what: "kernel", name: name.to_owned() },
+            e => e.into(),
+        })?;
+        let made = self.run_kernel_make(sink, dir, make).await.and_then(|pulled| {
+            let record = KernelRecord {
+                name: name.to_owned(),
+                version: pulled.version.clone().unwrap_or_else(|| "unknown".into()),
+                release: pulled.release.clone(),
+                source: describe_kernel_source(&pulled),
+                dir: pulled.dir.display().to_string(),
+                created_at: now,
+            };
+            self.complete_kernel(&record).map(|()| record)
+        });
+        match made {
+            Ok(record) => {
+                tracing::info!(kernel = name, release = %record.release, version = %record.version, "kernel pulled");
+                Ok(record)
+            }
+            Err(e) => {
+                self.roll_back(Table::Kernels, name, &self.kernels_dir());
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_kernel_make(
+        &self,
+        sink: &StageSink,
+        dir: PathBuf,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<PulledKernel, PullKernelError> + Send + 'static,
+    ) -> Result<PulledKernel, ArtifactsError> {
+        crate::failpoint!(self.fleet, "kernel.pull.intent");
         let sink2 = sink.clone();
         let pulled = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|source| ArtifactsError::Dir { path: dir.clone(), source })?;
-            pull_kernel(&SystemHost::new(), &dir, &pull, &mut |stage| sink2.stage(&format!("kernel {stage}")))
-                .map_err(ArtifactsError::KernelPull)
+            make(&dir, &mut |stage| sink2.stage(&format!("kernel {stage}"))).map_err(ArtifactsError::KernelPull)
         })
         .await??;
-        let record = KernelRecord {
-            name: name.to_owned(),
-            version: pulled.version.clone().unwrap_or_else(|| "unknown".into()),
-            release: pulled.release.clone(),
-            source: describe_kernel_source(&pulled),
-            dir: pulled.dir.display().to_string(),
-            created_at: banger_core::time::now_rfc3339(),
-        };
-        if let Err(e) = self.fleet.store.insert_kernel(&record) {
-            let _ = banger_image::kernel::pull::delete_kernel_dir(&self.kernels_dir(), name);
-            return Err(e.into());
+        Ok(pulled)
+    }
+
+    fn complete_kernel(&self, record: &KernelRecord) -> Result<(), ArtifactsError> {
+        crate::failpoint!(self.fleet, "kernel.pull.files");
+        self.fleet.store.complete_kernel(record)?;
+        Ok(())
+    }
+
+    /// Undoes a make that failed: the directory `<parent>/<name>` first, the row (still "being
+    /// made") last; what cannot be removed is left to the start-up sweep.
+    fn roll_back(&self, table: Table, name: &str, parent: &Path) {
+        match remove_artifact_dir(parent, name) {
+            Ok(()) => {
+                if let Err(e) = self.fleet.store.remove_row(table, name) {
+                    tracing::error!(name, error = %chain(&e), "cannot roll back the row of a failed make");
+                }
+            }
+            Err(e) => tracing::error!(name, error = %e, "cannot remove the files of a failed make"),
         }
-        tracing::info!(kernel = name, release = %record.release, version = %record.version, "kernel pulled");
-        Ok(record)
     }
 
     /// The kernel named `name`, pulling it from the catalog when it is not local.
@@ -270,11 +393,20 @@ impl Artifacts {
             });
         }
         self.refuse_if_snapshotted("kernel", name, |s| s.kernel == name)?;
+        // Intent first: the row says "being deleted" (it is no longer found), then the files
+        // go, then the row. A crash in between is finished by the start-up sweep.
+        self.fleet.store.set_pending(Table::Kernels, name, Some(Pending::Deleting))?;
+        self.remove_kernel_files(name)?;
         self.fleet.store.delete_kernel(name)?;
-        if let Err(e) = banger_image::kernel::pull::delete_kernel_dir(&self.kernels_dir(), name) {
-            tracing::warn!(kernel = name, error = %chain(&e), "cannot remove kernel files");
-        }
         Ok(kernel)
+    }
+
+    fn remove_kernel_files(&self, name: &str) -> Result<(), ArtifactsError> {
+        crate::failpoint!(self.fleet, "kernel.delete.marked");
+        let dir = self.kernels_dir();
+        remove_artifact_dir(&dir, name).map_err(|source| ArtifactsError::Remove { path: dir.join(name), source })?;
+        crate::failpoint!(self.fleet, "kernel.delete.files");
+        Ok(())
     }
 
     /// Refuses an image name that is invalid or taken.
@@ -294,7 +426,7 @@ impl Artifacts {
         self: &Arc<Self>,
         kind: &str,
         name: &str,
-        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, ArtifactsError> + Send + 'static,
     ) -> Result<OperationRecord, ArtifactsError> {
         self.check_image_name(name)?;
         let op = self.fleet.ops.begin(kind, name);
@@ -318,32 +450,87 @@ impl Artifacts {
         sink: &StageSink,
         name: &str,
         reuse_existing: bool,
-        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, BuildImageError> + Send + 'static,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, ArtifactsError> + Send + 'static,
     ) -> Result<ImageRecord, ArtifactsError> {
         let _guard = self.locks.lock(&format!("image:{name}")).await;
-        if let Some(i) = self.fleet.store.get_image(name)? {
-            if reuse_existing {
-                return Ok(i);
-            }
-            return Err(ArtifactsError::MadeMeanwhile(name.to_owned()));
-        }
-        let dir = self.images_dir();
-        let sink2 = sink.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|source| ArtifactsError::Dir { path: dir.clone(), source })?;
-            make(&dir, &mut |stage| sink2.stage(&format!("image {stage}"))).map_err(ArtifactsError::ImageBuild)
-        })
-        .await??;
-        let record = image_record(&built);
-        if let Err(e) = self.fleet.store.insert_image(&record) {
-            let _ = banger_image::rootfs::delete_image_dir(&self.images_dir(), name);
-            return Err(e.into());
-        }
-        tracing::info!(image = name, source = %record.source, size = record.size_bytes, "image published");
+        let (record, built) = match self.publish_image_with(name, reuse_existing, sink, make).await? {
+            Published::Existing(record) => return Ok(record),
+            Published::New(record, built) => (record, built),
+        };
         // Every image gets its work seed now, so the first VM does not wait for it.
         sink.stage("image work seed");
         self.ensure_seed(&record, &built).await?;
         Ok(self.fleet.store.get_image(name)?.unwrap_or(record))
+    }
+
+    /// Publishes image `name` made by `make`, with the name's lock held by the caller. Intent
+    /// first: a row "being made" is recorded before `make` runs and marked complete after, so a
+    /// crash leaves a row the start-up sweep rolls back (with any directory), never a directory
+    /// that `list` and `delete` do not know.
+    pub(crate) async fn publish_image_with(
+        &self,
+        name: &str,
+        reuse_existing: bool,
+        sink: &StageSink,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, ArtifactsError> + Send + 'static,
+    ) -> Result<Published, ArtifactsError> {
+        if let Some(i) = self.fleet.store.get_image(name)? {
+            if reuse_existing {
+                return Ok(Published::Existing(i));
+            }
+            return Err(ArtifactsError::MadeMeanwhile(name.to_owned()));
+        }
+        let dir = self.images_dir();
+        let intent = ImageRecord {
+            name: name.to_owned(),
+            source: String::new(),
+            init_mode: banger_core::InitMode::default(),
+            rootfs: dir.join(name).display().to_string(),
+            work_seed: None,
+            sha256: None,
+            size_bytes: 0,
+            created_at: banger_core::time::now_rfc3339(),
+        };
+        self.fleet.store.insert_image_as(&intent, Some(Pending::Making)).map_err(|e| match e {
+            StoreError::NameTaken { .. } => ArtifactsError::MadeMeanwhile(name.to_owned()),
+            e => e.into(),
+        })?;
+        let made = self.run_image_make(sink, dir, make).await.and_then(|built| {
+            let record = image_record(&built);
+            self.complete_image(&record).map(|()| (record, built))
+        });
+        match made {
+            Ok((record, built)) => {
+                tracing::info!(image = name, source = %record.source, size = record.size_bytes, "image published");
+                Ok(Published::New(record, Box::new(built)))
+            }
+            Err(e) => {
+                self.roll_back(Table::Images, name, &self.images_dir());
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_image_make(
+        &self,
+        sink: &StageSink,
+        dir: PathBuf,
+        make: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<BuiltImage, ArtifactsError> + Send + 'static,
+    ) -> Result<BuiltImage, ArtifactsError> {
+        crate::failpoint!(self.fleet, "image.make.intent");
+        let sink2 = sink.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|source| ArtifactsError::Dir { path: dir.clone(), source })?;
+            make(&dir, &mut |stage| sink2.stage(&format!("image {stage}")))
+        })
+        .await??;
+        Ok(built)
+    }
+
+    fn complete_image(&self, record: &ImageRecord) -> Result<(), ArtifactsError> {
+        crate::failpoint!(self.fleet, "image.make.files");
+        self.fleet.store.complete_image(record)?;
+        Ok(())
     }
 
     /// Starts building an image from the catalog or from the caller's recipe.
@@ -355,7 +542,7 @@ impl Artifacts {
             None => ImageBuild::catalog(&req.name)?,
         };
         self.begin_image_op("image.build", &req.name, move |dir, progress| {
-            build_image(&SystemHost::new(), dir, &build, progress)
+            build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
         })
     }
 
@@ -366,10 +553,10 @@ impl Artifacts {
             None => default_image_name(&req.reference)?,
         };
         let source = banger_image::oci::parse_source(&req.reference, req.insecure);
-        let target = name.clone();
+        let (target, reference) = (name.clone(), req.reference);
         self.begin_image_op("image.pull", &name, move |dir, progress| {
             banger_image::oci::pull_image(&SystemHost::new(), dir, &target, &source, progress)
-                .map_err(|e| BuildImageError::Io { path: dir.to_owned(), source: std::io::Error::other(chain(&e)) })
+                .map_err(|source| ArtifactsError::ImagePull { reference, source: Box::new(source) })
         })
     }
 
@@ -385,12 +572,36 @@ impl Artifacts {
         let init = req.init.map(Into::into).unwrap_or_default();
         let name = req.name.clone();
         self.begin_image_op("image.register", &req.name, move |dir, progress| {
-            banger_image::rootfs::register_image(dir, &name, &file, init, progress)
+            banger_image::rootfs::register_image(dir, &name, &file, init, progress).map_err(ArtifactsError::ImageBuild)
         })
     }
 
     /// Starts making image `name` from stopped VM `vm`'s root (its base image plus overlay).
     pub async fn begin_promote(self: &Arc<Self>, vm: &str, name: &str) -> Result<OperationRecord, ArtifactsError> {
+        self.begin_promote_with(vm, name, |p| {
+            banger_image::rootfs::promote_image(
+                &SystemHost::new(),
+                &banger_image::promote::SystemMounter,
+                p.images_dir,
+                p.name,
+                p.base,
+                p.overlay,
+                p.source,
+                p.init,
+                p.progress,
+            )
+            .map_err(ArtifactsError::ImageBuild)
+        })
+        .await
+    }
+
+    /// [`Self::begin_promote`] with `merge` making the image (tests give a fake).
+    pub(crate) async fn begin_promote_with(
+        self: &Arc<Self>,
+        vm: &str,
+        name: &str,
+        merge: impl FnOnce(PromoteInput<'_>) -> Result<BuiltImage, ArtifactsError> + Send + 'static,
+    ) -> Result<OperationRecord, ArtifactsError> {
         let vm = self.fleet.store.find_vm(vm)?;
         self.check_image_name(name)?;
         // Hold the VM's lock for the whole promote so it cannot start while its disks are read;
@@ -406,19 +617,18 @@ impl Artifacts {
         let overlay = PathBuf::from(vm.paths().overlay_disk);
         let source = ImageSource::Promoted { vm: vm.name.clone(), from: vm.spec.image.clone() };
         let target = name.to_owned();
+        crate::failpoint!(self.fleet, "image.promote.locked");
         self.begin_image_op("image.promote", name, move |dir, progress| {
             let _held = guard;
-            banger_image::rootfs::promote_image(
-                &SystemHost::new(),
-                &banger_image::promote::SystemMounter,
-                dir,
-                &target,
-                &base.path,
-                &overlay,
+            merge(PromoteInput {
+                images_dir: dir,
+                name: &target,
+                base: &base.path,
+                overlay: &overlay,
                 source,
                 init,
                 progress,
-            )
+            })
         })
     }
 
@@ -437,7 +647,7 @@ impl Artifacts {
                 op.sink().stage("image build");
                 let build = ImageBuild::catalog(name)?;
                 self.make_image_locked(&op.sink(), name, true, move |dir, progress| {
-                    build_image(&SystemHost::new(), dir, &build, progress)
+                    build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
                 })
                 .await?
             }
@@ -464,11 +674,20 @@ impl Artifacts {
             });
         }
         self.refuse_if_snapshotted("image", name, |s| s.image == name)?;
+        // Intent first: the row says "being deleted" (it is no longer found), then the files
+        // go, then the row. A crash in between is finished by the start-up sweep.
+        self.fleet.store.set_pending(Table::Images, name, Some(Pending::Deleting))?;
+        self.remove_image_files(name)?;
         self.fleet.store.delete_image(name)?;
-        if let Err(e) = banger_image::rootfs::delete_image_dir(&self.images_dir(), name) {
-            tracing::warn!(image = name, error = %chain(&e), "cannot remove image files");
-        }
         Ok(image)
+    }
+
+    fn remove_image_files(&self, name: &str) -> Result<(), ArtifactsError> {
+        crate::failpoint!(self.fleet, "image.delete.marked");
+        let dir = self.images_dir();
+        remove_artifact_dir(&dir, name).map_err(|source| ArtifactsError::Remove { path: dir.join(name), source })?;
+        crate::failpoint!(self.fleet, "image.delete.files");
+        Ok(())
     }
 }
 
@@ -555,5 +774,30 @@ fn image_record(b: &BuiltImage) -> ImageRecord {
         sha256: Some(m.sha256.clone()),
         size_bytes: m.size_bytes,
         created_at: banger_core::time::now_rfc3339(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Status as _;
+
+    #[test]
+    fn a_hostile_layer_is_reported_as_what_the_layer_did_not_as_a_disk_problem() {
+        let e = ArtifactsError::ImagePull {
+            reference: "evil/image:latest".into(),
+            source: Box::new(banger_image::oci::PullImageError::Entry {
+                layer: "2/3 (sha256:abcd)".into(),
+                entry: "../../escape".into(),
+                problem: banger_image::oci::EntryProblem::Escapes,
+            }),
+        };
+        let message = e.message();
+        assert_eq!(
+            message,
+            "cannot pull image 'evil/image:latest': layer 2/3 (sha256:abcd) entry '../../escape' escapes the image root"
+        );
+        assert!(!message.contains("writable") && !message.contains("space"), "{message}");
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept as a source");
     }
 }

@@ -110,6 +110,9 @@ pub enum LifecycleError {
     /// Its VMM outlived the stop.
     #[error("vm '{0}' is still running after stop")]
     StillRunning(String),
+    /// A test's injected failure.
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 impl From<Cancelled> for LifecycleError {
@@ -260,6 +263,7 @@ impl Lifecycle {
         vm: &VmRecord,
         git: Option<&GitIdentity>,
     ) -> Result<(), LifecycleError> {
+        crate::failpoint!(self.fleet, "vm.start.provision");
         let vm_dir = PathBuf::from(&vm.vm_dir);
         // A fork's first start restores its snapshot: its disks belong to that state as they are.
         let restore = crate::services::snapshots::restore_state(vm);
@@ -330,6 +334,7 @@ impl Lifecycle {
             }
             return Err(e.into());
         }
+        crate::failpoint!(self.fleet, "vm.start.launched");
         self.spawn_monitor(vm.clone(), launched.pid);
         // Rules and names are republished (an `nft` run) while the guest comes up; both are
         // done before the VM is reported running.
@@ -341,6 +346,7 @@ impl Lifecycle {
         let ((), ready) =
             tokio::join!(publish, self.guest_ready(op, vm, &launched, restore.is_some(), fork_nic.as_ref()));
         ready?;
+        crate::failpoint!(self.fleet, "vm.start.ready");
         if let Some(state) = restore {
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps
             // its pages after the unlink.)
@@ -513,6 +519,7 @@ impl Lifecycle {
             (vm, was_paused)
         };
         let pid = self.fleet.handles.get(&vm).and_then(|h| h.pid);
+        crate::failpoint!(self.fleet, "vm.stop.stopping");
         if was_paused && !force {
             // A paused guest cannot shut itself down: let it run for that.
             let control = PathBuf::from(self.fleet.handles.get(&vm).and_then(|h| h.control_socket).unwrap_or_default());
@@ -538,6 +545,7 @@ impl Lifecycle {
         if !gone {
             self.terminate_vmm(&vm).await;
         }
+        crate::failpoint!(self.fleet, "vm.stop.ended");
         self.finish_stop(&vm.id, None).await
     }
 
