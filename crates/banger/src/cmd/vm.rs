@@ -26,7 +26,7 @@ pub enum VmCommand {
     Show(ShowArgs),
     /// Change a stopped VM's resources, image or kernel.
     Set(SetArgs),
-    /// Delete stopped VMs and their disks.
+    /// Delete stopped VMs and their disks (`--force` stops running ones first).
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
     /// Boot a VM and wait until its agent answers.
@@ -277,6 +277,9 @@ pub struct DeleteArgs {
     /// Names, ids or id prefixes.
     #[arg(required = true)]
     vms: Vec<String>,
+    /// Stop running VMs first (at once, without asking the guest: their disks are about to go).
+    #[arg(short, long)]
+    force: bool,
 }
 
 pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode> {
@@ -527,6 +530,13 @@ fn show(vm: &VmView, json: bool) -> anyhow::Result<ExitCode> {
 async fn delete(client: &Client, a: DeleteArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for reference in a.vms {
+        if a.force {
+            if let Err(e) = stop(client, &reference, true).await {
+                eprintln!("banger: cannot stop {reference}: {e}");
+                failed = true;
+                continue;
+            }
+        }
         match client.call::<VmView>(Method::DELETE, &format!("/v1/vms/{}", segment(&reference)), None::<&()>).await {
             Ok(vm) => println!("{}", vm.record.name),
             Err(e) => {

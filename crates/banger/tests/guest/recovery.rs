@@ -151,3 +151,23 @@ fn a_stop_during_a_start_cancels_it_and_leaves_no_vmm() {
     env.banger(&["vm", "stop", "racer"]).ok();
     env.banger(&["vm", "delete", "racer"]).ok();
 }
+
+#[test]
+fn delete_force_stops_and_deletes_several_running_vms() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    for name in ["doomed-a", "doomed-b"] {
+        env.banger(&["vm", "create", name, "--image", "minimal"]).ok();
+        env.banger(&["vm", "start", name]).ok();
+    }
+    env.banger(&["vm", "create", "idle", "--image", "minimal"]).ok();
+    env.banger(&["vm", "delete", "doomed-a"]).fails(1, "stop it first");
+    let deleted = env.banger(&["vm", "delete", "--force", "doomed-a", "doomed-b", "idle"]).ok();
+    assert_eq!(deleted.stdout.lines().collect::<Vec<_>>(), ["doomed-a", "doomed-b", "idle"]);
+    let list = env.banger(&["vm", "list", "--json"]).ok().json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(0));
+    let vms_dir = env.state.join("vms").display().to_string();
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().expect("ps");
+    assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.contains(&vms_dir)), "no vmm left");
+    env.banger(&["vm", "delete", "--force", "no-such-vm"]).fails(1, "no vm 'no-such-vm'");
+}

@@ -57,8 +57,8 @@ fn create_list_show_set_delete() {
     assert_eq!(set["disk_mib"], 8192);
     env.banger(&["vm", "set", "web", "--disk", "1G"]).fails(1, "can only grow");
 
-    let deleted = env.banger(&["vm", "delete", "web", "db"]).ok();
-    assert_eq!(deleted.stdout.lines().collect::<Vec<_>>(), ["web", "db"]);
+    let deleted = env.banger(&["vm", "delete", "--force", "web", "db"]).ok();
+    assert_eq!(deleted.stdout.lines().collect::<Vec<_>>(), ["web", "db"], "--force on stopped vms only deletes");
     assert!(!std::path::Path::new(created["vm_dir"].as_str().expect("dir")).exists());
     let list = env.banger(&["vm", "list", "--json"]).ok().json();
     assert_eq!(list["vms"].as_array().map(Vec::len), Some(0));
