@@ -169,6 +169,17 @@ impl Store {
         found.ok_or_else(|| StoreError::NotFound { kind: "vm", reference: vm_id.to_owned() })
     }
 
+    /// For every VM forked from a snapshot that still exists: the VM's id and the snapshot's
+    /// name (one query for a whole listing).
+    pub fn vm_origin_names(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT v.id, s.name FROM vms v JOIN snapshots s ON s.id = v.origin_snapshot WHERE s.pending IS NULL",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// The names of the VMs started from snapshot `snapshot_id`, sorted.
     pub fn snapshot_forks(&self, snapshot_id: &str) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();

@@ -16,7 +16,7 @@ use crate::services::ssh::check_git_identity;
 /// Every VM.
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList)))]
 pub(super) async fn list_vms(State(d): Shared) -> ApiResult<VmList> {
-    let vms = d.fleet.store.list_vms()?.into_iter().map(|vm| d.vms.vm_view(vm)).collect();
+    let vms = d.vms.list_views()?;
     Ok(Json(VmList { vms }))
 }
 

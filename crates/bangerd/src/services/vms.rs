@@ -168,12 +168,29 @@ impl Vms {
     /// A VM as the API shows it.
     pub fn vm_view(&self, record: VmRecord) -> VmView {
         let origin_snapshot = self.snapshots.origin_snapshot_name(&record.id);
+        self.view_with(record, origin_snapshot)
+    }
+
+    fn view_with(&self, record: VmRecord, origin_snapshot: Option<String>) -> VmView {
         VmView {
             paths: record.paths().into(),
             alive: self.fleet.alive(&record),
             record: record.into(),
             origin_snapshot,
         }
+    }
+
+    /// Every VM as the API shows it (the fork origins read in one query, not one per VM).
+    pub fn list_views(&self) -> Result<Vec<VmView>, VmsError> {
+        let origins = self.fleet.store.vm_origin_names()?;
+        let vms = self.fleet.store.list_vms()?;
+        Ok(vms
+            .into_iter()
+            .map(|record| {
+                let origin = origins.get(&record.id).cloned();
+                self.view_with(record, origin)
+            })
+            .collect())
     }
 
     fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec, VmsError> {
