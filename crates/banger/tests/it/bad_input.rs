@@ -93,6 +93,28 @@ fn malformed_json_gets_a_400_and_changes_nothing() {
 }
 
 #[test]
+fn bad_query_strings_and_path_parameters_get_a_json_400() {
+    let env = Env::new();
+    env.banger(&["daemon", "start"]).ok();
+    for (method, path, what) in [
+        ("GET", "/v1/vms/x/logs?tail=-1", "invalid query string"),
+        ("POST", "/v1/vms/x/stop?force=maybe", "invalid query string"),
+        ("GET", "/v1/operations/x?wait_ms=soon", "invalid query string"),
+        ("POST", "/v1/vms/x/sessions/y/kill?wait_secs=-1", "invalid query string"),
+        ("GET", "/v1/vms/x/sessions/y/logs?follow=7", "invalid query string"),
+        ("GET", "/v1/vms/%FF", "invalid path parameter"),
+        ("GET", "/v1/vms/x/sessions/%C3%28", "invalid path parameter"),
+    ] {
+        let (code, answer) = env.request(method, path, "");
+        assert_eq!(code, 400, "{method} {path}: {answer}");
+        let err: serde_json::Value = serde_json::from_str(&answer).expect("error body is JSON");
+        assert_eq!(err["code"], "invalid_request", "{method} {path}: {answer}");
+        let msg = err["message"].as_str().unwrap_or_default();
+        assert!(msg.starts_with(what) && msg.contains("openapi.json"), "{method} {path}: {msg}");
+    }
+}
+
+#[test]
 fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let env = Env::new();
     env.banger(&["vm", "create", "keep"]).ok();

@@ -18,15 +18,16 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use banger_proto::agent::session::SessionOp;
 use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind};
+use banger_proto::ApiError;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::ApiFailure;
+use super::{path, query, ApiFailure, PathParams, QueryParams};
 use crate::agent_conn::{AgentConn, Channel};
 use crate::daemon::Daemon;
 
@@ -34,7 +35,8 @@ use crate::daemon::Daemon;
 pub const ATTACH_PROTOCOL: &str = "banger-attach";
 
 /// Query of the logs route.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// stderr instead of stdout.
     #[serde(default)]
@@ -45,7 +47,8 @@ pub struct LogsQuery {
 }
 
 /// Query of the attach route.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AttachQuery {
     /// Take the session's stdin (only for `pipe` sessions; exclusive).
     #[serde(default)]
@@ -79,12 +82,24 @@ impl Drop for Closing {
     }
 }
 
-/// The logs route (see the module docs).
+/// A session's stdout (or stderr) log, as a stream of bytes.
+///
+/// With `follow`, the body goes on until the session ends. The VM must run: the logs live in
+/// the guest.
+#[utoipa::path(get, path = "/v1/vms/{vm}/sessions/{session}/logs", tag = "sessions",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("session" = String, Path, description = "name, id or id prefix"), LogsQuery),
+    responses(
+        (status = 200, description = "the log's bytes, streamed (chunked)", content_type = "application/octet-stream",
+            body = String),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 500, body = ApiError)))]
 pub async fn logs(
     State(d): State<Arc<Daemon>>,
-    Path((vm, session)): Path<(String, String)>,
-    Query(q): Query<LogsQuery>,
+    params: PathParams<(String, String)>,
+    q: QueryParams<LogsQuery>,
 ) -> Result<Response, ApiFailure> {
+    let ((vm, session), q) = (path(params)?, query(q)?);
     let (vm, agent, session) = d.sessions.find(&vm, &session).await?;
     let agent = agent.ok_or_else(|| not_running(&vm.name))?;
     let request = AgentRequest::Session(SessionOp::Logs { id: session.id.clone(), stderr: q.stderr, follow: q.follow });
@@ -145,12 +160,35 @@ pub async fn logs(
         .map_err(|e| ApiFailure::internal(e.to_string()))
 }
 
-/// The attach route (see the module docs; not in the OpenAPI document, since it leaves HTTP
-/// after the upgrade).
+/// The `Upgrade` value of an attach.
+#[derive(Debug, utoipa::ToSchema)]
+#[expect(dead_code, reason = "a schema only: the one value the header may carry")]
+pub(super) enum AttachUpgrade {
+    /// The attach protocol.
+    #[schema(rename = "banger-attach")]
+    BangerAttach,
+}
+
+/// Attaches to a running session's stdio over an HTTP upgrade.
+///
+/// The client sends `Connection: upgrade` and `Upgrade: banger-attach`. After `101 Switching
+/// Protocols` the connection leaves HTTP: both sides speak the agent channel's framing (see the
+/// module docs of `http/attach.rs`), which this document does not describe. A refusal before
+/// the upgrade is an ordinary `{code, message}` answer.
+#[utoipa::path(post, path = "/v1/vms/{vm}/sessions/{session}/attach", tag = "sessions",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("session" = String, Path, description = "name, id or id prefix"), AttachQuery,
+        ("Connection" = String, Header, description = "`upgrade`"),
+        ("Upgrade" = inline(AttachUpgrade), Header, description = "the protocol to switch to: `banger-attach`")),
+    responses(
+        (status = 101, description = "switched to `banger-attach`: the stream carries agent frames from here on, outside HTTP",
+            headers(("Connection" = String, description = "`upgrade`"), ("Upgrade" = String, description = "`banger-attach`"))),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 500, body = ApiError)))]
 pub async fn attach(
     State(d): State<Arc<Daemon>>,
-    Path((vm, session)): Path<(String, String)>,
-    Query(q): Query<AttachQuery>,
+    params: PathParams<(String, String)>,
+    q: QueryParams<AttachQuery>,
     mut req: Request,
 ) -> Response {
     let wants_upgrade = req
@@ -162,6 +200,10 @@ pub async fn attach(
         return ApiFailure::invalid(format!("attach needs `Connection: upgrade` and `Upgrade: {ATTACH_PROTOCOL}`"))
             .into_response();
     }
+    let ((vm, session), q) = match path(params).and_then(|params| Ok((params, query(q)?))) {
+        Ok(parsed) => parsed,
+        Err(e) => return e.into_response(),
+    };
     let (vm, agent, session) = match d.sessions.find(&vm, &session).await {
         Ok(found) => found,
         Err(e) => return ApiFailure::from(e).into_response(),

@@ -4,12 +4,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use banger_proto::{ConfigView, DaemonStatus, DoctorReport};
+use banger_proto::{ApiError, ConfigView, DaemonStatus, DoctorReport};
 
 use super::{ApiResult, Shared};
 
 /// The daemon's status.
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = DaemonStatus)))]
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = DaemonStatus), (status = 500, body = ApiError)))]
 pub(super) async fn health(State(d): Shared) -> ApiResult<DaemonStatus> {
     let pid = std::process::id();
     let layout = &d.fleet.layout;

@@ -13,23 +13,46 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind, SignalRequest};
+use banger_proto::ApiError;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::ApiFailure;
+use super::{path, ApiFailure, PathParams};
 use crate::agent_conn::AgentConn;
 use crate::daemon::Daemon;
 
 /// The upgrade protocol name.
 pub const EXEC_PROTOCOL: &str = "banger-exec";
 
-/// The exec endpoint (documented in the module docs; not in the OpenAPI document, since it
-/// leaves HTTP after the upgrade).
-pub async fn exec(State(d): State<Arc<Daemon>>, Path(vm): Path<String>, mut req: Request) -> Response {
+/// The `Upgrade` value of an exec.
+#[derive(Debug, utoipa::ToSchema)]
+#[expect(dead_code, reason = "a schema only: the one value the header may carry")]
+pub(super) enum ExecUpgrade {
+    /// The exec protocol.
+    #[schema(rename = "banger-exec")]
+    BangerExec,
+}
+
+/// Runs a command in a running VM, its stdio streamed both ways over an HTTP upgrade.
+///
+/// The client sends `Connection: upgrade` and `Upgrade: banger-exec`. After `101 Switching
+/// Protocols` the connection leaves HTTP: both sides speak the agent channel's framing
+/// (`banger_proto::agent`; see the module docs of `http/exec.rs`), which this document does
+/// not describe. A refusal before the upgrade is an ordinary `{code, message}` answer.
+#[utoipa::path(post, path = "/v1/vms/{vm}/exec",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("Connection" = String, Header, description = "`upgrade`"),
+        ("Upgrade" = inline(ExecUpgrade), Header, description = "the protocol to switch to: `banger-exec`")),
+    responses(
+        (status = 101, description = "switched to `banger-exec`: the stream carries agent frames from here on, outside HTTP",
+            headers(("Connection" = String, description = "`upgrade`"), ("Upgrade" = String, description = "`banger-exec`"))),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 500, body = ApiError)))]
+pub async fn exec(State(d): State<Arc<Daemon>>, vm: PathParams<String>, mut req: Request) -> Response {
     let wants_upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -39,6 +62,10 @@ pub async fn exec(State(d): State<Arc<Daemon>>, Path(vm): Path<String>, mut req:
         return ApiFailure::invalid(format!("exec needs `Connection: upgrade` and `Upgrade: {EXEC_PROTOCOL}`"))
             .into_response();
     }
+    let vm = match path(vm) {
+        Ok(vm) => vm,
+        Err(e) => return e.into_response(),
+    };
     let conn = match d.fleet.running_agent(&vm) {
         Ok((_, conn)) => conn,
         Err(e) => return ApiFailure::from(e).into_response(),

@@ -1,19 +1,20 @@
 //! Port forward routes: list, add and remove a VM's forwards.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use banger_proto::{ApiError, ForwardList, ForwardView, PortForward};
 
-use super::{body, ApiFailure, ApiResult, Shared};
+use super::{body, path, query, ApiFailure, ApiResult, PathParams, QueryParams, Shared};
 
 /// A VM's port forwards and whether each listens now.
 #[utoipa::path(get, path = "/v1/vms/{vm}/forwards", params(("vm" = String, Path, description = "name, id or id prefix")),
-    responses((status = 200, body = ForwardList), (status = 404, body = ApiError)))]
-pub(super) async fn list_forwards(State(d): Shared, Path(vm): Path<String>) -> ApiResult<ForwardList> {
-    Ok(Json(d.forwards.list(&vm)?))
+    responses((status = 200, body = ForwardList), (status = 404, body = ApiError), (status = 400, body = ApiError),
+        (status = 500, body = ApiError)))]
+pub(super) async fn list_forwards(State(d): Shared, vm: PathParams<String>) -> ApiResult<ForwardList> {
+    Ok(Json(d.forwards.list(&path(vm)?)?))
 }
 
 /// Adds a port forward to a VM. It is recorded and listens whenever the VM runs; when the VM
@@ -22,18 +23,20 @@ pub(super) async fn list_forwards(State(d): Shared, Path(vm): Path<String>) -> A
 #[utoipa::path(post, path = "/v1/vms/{vm}/forwards", params(("vm" = String, Path, description = "name, id or id prefix")),
     request_body = PortForward,
     responses((status = 201, body = ForwardView), (status = 400, body = ApiError), (status = 404, body = ApiError),
-        (status = 409, body = ApiError)))]
+        (status = 409, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn add_forward(
     State(d): Shared,
-    Path(vm): Path<String>,
+    vm: PathParams<String>,
     req: Result<Json<PortForward>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
+    let vm = path(vm)?;
     let view = d.forwards.add(&vm, body(req, "PortForward")?.into()).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Query of `DELETE /v1/vms/{vm}/forwards/{host_port}`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct RemoveForwardQuery {
     /// The forward's host address; needed only when the VM forwards that port on several.
     host_addr: Option<String>,
@@ -43,12 +46,14 @@ pub(super) struct RemoveForwardQuery {
 #[utoipa::path(delete, path = "/v1/vms/{vm}/forwards/{host_port}",
     params(("vm" = String, Path, description = "name, id or id prefix"), ("host_port" = u16, Path, description = "host port"),
         RemoveForwardQuery),
-    responses((status = 200, body = ForwardView), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, body = ForwardView), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = 500, body = ApiError)))]
 pub(super) async fn remove_forward(
     State(d): Shared,
-    Path((vm, host_port)): Path<(String, String)>,
-    Query(q): Query<RemoveForwardQuery>,
+    params: PathParams<(String, String)>,
+    q: QueryParams<RemoveForwardQuery>,
 ) -> ApiResult<ForwardView> {
+    let ((vm, host_port), q) = (path(params)?, query(q)?);
     let host_port: u16 = host_port
         .parse()
         .ok()

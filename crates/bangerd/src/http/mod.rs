@@ -21,8 +21,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_host::paths::ensure_dir;
@@ -42,6 +42,11 @@ use crate::daemon::Daemon;
 
 type Shared = State<Arc<Daemon>>;
 type ApiResult<T> = Result<Json<T>, ApiFailure>;
+/// A route's path parameters as extracted: checked by [`path`], so that a bad one is answered
+/// with our own 400 `{code, message}` rather than axum's plain-text refusal.
+type PathParams<T> = Result<UrlPath<T>, PathRejection>;
+/// A route's query string as extracted: checked by [`query`] (see [`PathParams`]).
+type QueryParams<T> = Result<Query<T>, QueryRejection>;
 
 /// The generated OpenAPI document.
 #[derive(OpenApi)]
@@ -79,6 +84,13 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         artifacts::list_images,
         artifacts::build_image,
         artifacts::delete_image,
+        artifacts::show_image,
+        artifacts::pull_image,
+        artifacts::register_image,
+        artifacts::promote_vm,
+        exec::exec,
+        workspace::import,
+        workspace::export,
         operations::list_ops,
         operations::show_op,
         operations::cancel_op,
@@ -87,7 +99,9 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         sessions::start_session,
         sessions::show_session,
         sessions::stop_session,
-        sessions::kill_session
+        sessions::kill_session,
+        attach::logs,
+        attach::attach
     ),
     components(schemas(
         ApiError,
@@ -136,7 +150,8 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
         SessionList,
         SessionRecord,
         SessionStatus,
-        StdinMode
+        StdinMode,
+        banger_proto::workspace::ExportKind
     ))
 )]
 struct ApiDoc;
@@ -201,6 +216,38 @@ fn body<T>(parsed: Result<Json<T>, JsonRejection>, what: &str) -> Result<T, ApiF
             rejection.body_text()
         ))
     })
+}
+
+/// Path parameters, or the refusal that names the bad one.
+fn path<T>(parsed: PathParams<T>) -> Result<T, ApiFailure> {
+    parsed.map(|UrlPath(v)| v).map_err(|rejection| {
+        let message = format!("invalid path parameter: {}; see the route in GET /v1/openapi.json", cause(&rejection));
+        refusal(rejection.status(), message)
+    })
+}
+
+/// A query string, or the refusal that names the bad parameter.
+fn query<T>(parsed: QueryParams<T>) -> Result<T, ApiFailure> {
+    parsed.map(|Query(v)| v).map_err(|rejection| {
+        let message =
+            format!("invalid query string: {}; see the route's parameters in GET /v1/openapi.json", cause(&rejection));
+        refusal(rejection.status(), message)
+    })
+}
+
+/// What an extractor's rejection says was wrong: its cause, without axum's preamble.
+fn cause(rejection: &dyn std::error::Error) -> String {
+    rejection.source().map_or_else(|| rejection.to_string(), ToString::to_string)
+}
+
+/// A rejection as our failure: axum answers 500 only for a route that does not declare the
+/// parameters its handler extracts (our bug), 400 for what the client sent.
+fn refusal(status: axum::http::StatusCode, message: String) -> ApiFailure {
+    if status.is_server_error() {
+        ApiFailure::internal(message)
+    } else {
+        ApiFailure::invalid(message)
+    }
 }
 
 /// An optional JSON body (nothing, or only whitespace, is the type's default).
@@ -343,6 +390,15 @@ mod tests {
             "/v1/snapshots/{snapshot}",
             "/v1/operations/{op}/cancel",
             "/v1/vms/{vm}/sessions/{session}/stop",
+            "/v1/vms/{vm}/sessions/{session}/logs",
+            "/v1/vms/{vm}/sessions/{session}/attach",
+            "/v1/vms/{vm}/exec",
+            "/v1/vms/{vm}/workspace/import",
+            "/v1/vms/{vm}/workspace/export",
+            "/v1/vms/{vm}/promote",
+            "/v1/images/pull",
+            "/v1/images/register",
+            "/v1/images/{name}",
             "/v1/openapi.json",
         ] {
             assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");

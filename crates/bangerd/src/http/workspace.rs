@@ -1,20 +1,20 @@
 //! `POST /v1/vms/{vm}/workspace/import` and `.../export`: upgraded streams (see
-//! `banger_proto::workspace`) relayed by the workspace service. Not in the OpenAPI document,
-//! since they leave HTTP after the upgrade.
+//! `banger_proto::workspace`) relayed by the workspace service. The OpenAPI document describes
+//! them up to the `101 Switching Protocols`; what follows is outside HTTP.
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use banger_proto::workspace::{
-    valid_commit_id, valid_guest_dir, WorkspaceExportQuery, WorkspaceImportQuery, WORKSPACE_PROTOCOL,
+    valid_commit_id, valid_guest_dir, ExportKind, WorkspaceExportQuery, WorkspaceImportQuery, WORKSPACE_PROTOCOL,
 };
+use banger_proto::ApiError;
 use hyper_util::rt::TokioIo;
 
-use super::ApiFailure;
+use super::{path, query, ApiFailure, PathParams, QueryParams};
 use crate::daemon::Daemon;
 
 /// `Connection: upgrade` + `Upgrade: banger-workspace`, or the refusal.
@@ -31,10 +31,6 @@ fn check_upgrade(req: &Request) -> Result<(), ApiFailure> {
             "workspace streams need `Connection: upgrade` and `Upgrade: {WORKSPACE_PROTOCOL}`"
         )))
     }
-}
-
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiFailure> {
-    q.map(|Query(q)| q).map_err(|r| ApiFailure::invalid(format!("invalid query: {}", r.body_text())))
 }
 
 fn check_dir(dir: &str) -> Result<(), ApiFailure> {
@@ -56,17 +52,41 @@ fn switching_protocols() -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// `POST /v1/vms/{vm}/workspace/import` (see `banger_proto::workspace`; not in the OpenAPI
-/// document, since it leaves HTTP after the upgrade).
+/// The `Upgrade` value of the workspace streams.
+#[derive(Debug, utoipa::ToSchema)]
+#[expect(dead_code, reason = "a schema only: the one value the header may carry")]
+pub(super) enum WorkspaceUpgrade {
+    /// The workspace protocol.
+    #[schema(rename = "banger-workspace")]
+    BangerWorkspace,
+}
+
+/// Unpacks a stream of files into a directory of a running VM, over an HTTP upgrade.
+///
+/// The client sends `Connection: upgrade` and `Upgrade: banger-workspace`. After `101
+/// Switching Protocols` the connection leaves HTTP (the stream is described in
+/// `banger_proto::workspace`, not in this document). A refusal before the upgrade is an
+/// ordinary `{code, message}` answer.
+#[utoipa::path(post, path = "/v1/vms/{vm}/workspace/import",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("dir" = String, Query, description = "absolute guest directory to unpack into, e.g. `/root/myrepo` (made when missing)"),
+        ("Connection" = String, Header, description = "`upgrade`"),
+        ("Upgrade" = inline(WorkspaceUpgrade), Header, description = "the protocol to switch to: `banger-workspace`")),
+    responses(
+        (status = 101, description = "switched to `banger-workspace`: the stream carries the files from here on, outside HTTP",
+            headers(("Connection" = String, description = "`upgrade`"), ("Upgrade" = String, description = "`banger-workspace`"))),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 500, body = ApiError)))]
 pub async fn import(
     State(d): State<Arc<Daemon>>,
-    Path(vm): Path<String>,
-    q: Result<Query<WorkspaceImportQuery>, QueryRejection>,
+    vm: PathParams<String>,
+    q: QueryParams<WorkspaceImportQuery>,
     mut req: Request,
 ) -> Response {
     let upgrade = check_upgrade(&req);
     let checked = async {
         upgrade?;
+        let vm = path(vm)?;
         let q = query(q)?;
         check_dir(&q.dir)?;
         Ok::<_, ApiFailure>((q, d.workspace.target(&vm).await?))
@@ -85,16 +105,34 @@ pub async fn import(
     switching_protocols()
 }
 
-/// `POST /v1/vms/{vm}/workspace/export` (see `banger_proto::workspace`).
+/// Sends a git bundle or patch of a repository in a running VM, over an HTTP upgrade.
+///
+/// The client sends `Connection: upgrade` and `Upgrade: banger-workspace`. After `101
+/// Switching Protocols` the connection leaves HTTP (the stream is described in
+/// `banger_proto::workspace`, not in this document). A refusal before the upgrade is an
+/// ordinary `{code, message}` answer.
+#[utoipa::path(post, path = "/v1/vms/{vm}/workspace/export",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("dir" = String, Query, description = "absolute guest directory of the repository"),
+        ("kind" = ExportKind, Query, description = "bundle or patch"),
+        ("basis" = Option<String>, Query, description = "for a bundle: a full commit id the host has; commits reachable from it are left out when the guest has it too"),
+        ("Connection" = String, Header, description = "`upgrade`"),
+        ("Upgrade" = inline(WorkspaceUpgrade), Header, description = "the protocol to switch to: `banger-workspace`")),
+    responses(
+        (status = 101, description = "switched to `banger-workspace`: the stream carries the export from here on, outside HTTP",
+            headers(("Connection" = String, description = "`upgrade`"), ("Upgrade" = String, description = "`banger-workspace`"))),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 500, body = ApiError)))]
 pub async fn export(
     State(d): State<Arc<Daemon>>,
-    Path(vm): Path<String>,
-    q: Result<Query<WorkspaceExportQuery>, QueryRejection>,
+    vm: PathParams<String>,
+    q: QueryParams<WorkspaceExportQuery>,
     mut req: Request,
 ) -> Response {
     let upgrade = check_upgrade(&req);
     let checked = async {
         upgrade?;
+        let vm = path(vm)?;
         let q = query(q)?;
         check_dir(&q.dir)?;
         if let Some(basis) = q.basis.as_deref().filter(|b| !valid_commit_id(b)) {

@@ -456,8 +456,9 @@ pub struct ForwardList {
     pub forwards: Vec<ForwardView>,
 }
 
-/// A port forward as the API shows it: the durable forward and whether it listens now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// A port forward as the API shows it: the durable forward and whether it listens now. Its
+/// schema is [`ForwardViewSchema`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardView {
     /// The forward.
     #[serde(flatten)]
@@ -468,6 +469,48 @@ pub struct ForwardView {
     pub state: ForwardState,
     /// Why it does not listen, when `state` is `failed`.
     pub error: Option<String>,
+}
+
+// ForwardView's fields spelled out for the document. Derived from `ForwardView` itself, the
+// flattened forward would be `allOf` PortForward, whose `additionalProperties: false` (it
+// refuses unknown fields as input) would make every answer invalid: `vm`, `state` and `error`
+// are not among its properties.
+/// A port forward as the API shows it: the durable forward and whether it listens now.
+#[derive(ToSchema)]
+#[schema(as = ForwardView)]
+#[expect(dead_code, reason = "a schema only: `ForwardView` is what is sent")]
+pub(crate) struct ForwardViewSchema {
+    /// Host address it listens on.
+    #[schema(example = "127.0.0.1")]
+    host_addr: String,
+    /// Host port, 1-65535.
+    host_port: u16,
+    /// Port in the guest, 1-65535.
+    guest_port: u16,
+    /// Transport.
+    protocol: ForwardProtocol,
+    /// The VM's name.
+    vm: String,
+    /// Whether it listens now.
+    state: ForwardState,
+    /// Why it does not listen, when `state` is `failed`.
+    error: Option<String>,
+}
+
+impl utoipa::PartialSchema for ForwardView {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <ForwardViewSchema as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl ToSchema for ForwardView {
+    fn name() -> std::borrow::Cow<'static, str> {
+        <ForwardViewSchema as ToSchema>::name()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <ForwardViewSchema as ToSchema>::schemas(schemas);
+    }
 }
 
 /// Whether a forward listens.

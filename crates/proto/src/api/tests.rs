@@ -229,3 +229,27 @@ fn doctor_report_keeps_the_shape_of_doctor_json() {
     );
     assert_eq!(serde_json::from_value::<DoctorReport>(value).expect("parse"), report);
 }
+
+#[test]
+fn a_forward_view_has_the_fields_its_schema_names() {
+    let view = ForwardView {
+        forward: PortForward {
+            host_addr: "127.0.0.1".parse().expect("addr"),
+            host_port: 8080,
+            guest_port: 80,
+            protocol: ForwardProtocol::Tcp,
+        },
+        vm: "web".into(),
+        state: ForwardState::Failed,
+        error: Some("address in use".into()),
+    };
+    let sent: Vec<String> = match serde_json::to_value(&view).expect("json") {
+        Value::Object(fields) => fields.keys().cloned().collect(),
+        other => panic!("not an object: {other}"),
+    };
+    let schema = serde_json::to_value(<ForwardView as utoipa::PartialSchema>::schema()).expect("schema json");
+    let mut named: Vec<String> = schema["properties"].as_object().expect("properties").keys().cloned().collect();
+    named.sort();
+    assert_eq!(sent, named, "ForwardViewSchema must name exactly what a ForwardView sends");
+    assert_eq!(schema["required"], json!(["host_addr", "host_port", "guest_port", "protocol", "vm", "state"]));
+}
