@@ -243,7 +243,12 @@ mod tests {
 
     #[test]
     fn a_closed_port_is_refused_with_its_number() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+        // A port held by a bound socket that never listens: nothing else can take it meanwhile
+        // (a port freed for the test could be taken by another process before the connect).
+        let held = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        bind(std::os::fd::AsRawFd::as_raw_fd(&held), &SockaddrIn::new(127, 0, 0, 1, 0)).expect("bind");
+        let port = getsockname::<SockaddrIn>(std::os::fd::AsRawFd::as_raw_fd(&held)).expect("name").port();
         let err = connect(port).expect_err("nothing listens");
         assert!(err.starts_with(&format!("connection refused on guest port {port}")), "{err}");
     }
