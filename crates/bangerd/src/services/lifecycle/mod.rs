@@ -618,6 +618,16 @@ impl Lifecycle {
             .collect();
         let networked = adopted.iter().any(|(vm, _)| vm.spec.network);
         for (vm, pid) in adopted {
+            if vm.state == ObservedState::Running {
+                // A daemon killed during a snapshot leaves its guest paused while the record
+                // says running: the record is right, so the guest runs again.
+                let control = self.fleet.handles.get(&vm).and_then(|h| h.control_socket);
+                if let Some(control) = control {
+                    if let Err(e) = self.fleet.driver(vm.spec.vmm).resume(Path::new(&control)).await {
+                        tracing::debug!(vm = %vm.name, error = %chain(&e), "adopted vm not resumed");
+                    }
+                }
+            }
             self.forwards.activate(&vm).await;
             self.spawn_monitor(vm, pid);
         }
