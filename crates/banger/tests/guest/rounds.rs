@@ -352,26 +352,28 @@ fn thirty_kill_nine_rounds_converge() {
         ctx.round = round;
         ctx.op = format!("banger {}", argv.join(" "));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut child = env
+        let child = env
             .cmd(&argv)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn the cli");
+        let cli = child.id();
+        // Reaped on a thread of its own, which drains its pipes meanwhile.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
         // The random moment: the one sleep that is the point of the test, not a wait.
         std::thread::sleep(delay);
         let Some(daemon) = env.daemon_pid() else { ctx.fail("no daemon to kill") };
         kill9(daemon);
         killed.push(daemon);
-        let deadline = Instant::now() + CLI_DEADLINE;
-        while child.try_wait().expect("try_wait").is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                ctx.fail(&format!("the cli did not end within {CLI_DEADLINE:?} of the daemon's kill"));
+        let out = match rx.recv_timeout(CLI_DEADLINE) {
+            Ok(out) => crate::harness::Run::from(out.expect("reap the cli")),
+            Err(_) => {
+                kill9(cli);
+                ctx.fail(&format!("the cli did not end within {CLI_DEADLINE:?} of the daemon's kill"))
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = crate::harness::Run::from(child.wait_with_output().expect("reap the cli"));
+        };
         let said = out.stderr.lines().rfind(|l| l.starts_with("banger:")).unwrap_or("").to_owned();
         let presence = match (op, out.code) {
             ("create", 0) => Presence::Yes,
