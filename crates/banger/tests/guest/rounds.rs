@@ -447,7 +447,9 @@ fn thirty_kill_nine_rounds_converge() {
     let devices = taps(&env);
     if !alive.is_empty() || !vmms.is_empty() || !dirs.is_empty() || !devices.is_empty() {
         ctx.fail(&format!(
-            "left after delete and daemon stop: killed daemons alive {alive:?}, qemu {vmms:?}, vm dirs {dirs:?}, taps {devices:?}"
+            "left after delete and daemon stop: killed daemons alive {alive:?}, qemu {vmms:?}, vm dirs {dirs:?}, \
+             taps {devices:?} (taps alone: a killed daemon's bridge, pool and nft table outlive a next daemon \
+             that never brings the network up; `Net::shutdown` tears down only a network it brought up)"
         ));
     }
 }
