@@ -429,6 +429,14 @@ fn thirty_kill_nine_rounds_converge() {
         ctx.history.push(line);
     }
     eprintln!("{rounds} rounds in {:.1} s", started.elapsed().as_secs_f64());
+    // After every kill, a new networked VM still boots and runs. (It also brings the network
+    // up in this daemon, so the stop below tears it down: a daemon that never does leaves a
+    // killed predecessor's bridge, pool and nft table behind — a known gap, see the issue.)
+    ctx.op = "final networked run".into();
+    let run = env.banger(&["vm", "run", "--rm", "--name", "final-check", "--image", "minimal", "--", "true"]);
+    if run.code != 0 {
+        ctx.fail(&format!("vm run after the rounds: {}", run.stderr.trim()));
+    }
     ctx.op = "final clean-up".into();
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     if !names.is_empty() {
