@@ -16,6 +16,7 @@ mod forward;
 mod images;
 mod network;
 mod recovery;
+mod rounds;
 mod session;
 mod snapshot;
 mod ssh;
