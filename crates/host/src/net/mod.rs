@@ -247,7 +247,7 @@ mod tests {
             [
                 NetCall::LinkExists { name: b() },
                 NetCall::CreateBridge { name: b() },
-                NetCall::SetAddr { link: b(), addr: gw, prefix_len: 24 },
+                NetCall::SetAddr { link: b(), addr: gw, prefix_len: subnet.prefix_len() },
             ]
         );
         let state = block_on(net.link("banger0")).expect("link").expect("exists");

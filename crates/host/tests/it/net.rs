@@ -111,7 +111,7 @@ fn bridge_pool_ruleset_and_teardown() {
         let state = net.link("banger0").await.expect("query").expect("bridge exists");
         assert_eq!(state.kind.as_deref(), Some("bridge"));
         assert!(state.up);
-        assert_eq!(addrs_of("banger0").await, [(Ipv4Addr::new(172, 30, 0, 1), 24)]);
+        assert_eq!(addrs_of("banger0").await, [(subnet.gateway(), subnet.prefix_len())]);
 
         let pool = Arc::new(TapPool::new(Arc::clone(&net), "banger0", 2, None));
         assert_eq!(pool.fill().await.expect("fill"), 2);
