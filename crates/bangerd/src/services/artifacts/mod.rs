@@ -24,7 +24,7 @@ use banger_proto::{BuildImageRequest, ImageRecipe, PullImageRequest, PullKernelR
 use banger_store::{Pending, StoreError, Table};
 
 use crate::locks::{NamedLocks, VmGuard};
-use crate::ops::{OpHandle, StageSink};
+use crate::ops::StageSink;
 use crate::services::Fleet;
 
 /// Why a kernel or image could not be pulled, built, found or deleted.
@@ -358,7 +358,7 @@ impl Artifacts {
     }
 
     /// The kernel named `name`, pulling it from the catalog when it is not local.
-    pub async fn ensure_kernel(&self, op: &OpHandle, name: &str) -> Result<PulledKernel, ArtifactsError> {
+    pub async fn ensure_kernel(&self, op: &StageSink, name: &str) -> Result<PulledKernel, ArtifactsError> {
         if self.fleet.store.get_kernel(name)?.is_none() {
             if catalog::kernel(name).is_err() {
                 return Err(ArtifactsError::NotAvailable {
@@ -369,8 +369,8 @@ impl Artifacts {
                     ),
                 });
             }
-            op.sink().stage("kernel pull");
-            self.pull_kernel_locked(&op.sink(), name, None).await?;
+            op.stage("kernel pull");
+            self.pull_kernel_locked(op, name, None).await?;
         }
         open_kernel(&self.kernels_dir(), name)
             .map_err(|source| ArtifactsError::KernelFiles { name: name.to_owned(), source })
@@ -633,7 +633,7 @@ impl Artifacts {
     }
 
     /// The image named `name`, building it from the catalog when it is not local.
-    pub async fn ensure_image(&self, op: &OpHandle, name: &str) -> Result<(ImageRecord, BuiltImage), ArtifactsError> {
+    pub async fn ensure_image(&self, op: &StageSink, name: &str) -> Result<(ImageRecord, BuiltImage), ArtifactsError> {
         let record = match self.fleet.store.get_image(name)? {
             Some(r) => r,
             None => {
@@ -644,9 +644,9 @@ impl Artifacts {
                         how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
                     });
                 }
-                op.sink().stage("image build");
+                op.stage("image build");
                 let build = ImageBuild::catalog(name)?;
-                self.make_image_locked(&op.sink(), name, true, move |dir, progress| {
+                self.make_image_locked(op, name, true, move |dir, progress| {
                     build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
                 })
                 .await?

@@ -11,7 +11,7 @@ use banger_proto::GitIdentity;
 use super::LifecycleError;
 use crate::ops::OpHandle;
 use crate::services::artifacts::disks::VmDisks;
-use crate::services::artifacts::Artifacts;
+use crate::services::artifacts::{Artifacts, ArtifactsError};
 use crate::services::ssh::Ssh;
 
 /// A boxed future (the trait stays object-safe).
@@ -67,12 +67,24 @@ impl Provision for ArtifactProvision {
         restoring: bool,
     ) -> ProvisionFuture<'a> {
         Box::pin(async move {
-            // A pull or build is not abandoned half-way (its files and row are published
-            // together): a cancelled start stops at the next stage boundary after it.
+            // A pull or build may take minutes (or wait on another's): it runs in a task of its
+            // own, which a cancelled start (a stop) stops waiting for. The task goes on, under
+            // its artifact lock, and publishes the artifact whole for whoever needs it next.
+            let cancel = op.cancel_flag();
             op.stage("kernel")?;
-            let kernel = self.artifacts.ensure_kernel(op, &vm.spec.kernel).await?;
+            let (artifacts, sink, name) = (self.artifacts.clone(), op.sink(), vm.spec.kernel.clone());
+            let pull = tokio::spawn(async move { artifacts.ensure_kernel(&sink, &name).await });
+            let kernel = tokio::select! {
+                pulled = pull => pulled.map_err(ArtifactsError::from)??,
+                () = cancel.cancelled() => return Err(LifecycleError::Cancelled),
+            };
             op.stage("image")?;
-            let (image, built) = self.artifacts.ensure_image(op, &vm.spec.image).await?;
+            let (artifacts, sink, name) = (self.artifacts.clone(), op.sink(), vm.spec.image.clone());
+            let build = tokio::spawn(async move { artifacts.ensure_image(&sink, &name).await });
+            let (image, built) = tokio::select! {
+                built = build => built.map_err(ArtifactsError::from)??,
+                () = cancel.cancelled() => return Err(LifecycleError::Cancelled),
+            };
             let disks = if restoring {
                 let paths = vm.paths();
                 VmDisks { overlay: paths.overlay_disk.into(), work: paths.work_disk.into() }
