@@ -314,7 +314,21 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>, RecoveryError> {
 fn remove(path: &Path) -> Result<(), RecoveryError> {
     let removed = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(m) if m.is_dir() => {
+            // A file that lands while the tree is removed (the tests' in-process "kill" leaves
+            // the old daemon's blocking threads running) makes one pass fail: try a few more.
+            let mut removed = std::fs::remove_dir_all(path);
+            for _ in 0..10 {
+                match &removed {
+                    Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        removed = std::fs::remove_dir_all(path);
+                    }
+                    _ => break,
+                }
+            }
+            removed
+        }
         _ => std::fs::remove_file(path),
     };
     match removed {
