@@ -95,14 +95,9 @@ pub async fn import(
         Ok(ok) => ok,
         Err(e) => return e.into_response(),
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => d.workspace.import_into(&mut TokioIo::new(upgraded), &target, &q.dir).await,
-            Err(e) => tracing::warn!(error = %e, "workspace import upgrade failed"),
-        }
-    });
-    switching_protocols()
+    upgrade_then(&mut req, "import", move |mut io| async move {
+        d.workspace.import_into(&mut io, &target, &q.dir).await;
+    })
 }
 
 /// Sends a git bundle or patch of a repository in a running VM, over an HTTP upgrade.
@@ -144,11 +139,22 @@ pub async fn export(
         Ok(ok) => ok,
         Err(e) => return e.into_response(),
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    upgrade_then(&mut req, "export", move |mut io| async move {
+        d.workspace.export_from(&mut io, &target, &q).await;
+    })
+}
+
+/// Answers `101 Switching Protocols` and, once the connection has switched, runs `relay` on it.
+fn upgrade_then<F, Fut>(req: &mut Request, what: &'static str, relay: F) -> Response
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => d.workspace.export_from(&mut TokioIo::new(upgraded), &target, &q).await,
-            Err(e) => tracing::warn!(error = %e, "workspace export upgrade failed"),
+            Ok(upgraded) => relay(TokioIo::new(upgraded)).await,
+            Err(e) => tracing::warn!(error = %e, "workspace {what} upgrade failed"),
         }
     });
     switching_protocols()
