@@ -54,7 +54,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     prepare_state_dir(&layout.state_dir)?;
     let lock = lockfile::acquire(&layout.lock_file(), &layout.state_dir)?;
     let (config, config_source) = config::load(&layout.config_candidates())?;
+    let tightened = restrict_state(&layout, !config.socket_group.is_empty())?;
     let _log_guard = init_logging(&layout, &config.log_level, !args.detached)?;
+    for (path, old, new) in tightened {
+        tracing::warn!(path = %path.display(), old = format!("{old:o}"), new = format!("{new:o}"),
+            "tightened permissions: the state dir is private to the daemon's user");
+    }
     tracing::info!(state_dir = %layout.state_dir.display(), socket = %layout.socket.display(),
         config = ?config_source, pid = std::process::id(), "bangerd starting");
 
@@ -119,15 +124,48 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the state dir private before anything is written into it: the owner only (with
+/// `socket_group`, the group may also pass through it, as docs/ssh.md asks), and the database and
+/// log 0600 whatever the umask was when they were made. Returns what it changed.
+fn restrict_state(layout: &Layout, group: bool) -> anyhow::Result<Vec<(PathBuf, u32, u32)>> {
+    use banger_host::paths::restrict_mode;
+    let dir_keep = if group { 0o750 } else { 0o700 };
+    let db = layout.db();
+    let mut paths = vec![(layout.state_dir.clone(), dir_keep), (layout.log_file(), 0o600)];
+    for suffix in ["", "-wal", "-shm"] {
+        paths.push((PathBuf::from(format!("{}{suffix}", db.display())), 0o600));
+    }
+    let mut changed = Vec::new();
+    for (path, keep) in paths {
+        let done = restrict_mode(&path, keep)
+            .with_context(|| format!("cannot make {} private; fix its owner or mode", path.display()))?;
+        if let Some((old, new)) = done {
+            changed.push((path, old, new));
+        }
+    }
+    // A database made from here on is private from its first byte (SQLite gives its -wal and
+    // -shm files the database's mode).
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db)
+        .with_context(|| format!("cannot create the database {}", db.display()))?;
+    Ok(changed)
+}
+
 fn init_logging(
     layout: &Layout,
     level: &str,
     to_stderr: bool,
 ) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let log_path = layout.log_file();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("cannot open log file {}", log_path.display()))?;
     let (writer, guard) = tracing_appender::non_blocking(file);

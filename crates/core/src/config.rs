@@ -103,7 +103,10 @@ pub struct Config {
     pub default_disk_mib: u64,
     /// Size of each VM's root overlay disk (sparse: it costs what the guest writes), in MiB.
     pub overlay_mib: u64,
-    /// Group allowed to use the API socket (mode 0660); empty means owner only (0600).
+    /// Group allowed to use the API socket (mode 0660); empty means owner only (0600). Members
+    /// may do what the API offers, except make the daemon read a host file their own user cannot
+    /// (`image register` opens it as the caller) or forward a privileged host port
+    /// (docs/security.md).
     pub socket_group: String,
     /// Log filter, in `tracing` EnvFilter syntax (`info`, `bangerd=debug`, ...).
     pub log_level: String,

@@ -414,9 +414,22 @@ pub fn register_image(
     init: InitMode,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltImage, BuildImageError> {
+    register_image_via(images_dir, name, file, file, init, progress)
+}
+
+/// [`register_image`] reading the bytes through `via` (for example `/proc/self/fd/N` of a file
+/// the caller opened with its own permissions) while recording `file` as the source.
+pub fn register_image_via(
+    images_dir: &Path,
+    name: &str,
+    file: &Path,
+    via: &Path,
+    init: InitMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, BuildImageError> {
     check_new_name(images_dir, name)?;
     let mut magic = [0u8; 2];
-    let is_ext4 = fs::File::open(file)
+    let is_ext4 = fs::File::open(via)
         .and_then(|mut f| {
             use std::io::{Read as _, Seek as _};
             f.seek(io::SeekFrom::Start(1080))?;
@@ -432,7 +445,7 @@ pub fn register_image(
     fs::create_dir(&work).map_err(io_error(&work))?;
     progress("copy");
     let image = work.join(IMAGE_FILE);
-    copy_file(file, &image).map_err(io_error(&image))?;
+    copy_file(via, &image).map_err(io_error(&image))?;
     let source = ImageSource::File { path: file.display().to_string() };
     let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
     publish_image(images_dir, staging, &image, 0, info, progress)

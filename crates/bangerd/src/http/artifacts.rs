@@ -9,7 +9,7 @@ use banger_proto::{
     PullImageRequest, PullKernelRequest, RegisterImageRequest,
 };
 
-use super::{accepted, body, path, ApiFailure, ApiResult, PathParams, Shared};
+use super::{accepted, body, path, ApiFailure, ApiResult, CallerOf, PathParams, Shared};
 
 /// Pulled kernels and the catalog's names.
 #[utoipa::path(get, path = "/v1/kernels", responses((status = 200, body = KernelList), (status = 500, body = ApiError)))]
@@ -72,9 +72,10 @@ pub(super) async fn pull_image(
     responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn register_image(
     State(d): Shared,
+    CallerOf(caller): CallerOf,
     req: Result<Json<RegisterImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok(accepted(d.artifacts.begin_register_image(body(req, "RegisterImageRequest")?)?))
+    Ok(accepted(d.artifacts.begin_register_image(body(req, "RegisterImageRequest")?, caller)?))
 }
 
 /// Makes a stopped VM's root a new image; answers with the operation to follow.

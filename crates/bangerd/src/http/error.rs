@@ -13,6 +13,7 @@ use banger_vmm::ControlError;
 use crate::ops::OpsError;
 use crate::services::artifacts::agent::AgentBinaryError;
 use crate::services::artifacts::ArtifactsError;
+use crate::services::caller::CallerError;
 use crate::services::forwards::proxy::ListenError;
 use crate::services::forwards::ForwardsError;
 use crate::services::lifecycle::LifecycleError;
@@ -183,6 +184,12 @@ impl Status for NetError {
     }
 }
 
+impl Status for CallerError {
+    fn kind(&self) -> Kind {
+        Kind::Invalid
+    }
+}
+
 impl Status for GitIdentityError {
     fn kind(&self) -> Kind {
         Kind::Invalid
@@ -258,6 +265,7 @@ impl Status for ArtifactsError {
     fn kind(&self) -> Kind {
         match self {
             Self::Ops(e) => e.kind(),
+            Self::Caller(e) => e.kind(),
             Self::Store(e) => e.kind(),
             Self::InvalidName { .. }
             | Self::NotAFile(_)

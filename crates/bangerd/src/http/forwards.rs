@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use banger_proto::{ApiError, ForwardList, ForwardView, PortForward};
 
-use super::{body, path, query, ApiFailure, ApiResult, PathParams, QueryParams, Shared};
+use super::{body, path, query, ApiFailure, ApiResult, CallerOf, PathParams, QueryParams, Shared};
 
 /// A VM's port forwards and whether each listens now.
 #[utoipa::path(get, path = "/v1/vms/{vm}/forwards", params(("vm" = String, Path, description = "name, id or id prefix")),
@@ -26,11 +26,14 @@ pub(super) async fn list_forwards(State(d): Shared, vm: PathParams<String>) -> A
         (status = 409, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn add_forward(
     State(d): Shared,
+    CallerOf(caller): CallerOf,
     vm: PathParams<String>,
     req: Result<Json<PortForward>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
     let vm = path(vm)?;
-    let view = d.forwards.add(&vm, body(req, "PortForward")?.into()).await?;
+    let forward = body(req, "PortForward")?;
+    caller.check_port(forward.host_port)?;
+    let view = d.forwards.add(&vm, forward.into()).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 

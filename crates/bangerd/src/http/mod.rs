@@ -39,8 +39,38 @@ use utoipa::OpenApi;
 
 pub use self::error::{ApiFailure, Kind, Status};
 use crate::daemon::Daemon;
+use crate::services::caller::Caller;
 
 type Shared = State<Arc<Daemon>>;
+
+/// The connection's peer, read once when it is accepted (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+struct Peer(Caller);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => Self(Caller { uid: cred.uid(), gid: cred.gid() }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the caller's credentials; treating it as untrusted");
+                Self(Caller::UNKNOWN)
+            }
+        }
+    }
+}
+
+/// The user behind a request; [`Caller::UNKNOWN`] when the connection carried no credentials
+/// (a router driven in-process).
+struct CallerOf(Caller);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallerOf {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<Peer>>().map(|c| c.0 .0);
+        Ok(Self(peer.unwrap_or(Caller::UNKNOWN)))
+    }
+}
 type ApiResult<T> = Result<Json<T>, ApiFailure>;
 /// A route's path parameters as extracted: checked by [`path`], so that a bad one is answered
 /// with our own 400 `{code, message}` rather than axum's plain-text refusal.
@@ -316,7 +346,9 @@ pub async fn serve(
     let socket = daemon.fleet.layout.socket.clone();
     let listener = bind_socket(&socket, &daemon.fleet.config.socket_group)?;
     tracing::info!(socket = %socket.display(), "serving the api");
-    let served = axum::serve(listener, router(daemon)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, router(daemon).into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await;
     // Only the socket we bound is ours to remove.
     let _ = std::fs::remove_file(&socket);
     served.map_err(|source| ServeError::Socket { what: "serve on", path: socket, source })
@@ -366,6 +398,9 @@ fn bind_socket(socket: &Path, group: &str) -> Result<UnixListener, ServeError> {
     })?;
     Ok(listener)
 }
+
+#[cfg(test)]
+mod caller_tests;
 
 #[cfg(test)]
 mod tests {

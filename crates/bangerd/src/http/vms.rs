@@ -10,7 +10,9 @@ use banger_proto::{
     VmView,
 };
 
-use super::{accepted, body, optional_body, path, query, ApiFailure, ApiResult, PathParams, QueryParams, Shared};
+use super::{
+    accepted, body, optional_body, path, query, ApiFailure, ApiResult, CallerOf, PathParams, QueryParams, Shared,
+};
 use crate::services::ssh::check_git_identity;
 
 /// Every VM.
@@ -26,9 +28,12 @@ pub(super) async fn list_vms(State(d): Shared) -> ApiResult<VmList> {
     (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn create_vm(
     State(d): Shared,
+    CallerOf(caller): CallerOf,
     req: Result<Json<CreateVmRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    let op = d.vms.begin_create_vm(body(req, "CreateVmRequest")?)?;
+    let req = body(req, "CreateVmRequest")?;
+    req.publish.iter().try_for_each(|f| caller.check_port(f.host_port))?;
+    let op = d.vms.begin_create_vm(req)?;
     Ok(accepted(op))
 }
 

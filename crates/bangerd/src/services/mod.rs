@@ -8,6 +8,7 @@
 //! VMM drivers and the agent connections.
 
 pub mod artifacts;
+pub mod caller;
 pub mod doctor;
 pub mod forwards;
 pub mod lifecycle;

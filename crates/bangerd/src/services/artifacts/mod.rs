@@ -25,11 +25,15 @@ use banger_store::{Pending, StoreError, Table};
 
 use crate::locks::{NamedLocks, VmGuard};
 use crate::ops::StageSink;
+use crate::services::caller::{Caller, CallerError};
 use crate::services::Fleet;
 
 /// Why a kernel or image could not be pulled, built, found or deleted.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactsError {
+    /// The caller may not do this (see `services::caller`).
+    #[error(transparent)]
+    Caller(#[from] CallerError),
     /// The operation registry.
     #[error(transparent)]
     Ops(#[from] crate::ops::OpsError),
@@ -561,18 +565,27 @@ impl Artifacts {
     }
 
     /// Starts registering an ext4 file as an image.
+    /// The file is opened as `caller` (a `socket_group` member cannot make the root daemon
+    /// read a file its own user cannot) and read through that descriptor.
     pub fn begin_register_image(
         self: &Arc<Self>,
         req: RegisterImageRequest,
+        caller: Caller,
     ) -> Result<OperationRecord, ArtifactsError> {
         let file = PathBuf::from(&req.file);
         if !file.is_absolute() || !file.is_file() {
             return Err(ArtifactsError::NotAFile(req.file));
         }
+        let opened = caller.open_readable(&file)?;
         let init = req.init.map(Into::into).unwrap_or_default();
         let name = req.name.clone();
         self.begin_image_op("image.register", &req.name, move |dir, progress| {
-            banger_image::rootfs::register_image(dir, &name, &file, init, progress).map_err(ArtifactsError::ImageBuild)
+            use std::os::fd::AsRawFd as _;
+            // The descriptor opened as the caller stays open until the copy is done.
+            let through = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+            let made = banger_image::rootfs::register_image_via(dir, &name, &file, &through, init, progress);
+            drop(opened);
+            made.map_err(ArtifactsError::ImageBuild)
         })
     }
 
