@@ -57,6 +57,27 @@ pub struct WorkspaceExportQuery {
     /// For a bundle: a commit the host has (its `HEAD`); commits reachable from it are left
     /// out when the guest has it too.
     pub basis: Option<String>,
+    /// The most bytes the guest may send [default: [`DEFAULT_EXPORT_MAX_BYTES`]]; a larger
+    /// export ends with an error.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// The export size cap when the query names none: 1 GiB.
+pub const DEFAULT_EXPORT_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// The error of an export from `vm` larger than `cap` bytes, naming the fix.
+pub fn export_too_large(vm: &str, cap: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    let shown = match cap {
+        c if c >= 1024 * MIB && c.is_multiple_of(1024 * MIB) => format!("{}G", c / (1024 * MIB)),
+        c if c >= MIB && c.is_multiple_of(MIB) => format!("{}M", c / MIB),
+        c => format!("{c} bytes"),
+    };
+    format!(
+        "the export from vm '{vm}' is larger than the cap of {shown}; nothing was written; \
+         raise the cap with `banger workspace export --max-size SIZE` (e.g. 4G)"
+    )
 }
 
 /// The final answer of an export.
@@ -108,7 +129,10 @@ mod tests {
 
     #[test]
     fn queries_use_snake_case() {
-        let q = WorkspaceExportQuery { dir: "/root/r".into(), kind: ExportKind::Patch, basis: None };
-        assert_eq!(serde_json::to_string(&q).expect("json"), r#"{"dir":"/root/r","kind":"patch","basis":null}"#);
+        let q = WorkspaceExportQuery { dir: "/root/r".into(), kind: ExportKind::Patch, basis: None, max_bytes: None };
+        assert_eq!(
+            serde_json::to_string(&q).expect("json"),
+            r#"{"dir":"/root/r","kind":"patch","basis":null,"max_bytes":null}"#
+        );
     }
 }

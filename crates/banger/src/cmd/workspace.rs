@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use banger_proto::workspace::{valid_guest_dir, ExportKind, WorkspaceExportQuery};
+use banger_proto::workspace::{valid_guest_dir, ExportKind, WorkspaceExportQuery, DEFAULT_EXPORT_MAX_BYTES};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::client::Client;
 use crate::output;
-use crate::workspace::{bring_back, stream, tarball, Repo};
+use crate::workspace::{bring_back, patch, stream, tarball, Repo};
 
 #[derive(Debug, Subcommand)]
 pub enum WorkspaceCommand {
@@ -55,6 +55,10 @@ pub struct ExportArgs {
     /// FILE as a git patch instead; apply it with `git apply FILE`.
     #[arg(long, value_name = "FILE")]
     patch: Option<PathBuf>,
+    /// The most the guest may send, e.g. 4G [default: 1G]; a larger export is refused before
+    /// anything is written.
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    max_size: Option<u64>,
     /// Print what was exported as JSON.
     #[arg(long)]
     json: bool,
@@ -165,7 +169,8 @@ async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
     client.ensure_daemon().await?;
     let kind = if a.patch.is_some() { ExportKind::Patch } else { ExportKind::Bundle };
     let basis = if kind == ExportKind::Bundle { repo.head()? } else { None };
-    let q = WorkspaceExportQuery { dir: dir.clone(), kind, basis };
+    let max_bytes = a.max_size.map_or(DEFAULT_EXPORT_MAX_BYTES, |mib| mib.saturating_mul(1024 * 1024));
+    let q = WorkspaceExportQuery { dir: dir.clone(), kind, basis, max_bytes: Some(max_bytes) };
     let mut temp =
         tempfile::Builder::new().prefix("banger-export-").tempfile().context("cannot make a temporary file")?;
     let done = stream::export(client, &a.vm, &q, temp.as_file_mut()).await?;
@@ -180,7 +185,7 @@ async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
     match a.patch {
         Some(file) => {
             let patch = std::fs::read(temp.path()).context("cannot read the received patch")?;
-            let summary = bring_back::check_patch(&patch)?;
+            let summary = patch::check_patch(&patch)?;
             write_patch(&file, &patch, a.force)?;
             if summary.files == 0 {
                 eprintln!("workspace: no uncommitted changes in {}:{dir}; {} is empty", done.vm, file.display());

@@ -1,16 +1,22 @@
 //! What an export brings back from the guest, checked before it touches the host repository.
 //!
-//! A bundle must be a git bundle naming only `HEAD`; `git bundle verify` must accept it; it is
-//! fetched into a temporary ref (`refs/banger/incoming/...`, objects checked with
-//! `transfer.fsckObjects`), and only then is the branch made from it. The checked-out branch
-//! and the work tree are never touched: the branch may not be the checked-out one, and an
-//! existing branch is replaced only with `--force`.
-//!
-//! A patch must be a git diff whose paths stay inside the repository (no absolute paths, no
-//! `..`) and whose new symlinks point inside it; only then is it written to its file.
+//! A bundle must be a git bundle naming only `HEAD`, and `git bundle verify` must accept it.
+//! Its pack is then indexed in a quarantine: a temporary object directory inside the
+//! repository's `objects/` (`tmp_objdir-banger-*`, the way `receive-pack` quarantines a push),
+//! with the repository's own objects as an alternate, by `git index-pack --strict
+//! --fsck-objects`, which checks every object (and, strict, that everything they name exists)
+//! on every git version banger supports. (`fetch` with `transfer.fsckObjects` is no such
+//! check: git before 2.46 ignores it for bundles.) Only when the pack passes and `HEAD` is
+//! connected are its files moved into `objects/pack/` and the branch made. The checked-out
+//! branch and the work tree are never touched: the branch may not be the checked-out one, and
+//! an existing branch is replaced only with `--force`. On any refusal the quarantine goes and
+//! the repository is as it was.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::io::{Seek as _, SeekFrom};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use super::{Repo, RepoError};
 
@@ -45,9 +51,21 @@ pub enum BringBackError {
     /// Not a valid branch name.
     #[error("'{0}' is not a valid branch name; see `git check-ref-format --branch`")]
     BadBranch(String),
-    /// A patch that is not a git diff, or that reaches outside the repository.
-    #[error("the guest's patch is refused: {0}; nothing was written")]
-    BadPatch(String),
+    /// `git index-pack --strict --fsck-objects` refused the bundle's pack, or `HEAD` is not
+    /// connected.
+    #[error("the guest's bundle holds objects git refuses: {0}; nothing was fetched")]
+    BadObjects(String),
+    /// The quarantine could not be made, or its pack not moved into the repository.
+    #[error("cannot {what} {path}")]
+    Quarantine {
+        /// The step.
+        what: &'static str,
+        /// The file or directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Git failed.
     #[error(transparent)]
     Git(#[from] RepoError),
@@ -77,9 +95,17 @@ pub fn check_branch(repo: &Repo, branch: &str, force: bool) -> Result<(), BringB
     Ok(())
 }
 
+/// A checked bundle header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleHeader {
+    /// The commit `HEAD` names.
+    pub head: String,
+    /// Where the pack starts in the bundle.
+    pub pack_offset: u64,
+}
+
 /// Checks a bundle's header: a v2 or v3 git bundle whose only ref is `HEAD`, then a pack.
-/// Returns the commit `HEAD` names.
-pub fn check_bundle_header(bytes: &[u8]) -> Result<String, BringBackError> {
+pub fn check_bundle_header(bytes: &[u8]) -> Result<BundleHeader, BringBackError> {
     let start = String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned();
     let Some(rest) = bytes.strip_prefix(b"# v2 git bundle\n").or_else(|| bytes.strip_prefix(b"# v3 git bundle\n"))
     else {
@@ -121,54 +147,142 @@ pub fn check_bundle_header(bytes: &[u8]) -> Result<String, BringBackError> {
             }
         }
     }
-    head.ok_or_else(|| BringBackError::BadBundle("it names no HEAD".into()))
+    let head = head.ok_or_else(|| BringBackError::BadBundle("it names no HEAD".into()))?;
+    let pack_offset = (bytes.len() - rest.len() + end + 2) as u64;
+    Ok(BundleHeader { head, pack_offset })
 }
 
-/// Fetches the bundle at `bundle` into `refs/heads/<branch>` (replacing it with `force`);
-/// returns the new branch's commit.
+/// Fetches the bundle at `bundle` into `refs/heads/<branch>` (replacing it with `force`)
+/// through the quarantine of the module docs; returns the new branch's commit.
 pub fn fetch_bundle(repo: &Repo, bundle: &Path, branch: &str, force: bool) -> Result<String, BringBackError> {
     let read = |source| BringBackError::Read { path: bundle.display().to_string(), source };
     let mut head = vec![0u8; MAX_HEADER + 64];
     let n = read_up_to(bundle, &mut head).map_err(read)?;
-    let commit = check_bundle_header(&head[..n])?;
+    let header = check_bundle_header(&head[..n])?;
     check_branch(repo, branch, force)?;
-    let path = bundle.as_os_str();
-    repo.git_os(&[OsStr::new("bundle"), OsStr::new("verify"), OsStr::new("-q"), path]).map_err(|e| match e {
-        RepoError::Git { stderr, .. } => BringBackError::Unverified(stderr.lines().last().unwrap_or("").to_owned()),
-        e => e.into(),
-    })?;
-    let temp = format!("refs/banger/incoming/{}-{}", std::process::id(), banger_core::new_id());
-    let refspec = format!("HEAD:{temp}");
-    let fetched = repo.git_os(&[
-        OsStr::new("-c"),
-        OsStr::new("transfer.fsckObjects=true"),
-        OsStr::new("fetch"),
-        OsStr::new("-q"),
-        OsStr::new("--no-tags"),
-        OsStr::new("--no-write-fetch-head"),
-        path,
-        OsStr::new(&refspec),
-    ]);
-    let result = fetched.and_then(|_| {
-        let got = String::from_utf8_lossy(&repo.git(&["rev-parse", "--verify", &format!("{temp}^{{commit}}")])?)
-            .trim()
-            .to_owned();
-        let target = format!("refs/heads/{branch}");
-        let message = "banger workspace export";
-        if force {
-            repo.git(&["update-ref", "-m", message, &target, &got])?;
-        } else {
-            // The empty old value: made only if it still does not exist.
-            repo.git(&["update-ref", "-m", message, &target, &got, ""])?;
+    repo.git_os(&[OsStr::new("bundle"), OsStr::new("verify"), OsStr::new("-q"), bundle.as_os_str()]).map_err(|e| {
+        match e {
+            RepoError::Git { stderr, .. } => BringBackError::Unverified(stderr.lines().last().unwrap_or("").to_owned()),
+            e => e.into(),
         }
-        Ok(got)
-    });
-    let _ = repo.git(&["update-ref", "-d", &temp]);
-    let got = result?;
-    if got != commit {
-        return Err(BringBackError::BadBundle(format!("its HEAD {commit} fetched as {got}")));
+    })?;
+    let objects = object_dir(repo)?;
+    let quarantine = Quarantine::new(&objects)?;
+    let mut pack = std::fs::File::open(bundle).map_err(read)?;
+    pack.seek(SeekFrom::Start(header.pack_offset)).map_err(read)?;
+    quarantine.index_pack(repo, pack)?;
+    quarantine.check_connected(repo, &header.head)?;
+    quarantine.migrate(&objects)?;
+    drop(quarantine);
+    let target = format!("refs/heads/{branch}");
+    let message = "banger workspace export";
+    if force {
+        repo.git(&["update-ref", "-m", message, &target, &header.head])?;
+    } else {
+        // The empty old value: made only if it still does not exist.
+        repo.git(&["update-ref", "-m", message, &target, &header.head, ""])?;
     }
-    Ok(got)
+    Ok(header.head)
+}
+
+/// The repository's object directory (absolute).
+fn object_dir(repo: &Repo) -> Result<PathBuf, BringBackError> {
+    let out = repo.git(&["rev-parse", "--git-path", "objects"])?;
+    let path = PathBuf::from(OsStr::from_bytes(out.strip_suffix(b"\n").unwrap_or(&out)));
+    Ok(repo.top.join(path))
+}
+
+/// A temporary object directory inside the repository's: removed on drop, so a refused bundle
+/// leaves nothing behind.
+struct Quarantine {
+    dir: tempfile::TempDir,
+    alternate: PathBuf,
+}
+
+impl Quarantine {
+    fn new(objects: &Path) -> Result<Self, BringBackError> {
+        // `tmp_objdir-` is the prefix git's own quarantine uses; `git gc` removes stale ones.
+        let dir = tempfile::Builder::new()
+            .prefix("tmp_objdir-banger-")
+            .tempdir_in(objects)
+            .map_err(failed("make a quarantine in", objects))?;
+        std::fs::create_dir(dir.path().join("pack")).map_err(failed("make", &dir.path().join("pack")))?;
+        Ok(Self { dir, alternate: objects.to_owned() })
+    }
+
+    /// git in `repo` with the quarantine as its object directory and the repository's objects
+    /// as an alternate: reads see both, writes land in the quarantine.
+    fn git(&self, repo: &Repo, args: &[&str]) -> Command {
+        let mut c = Command::new("git");
+        c.arg("-C")
+            .arg(&repo.top)
+            .args(args)
+            .env("GIT_OBJECT_DIRECTORY", self.dir.path())
+            .env("GIT_ALTERNATE_OBJECT_DIRECTORIES", &self.alternate)
+            .env("GIT_QUARANTINE_PATH", self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Indexes `pack` (a thin pack: its bases may be the repository's) into the quarantine,
+    /// checking every object.
+    fn index_pack(&self, repo: &Repo, pack: std::fs::File) -> Result<(), BringBackError> {
+        let args = ["index-pack", "--stdin", "--fix-thin", "--strict", "--fsck-objects"];
+        let out = self.git(repo, &args).stdin(pack).output().map_err(RepoError::NoGit)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(BringBackError::BadObjects(git_said(&out.stderr)))
+    }
+
+    /// Every object reachable from `head` and not from the repository's refs is there.
+    fn check_connected(&self, repo: &Repo, head: &str) -> Result<(), BringBackError> {
+        let out = self
+            .git(repo, &["rev-list", "--objects", head, "--not", "--all"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(RepoError::NoGit)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(BringBackError::BadObjects(format!("its HEAD {head} is not whole: {}", git_said(&out.stderr))))
+    }
+
+    /// Moves the checked pack into `objects/pack/`, its index last (git sees a pack once its
+    /// index is there).
+    fn migrate(&self, objects: &Path) -> Result<(), BringBackError> {
+        let from = self.dir.path().join("pack");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&from)
+            .map_err(failed("list", &from))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(failed("list", &from))?;
+        files.sort_by_key(|f| f.extension().is_some_and(|e| e == "idx"));
+        for file in files {
+            let Some(name) = file.file_name() else { continue };
+            let to = objects.join("pack").join(name);
+            // The same pack already there (same name, same contents): keep it.
+            if to.symlink_metadata().is_ok() {
+                continue;
+            }
+            std::fs::rename(&file, &to).map_err(failed("move the checked pack to", &to))?;
+        }
+        Ok(())
+    }
+}
+
+/// The error of quarantine step `what` on `path`.
+fn failed(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BringBackError {
+    let path = path.display().to_string();
+    move |source| BringBackError::Quarantine { what, path, source }
+}
+
+/// The last lines git wrote to stderr, on one line.
+fn git_said(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
 }
 
 fn read_up_to(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -182,114 +296,6 @@ fn read_up_to(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// What a checked patch holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PatchSummary {
-    /// Files it changes.
-    pub files: usize,
-}
-
-/// Checks a patch from the guest: empty, or a git diff whose paths stay inside the repository.
-pub fn check_patch(patch: &[u8]) -> Result<PatchSummary, BringBackError> {
-    let bad = |why: String| BringBackError::BadPatch(why);
-    if patch.is_empty() {
-        return Ok(PatchSummary::default());
-    }
-    if !patch.starts_with(b"diff --git ") {
-        return Err(bad("it is not a git diff".into()));
-    }
-    let text = String::from_utf8_lossy(patch);
-    let mut summary = PatchSummary::default();
-    // Lines left in the current hunk (old side, new side).
-    let (mut old_left, mut new_left) = (0u64, 0u64);
-    let mut symlink = false;
-    let mut new_path = String::new();
-    for line in text.split('\n') {
-        if old_left > 0 || new_left > 0 {
-            match line.as_bytes().first() {
-                Some(b' ') => {
-                    old_left = old_left.saturating_sub(1);
-                    new_left = new_left.saturating_sub(1);
-                }
-                Some(b'-') => old_left = old_left.saturating_sub(1),
-                Some(b'+') => {
-                    new_left = new_left.saturating_sub(1);
-                    if symlink {
-                        let target = &line[1..];
-                        if let Some(why) = banger_proto::agent::symlink_escape(Path::new(&new_path), Path::new(target))
-                        {
-                            return Err(bad(format!("{why} ({new_path} -> {target})")));
-                        }
-                    }
-                }
-                Some(b'\\') => {}
-                _ => return Err(bad(format!("a hunk of {new_path} ends early"))),
-            }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("diff --git ") {
-            summary.files += 1;
-            symlink = false;
-            check_header_paths(rest, true).map_err(bad)?;
-        } else if let Some(rest) = line.strip_prefix("--- ").or_else(|| line.strip_prefix("+++ ")) {
-            if rest != "/dev/null" {
-                check_header_paths(rest, true).map_err(bad)?;
-                if line.starts_with("+++ ") {
-                    new_path = unquote(rest).trim_start_matches("b/").to_owned();
-                }
-            }
-        } else if let Some(rest) =
-            ["rename from ", "rename to ", "copy from ", "copy to "].iter().find_map(|p| line.strip_prefix(p))
-        {
-            check_header_paths(rest, false).map_err(bad)?;
-        } else if let Some(mode) = line.strip_prefix("new file mode ").or_else(|| line.strip_prefix("new mode ")) {
-            symlink = mode.trim() == "120000";
-        } else if line.starts_with("@@ ") {
-            (old_left, new_left) = hunk_counts(line).ok_or_else(|| bad(format!("bad hunk header '{line}'")))?;
-        }
-    }
-    Ok(summary)
-}
-
-/// `@@ -a,b +c,d @@` → (b, d); an omitted count is 1.
-fn hunk_counts(line: &str) -> Option<(u64, u64)> {
-    let mut words = line.split(' ').skip(1);
-    let count = |range: &str| -> Option<u64> {
-        match range.split_once(',') {
-            Some((_, n)) => n.parse().ok(),
-            None => Some(1),
-        }
-    };
-    let old = count(words.next()?.strip_prefix('-')?)?;
-    let new = count(words.next()?.strip_prefix('+')?)?;
-    Some((old, new))
-}
-
-/// Drops the C-style quotes git puts around unusual paths (the escapes inside stay; only
-/// `/` and `..` matter here).
-fn unquote(text: &str) -> String {
-    text.trim_matches('"').to_owned()
-}
-
-/// The paths of a header line: no absolute paths, no `..` components; with `prefixed`, each
-/// starts with `a/` or `b/`.
-fn check_header_paths(rest: &str, prefixed: bool) -> Result<(), String> {
-    for word in rest.split(' ').filter(|w| !w.is_empty()) {
-        let word = unquote(word);
-        if word.split(['/', '\\']).any(|c| c == "..") {
-            return Err(format!("the path in '{rest}' goes up with '..'"));
-        }
-        if word.starts_with('/') {
-            return Err(format!("the path in '{rest}' is absolute"));
-        }
-    }
-    let first = unquote(rest.split(' ').next().unwrap_or(""));
-    if prefixed && !(first.starts_with("a/") || first.starts_with("b/")) {
-        return Err(format!("the path in '{rest}' lacks the a/ or b/ prefix"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -377,12 +383,10 @@ mod tests {
         let forged_path = dir.path().join("forged.bundle");
         std::fs::write(&forged_path, &forged).expect("write");
         let err = fetch_bundle(&host, &forged_path, "banger/web", false).expect_err("garbage pack");
-        assert!(matches!(err, BringBackError::Unverified(_) | BringBackError::Git(_)), "{err}");
+        assert!(matches!(err, BringBackError::Unverified(_) | BringBackError::BadObjects(_)), "{err}");
 
         assert_eq!(git(&host.top, &["for-each-ref"]), refs_before, "no ref was made");
-        // (A failed fetch may leave an empty temporary file of git's; objects and packs are what count.)
-        let objects = |text: String| text.lines().filter(|l| !l.contains("garbage")).collect::<Vec<_>>().join("\n");
-        assert_eq!(objects(git(&host.top, &["count-objects", "-v"])), objects(objects_before), "no object was added");
+        assert_eq!(git(&host.top, &["count-objects", "-v"]), objects_before, "no object was added");
         assert!(!dir.path().join("escaped").exists() && !dir.path().parent().expect("parent").join("escaped").exists());
     }
 
@@ -403,31 +407,108 @@ mod tests {
         assert!(err.to_string().contains("nothing was fetched"), "{err}");
     }
 
-    #[test]
-    fn patches_must_stay_inside_the_repository() {
-        let ok = b"diff --git a/src/x.rs b/src/x.rs\nindex 1..2 100644\n--- a/src/x.rs\n+++ b/src/x.rs\n@@ -1,2 +1,2 @@\n \
-                   keep\n--- a removed line that looks like a header /etc/passwd ../..\n+added\n\
-                   diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+src/x.rs\n\\ No newline at end of file\n";
-        assert_eq!(check_patch(ok).expect("fine").files, 2);
-        assert_eq!(check_patch(b"").expect("empty").files, 0);
-        let cases: [(&[u8], &str); 6] = [
-            (b"PK\x03\x04zip", "not a git diff"),
-            (b"diff --git a/../../etc/passwd b/../../etc/passwd\n", "goes up"),
-            (b"diff --git a/x b/x\n--- a/x\n+++ /etc/x\n", "absolute"),
-            (b"diff --git a/x b/y\nrename from x\nrename to ../../y\n", "goes up"),
-            (
-                b"diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc/shadow\n",
-                "points outside",
-            ),
-            (
-                b"diff --git a/d/l b/d/l\nnew file mode 120000\n--- /dev/null\n+++ b/d/l\n@@ -0,0 +1 @@\n+../../x\n",
-                "points outside",
-            ),
-        ];
-        for (patch, why) in cases {
-            let err = check_patch(patch).expect_err(why);
-            assert!(err.to_string().contains(why), "{why}: {err}");
-            assert!(err.to_string().ends_with("nothing was written"), "{err}");
+    /// Everything an export could change in `top`: refs, HEAD, the work tree, and every file
+    /// under `.git/objects` (packs, loose objects, temporary directories).
+    fn repo_state(top: &Path) -> String {
+        fn files(dir: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).expect("ls") {
+                let path = entry.expect("entry").path();
+                out.push(path.display().to_string());
+                if path.is_dir() {
+                    files(&path, out);
+                }
+            }
         }
+        let mut objects = Vec::new();
+        files(&top.join(".git/objects"), &mut objects);
+        objects.sort();
+        let refs = git(top, &["for-each-ref"]);
+        let status = git(top, &["status", "--porcelain", "--ignored"]);
+        format!("{refs}\n{}\n{status}\n{}", git(top, &["rev-parse", "HEAD"]), objects.join("\n"))
+    }
+
+    /// A bundle by hand: a header naming `head` as HEAD (with `basis` as prerequisite), and a
+    /// pack of exactly `objects` from `repo`.
+    fn crafted_bundle(repo: &Path, head: &str, basis: &str, objects: &[&str], out: &Path) {
+        use std::io::Write as _;
+        let mut child = Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["pack-objects", "--stdout"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pack-objects");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(format!("{}\n", objects.join("\n")).as_bytes()).expect("ids");
+        drop(stdin);
+        let pack = child.wait_with_output().expect("pack");
+        assert!(pack.status.success());
+        let mut bundle = format!("# v2 git bundle\n-{basis} base\n{head} HEAD\n\n").into_bytes();
+        bundle.extend_from_slice(&pack.stdout);
+        std::fs::write(out, bundle).expect("write");
+    }
+
+    /// `git hash-object -w --literally` of `data` as a `kind` object in `repo`.
+    fn literally(repo: &Path, kind: &str, data: &[u8]) -> String {
+        let file = repo.join(".literal");
+        std::fs::write(&file, data).expect("write");
+        let id = git(repo, &["hash-object", "-w", "--literally", "-t", kind, file.to_str().expect("utf-8")]);
+        std::fs::remove_file(file).expect("rm");
+        id
+    }
+
+    #[test]
+    fn bad_objects_are_refused_in_quarantine_and_nothing_lands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (host, good, _) = host_and_guest(dir.path());
+        let guest = dir.path().join("guest");
+        let basis = git(&host.top, &["rev-parse", "HEAD"]);
+        let blob = git(&guest, &["rev-parse", "HEAD:tracked.txt"]);
+        let hex = |id: &str| {
+            (0..id.len()).step_by(2).map(|i| u8::from_str_radix(&id[i..i + 2], 16).expect("hex")).collect::<Vec<u8>>()
+        };
+        let tree_with = |name: &str| {
+            let mut tree = format!("100644 {name}\0").into_bytes();
+            tree.extend_from_slice(&hex(&blob));
+            literally(&guest, "tree", &tree)
+        };
+        let commit_of = |tree: &str| {
+            let text = format!(
+                "tree {tree}\nparent {basis}\nauthor G <g@example.com> 1700000000 +0000\n\
+                 committer G <g@example.com> 1700000000 +0000\n\nfrom a hostile guest\n"
+            );
+            literally(&guest, "commit", text.as_bytes())
+        };
+        let mut cases: Vec<(String, Vec<String>, &str)> = Vec::new();
+        // A tree with a `..` entry, and one with `.git` (both pass `git bundle create`).
+        for (name, why) in [("..", "hasDotdot"), (".git", "hasDotgit")] {
+            let tree = tree_with(name);
+            let commit = commit_of(&tree);
+            cases.push((commit.clone(), vec![commit, tree, blob.clone()], why));
+        }
+        // A commit without an author.
+        let tree = git(&guest, &["rev-parse", "HEAD^{tree}"]);
+        let bad = literally(&guest, "commit", format!("tree {tree}\nparent {basis}\n\nno author\n").as_bytes());
+        cases.push((bad.clone(), vec![bad, tree.clone(), blob.clone()], "missingAuthor"));
+        // A commit whose tree is not in the pack (nor on the host): a broken link.
+        let commit = commit_of(&tree_with("other"));
+        cases.push((commit.clone(), vec![commit], "did not receive expected object"));
+        let before = repo_state(&host.top);
+        for (n, (head, objects, why)) in cases.iter().enumerate() {
+            let bundle = dir.path().join(format!("bad-{n}.bundle"));
+            let objects: Vec<&str> = objects.iter().map(String::as_str).collect();
+            crafted_bundle(&guest, head, &basis, &objects, &bundle);
+            let err = fetch_bundle(&host, &bundle, "banger/web", false).expect_err(why);
+            assert!(matches!(err, BringBackError::BadObjects(_)), "{why}: {err}");
+            let message = err.to_string();
+            assert!(message.contains(why) && message.ends_with("nothing was fetched"), "{why}: {message}");
+            assert_eq!(repo_state(&host.top), before, "{why}: the host repository changed");
+        }
+        // The good bundle still goes through, and only then does the pack land.
+        let commit = fetch_bundle(&host, &good, "banger/web", false).expect("good");
+        assert_eq!(git(&host.top, &["rev-parse", "banger/web"]), commit);
+        git(&host.top, &["fsck", "--strict", "--no-dangling"]);
+        assert_ne!(repo_state(&host.top), before);
     }
 }

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use banger_proto::agent::{AgentFailure, Decoder, Frame, FrameKind, MAX_PAYLOAD};
-use banger_proto::workspace::{WorkspaceExportQuery, WorkspaceExported, WorkspaceImported, WORKSPACE_PROTOCOL};
+use banger_proto::workspace::{
+    export_too_large, WorkspaceExportQuery, WorkspaceExported, WorkspaceImported, DEFAULT_EXPORT_MAX_BYTES,
+    WORKSPACE_PROTOCOL,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
@@ -134,7 +137,8 @@ pub async fn import(
     Ok((answer.await?, stats))
 }
 
-/// Streams an export of `vm` into `out`; the daemon's answer.
+/// Streams an export of `vm` into `out`; the daemon's answer. More than the query's
+/// `max_bytes` (the daemon enforces it too) ends it with an error before more is written.
 pub async fn export(
     client: &Client,
     vm: &str,
@@ -149,6 +153,16 @@ pub async fn export(
     if let Some(basis) = &q.basis {
         path.push_str(&format!("&basis={}", segment(basis)));
     }
+    let cap = q.max_bytes.unwrap_or(DEFAULT_EXPORT_MAX_BYTES);
+    path.push_str(&format!("&max_bytes={cap}"));
     let mut io = crate::exec::upgrade(client, &path, WORKSPACE_PROTOCOL).await?;
-    final_frame(&mut io, |data| out.write_all(data).context("cannot write what the guest sent")).await
+    let mut received = 0u64;
+    final_frame(&mut io, |data| {
+        received = received.saturating_add(data.len() as u64);
+        if received > cap {
+            bail!("{}", export_too_large(vm, cap));
+        }
+        out.write_all(data).context("cannot write what the guest sent")
+    })
+    .await
 }

@@ -12,12 +12,12 @@ use crate::harness::{wait_until, Env, Run};
 use crate::template::{env_from, template};
 
 /// The host user of these tests: a home whose `.gitconfig` names them.
-struct Host {
+pub(crate) struct Host {
     home: PathBuf,
 }
 
 impl Host {
-    fn new(env: &Env) -> Self {
+    pub(crate) fn new(env: &Env) -> Self {
         let home = env.dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
         std::fs::write(
@@ -28,7 +28,7 @@ impl Host {
         Self { home }
     }
 
-    fn git(&self, dir: &Path, args: &[&str]) -> String {
+    pub(crate) fn git(&self, dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
@@ -43,13 +43,13 @@ impl Host {
     }
 
     /// `banger args...` as this user, in `dir`.
-    fn banger(&self, env: &Env, dir: &Path, args: &[&str]) -> Command {
+    pub(crate) fn banger(&self, env: &Env, dir: &Path, args: &[&str]) -> Command {
         let mut c = env.cmd(args);
         c.current_dir(dir).env("HOME", &self.home).env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"));
         c
     }
 
-    fn run(&self, env: &Env, dir: &Path, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, env: &Env, dir: &Path, args: &[&str]) -> Run {
         Run::from(self.banger(env, dir, args).output().expect("run banger"))
     }
 }

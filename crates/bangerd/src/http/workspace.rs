@@ -111,6 +111,7 @@ pub async fn import(
         ("dir" = String, Query, description = "absolute guest directory of the repository"),
         ("kind" = ExportKind, Query, description = "bundle or patch"),
         ("basis" = Option<String>, Query, description = "for a bundle: a full commit id the host has; commits reachable from it are left out when the guest has it too"),
+        ("max_bytes" = Option<u64>, Query, description = "the most bytes the guest may send (default 1 GiB); a larger export ends with an error frame"),
         ("Connection" = String, Header, description = "`upgrade`"),
         ("Upgrade" = inline(WorkspaceUpgrade), Header, description = "the protocol to switch to: `banger-workspace`")),
     responses(

@@ -19,7 +19,9 @@ use banger_proto::agent::{
     parse_ack, AgentFailure, AgentRequest, AgentResponse, Decoder, ExecRequest, ExitStatus, Frame, FrameKind,
     SignalRequest,
 };
-use banger_proto::workspace::{ExportKind, WorkspaceExportQuery, WorkspaceExported, WorkspaceImported};
+use banger_proto::workspace::{
+    export_too_large, ExportKind, WorkspaceExportQuery, WorkspaceExported, WorkspaceImported, DEFAULT_EXPORT_MAX_BYTES,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::agent_conn::AgentConn;
@@ -76,7 +78,9 @@ exec git bundle create - HEAD
 "#;
 
 /// The uncommitted changes against `HEAD` (the empty tree when there is none), untracked files
-/// included through a throw-away index with them added as intent-to-add.
+/// included through a throw-away index with them added as intent-to-add. Renames off and the
+/// `a/`/`b/` prefixes fixed whatever the guest's config says: the host's check
+/// (`banger::workspace::patch`) refuses other forms.
 const PATCH_SCRIPT: &str = r#"idx=$(mktemp)
 trap 'rm -f "$idx"' EXIT
 real=$(git rev-parse --git-path index)
@@ -84,7 +88,8 @@ if [ -f "$real" ]; then cp "$real" "$idx"; else rm -f "$idx"; fi
 export GIT_INDEX_FILE="$idx"
 git add -A -N .
 if git rev-parse -q --verify HEAD >/dev/null; then base=HEAD; else base=$(git hash-object -t tree /dev/null); fi
-git -c core.quotepath=on diff --binary --no-color --no-ext-diff --no-textconv "$base"
+git -c core.quotepath=on diff --binary --no-color --no-ext-diff --no-textconv --no-renames \
+  --src-prefix=a/ --dst-prefix=b/ "$base"
 "#;
 
 /// What guest I/O on a VM needs, taken under its VM lock.
@@ -271,16 +276,23 @@ async fn relay_export(
     let mut channel = target.agent.open(&request).await.map_err(|e| e.to_string())?;
     let mut stderr = Vec::new();
     let mut bytes = 0u64;
+    let cap = q.max_bytes.unwrap_or(DEFAULT_EXPORT_MAX_BYTES);
+    let kill = || serde_json::to_vec(&SignalRequest { signal: 9 }).unwrap_or_default();
     loop {
         let frame = channel.recv().await.ok_or_else(lost)?;
         match frame.kind {
             FrameKind::Stdout if !frame.payload.is_empty() => {
-                bytes += frame.payload.len() as u64;
+                bytes = bytes.saturating_add(frame.payload.len() as u64);
+                if bytes > cap {
+                    // Checked before the frame is relayed: the client never gets more than the cap.
+                    let _ = channel.send(FrameKind::Signal, kill());
+                    tracing::warn!(vm = %target.name, cap, "workspace export over its cap");
+                    return Err(export_too_large(&target.name, cap));
+                }
                 let out = Frame::new(1, FrameKind::Data, frame.payload);
                 if io.write_all(&out.encode()).await.is_err() {
                     // Nobody reads on: end the command.
-                    let kill = serde_json::to_vec(&SignalRequest { signal: 9 }).unwrap_or_default();
-                    let _ = channel.send(FrameKind::Signal, kill);
+                    let _ = channel.send(FrameKind::Signal, kill());
                     return Err("the client went away".into());
                 }
             }

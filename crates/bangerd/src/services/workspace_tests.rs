@@ -22,6 +22,8 @@ struct Seen {
     received: AtomicUsize,
     /// Whether a `Close` arrived.
     closed: AtomicBool,
+    /// Whether a `Signal` arrived.
+    signalled: AtomicBool,
 }
 
 /// A fake agent. `unpack`: acknowledges and answers `Unpacked` at the end, or with `stall`
@@ -99,6 +101,7 @@ async fn fake_agent(listener: UnixListener, seen: Arc<Seen>, stall: bool) {
                                 let _ = out.send(Frame::new(ch, FrameKind::Ack, ack_payload(f.payload.len())));
                             }
                         }
+                        (FrameKind::Signal, _) => seen.signalled.store(true, Ordering::SeqCst),
                         (FrameKind::Close, _) => {
                             seen.closed.store(true, Ordering::SeqCst);
                             if unpacking.remove(&ch).is_some() {
@@ -269,32 +272,37 @@ async fn a_client_that_goes_away_abandons_the_unpack() {
     wait_until(|| s.seen.closed.load(Ordering::SeqCst)).await;
 }
 
-#[tokio::test]
-async fn exports_relay_the_guests_output_and_name_the_fix_when_there_is_no_repository() {
-    let s = setup(false).await;
-    let target = s.d.target("web").await.expect("target");
-    let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-    let q = WorkspaceExportQuery { dir: "/root/repo".into(), kind: ExportKind::Bundle, basis: None };
-    s.d.export_from(&mut server, &target, &q).await;
-    drop(server);
+/// What an export sent the client: its data, and its final frame.
+async fn export_stream(client: &mut DuplexStream) -> (Vec<u8>, Frame) {
     let mut raw = Vec::new();
     client.read_to_end(&mut raw).await.expect("read");
     let mut d = Decoder::default();
     d.push(&raw);
     let mut data = Vec::new();
-    let last = loop {
+    loop {
         let f = d.next_frame().expect("frame").expect("a final frame");
         match f.kind {
             FrameKind::Data => data.extend_from_slice(&f.payload),
-            _ => break f,
+            _ => return (data, f),
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn exports_relay_the_guests_output_and_name_the_fix_when_there_is_no_repository() {
+    let s = setup(false).await;
+    let target = s.d.target("web").await.expect("target");
+    let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+    let q = WorkspaceExportQuery { dir: "/root/repo".into(), kind: ExportKind::Bundle, basis: None, max_bytes: None };
+    s.d.export_from(&mut server, &target, &q).await;
+    drop(server);
+    let (data, last) = export_stream(&mut client).await;
     assert_eq!(data, b"BUNDLEBUNDLE");
     let done: WorkspaceExported = last.parse("exported").expect("a response");
     assert_eq!(done.bytes, 12);
 
     let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-    let q = WorkspaceExportQuery { dir: "/root/none".into(), kind: ExportKind::Bundle, basis: None };
+    let q = WorkspaceExportQuery { dir: "/root/none".into(), kind: ExportKind::Bundle, basis: None, max_bytes: None };
     s.d.export_from(&mut server, &target, &q).await;
     let f = final_frame(&mut client).await;
     assert_eq!(f.kind, FrameKind::Error);
@@ -304,6 +312,27 @@ async fn exports_relay_the_guests_output_and_name_the_fix_when_there_is_no_repos
         "vm 'web': no git repository at /root/none; import one with `banger workspace prepare web`, or name the guest \
          directory with --path"
     );
+}
+
+#[tokio::test]
+async fn an_export_over_its_cap_ends_before_the_cap_is_passed() {
+    let s = setup(false).await;
+    let target = s.d.target("web").await.expect("target");
+    let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+    let q =
+        WorkspaceExportQuery { dir: "/root/repo".into(), kind: ExportKind::Bundle, basis: None, max_bytes: Some(8) };
+    s.d.export_from(&mut server, &target, &q).await;
+    drop(server);
+    let (data, last) = export_stream(&mut client).await;
+    assert_eq!(data, b"BUNDLE", "the frame that passes the cap is not relayed");
+    assert_eq!(last.kind, FrameKind::Error);
+    let failure: AgentFailure = last.parse("error").expect("json");
+    assert_eq!(
+        failure.message,
+        "the export from vm 'web' is larger than the cap of 8 bytes; nothing was written; raise the cap with \
+         `banger workspace export --max-size SIZE` (e.g. 4G)"
+    );
+    wait_until(|| s.seen.signalled.load(Ordering::SeqCst)).await;
 }
 
 #[tokio::test]
