@@ -95,6 +95,15 @@ async fn refuse(io: &mut (impl AsyncWrite + Unpin), message: impl Into<String>) 
     let _ = send(io, frame).await;
 }
 
+/// Passes the client's stdin and signal frames waiting in `decoder` on to the agent.
+fn forward_input(decoder: &mut Decoder, channel: &crate::agent_conn::Channel) {
+    while let Ok(Some(f)) = decoder.next_frame() {
+        if matches!(f.kind, FrameKind::Stdin | FrameKind::Signal) && channel.send(f.kind, f.payload).is_err() {
+            break;
+        }
+    }
+}
+
 /// Relays one exec between the client stream `io` and the agent.
 pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn) {
     let mut decoder = Decoder::default();
@@ -120,6 +129,10 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
         Ok(c) => c,
         Err(e) => return refuse(&mut io, e.to_string()).await,
     };
+    // Frames the client sent right behind the request (its stdin and the stdin's end, often in
+    // the same read on a busy host) are already in the decoder: pass them on now, not at the
+    // next read from the client, which may never come.
+    forward_input(&mut decoder, &channel);
     let mut client_open = true;
     loop {
         tokio::select! {
@@ -134,11 +147,7 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
                     Ok(n) => n,
                 };
                 decoder.push(&buf[..n]);
-                while let Ok(Some(f)) = decoder.next_frame() {
-                    if matches!(f.kind, FrameKind::Stdin | FrameKind::Signal) && channel.send(f.kind, f.payload).is_err() {
-                        break;
-                    }
-                }
+                forward_input(&mut decoder, &channel);
             }
             frame = channel.recv() => {
                 let Some(mut frame) = frame else {
@@ -156,5 +165,79 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use banger_proto::agent::{AgentResponse, ExitStatus};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// An agent that starts any exec, echoes its stdin to stdout and exits 3 at the stdin's end.
+    async fn echo_agent(listener: UnixListener) {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let (mut rd, mut wr) = stream.into_split();
+        let (mut d, mut buf) = (Decoder::default(), vec![0u8; 4096]);
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            d.push(&buf[..n]);
+            while let Ok(Some(f)) = d.next_frame() {
+                let reply = match f.kind {
+                    FrameKind::Request => {
+                        Frame::json(f.channel, FrameKind::Response, &AgentResponse::Started { pid: 1 })
+                    }
+                    FrameKind::Stdin if f.payload.is_empty() => {
+                        Frame::json(f.channel, FrameKind::Exit, &ExitStatus { code: 3, signal: None })
+                    }
+                    FrameKind::Stdin => Frame::new(f.channel, FrameKind::Stdout, f.payload),
+                    _ => continue,
+                };
+                if wr.write_all(&reply.encode()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// On a busy host the request, the stdin and the stdin's end arrive in one read: the command
+    /// still gets them all and ends (it used to wait for a next read that never came).
+    #[tokio::test]
+    async fn stdin_sent_in_the_same_read_as_the_request_reaches_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        tokio::spawn(echo_agent(UnixListener::bind(&path).expect("bind")));
+        let conn = AgentConn::new(path);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move { relay(server, &conn).await });
+        let mut bytes = Frame::json(1, FrameKind::Request, &AgentRequest::Exec(Default::default())).encode();
+        bytes.extend(Frame::new(1, FrameKind::Stdin, b"hello".to_vec()).encode());
+        bytes.extend(Frame::new(1, FrameKind::Stdin, Vec::new()).encode());
+        client.write_all(&bytes).await.expect("one write");
+
+        let (mut d, mut buf, mut out) = (Decoder::default(), vec![0u8; 4096], Vec::new());
+        let exit = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                while let Ok(Some(f)) = d.next_frame() {
+                    match f.kind {
+                        FrameKind::Stdout => out.extend(f.payload),
+                        FrameKind::Exit => return f.parse::<ExitStatus>("exit").expect("exit status"),
+                        _ => {}
+                    }
+                }
+                let n = client.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the relay closed before the command's exit");
+                d.push(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the command ends: its stdin and the end of it reached it");
+        assert_eq!(exit.code, 3);
+        assert_eq!(out, b"hello");
     }
 }
