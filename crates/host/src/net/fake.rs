@@ -26,6 +26,13 @@ pub enum NetCall {
         /// Prefix length.
         prefix_len: u8,
     },
+    /// [`HostNet::set_mac`].
+    SetMac {
+        /// Link name.
+        link: String,
+        /// The address.
+        mac: [u8; 6],
+    },
     /// [`HostNet::set_alias`].
     SetAlias {
         /// Link name.
@@ -297,6 +304,11 @@ impl HostNet for FakeNet {
             }
             Ok(())
         }))
+    }
+
+    fn set_mac(&self, link: &str, mac: [u8; 6]) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::SetMac { link: link.to_owned(), mac };
+        ready(self.record(call, "set address of", link, |s| s.link_mut(link).map(|_| ())))
     }
 
     fn set_alias(&self, link: &str, alias: &str) -> impl Future<Output = Result<(), HostNetError>> + Send {

@@ -114,6 +114,8 @@ pub trait HostNet: Send + Sync {
         addr: Ipv4Addr,
         prefix_len: u8,
     ) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Sets the hardware address of `link`.
+    fn set_mac(&self, link: &str, mac: [u8; 6]) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Sets the alias of `link` (free text, at most 255 bytes).
     fn set_alias(&self, link: &str, alias: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Sets `link` administratively up.
@@ -155,17 +157,25 @@ pub trait HostNet: Send + Sync {
     ) -> impl Future<Output = Result<Option<String>, HostNetError>> + Send;
 }
 
-/// Makes sure the bridge exists with the gateway address of `subnet` and is up. Idempotent: run
-/// it at every daemon start.
+/// Makes sure the bridge exists with the gateway address of `subnet` and [`bridge_mac`], and is
+/// up. Idempotent: run it at every daemon start.
 pub async fn ensure_bridge<N: HostNet>(net: &N, bridge: &IfName, subnet: &Subnet) -> Result<(), HostNetError> {
     if !net.link_exists(bridge.as_str()).await? {
         net.create_bridge(bridge.as_str()).await?;
     }
     net.set_addr(bridge.as_str(), subnet.gateway(), subnet.prefix_len()).await?;
+    net.set_mac(bridge.as_str(), bridge_mac(bridge)).await?;
     for (key, value) in bridge_sysctls(bridge) {
         net.set_sysctl(&key, value).await?;
     }
     net.link_up(bridge.as_str()).await
+}
+
+/// The bridge's fixed MAC address (locally administered, derived from its name). A bridge with
+/// no address of its own takes its ports' lowest, which changes as pool TAPs come and go; guests
+/// would then send to a gateway MAC nobody has, and with flooding off nothing would get it.
+pub fn bridge_mac(bridge: &IfName) -> [u8; 6] {
+    banger_core::net::mac_for(&format!("bridge/{bridge}"))
 }
 
 /// The forwarding sysctl that NAT needs besides the bridge's: IPv4 forwards a packet only when its

@@ -171,6 +171,11 @@ impl HostNet for NetlinkNet {
         req.execute().await.map_err(nl("set address on", link))
     }
 
+    async fn set_mac(&self, link: &str, mac: [u8; 6]) -> Result<(), HostNetError> {
+        let req = self.handle.link().set(LinkUnspec::new_with_name(link).address(mac.to_vec()).build());
+        req.execute().await.map_err(nl("set address of", link))
+    }
+
     async fn set_alias(&self, link: &str, alias: &str) -> Result<(), HostNetError> {
         let req = self.handle.link().set(LinkUnspec::new_with_name(link).alias(alias).build());
         req.execute().await.map_err(nl("set alias of", link))

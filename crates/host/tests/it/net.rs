@@ -364,6 +364,11 @@ fn guest_ports_forward_only_their_vms_mac_and_address() {
         let pool = TapPool::new(Arc::clone(&net), "banger0", 2, None);
         pool.fill().await.expect("fill");
         let (tap0, tap1) = (pool.take().expect("tap0"), pool.take().expect("tap1"));
+        // The bridge keeps its own MAC whatever ports come and go (guests cache it as the gateway's).
+        let out = Command::new("ip").args(["-j", "link", "show", "dev", "banger0"]).output().expect("ip");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let fixed = banger_core::net::format_mac(banger_host::net::bridge_mac(&bridge));
+        assert_eq!(json[0]["address"], fixed.as_str(), "the bridge's MAC");
         for tap in [&tap0, &tap1] {
             let out = Command::new("ip").args(["-d", "-j", "link", "show", "dev", tap]).output().expect("ip");
             let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
