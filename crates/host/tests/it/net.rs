@@ -447,6 +447,22 @@ fn guest_ports_forward_only_their_vms_mac_and_address() {
             assert!(Instant::now() < deadline, "a frame from an unbound port was not dropped");
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Cost of what a VM start or stop adds (printed, not asserted): rebinding a port, and
+        // loading the whole ruleset with 1,000 bound ports.
+        let t = Instant::now();
+        net.bind_port_mac(&tap1, Some(mac1)).await.expect("bind");
+        let bind = t.elapsed();
+        let mut big = config.clone();
+        big.ports = (0..1000u16)
+            .map(|i| {
+                let [hi, lo] = i.to_be_bytes();
+                GuestPort { tap: format!("bgpool{i}"), mac: [2, 0, 0, 0, hi, lo], ip: Ipv4Addr::new(172, 30, hi, lo) }
+            })
+            .collect();
+        let script = ruleset(&big);
+        let t = Instant::now();
+        net.apply_nft(&script).await.expect("apply 1000 ports");
+        eprintln!("bind_port_mac {bind:?}; nft load with 1000 bound ports {:?}", t.elapsed());
         drop((fd0, fd1));
         teardown(&*net, &bridge).await.expect("teardown");
         let left: Vec<String> = net.links().await.expect("links").into_iter().map(|l| l.name).collect();
