@@ -1,5 +1,11 @@
 //! Guest DNS: answers `NAME.<domain>` from the running VMs' addresses and forwards every other
-//! question to the host's resolvers.
+//! question to the configured upstreams (the host's resolvers by default; none when forwarding
+//! is off, and then other names are REFUSED).
+//!
+//! Clients: the daemon binds both sockets to the bridge device (`SO_BINDTODEVICE`), so only what
+//! arrives on the bridge is read, and answers only the addresses of running guests (`gate`),
+//! each within a query rate and a cap on its forwarded questions in flight. Anything else gets
+//! no answer.
 //!
 //! Protocol: plain DNS (RFC 1035) over UDP and TCP on one address, normally the bridge gateway.
 //! Names under the domain are answered authoritatively from an in-memory map (A records with a
@@ -10,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd as _;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -28,6 +35,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+
+mod gate;
+use gate::Gate;
+pub use gate::{Clients, Limits};
 
 /// The domain VM names live under when the configuration does not choose one: `NAME.vm`.
 pub const DEFAULT_DOMAIN: &str = "vm";
@@ -68,12 +79,29 @@ pub struct DnsConfig {
     pub domain: String,
     /// Resolvers that answer every other name, tried in order.
     pub upstreams: Vec<SocketAddr>,
+    /// Whether other names are forwarded at all; when not, they are REFUSED.
+    pub forward: bool,
+    /// Read only what arrives on this device (`SO_BINDTODEVICE`), when set.
+    pub device: Option<String>,
+    /// Whom to answer.
+    pub clients: Clients,
+    /// Per-client limits.
+    pub limits: Limits,
 }
 
 impl DnsConfig {
-    /// A configuration serving [`DEFAULT_DOMAIN`] on `listen`.
+    /// A configuration serving [`DEFAULT_DOMAIN`] on `listen` to anyone, forwarding to
+    /// `upstreams`.
     pub fn new(listen: SocketAddr, upstreams: Vec<SocketAddr>) -> Self {
-        Self { listen, domain: DEFAULT_DOMAIN.to_owned(), upstreams }
+        Self {
+            listen,
+            domain: DEFAULT_DOMAIN.to_owned(),
+            upstreams,
+            forward: true,
+            device: None,
+            clients: Clients::Any,
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -105,6 +133,15 @@ pub enum DnsError {
         #[source]
         source: io::Error,
     },
+    /// The sockets could not be bound to the bridge device.
+    #[error("cannot bind the DNS sockets to device `{device}` (SO_BINDTODEVICE needs root or CAP_NET_RAW)")]
+    Device {
+        /// The device.
+        device: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// The bound socket's address could not be read back.
     #[error("cannot read the address of the DNS socket")]
     LocalAddr(#[source] io::Error),
@@ -120,6 +157,8 @@ enum ForwardError {
     NoUpstreams,
     #[error("too many forwarded questions in flight")]
     Busy,
+    #[error("this client has too many forwarded questions in flight")]
+    ClientBusy,
     #[error("cannot encode the upstream query")]
     Encode(#[source] ProtoError),
     #[error("upstream {upstream} did not answer in time")]
@@ -141,6 +180,7 @@ enum ForwardError {
 /// and waits for it.
 pub struct DnsServer {
     zone: Arc<Zone>,
+    gate: Arc<Gate>,
     server: Server<Handler>,
     local_addr: SocketAddr,
 }
@@ -156,6 +196,11 @@ impl DnsServer {
     pub async fn start(config: DnsConfig) -> Result<Self, DnsError> {
         let domain = parse_domain(&config.domain)?;
         let (udp, tcp, local_addr) = bind(config.listen).await?;
+        if let Some(device) = &config.device {
+            for fd in [udp.as_raw_fd(), tcp.as_raw_fd()] {
+                bind_to_device(fd, device).map_err(|source| DnsError::Device { device: device.clone(), source })?;
+            }
+        }
         let upstreams: Vec<SocketAddr> = config
             .upstreams
             .into_iter()
@@ -167,17 +212,26 @@ impl DnsServer {
                 !is_self
             })
             .collect();
-        if upstreams.is_empty() {
+        let upstreams = if config.forward { upstreams } else { Vec::new() };
+        if !config.forward {
+            tracing::info!(%local_addr, "DNS forwarding is off; guests can only resolve VM names");
+        } else if upstreams.is_empty() {
             tracing::warn!(%local_addr, "no upstream DNS server; guests can only resolve VM names");
         }
         let zone = Arc::new(Zone { domain, records: RwLock::new(Arc::default()) });
-        let handler =
-            Handler { zone: Arc::clone(&zone), upstreams, forward_slots: Semaphore::new(MAX_FORWARDS_IN_FLIGHT) };
+        let gate = Arc::new(Gate::new(config.clients, config.limits));
+        let handler = Handler {
+            zone: Arc::clone(&zone),
+            gate: Arc::clone(&gate),
+            upstreams,
+            forward: config.forward,
+            forward_slots: Semaphore::new(MAX_FORWARDS_IN_FLIGHT),
+        };
         let mut server = Server::new(handler);
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
         tracing::info!(%local_addr, domain = %zone.domain, "DNS server listening");
-        Ok(Self { zone, server, local_addr })
+        Ok(Self { zone, gate, server, local_addr })
     }
 
     /// The address actually bound, for both UDP and TCP (useful when the config asked for port 0).
@@ -186,8 +240,10 @@ impl DnsServer {
     }
 
     /// Replaces every VM name at once: `records` maps VM names (without the domain) to their
-    /// addresses. Names are matched case-insensitively.
+    /// addresses, which are also the clients answered under [`Clients::Guests`]. Names are
+    /// matched case-insensitively.
     pub fn set_records(&self, records: BTreeMap<String, Ipv4Addr>) {
+        self.gate.set_guests(records.values().map(|ip| IpAddr::V4(*ip)).collect());
         let records: BTreeMap<String, Ipv4Addr> =
             records.into_iter().map(|(name, addr)| (name.to_ascii_lowercase(), addr)).collect();
         tracing::debug!(count = records.len(), "DNS records replaced");
@@ -270,6 +326,23 @@ fn bind_error(transport: &'static str, addr: SocketAddr, source: io::Error) -> D
     DnsError::Bind { transport, addr, hint, source }
 }
 
+/// `SO_BINDTODEVICE`: the socket reads only what arrives on `device`.
+fn bind_to_device(fd: std::os::fd::RawFd, device: &str) -> io::Result<()> {
+    let name = std::ffi::CString::new(device).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let bytes = name.as_bytes_with_nul();
+    let len = nix::libc::socklen_t::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call; the
+    // option value points at `len` readable bytes of a NUL-terminated name that outlives it.
+    let rc = unsafe {
+        nix::libc::setsockopt(fd, nix::libc::SOL_SOCKET, nix::libc::SO_BINDTODEVICE, bytes.as_ptr().cast(), len)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The VM names: the domain and the current name -> address map.
 #[derive(Debug)]
 struct Zone {
@@ -316,16 +389,24 @@ impl Zone {
 /// hickory's request handler: the zone for VM names, the upstreams for the rest.
 struct Handler {
     zone: Arc<Zone>,
+    gate: Arc<Gate>,
     upstreams: Vec<SocketAddr>,
+    forward: bool,
     forward_slots: Semaphore,
 }
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
-        let edns = response_edns(request);
         let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.recursion_available = true;
+        if !self.gate.admit(request.src().ip(), std::time::Instant::now()) {
+            // No answer at all (not even REFUSED): nothing to reflect or amplify.
+            tracing::trace!(src = %request.src(), "DNS question not admitted");
+            metadata.response_code = ResponseCode::Refused;
+            return ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
+        }
+        let edns = response_edns(request);
+        metadata.recursion_available = self.forward;
         if request.metadata.op_code != OpCode::Query {
             metadata.response_code = ResponseCode::NotImp;
             return send(request, edns.as_ref(), metadata, &[], &[], &[], response).await;
@@ -344,6 +425,12 @@ impl RequestHandler for Handler {
             Lookup::NoData => send(request, edns.as_ref(), metadata, &[], &[], &[], response).await,
             Lookup::NxDomain => {
                 metadata.response_code = ResponseCode::NXDomain;
+                send(request, edns.as_ref(), metadata, &[], &[], &[], response).await
+            }
+            Lookup::Foreign if !self.forward => {
+                metadata.authoritative = false;
+                metadata.recursion_available = false;
+                metadata.response_code = ResponseCode::Refused;
                 send(request, edns.as_ref(), metadata, &[], &[], &[], response).await
             }
             Lookup::Foreign => {
@@ -377,6 +464,7 @@ impl Handler {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstreams);
         }
+        let _client_slot = self.gate.forward_slot(request.src().ip()).ok_or(ForwardError::ClientBusy)?;
         let _slot = self.forward_slots.try_acquire().map_err(|_| ForwardError::Busy)?;
 
         let mut upstream_query = Message::query();
@@ -537,7 +625,7 @@ mod tests {
     }
 
     async fn start(domain: &str, upstreams: Vec<SocketAddr>) -> DnsServer {
-        let config = DnsConfig { listen: loopback(), domain: domain.to_owned(), upstreams };
+        let config = DnsConfig { domain: domain.to_owned(), ..DnsConfig::new(loopback(), upstreams) };
         DnsServer::start(config).await.expect("start dns server")
     }
 
@@ -821,11 +909,11 @@ mod tests {
     #[tokio::test]
     async fn bad_domains_are_refused() {
         for domain in ["", ".", "  "] {
-            let config = DnsConfig { listen: loopback(), domain: domain.to_owned(), upstreams: vec![] };
+            let config = DnsConfig { domain: domain.to_owned(), ..DnsConfig::new(loopback(), vec![]) };
             let error = DnsServer::start(config).await.expect_err("empty domain");
             assert!(matches!(error, DnsError::EmptyDomain), "{domain:?}: {error:?}");
         }
-        let config = DnsConfig { listen: loopback(), domain: "a..b".to_owned(), upstreams: vec![] };
+        let config = DnsConfig { domain: "a..b".to_owned(), ..DnsConfig::new(loopback(), vec![]) };
         let error = DnsServer::start(config).await.expect_err("bad domain");
         assert!(matches!(error, DnsError::InvalidDomain { .. }), "{error:?}");
     }
@@ -871,5 +959,41 @@ options edns0 trust-ad
         assert_eq!(upstreams, expected);
         assert!(host_upstreams("", &[]).is_empty());
         assert!(host_upstreams("search vm\noptions ndots:1\n", &[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_guests_get_answers_under_the_guest_policy() {
+        let config = DnsConfig { clients: Clients::Guests, ..DnsConfig::new(loopback(), vec![]) };
+        let server = DnsServer::start(config).await.expect("start");
+        let guest = Ipv4Addr::new(127, 0, 0, 2);
+        server.set_records(records(&[("web", [192, 0, 2, 5]), ("me", guest.octets())]));
+        let stranger = UdpSocket::bind(loopback()).await.expect("bind stranger");
+        stranger.connect(server.local_addr()).await.expect("connect");
+        stranger.send(&query("web.vm.", RecordType::A).to_vec().expect("encode")).await.expect("send");
+        // A guest asks after the stranger and is answered...
+        let socket = UdpSocket::bind((guest, 0)).await.expect("bind guest");
+        socket.connect(server.local_addr()).await.expect("connect");
+        let mine = query("web.vm.", RecordType::A);
+        socket.send(&mine.to_vec().expect("encode")).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let len = tokio::time::timeout(TEST_TIMEOUT, socket.recv(&mut buf)).await.expect("in time").expect("recv");
+        let answer = Message::from_vec(&buf[..len]).expect("decode");
+        assert_eq!(answer.metadata.id, mine.metadata.id);
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(192, 0, 2, 5)]);
+        // ...while the stranger never is (a bounded look: an answer, however late, fails it).
+        let late = tokio::time::timeout(Duration::from_millis(300), stranger.recv(&mut buf)).await;
+        assert!(late.is_err(), "a non-guest address got an answer");
+    }
+
+    #[tokio::test]
+    async fn other_names_are_refused_when_forwarding_is_off() {
+        let upstream = loopback();
+        let config = DnsConfig { forward: false, ..DnsConfig::new(loopback(), vec![upstream]) };
+        let server = DnsServer::start(config).await.expect("start");
+        server.set_records(records(&[("web", [192, 0, 2, 5])]));
+        let answer = udp(server.local_addr(), "example.org.", RecordType::A).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+        assert!(!answer.metadata.recursion_available);
+        assert_eq!(addresses(&udp(server.local_addr(), "web.vm.", RecordType::A).await), [Ipv4Addr::new(192, 0, 2, 5)]);
     }
 }

@@ -14,6 +14,7 @@ mod template;
 mod boot;
 mod forward;
 mod hostile_export;
+mod hostile_net;
 mod images;
 mod network;
 mod recovery;

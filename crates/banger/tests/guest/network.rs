@@ -9,7 +9,7 @@ use crate::harness::{wait_until, Env};
 use crate::template::{env_from, template};
 
 /// What a TCP connect from `vm` to `addr:port` gives: "open", "refused" or another error.
-fn connect_from(env: &Env, vm: &str, addr: &str, port: u16) -> String {
+pub(crate) fn connect_from(env: &Env, vm: &str, addr: &str, port: u16) -> String {
     let script = format!(
         "import socket\ntry:\n socket.create_connection(('{addr}', {port}), timeout=5); print('open')\n\
          except ConnectionRefusedError: print('refused')\nexcept Exception as e: print(type(e).__name__)"
@@ -39,13 +39,30 @@ fn http_get(port: u16) -> String {
     answer
 }
 
-fn ip_of(env: &Env, vm: &str) -> String {
+pub(crate) fn ip_of(env: &Env, vm: &str) -> String {
     let shown = env.banger(&["vm", "show", vm, "--json"]).ok().json();
     shown["guest_ip"].as_str().unwrap_or_else(|| panic!("{vm} has no address: {shown}")).to_owned()
 }
 
+/// An HTTP server on the host (in the env's namespace) at `addr:port`, listening when this
+/// returns; the caller kills it.
+pub(crate) fn host_http_server(env: &Env, addr: &str, port: u16) -> std::process::Child {
+    let server = env
+        .in_netns("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("host http server");
+    wait_until("the host server listens", Duration::from_secs(20), || {
+        let probe = format!("exec 3<>/dev/tcp/{addr}/{port}");
+        env.in_netns("bash").args(["-c", &probe]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    });
+    server
+}
+
 /// Starts VMs concurrently (each `vm start` waits for its agent).
-fn start_all(env: &Env, names: &[&str]) {
+pub(crate) fn start_all(env: &Env, names: &[&str]) {
     let children: Vec<_> = names
         .iter()
         .map(|n| env.cmd(&["vm", "start", n]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn"))
@@ -86,17 +103,7 @@ fn names_isolation_forwards_ssh_and_a_clean_host() {
 
     // A host port other than DNS is refused from a guest (an HTTP server on the gateway).
     let gateway = "172.30.0.1";
-    let mut host_server = env
-        .in_netns("python3")
-        .args(["-m", "http.server", "8099", "--bind", gateway])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("host http server");
-    wait_until("the host server listens", Duration::from_secs(20), || {
-        let probe = format!("exec 3<>/dev/tcp/{gateway}/8099");
-        env.in_netns("bash").args(["-c", &probe]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-    });
+    let mut host_server = host_http_server(&env, gateway, 8099);
     assert_eq!(connect_from(&env, "alpha", gateway, 8099), "refused", "alpha→host:8099");
     assert_eq!(connect_from(&env, "gamma", gateway, 8099), "open", "an open guest reaches host ports");
     let _ = host_server.kill();
@@ -134,7 +141,23 @@ fn names_isolation_forwards_ssh_and_a_clean_host() {
 }
 
 /// A second namespace the test makes and deletes: the "outside" a NAT uplink leads to.
-struct Outside(String);
+pub(crate) struct Outside(pub(crate) String);
+
+impl Outside {
+    /// Namespace `{ns}-{suffix}` linked to `ns` by a veth: `host.0` with address `host.1` in
+    /// `ns`, `eth0` with `peer` in the new one; both up.
+    pub(crate) fn linked(ns: &str, suffix: &str, host: (&str, &str), peer: &str) -> Self {
+        let outside = Outside(format!("{ns}-{suffix}"));
+        ip(&["netns", "add", &outside.0]);
+        ip(&["-n", &outside.0, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "link", "add", host.0, "type", "veth", "peer", "name", "eth0", "netns", &outside.0]);
+        ip(&["-n", ns, "addr", "add", host.1, "dev", host.0]);
+        ip(&["-n", ns, "link", "set", host.0, "up"]);
+        ip(&["-n", &outside.0, "addr", "add", peer, "dev", "eth0"]);
+        ip(&["-n", &outside.0, "link", "set", "eth0", "up"]);
+        outside
+    }
+}
 
 impl Drop for Outside {
     fn drop(&mut self) {
@@ -142,7 +165,7 @@ impl Drop for Outside {
     }
 }
 
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let status = std::process::Command::new("ip").args(args).status().expect("ip");
     assert!(status.success(), "ip {}", args.join(" "));
 }
@@ -154,14 +177,7 @@ fn nat_masquerades_guest_egress_out_of_the_uplink() {
     let ns = env.netns.clone().expect("the env has a namespace");
     // The env's namespace gets an uplink (a veth) into a test-made "outside" namespace holding a
     // web server; nothing leads further.
-    let outside = Outside(format!("{ns}-out"));
-    ip(&["netns", "add", &outside.0]);
-    ip(&["-n", &outside.0, "link", "set", "lo", "up"]);
-    ip(&["-n", &ns, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &outside.0]);
-    ip(&["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "up0"]);
-    ip(&["-n", &ns, "link", "set", "up0", "up"]);
-    ip(&["-n", &outside.0, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    ip(&["-n", &outside.0, "link", "set", "eth0", "up"]);
+    let outside = Outside::linked(&ns, "out", ("up0", "10.99.0.1/24"), "10.99.0.2/24");
     let log = env.dir.path().join("outside.log");
     let mut server = std::process::Command::new("ip")
         .args(["netns", "exec", &outside.0, "python3", "-m", "http.server", "8000", "--bind", "10.99.0.2"])

@@ -26,6 +26,20 @@ pub enum NetCall {
         /// Prefix length.
         prefix_len: u8,
     },
+    /// [`HostNet::set_mac`].
+    SetMac {
+        /// Link name.
+        link: String,
+        /// The address.
+        mac: [u8; 6],
+    },
+    /// [`HostNet::set_alias`].
+    SetAlias {
+        /// Link name.
+        link: String,
+        /// The alias.
+        alias: String,
+    },
     /// [`HostNet::link_up`].
     LinkUp {
         /// Link name.
@@ -49,6 +63,13 @@ pub enum NetCall {
     IsolatePort {
         /// Link name.
         link: String,
+    },
+    /// [`HostNet::bind_port_mac`].
+    BindPortMac {
+        /// Link name.
+        link: String,
+        /// The MAC it is bound to, if any.
+        mac: Option<[u8; 6]>,
     },
     /// [`HostNet::set_sysctl`].
     SetSysctl {
@@ -100,6 +121,8 @@ struct FakeLink {
     up: bool,
     controller: Option<String>,
     isolated: bool,
+    bound_mac: Option<[u8; 6]>,
+    alias: Option<String>,
     addrs: Vec<(Ipv4Addr, u8)>,
 }
 
@@ -161,6 +184,11 @@ impl FakeNet {
         self.lock().links.get(link).is_some_and(|l| l.isolated)
     }
 
+    /// The MAC bridge port `link` is bound to, if any.
+    pub fn bound_mac(&self, link: &str) -> Option<[u8; 6]> {
+        self.lock().links.get(link).and_then(|l| l.bound_mac)
+    }
+
     /// The value last written to sysctl `key`, if any.
     pub fn sysctl(&self, key: &str) -> Option<String> {
         self.lock().sysctls.get(key).cloned()
@@ -195,8 +223,16 @@ impl State {
             return Err(os_err(op, name, libc::EEXIST));
         }
         self.next_index += 1;
-        let link =
-            FakeLink { index: self.next_index, kind, up: false, controller: None, isolated: false, addrs: Vec::new() };
+        let link = FakeLink {
+            index: self.next_index,
+            kind,
+            up: false,
+            controller: None,
+            isolated: false,
+            bound_mac: None,
+            alias: None,
+            addrs: Vec::new(),
+        };
         self.links.insert(name.to_owned(), link);
         Ok(())
     }
@@ -212,6 +248,7 @@ impl State {
             kind: Some(l.kind.to_owned()),
             controller: l.controller.clone(),
             up: l.up,
+            alias: l.alias.clone(),
         }
     }
 
@@ -269,6 +306,19 @@ impl HostNet for FakeNet {
         }))
     }
 
+    fn set_mac(&self, link: &str, mac: [u8; 6]) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::SetMac { link: link.to_owned(), mac };
+        ready(self.record(call, "set address of", link, |s| s.link_mut(link).map(|_| ())))
+    }
+
+    fn set_alias(&self, link: &str, alias: &str) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::SetAlias { link: link.to_owned(), alias: alias.to_owned() };
+        ready(self.record(call, "set alias of", link, |s| {
+            s.link_mut(link)?.alias = Some(alias.to_owned());
+            Ok(())
+        }))
+    }
+
     fn link_up(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send {
         let call = NetCall::LinkUp { link: link.to_owned() };
         ready(self.record(call, "set up", link, |s| {
@@ -308,6 +358,18 @@ impl HostNet for FakeNet {
                 return Err(os_err("isolate", link, libc::EOPNOTSUPP));
             }
             l.isolated = true;
+            Ok(())
+        }))
+    }
+
+    fn bind_port_mac(&self, link: &str, mac: Option<[u8; 6]>) -> impl Future<Output = Result<(), HostNetError>> + Send {
+        let call = NetCall::BindPortMac { link: link.to_owned(), mac };
+        ready(self.record(call, "bind", link, |s| {
+            let l = s.link_mut(link)?;
+            if l.controller.is_none() {
+                return Err(os_err("bind", link, libc::EOPNOTSUPP));
+            }
+            l.bound_mac = mac;
             Ok(())
         }))
     }

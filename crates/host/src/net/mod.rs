@@ -17,7 +17,7 @@ mod tun;
 
 pub use fake::{FakeNet, NetCall};
 pub use netlink::NetlinkNet;
-pub use nft::{open_guest_script, ruleset, NftConfig, PortForward, Protocol, REMOVE_SCRIPT};
+pub use nft::{open_guest_script, ruleset, GuestPort, NftConfig, PortForward, Protocol, LINK_LOCAL, REMOVE_SCRIPT};
 pub use pool::TapPool;
 
 /// A failed host networking operation; the source holds the errno or tool output.
@@ -96,6 +96,8 @@ pub struct LinkState {
     pub controller: Option<String>,
     /// Whether it is administratively up.
     pub up: bool,
+    /// Its alias (`ip link set NAME alias TEXT`), if set; banger marks its bridge's owner there.
+    pub alias: Option<String>,
 }
 
 /// Host network effects banger needs. Every method is one kernel operation (or one `nft` run);
@@ -112,6 +114,10 @@ pub trait HostNet: Send + Sync {
         addr: Ipv4Addr,
         prefix_len: u8,
     ) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Sets the hardware address of `link`.
+    fn set_mac(&self, link: &str, mac: [u8; 6]) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Sets the alias of `link` (free text, at most 255 bytes).
+    fn set_alias(&self, link: &str, alias: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Sets `link` administratively up.
     fn link_up(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Creates a persistent TAP device `name` (`IFF_TAP | IFF_NO_PI`), owned by uid `owner` when
@@ -120,9 +126,15 @@ pub trait HostNet: Send + Sync {
     fn create_tap(&self, name: &str, owner: Option<u32>) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Attaches `link` to the bridge `bridge`.
     fn attach(&self, link: &str, bridge: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
-    /// Makes bridge port `link` isolated: the bridge forwards nothing between two isolated
-    /// ports, so guest↔guest traffic has to be routed through the host (and its firewall).
+    /// Makes bridge port `link` a guest port: isolated (the bridge forwards nothing between two
+    /// isolated ports, so guest↔guest traffic has to be routed through the host and its
+    /// firewall), with learning off (a guest cannot move another's forwarding entry to itself)
+    /// and unknown-unicast flooding off (frames for a MAC with no static entry reach no guest).
     fn isolate_port(&self, link: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
+    /// Binds bridge port `link` to `mac`: a static forwarding entry for `mac` on that port,
+    /// replacing any other static entry the port had; `None` removes them all (the port is
+    /// bound to no VM).
+    fn bind_port_mac(&self, link: &str, mac: Option<[u8; 6]>) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Writes `value` to `/proc/sys/KEY` (per network namespace for `net/...` keys).
     fn set_sysctl(&self, key: &str, value: &str) -> impl Future<Output = Result<(), HostNetError>> + Send;
     /// Reads `/proc/sys/KEY`, trimmed.
@@ -145,17 +157,25 @@ pub trait HostNet: Send + Sync {
     ) -> impl Future<Output = Result<Option<String>, HostNetError>> + Send;
 }
 
-/// Makes sure the bridge exists with the gateway address of `subnet` and is up. Idempotent: run
-/// it at every daemon start.
+/// Makes sure the bridge exists with the gateway address of `subnet` and [`bridge_mac`], and is
+/// up. Idempotent: run it at every daemon start.
 pub async fn ensure_bridge<N: HostNet>(net: &N, bridge: &IfName, subnet: &Subnet) -> Result<(), HostNetError> {
     if !net.link_exists(bridge.as_str()).await? {
         net.create_bridge(bridge.as_str()).await?;
     }
     net.set_addr(bridge.as_str(), subnet.gateway(), subnet.prefix_len()).await?;
+    net.set_mac(bridge.as_str(), bridge_mac(bridge)).await?;
     for (key, value) in bridge_sysctls(bridge) {
         net.set_sysctl(&key, value).await?;
     }
     net.link_up(bridge.as_str()).await
+}
+
+/// The bridge's fixed MAC address (locally administered, derived from its name). A bridge with
+/// no address of its own takes its ports' lowest, which changes as pool TAPs come and go; guests
+/// would then send to a gateway MAC nobody has, and with flooding off nothing would get it.
+pub fn bridge_mac(bridge: &IfName) -> [u8; 6] {
+    banger_core::net::mac_for(&format!("bridge/{bridge}"))
 }
 
 /// The forwarding sysctl that NAT needs besides the bridge's: IPv4 forwards a packet only when its

@@ -9,6 +9,8 @@ use std::process::Stdio;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoBridgePort, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
@@ -42,7 +44,30 @@ fn nl(op: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> HostNetE
 }
 
 fn is_enodev(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(msg) if msg.raw_code().abs() == libc::ENODEV)
+    is_errno(e, libc::ENODEV)
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(msg) if msg.raw_code().abs() == errno)
+}
+
+/// A static bridge forwarding entry (`bridge fdb add MAC dev LINK master static`): state NOARP,
+/// for the port's controller (the bridge), not the port itself.
+fn fdb_message(index: u32, lla: &[u8]) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Noarp;
+    msg.header.flags = NeighbourFlags::Controller;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(lla.to_vec()));
+    msg
+}
+
+fn lla_of(msg: &NeighbourMessage) -> Option<Vec<u8>> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(lla) => Some(lla.clone()),
+        _ => None,
+    })
 }
 
 impl NetlinkNet {
@@ -127,6 +152,10 @@ fn state_of(msg: &LinkMessage, controller: Option<String>) -> LinkState {
         kind: kind_of(msg),
         controller,
         up: msg.header.flags.contains(LinkFlags::Up),
+        alias: msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfAlias(alias) => Some(alias.clone()),
+            _ => None,
+        }),
     }
 }
 
@@ -140,6 +169,16 @@ impl HostNet for NetlinkNet {
         let index = self.index_of(link).await?;
         let req = self.handle.address().add(index, IpAddr::V4(addr), prefix_len).replace();
         req.execute().await.map_err(nl("set address on", link))
+    }
+
+    async fn set_mac(&self, link: &str, mac: [u8; 6]) -> Result<(), HostNetError> {
+        let req = self.handle.link().set(LinkUnspec::new_with_name(link).address(mac.to_vec()).build());
+        req.execute().await.map_err(nl("set address of", link))
+    }
+
+    async fn set_alias(&self, link: &str, alias: &str) -> Result<(), HostNetError> {
+        let req = self.handle.link().set(LinkUnspec::new_with_name(link).alias(alias).build());
+        req.execute().await.map_err(nl("set alias of", link))
     }
 
     async fn link_up(&self, link: &str) -> Result<(), HostNetError> {
@@ -174,8 +213,40 @@ impl HostNet for NetlinkNet {
 
     async fn isolate_port(&self, link: &str) -> Result<(), HostNetError> {
         let index = self.index_of(link).await?;
-        let msg = LinkBridgePort::new(index).append_info_data(InfoBridgePort::Isolated(true)).build();
+        let msg = LinkBridgePort::new(index)
+            .append_info_data(InfoBridgePort::Isolated(true))
+            .append_info_data(InfoBridgePort::Learning(false))
+            .append_info_data(InfoBridgePort::UnicastFlood(false))
+            .build();
         self.handle.link().set_port(msg).execute().await.map_err(nl("isolate bridge port", link))
+    }
+
+    async fn bind_port_mac(&self, link: &str, mac: Option<[u8; 6]>) -> Result<(), HostNetError> {
+        let index = self.index_of(link).await?;
+        let dump = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        let entries: Vec<NeighbourMessage> =
+            dump.try_collect().await.map_err(nl("list forwarding entries of", link))?;
+        for entry in entries {
+            // Only static entries banger made: the port's own (permanent) and multicast entries stay.
+            if entry.header.ifindex != index || entry.header.state != NeighbourState::Noarp {
+                continue;
+            }
+            let Some(lla) = lla_of(&entry) else { continue };
+            if mac.is_some_and(|m| m[..] == lla[..]) {
+                continue;
+            }
+            match self.handle.neighbours().del(fdb_message(index, &lla)).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::ENOENT) => {}
+                Err(e) => return Err(nl("delete forwarding entry of", link)(e)),
+            }
+        }
+        if let Some(mac) = mac {
+            let mut req = self.handle.neighbours().add_bridge(index, &mac).replace();
+            *req.message_mut() = fdb_message(index, &mac);
+            req.execute().await.map_err(nl("add forwarding entry to", link))?;
+        }
+        Ok(())
     }
 
     async fn set_sysctl(&self, key: &str, value: &str) -> Result<(), HostNetError> {

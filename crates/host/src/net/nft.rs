@@ -1,11 +1,20 @@
 //! banger's nftables rules, generated as text from an [`NftConfig`] by the pure [`ruleset`].
 //!
-//! One table, `inet banger`: guest→host filtering (`input`), routing to, from and between guests
+//! Two tables. `bridge banger` is the anti-spoofing layer: every frame a guest port (a TAP on
+//! banger's bridge) sends must carry the Ethernet source MAC of the VM bound to that TAP, and be
+//! IPv4 from the VM's address or ARP whose sender MAC and IP are the VM's; anything else (IPv6,
+//! VLAN tags, other ether types, frames from a TAP bound to no VM) is dropped before the bridge
+//! learns from it or the host sees it. The bindings are two concatenated sets keyed by the TAP's
+//! name, so the check is one hash lookup per frame whatever the number of VMs.
+//!
+//! `inet banger` does guest→host filtering (`input`), routing to, from and between guests
 //! (`forward`), published ports (`prerouting`/`output` DNAT) and egress masquerade
 //! (`postrouting`). banger's bridge ports are isolated and the host answers ARP for every guest
 //! (see `bridge_sysctls`), so guest↔guest traffic is routed through the host and meets the
-//! `forward` chain, which refuses it (TCP reset, ICMP admin-prohibited) unless one side is an
-//! open guest. An older layout also had a `bridge banger` table; removal still covers it.
+//! `forward` chain, which refuses it for every protocol (TCP reset, ICMP admin-prohibited) unless
+//! one side is an open guest, with NAT on or off. Guests never reach 169.254.0.0/16 (link-local,
+//! cloud metadata), and the DNS port on the bridge address answers only what arrives on the
+//! bridge.
 //!
 //! A generated script starts by creating and deleting both tables, so loading it with
 //! `nft -f -` replaces banger's rules atomically, whether or not they were loaded before.
@@ -15,7 +24,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use banger_core::net::{IfName, Subnet};
+use banger_core::net::{IfName, Subnet, POOL_TAP_PREFIX, TAP_PREFIX};
 
 /// Name of banger's tables (one in the `inet` family, one in the `bridge` family).
 pub const TABLE: &str = "banger";
@@ -59,6 +68,21 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
+/// Link-local addresses, where clouds put their metadata service: never reachable from a guest.
+pub const LINK_LOCAL: &str = "169.254.0.0/16";
+
+/// One guest port: the TAP a running VM was given and the only source MAC and IPv4 address it
+/// may send from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestPort {
+    /// The TAP device (a bridge port).
+    pub tap: String,
+    /// The VM's MAC address.
+    pub mac: [u8; 6],
+    /// The VM's address.
+    pub ip: Ipv4Addr,
+}
+
 /// What the ruleset enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftConfig {
@@ -77,6 +101,8 @@ pub struct NftConfig {
     pub open_guests: BTreeSet<Ipv4Addr>,
     /// Published ports.
     pub forwards: Vec<PortForward>,
+    /// The guest ports bound to running VMs; a port not listed here forwards nothing.
+    pub ports: Vec<GuestPort>,
     /// banger turned forwarding on for the uplink (for NAT replies): forward nothing else that
     /// arrives there, so the host does not become a router it was not before.
     pub guard_uplink: bool,
@@ -94,6 +120,7 @@ impl NftConfig {
             dns_port: 53,
             open_guests: BTreeSet::new(),
             forwards: Vec::new(),
+            ports: Vec::new(),
             guard_uplink: false,
         }
     }
@@ -108,6 +135,43 @@ fn set_block(out: &mut String, elements: &BTreeSet<Ipv4Addr>) {
     out.push_str("\t}\n");
 }
 
+/// The `bridge banger` table: per-port source checks (see the module doc).
+fn bridge_table(out: &mut String, config: &NftConfig) {
+    let mac = |m: &[u8; 6]| banger_core::net::format_mac(*m);
+    let elements = |out: &mut String, items: Vec<String>| {
+        if !items.is_empty() {
+            let _ = writeln!(out, "\t\telements = {{ {} }}", items.join(", "));
+        }
+    };
+    out.push_str("table bridge banger {\n\tset guest_ip {\n\t\ttype ifname . ether_addr . ipv4_addr\n");
+    elements(out, config.ports.iter().map(|p| format!("\"{}\" . {} . {}", p.tap, mac(&p.mac), p.ip)).collect());
+    out.push_str("\t}\n\n\tset guest_arp {\n\t\ttype ifname . ether_addr . ether_addr . ipv4_addr\n");
+    elements(
+        out,
+        config.ports.iter().map(|p| format!("\"{}\" . {} . {} . {}", p.tap, mac(&p.mac), mac(&p.mac), p.ip)).collect(),
+    );
+    // Priority -300 runs before the bridge's own filter chains and before it learns. Guest
+    // ports are known by their names (`meta ibrname` needs a module Debian's kernel may lack).
+    let _ = write!(
+        out,
+        "\t}}
+
+\tchain prerouting {{
+\t\ttype filter hook prerouting priority -300; policy accept;
+\t\tiifname \"{TAP_PREFIX}*\" jump guest_port
+\t\tiifname \"{POOL_TAP_PREFIX}*\" jump guest_port
+\t}}
+
+\tchain guest_port {{
+\t\tether type ip iifname . ether saddr . ip saddr @guest_ip accept
+\t\tether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ether . arp saddr ip @guest_arp accept
+\t\tcounter drop
+\t}}
+}}
+"
+    );
+}
+
 /// The whole nft script for `config` (see the module doc for what it does and why).
 pub fn ruleset(config: &NftConfig) -> String {
     let br = config.bridge.as_str();
@@ -116,6 +180,7 @@ pub fn ruleset(config: &NftConfig) -> String {
     let dns = config.dns_port;
     let mut out = String::from("# banger's nftables rules; generated, load with `nft -f -`\n");
     out.push_str(REMOVE_SCRIPT);
+    bridge_table(&mut out, config);
 
     out.push_str("table inet banger {\n");
     set_block(&mut out, &config.open_guests);
@@ -126,8 +191,10 @@ pub fn ruleset(config: &NftConfig) -> String {
         "
 \tchain input {{
 \t\ttype filter hook input priority filter; policy accept;
+\t\tiifname != \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport {dns} drop
 \t\tiifname != \"{br}\" accept
 \t\tct state established,related accept
+\t\tip daddr {LINK_LOCAL} reject with icmpx admin-prohibited
 \t\tip saddr @open_guests accept
 \t\tip daddr {gw} udp dport {dns} accept
 \t\tip daddr {gw} tcp dport {dns} accept
@@ -139,9 +206,11 @@ pub fn ruleset(config: &NftConfig) -> String {
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tct state established,related accept
+\t\tiifname \"{br}\" ip daddr {LINK_LOCAL} reject with icmpx admin-prohibited
 \t\tiifname \"{br}\" oifname \"{br}\" ip saddr @open_guests accept
 \t\tiifname \"{br}\" oifname \"{br}\" ip daddr @open_guests accept
 \t\tiifname \"{br}\" oifname \"{br}\" meta l4proto tcp reject with tcp reset
+\t\tiifname \"{br}\" oifname \"{br}\" reject with icmpx admin-prohibited
 "
     );
     if config.guard_uplink {
@@ -153,7 +222,7 @@ pub fn ruleset(config: &NftConfig) -> String {
     if config.nat {
         let _ = match &config.uplink {
             Some(up) => writeln!(out, "\t\tiifname \"{br}\" oifname \"{up}\" ip saddr {net} accept"),
-            None => writeln!(out, "\t\tiifname \"{br}\" ip saddr {net} accept"),
+            None => writeln!(out, "\t\tiifname \"{br}\" oifname != \"{br}\" ip saddr {net} accept"),
         };
     }
     if !config.forwards.is_empty() {
@@ -253,6 +322,10 @@ mod tests {
                 guest_port: 53,
             },
         ];
+        config.ports = vec![
+            GuestPort { tap: "bgpool0".into(), mac: [0x52, 0x54, 0, 0, 0, 3], ip: ip("10.77.0.3") },
+            GuestPort { tap: "bgpool4".into(), mac: [0x52, 0x54, 0, 0, 0, 9], ip: ip("10.77.0.9") },
+        ];
         insta::assert_snapshot!(ruleset(&config));
     }
 
@@ -262,8 +335,11 @@ mod tests {
         config.nat = true;
         let text = ruleset(&config);
         assert!(text.contains("ip saddr 172.30.0.0/20 oifname != \"banger0\" masquerade"), "{text}");
-        assert!(text.contains("iifname \"banger0\" ip saddr 172.30.0.0/20 accept"), "{text}");
-        assert!(!text.contains("chain prerouting"), "{text}");
+        assert!(text.contains("iifname \"banger0\" oifname != \"banger0\" ip saddr 172.30.0.0/20 accept"), "{text}");
+        // Guest to guest is refused for every protocol before the NAT accept (UDP got through it).
+        let refuse = text.find("oifname \"banger0\" reject with icmpx").expect("guest-to-guest refusal");
+        assert!(refuse < text.find("172.30.0.0/20 accept").expect("nat accept"), "{text}");
+        assert!(!text.contains("type nat hook prerouting"), "{text}");
     }
 
     #[test]

@@ -149,7 +149,8 @@ impl<N: HostNet> TapPool<N> {
 
     /// Takes over the pool devices that already exist (after a daemon restart). Those named in
     /// `in_use` (devices of VMs that still exist) are only marked as handed out; the others are
-    /// attached to the bridge, set up and become idle. Returns how many became idle.
+    /// attached to the bridge, made guest ports bound to no VM, set up and become idle. Returns
+    /// how many became idle.
     pub async fn adopt(&self, in_use: &BTreeSet<String>) -> Result<usize, HostNetError> {
         let mut adopted = 0;
         for link in self.net.links().await? {
@@ -162,6 +163,8 @@ impl<N: HostNet> TapPool<N> {
                     self.net.attach(&link.name, &self.bridge).await?;
                 }
                 self.net.isolate_port(&link.name).await?;
+                // An idle device is bound to no VM (a killed daemon may have left an entry).
+                self.net.bind_port_mac(&link.name, None).await?;
                 if !link.up {
                     self.net.link_up(&link.name).await?;
                 }

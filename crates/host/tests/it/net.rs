@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use banger_core::net::{is_banger_tap, tap_name, IfName, Subnet};
 use banger_host::net::{
-    create_attached_tap, ensure_bridge, open_guest_script, ruleset, teardown, FakeNet, HostNet, HostNetError,
-    NetlinkNet, NftConfig, PortForward, Protocol, TapPool, REMOVE_SCRIPT,
+    create_attached_tap, ensure_bridge, open_guest_script, ruleset, teardown, FakeNet, GuestPort, HostNet,
+    HostNetError, NetlinkNet, NftConfig, PortForward, Protocol, TapPool, REMOVE_SCRIPT,
 };
 use futures_util::TryStreamExt;
 
@@ -149,7 +149,8 @@ fn bridge_pool_ruleset_and_teardown() {
         // nft lists exactly what we generated: the text is already in its canonical form.
         let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table exists");
         assert_eq!(listed, table_block(&script, "table inet banger {"), "the table as nft lists it");
-        assert_eq!(net.list_nft_table("bridge", "banger").await.expect("list"), None, "no bridge table");
+        let bridge_table = net.list_nft_table("bridge", "banger").await.expect("list").expect("bridge table");
+        assert!(bridge_table.contains("set guest_ip") && bridge_table.contains("counter"), "{bridge_table}");
 
         let err = net.apply_nft("table inet banger {\n\tchain input { bogus }\n}\n").await.expect_err("bad script");
         assert!(matches!(&err, HostNetError::Nft { stderr, .. } if stderr.contains("syntax error")), "{err:?}");
@@ -258,6 +259,212 @@ fn pooled_tap_beats_cold_create() {
 
         let deleted = teardown(&*net, &bridge).await.expect("teardown");
         assert_eq!(deleted.iter().filter(|n| is_banger_tap(n)).count(), 2 * N);
+        let left: Vec<String> = net.links().await.expect("links").into_iter().map(|l| l.name).collect();
+        assert_eq!(left, ["lo"]);
+    });
+}
+
+/// Opens the existing TAP `name` (as a VMM does) and returns its fd: frames written to it are
+/// frames the guest sends.
+fn open_tap(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    nix::ioctl_write_ptr_bad!(
+        tun_set_iff,
+        nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+        IfReq
+    );
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
+    let flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI).expect("tap flags fit");
+    let mut req = IfReq { name: [0; 16], flags, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `tun` is an open /dev/net/tun fd that outlives the call; `req` is a valid 40-byte
+    // `struct ifreq` with a NUL-terminated name.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.expect("TUNSETIFF");
+    let flags = nix::fcntl::fcntl(tun.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).expect("flags");
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(tun.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).expect("nonblocking");
+    tun
+}
+
+/// An ARP request "who has `target`" from `sender_mac`/`sender_ip`, with Ethernet source
+/// `eth_src`.
+fn arp_request(eth_src: [u8; 6], sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&eth_src);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender_ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// Whether an ARP reply for `asker` comes out of `tap` within 5 s of sending `request` (sent
+/// again every 200 ms: the port may still be coming up when the fd is opened).
+fn arp_reply_seen(tap: &mut std::fs::File, request: &[u8], asker: Ipv4Addr) -> bool {
+    use std::io::{Read as _, Write as _};
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut resend = Instant::now();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if Instant::now() >= resend {
+            tap.write_all(request).expect("write");
+            resend = Instant::now() + Duration::from_millis(200);
+        }
+        match tap.read(&mut buf) {
+            Ok(n)
+                if n >= 42 && buf[12..14] == [0x08, 0x06] && buf[20..22] == [0, 2] && buf[38..42] == asker.octets() =>
+            {
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("read tap: {e}"),
+        }
+    }
+    false
+}
+
+/// The packets the `guest_port` chain dropped, read from nft.
+fn dropped() -> u64 {
+    let out = Command::new("nft").args(["list", "chain", "bridge", "banger", "guest_port"]).output().expect("nft");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The static forwarding entries of `dev`, as iproute2 shows them.
+fn static_fdb(dev: &str) -> Vec<String> {
+    let out = Command::new("bridge").args(["-j", "fdb", "show", "dev", dev]).output().expect("bridge");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bridge -j output");
+    json.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["state"] == "static")
+        .filter_map(|e| e["mac"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn guest_ports_forward_only_their_vms_mac_and_address() {
+    in_private_netns("net::guest_ports_forward_only_their_vms_mac_and_address", || async {
+        let net = Arc::new(NetlinkNet::connect().expect("netlink"));
+        let bridge = IfName::default();
+        let subnet = Subnet::default();
+        ensure_bridge(&*net, &bridge, &subnet).await.expect("bridge");
+        let pool = TapPool::new(Arc::clone(&net), "banger0", 2, None);
+        pool.fill().await.expect("fill");
+        let (tap0, tap1) = (pool.take().expect("tap0"), pool.take().expect("tap1"));
+        // The bridge keeps its own MAC whatever ports come and go (guests cache it as the gateway's).
+        let out = Command::new("ip").args(["-j", "link", "show", "dev", "banger0"]).output().expect("ip");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let fixed = banger_core::net::format_mac(banger_host::net::bridge_mac(&bridge));
+        assert_eq!(json[0]["address"], fixed.as_str(), "the bridge's MAC");
+        for tap in [&tap0, &tap1] {
+            let out = Command::new("ip").args(["-d", "-j", "link", "show", "dev", tap]).output().expect("ip");
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+            let port = &json[0]["linkinfo"]["info_slave_data"];
+            assert_eq!(
+                (&port["isolated"], &port["learning"], &port["flood"]),
+                (&true.into(), &false.into(), &false.into()),
+                "{tap}: {port}"
+            );
+        }
+        let (mac0, mac1) = ([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 3]);
+        let (ip0, ip1) = (Ipv4Addr::new(172, 30, 0, 2), Ipv4Addr::new(172, 30, 0, 3));
+
+        // Static entries: one per port, replaced on rebind, gone on unbind.
+        net.bind_port_mac(&tap0, Some(mac1)).await.expect("bind");
+        net.bind_port_mac(&tap0, Some(mac0)).await.expect("rebind");
+        net.bind_port_mac(&tap1, Some(mac1)).await.expect("bind tap1");
+        assert_eq!(static_fdb(&tap0), ["52:54:00:00:00:02"]);
+        assert_eq!(static_fdb(&tap1), ["52:54:00:00:00:03"]);
+
+        let mut config = NftConfig::new(bridge.clone(), subnet);
+        config.ports = vec![
+            GuestPort { tap: tap0.clone(), mac: mac0, ip: ip0 },
+            GuestPort { tap: tap1.clone(), mac: mac1, ip: ip1 },
+        ];
+        net.apply_nft(&ruleset(&config)).await.expect("apply");
+        let gw = subnet.gateway();
+        let mut fd0 = open_tap(&tap0);
+        let mut fd1 = open_tap(&tap1);
+        use std::io::Write as _;
+
+        // The bound VM is answered.
+        assert!(arp_reply_seen(&mut fd0, &arp_request(mac0, mac0, ip0, gw), ip0), "the host answers the bound guest");
+        // tap1's port is up too (a frame to a port still coming up is lost before any rule).
+        assert!(arp_reply_seen(&mut fd1, &arp_request(mac1, mac1, ip1, gw), ip1), "the host answers tap1");
+        assert_eq!(dropped(), 0);
+
+        // tap1's guest takes tap0's address, then its MAC too, then sends IPv6: all dropped, one
+        // by one, and the bridge learns nothing.
+        let spoofs: [(&str, Vec<u8>); 4] = [
+            ("another's ip in arp", arp_request(mac1, mac1, ip0, gw)),
+            ("another's mac", arp_request(mac0, mac0, ip0, gw)),
+            ("arp sender mac not the frame's", arp_request(mac1, mac0, ip1, gw)),
+            ("ipv6", {
+                let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+                f.extend_from_slice(&mac1);
+                f.extend_from_slice(&[0x86, 0xdd]);
+                f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, 59, 64]);
+                f.extend_from_slice(&[0; 32]);
+                f
+            }),
+        ];
+        for (i, (what, frame)) in spoofs.iter().enumerate() {
+            fd1.write_all(frame).expect("write");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while dropped() < u64::try_from(i + 1).expect("small") {
+                assert!(Instant::now() < deadline, "{what}: not dropped");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        assert_eq!(static_fdb(&tap0), ["52:54:00:00:00:02"], "the victim's entry stays");
+        let fdb = Command::new("bridge").args(["fdb", "show", "dev", &tap1]).output().expect("bridge");
+        assert!(!String::from_utf8_lossy(&fdb.stdout).contains("52:54:00:00:00:02"), "nothing learned on tap1");
+        // tap1's guest is still answered as itself.
+        assert!(arp_reply_seen(&mut fd1, &arp_request(mac1, mac1, ip1, gw), ip1), "the host answers tap1 as itself");
+
+        // An unbound port forwards nothing.
+        config.ports.truncate(1);
+        net.apply_nft(&ruleset(&config)).await.expect("apply");
+        net.bind_port_mac(&tap1, None).await.expect("unbind");
+        assert!(static_fdb(&tap1).is_empty());
+        let before = dropped();
+        fd1.write_all(&arp_request(mac1, mac1, ip1, gw)).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dropped() == before {
+            assert!(Instant::now() < deadline, "a frame from an unbound port was not dropped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Cost of what a VM start or stop adds (printed, not asserted): rebinding a port, and
+        // loading the whole ruleset with 1,000 bound ports.
+        let t = Instant::now();
+        net.bind_port_mac(&tap1, Some(mac1)).await.expect("bind");
+        let bind = t.elapsed();
+        let mut big = config.clone();
+        big.ports = (0..1000u16)
+            .map(|i| {
+                let [hi, lo] = i.to_be_bytes();
+                GuestPort { tap: format!("bgpool{i}"), mac: [2, 0, 0, 0, hi, lo], ip: Ipv4Addr::new(172, 30, hi, lo) }
+            })
+            .collect();
+        let script = ruleset(&big);
+        let t = Instant::now();
+        net.apply_nft(&script).await.expect("apply 1000 ports");
+        eprintln!("bind_port_mac {bind:?}; nft load with 1000 bound ports {:?}", t.elapsed());
+        drop((fd0, fd1));
+        teardown(&*net, &bridge).await.expect("teardown");
         let left: Vec<String> = net.links().await.expect("links").into_iter().map(|l| l.name).collect();
         assert_eq!(left, ["lo"]);
     });

@@ -84,6 +84,10 @@ pub struct Config {
     pub tap_pool_size: u32,
     /// The DNS domain of guest names: a VM called `web` is `web.vm`.
     pub dns_domain: String,
+    /// Whether the guest DNS server forwards names other than `NAME.<dns_domain>` to the host's
+    /// resolvers (from /etc/resolv.conf, which may include split-DNS or VPN zones); when off,
+    /// guests resolve only VM names and other names are refused.
+    pub dns_forward: bool,
     /// Whether new VMs may reach other guests and host ports unless told otherwise.
     pub allow_vm_traffic: bool,
     /// Host files copied into every VM's /root at each start: `HOST_PATH` or `HOST_PATH:GUEST_PATH`.
@@ -171,6 +175,7 @@ impl From<banger_core::Config> for Config {
             uplink,
             tap_pool_size,
             dns_domain,
+            dns_forward,
             allow_vm_traffic,
             sync_files,
             firecracker_bin,
@@ -202,6 +207,7 @@ impl From<banger_core::Config> for Config {
             uplink,
             tap_pool_size,
             dns_domain,
+            dns_forward,
             allow_vm_traffic,
             sync_files,
             firecracker_bin,

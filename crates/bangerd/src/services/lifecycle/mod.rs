@@ -637,6 +637,9 @@ impl Lifecycle {
                 Ok(()) => self.net.publish().await,
                 Err(e) => tracing::error!(error = %chain(&e), "cannot restore the guest network"),
             }
+        } else {
+            // Nothing networked runs: remove what a killed daemon of this state dir left.
+            self.net.sweep_leftovers().await;
         }
     }
 

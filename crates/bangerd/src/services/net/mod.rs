@@ -3,9 +3,15 @@
 //!
 //! Nothing is touched on the host until a networked VM boots (or a running one is adopted), so
 //! a daemon that only manages records or images never creates a bridge. Bring-up is idempotent
-//! and serialised by `up`; [`Net::sync`] republishes the ruleset and the DNS records from
-//! the set of running VMs and is serialised by `sync_lock`. Both are leaf locks: no VM lock is
-//! held while they are taken.
+//! and serialised by `up`; [`Net::sync`] republishes the ruleset, each running VM's binding of
+//! its TAP to its MAC and address (a static forwarding entry plus the `bridge banger` source
+//! checks) and the DNS records from the set of running VMs, and is serialised by `sync_lock`.
+//! Both are leaf locks: no VM lock is held while they are taken.
+//!
+//! The bridge carries its owner's state dir in its alias. A daemon that starts with no running
+//! networked VM removes a bridge (with its TAPs and tables) that names its own state dir and
+//! that no live daemon claims: what a killed daemon left behind. Another state dir's bridge is
+//! never touched.
 
 pub mod claim;
 
@@ -16,7 +22,8 @@ use std::sync::Arc;
 use banger_core::net::{format_mac, mac_for, IfName, Subnet};
 use banger_core::VmRecord;
 use banger_host::net::{
-    ensure_bridge, ruleset, teardown, uplink_forwarding_key, HostNet, HostNetError, NetlinkNet, NftConfig, TapPool,
+    ensure_bridge, ruleset, teardown, uplink_forwarding_key, GuestPort, HostNet, HostNetError, NetlinkNet, NftConfig,
+    TapPool,
 };
 use tokio::task::JoinHandle;
 
@@ -53,6 +60,10 @@ pub struct NetGuest {
     pub ip: Ipv4Addr,
     /// Whether it was opened with `--allow-vm-traffic`.
     pub open: bool,
+    /// The TAP it was given (known once its handles are published).
+    pub tap: Option<String>,
+    /// Its MAC address, the only one its TAP forwards from.
+    pub mac: [u8; 6],
 }
 
 /// What a networked VM is given at boot.
@@ -86,10 +97,12 @@ pub struct Net {
     uplink: Option<IfName>,
     pool_size: usize,
     domain: String,
+    dns_forward: bool,
     up: tokio::sync::Mutex<Option<Up>>,
     /// Whether the ruleset guards an uplink whose forwarding banger turned on.
     guard_uplink: std::sync::atomic::AtomicBool,
-    sync_lock: tokio::sync::Mutex<()>,
+    /// Serialises [`Net::sync`]; holds the TAPs it bound, with their MACs.
+    sync_lock: tokio::sync::Mutex<BTreeMap<String, [u8; 6]>>,
 }
 
 impl Net {
@@ -103,9 +116,10 @@ impl Net {
             uplink: config.uplink_name().ok().flatten(),
             pool_size: usize::try_from(config.tap_pool_size).unwrap_or(0),
             domain: config.dns_domain.clone(),
+            dns_forward: config.dns_forward,
             up: tokio::sync::Mutex::new(None),
             guard_uplink: std::sync::atomic::AtomicBool::new(false),
-            sync_lock: tokio::sync::Mutex::new(()),
+            sync_lock: tokio::sync::Mutex::new(BTreeMap::new()),
             fleet,
         }
     }
@@ -126,6 +140,7 @@ impl Net {
         let claim = claim::claim(claim::CLAIM_NAME, &self.fleet.layout.state_dir)?;
         let net = Arc::new(NetlinkNet::connect()?);
         ensure_bridge(&*net, &self.bridge, &self.subnet).await?;
+        net.set_alias(self.bridge.as_str(), &self.owner_tag()).await?;
         let flipped_forwarding = self.enable_nat_forwarding(&net).await?;
         self.guard_uplink.store(flipped_forwarding.is_some(), std::sync::atomic::Ordering::SeqCst);
         net.apply_nft(&ruleset(&self.nft_config(BTreeSet::new()))).await?;
@@ -133,8 +148,14 @@ impl Net {
             .map(|text| crate::dns::host_upstreams(&text, &[self.subnet.gateway().into()]))
             .unwrap_or_default();
         let listen = SocketAddr::from((self.subnet.gateway(), 53));
-        let dns =
-            DnsServer::start(DnsConfig { domain: self.domain.clone(), ..DnsConfig::new(listen, upstreams) }).await?;
+        let dns = DnsServer::start(DnsConfig {
+            domain: self.domain.clone(),
+            forward: self.dns_forward,
+            device: Some(self.bridge.to_string()),
+            clients: crate::dns::Clients::Guests,
+            ..DnsConfig::new(listen, upstreams)
+        })
+        .await?;
         let pool = Arc::new(TapPool::new(Arc::clone(&net), self.bridge.as_str(), self.pool_size, None));
         let adopted = pool.adopt(in_use).await?;
         let refiller = pool.spawn_refiller();
@@ -183,8 +204,59 @@ impl Net {
         })
     }
 
-    /// Gives a stopped VM's TAP back to the pool (or deletes it when the pool is full).
+    /// The alias banger gives its bridge: the owning state dir (hashed if too long for an alias).
+    fn owner_tag(&self) -> String {
+        let dir = self.fleet.layout.state_dir.display().to_string();
+        if dir.len() <= 200 {
+            format!("banger:{dir}")
+        } else {
+            format!("banger:#{}", format_mac(mac_for(&dir)))
+        }
+    }
+
+    /// Removes what a killed daemon of this state dir left: its bridge (found by its alias),
+    /// banger's TAPs and tables, unless the network is up here or another live daemon claims
+    /// this namespace. Run at start-up when no networked VM was adopted; failures are logged.
+    pub async fn sweep_leftovers(&self) {
+        let up = self.up.lock().await;
+        if up.is_some() {
+            return;
+        }
+        let result = async {
+            let net = NetlinkNet::connect()?;
+            let Some(bridge) = net.link(self.bridge.as_str()).await? else { return Ok(None) };
+            if bridge.alias.as_deref() != Some(self.owner_tag().as_str()) {
+                tracing::debug!(bridge = %self.bridge, alias = ?bridge.alias, "bridge is not this state dir's; left alone");
+                return Ok(None);
+            }
+            let claim = match claim::claim(claim::CLAIM_NAME, &self.fleet.layout.state_dir) {
+                Ok(claim) => claim,
+                Err(claim::ClaimError::Taken { owner }) => {
+                    tracing::info!(%owner, "another daemon runs the guest network here; nothing swept");
+                    return Ok(None);
+                }
+                Err(e) => return Err(NetError::Claim(e)),
+            };
+            let deleted = teardown(&net, &self.bridge).await?;
+            drop(claim);
+            Ok::<_, NetError>(Some(deleted))
+        }
+        .await;
+        match result {
+            Ok(Some(deleted)) => tracing::info!(?deleted, "removed the guest network a killed daemon left"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %banger_core::error_chain(&e), "cannot sweep a left-over guest network"),
+        }
+    }
+
+    /// Gives a stopped VM's TAP back to the pool (or deletes it when the pool is full). Its
+    /// binding goes first, so that no other VM can take the device while it still forwards the
+    /// old VM's MAC and address.
     pub async fn release_tap(&self, tap: &str) {
+        let others: Vec<NetGuest> = self.guests().into_iter().filter(|g| g.tap.as_deref() != Some(tap)).collect();
+        if let Err(e) = self.sync(&others).await {
+            tracing::error!(tap, error = %banger_core::error_chain(&e), "cannot unbind a released tap");
+        }
         let pool = self.up.lock().await.as_ref().map(|u| Arc::clone(&u.pool));
         let result = match pool {
             Some(pool) => pool.release(tap).await,
@@ -202,7 +274,7 @@ impl Net {
     /// Publishes the ruleset and DNS records for `running` (every running networked VM). A no-op
     /// while the network is down.
     pub async fn sync(&self, running: &[NetGuest]) -> Result<(), NetError> {
-        let _serial = self.sync_lock.lock().await;
+        let mut bound = self.sync_lock.lock().await;
         let (net, records) = {
             let up = self.up.lock().await;
             let Some(up) = up.as_ref() else { return Ok(()) };
@@ -211,7 +283,28 @@ impl Net {
             (Arc::clone(&up.net), records)
         };
         let open: BTreeSet<Ipv4Addr> = running.iter().filter(|g| g.open).map(|g| g.ip).collect();
-        net.apply_nft(&ruleset(&self.nft_config(open))).await?;
+        let ports: Vec<GuestPort> =
+            running.iter().filter_map(|g| Some(GuestPort { tap: g.tap.clone()?, mac: g.mac, ip: g.ip })).collect();
+        // New bindings before the rules that let their frames through; old ones after.
+        for port in &ports {
+            if bound.get(&port.tap) != Some(&port.mac) {
+                net.bind_port_mac(&port.tap, Some(port.mac)).await?;
+                bound.insert(port.tap.clone(), port.mac);
+            }
+        }
+        let mut config = self.nft_config(open);
+        config.ports = ports;
+        net.apply_nft(&ruleset(&config)).await?;
+        let gone: Vec<String> =
+            bound.keys().filter(|tap| !config.ports.iter().any(|p| &p.tap == *tap)).cloned().collect();
+        for tap in gone {
+            match net.bind_port_mac(&tap, None).await {
+                Ok(()) | Err(HostNetError::NoSuchLink(_)) => {
+                    bound.remove(&tap);
+                }
+                Err(e) => tracing::warn!(tap, error = %banger_core::error_chain(&e), "cannot unbind a tap"),
+            }
+        }
         tracing::debug!(records = records.len(), "guest network rules and names published");
         Ok(())
     }
@@ -265,7 +358,8 @@ impl Net {
             .filter(|vm| vm.spec.network && self.fleet.alive(vm))
             .filter_map(|vm| {
                 let ip = vm.guest_ip.as_deref()?.parse().ok()?;
-                Some(NetGuest { name: vm.name, ip, open: vm.spec.allow_vm_traffic })
+                let tap = self.fleet.handles.get(&vm).and_then(|h| h.tap);
+                Some(NetGuest { mac: mac_for(&vm.id), tap, name: vm.name, ip, open: vm.spec.allow_vm_traffic })
             })
             .collect()
     }
