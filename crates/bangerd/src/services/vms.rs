@@ -487,14 +487,19 @@ impl Vms {
         Ok(())
     }
 
-    /// VM `reference`'s serial console log: all of it, or its last `tail` lines.
+    /// VM `reference`'s serial console log: all of it, or its last `tail` lines. The guest
+    /// writes it, so it is read from its end, at most [`logfile::CONSOLE_LOG_CAP`] bytes (the
+    /// size it is rotated at), each line cut to [`logfile::MAX_LINE_BYTES`].
     pub fn logs(&self, reference: &str, tail: Option<usize>) -> Result<VmLogs, VmsError> {
+        use banger_vmm::logfile;
         let vm = self.fleet.store.find_vm(reference)?;
         let path = vm.paths().console_log;
-        let text = match tail {
-            Some(n) => crate::services::lifecycle::tail_lines(std::path::Path::new(&path), n) + "\n",
-            None => std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
-        };
+        let file = std::path::Path::new(&path);
+        let bytes = logfile::read_tail(file, logfile::CONSOLE_LOG_CAP).unwrap_or_default();
+        let cut = std::fs::metadata(file).is_ok_and(|m| m.len() > logfile::CONSOLE_LOG_CAP);
+        let lines = logfile::capped_lines(&bytes, logfile::MAX_LINE_BYTES, cut);
+        let lines = &lines[lines.len().saturating_sub(tail.unwrap_or(usize::MAX))..];
+        let text = if lines.is_empty() { String::new() } else { lines.join("\n") + "\n" };
         Ok(VmLogs { path, text })
     }
 
