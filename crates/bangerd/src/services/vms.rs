@@ -616,6 +616,28 @@ mod tests {
         assert_eq!(d.vms.update_vm("fork", change).await.expect("a booted fork is a vm like any").spec.vcpus, 2);
     }
 
+    #[tokio::test]
+    async fn logs_read_a_bounded_tail_with_capped_lines() {
+        use banger_vmm::logfile::{CONSOLE_LOG_CAP, CUT_MARK, MAX_LINE_BYTES};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let vm = create(&d, "loud").await.expect("create");
+        let console = std::path::PathBuf::from(vm.paths().console_log);
+        // A 20 GiB sparse log (never read whole) ending in a line with no end, then short ones.
+        let file = std::fs::File::create(&console).expect("log");
+        file.set_len(20 << 30).expect("sparse");
+        drop(file);
+        let long = "y".repeat(3 * MAX_LINE_BYTES);
+        let mut log = std::fs::OpenOptions::new().append(true).open(&console).expect("append");
+        std::io::Write::write_all(&mut log, format!("\n{long}\nlast\n").as_bytes()).expect("write");
+        let all = d.vms.logs("loud", None).expect("logs");
+        assert!(all.text.len() as u64 <= CONSOLE_LOG_CAP, "{} bytes", all.text.len());
+        assert!(all.text.lines().all(|l| l.len() <= MAX_LINE_BYTES + CUT_MARK.len()));
+        assert!(all.text.ends_with(&format!("{CUT_MARK}\nlast\n")), "the newest lines, the long one cut");
+        let tail = d.vms.logs("loud", Some(1)).expect("tail");
+        assert_eq!(tail.text, "last\n");
+    }
+
     #[test]
     fn an_image_or_kernel_with_snapshots_is_not_deleted() {
         let dir = tempfile::tempdir().expect("tempdir");
