@@ -207,6 +207,9 @@ pub enum BuildImageError {
         /// The image.
         path: PathBuf,
     },
+    /// The stopped VM's disks could not be checked or mounted for a promote.
+    #[error("cannot merge the vm's disks into an image")]
+    Merge(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Reading or writing under the images directory failed.
     #[error("cannot write {}; check that the images directory is writable and has space", path.display())]
     Io {
@@ -474,10 +477,7 @@ pub fn promote_image(
     });
     let (image, content_bytes) = built.map_err(|e| match e {
         crate::promote::PromoteError::Work(e) => e,
-        other => BuildImageError::Io {
-            path: overlay_disk.to_owned(),
-            source: io::Error::other(banger_core::error_chain(&other)),
-        },
+        other => BuildImageError::Merge(Box::new(other)),
     })?;
     drop(mounts);
     let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };

@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use tools::{
-    DebugfsCommand, DebugfsOutput, DebugfsRequest, FakeInode, FakeSeedTools, GuestPath, InodeField, InvalidGuestPath,
-    LocalFile, ResizeRequest, SeedCall, SeedMkfsRequest, SeedTool, SeedToolError, SeedTools, StagedEntry, StagedKind,
-    SystemSeedTools,
+    DebugfsCommand, DebugfsOutput, DebugfsRequest, FakeInode, FakeSeedTools, FsckReport, GuestPath, InodeField,
+    InvalidGuestPath, LocalFile, ResizeRequest, SeedCall, SeedMkfsRequest, SeedTool, SeedToolError, SeedTools,
+    StagedEntry, StagedKind, SystemSeedTools, FSCK_OUTPUT_HEAD,
 };
 
 /// File system label of seeds and work disks; the guest mounts the work disk by device.
@@ -568,7 +568,7 @@ pub fn clone_work_disk_with(
         set_len(target)?;
     }
     if resize != Resize::None {
-        let request = ResizeRequest { image: temp.path().to_owned(), size_mib };
+        let request = ResizeRequest { image: temp.path().to_owned(), size_mib, checked: false };
         tools.resize2fs(&request).map_err(|source| SeedError::Tool { step: "resizing the work disk", source })?;
     }
     let resize_elapsed = resize_started.elapsed();
@@ -778,32 +778,83 @@ pub fn write_files_into(tools: &dyn SeedTools, image: &Path, files: &[GuestFile<
     Ok(())
 }
 
-/// Reads files out of the unmounted ext4 `image` (not in use by a VM) with one read-only
-/// `debugfs` run, in the order of `paths`: the contents of each regular file, `None` for a path
-/// that is missing or is not a regular file (a directory, a symbolic link).
-pub fn read_files_from(tools: &dyn SeedTools, image: &Path, paths: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SeedError> {
+/// What [`read_files_from`] found at one path of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRead {
+    /// Nothing is there.
+    Missing,
+    /// Something other than a regular file (a directory, a symbolic link) is there.
+    NotRegular,
+    /// A regular file larger than the cap: it was not read.
+    TooLarge {
+        /// Its size, as its inode says.
+        size: u64,
+    },
+    /// A regular file within the cap, and its contents.
+    Contents(Vec<u8>),
+}
+
+impl GuestRead {
+    /// The contents, if the file was read.
+    pub fn contents(&self) -> Option<&[u8]> {
+        match self {
+            Self::Contents(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+}
+
+/// Reads files out of the unmounted ext4 `image` (not in use by a VM) with read-only `debugfs`
+/// runs, in the order of `paths`. The image may be guest-written, so sizes are checked before
+/// anything is read: a first run `stat`s every path, and only regular files of at most
+/// `max_bytes` are dumped (a sparse 20 GiB file is never copied to the host); each dumped
+/// file's size is checked again before it is read.
+pub fn read_files_from(
+    tools: &dyn SeedTools,
+    image: &Path,
+    paths: &[&str],
+    max_bytes: u64,
+) -> Result<Vec<GuestRead>, SeedError> {
     let guest = paths.iter().map(|p| GuestPath::new(p)).collect::<Result<Vec<_>, _>>()?;
     superblock_of(image)?;
     let absolute = std::path::absolute(image).map_err(io_error(image))?;
     let parent = parent_dir(&absolute);
     let scratch = tempfile::Builder::new().prefix(".read-").tempdir_in(parent).map_err(io_error(parent))?;
-    let local = |i: usize| LocalFile(u32::try_from(i).unwrap_or(u32::MAX));
-    let commands = guest
+    let mut request =
+        DebugfsRequest { image: absolute, writable: false, scratch: scratch.path().to_owned(), commands: Vec::new() };
+    let stats = probe(tools, &mut request, &guest)?;
+    let mut found: Vec<GuestRead> = stats
         .iter()
-        .enumerate()
-        .flat_map(|(i, path)| {
-            [DebugfsCommand::Stat(path.clone()), DebugfsCommand::Dump { guest: path.clone(), local: local(i) }]
+        .map(|stat| match stat {
+            None => GuestRead::Missing,
+            Some(stat) if stat.kind != "regular" => GuestRead::NotRegular,
+            Some(stat) if stat.size > max_bytes => GuestRead::TooLarge { size: stat.size },
+            Some(_) => GuestRead::Contents(Vec::new()),
         })
         .collect();
-    let request = DebugfsRequest { image: absolute, writable: false, scratch: scratch.path().to_owned(), commands };
-    let output = tools.debugfs(&request).map_err(|source| SeedError::Tool { step: "reading the image", source })?;
-    let outputs = command_outputs(&output.stdout);
-    Ok((0..guest.len())
-        .map(|i| {
-            let stat = outputs.get(i * 2).and_then(|text| parse_stat(text))?;
-            (stat.kind == "regular").then(|| fs::read(scratch.path().join(local(i).name())).ok()).flatten()
-        })
-        .collect())
+    let local = |i: usize| LocalFile(u32::try_from(i).unwrap_or(u32::MAX));
+    request.commands = guest
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(found[*i], GuestRead::Contents(_)))
+        .map(|(i, path)| DebugfsCommand::Dump { guest: path.clone(), local: local(i) })
+        .collect();
+    if request.commands.is_empty() {
+        return Ok(found);
+    }
+    tools.debugfs(&request).map_err(|source| SeedError::Tool { step: "reading the image", source })?;
+    for (i, read) in found.iter_mut().enumerate() {
+        if !matches!(read, GuestRead::Contents(_)) {
+            continue;
+        }
+        let file = scratch.path().join(local(i).name());
+        *read = match fs::metadata(&file) {
+            Ok(meta) if meta.len() > max_bytes => GuestRead::TooLarge { size: meta.len() },
+            Ok(_) => GuestRead::Contents(fs::read(&file).map_err(io_error(&file))?),
+            Err(_) => GuestRead::Missing,
+        };
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::process::Command;
 
 use banger_image::seed::{
     build_seed_from_image, build_work_seed, clone_work_disk, clone_work_disk_with, read_files_from, write_file_into,
-    write_files_into, CloneMethod, CopyPolicy, Dotfiles, GuestFile, Resize, SeedError, SystemSeedTools, SEED_LABEL,
+    write_files_into, CloneMethod, CopyPolicy, Dotfiles, GuestFile, GuestRead, Resize, SeedError, SeedTools as _,
+    SystemSeedTools, SEED_LABEL,
 };
 
 const MIB: u64 = 1 << 20;
@@ -218,10 +219,40 @@ fn written_files_round_trip_with_owner_and_mode() {
     assert_eq!(debugfs(&disk, "cat /.gitconfig").as_bytes(), gitconfig);
     assert_eq!(ls(&disk, "/")[".gitconfig"].0, 0o100644);
     assert_eq!(ls(&disk, "/.config/banger")["env"], (0o100640, 0, 0, "4".to_owned()));
-    let read = read_files_from(&SystemSeedTools, &disk, &["/.gitconfig", "/.ssh/authorized_keys", "/.ssh", "/no"])
-        .expect("read back");
-    assert_eq!(read, [Some(gitconfig.to_vec()), Some(b"k\n".to_vec()), None, None]);
+    let paths = ["/.gitconfig", "/.ssh/authorized_keys", "/.ssh", "/no"];
+    let read = read_files_from(&SystemSeedTools, &disk, &paths, MIB).expect("read back");
+    let want = [
+        GuestRead::Contents(gitconfig.to_vec()),
+        GuestRead::Contents(b"k\n".to_vec()),
+        GuestRead::NotRegular,
+        GuestRead::Missing,
+    ];
+    assert_eq!(read, want);
     assert_clean(&disk);
+}
+
+#[test]
+fn a_sparse_20_gib_guest_file_is_sized_not_read_and_a_damaged_disk_fails_its_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = dir.path().join("seed.ext4");
+    build_work_seed(&SystemSeedTools, None, &seed, 64).expect("seed builds");
+    let disk = dir.path().join("work.ext4");
+    clone_work_disk(&SystemSeedTools, &seed, &disk, 64).expect("clone");
+    assert!(SystemSeedTools.e2fsck_ro(&disk).expect("e2fsck").clean, "a fresh clone is clean");
+    // What `truncate -s 20G` in the guest leaves: an inode of 20 GiB with no blocks.
+    let (ok, _) = tool("debugfs", &["-w", "-R", "sif /.gitconfig size 21474836480"], &disk);
+    assert!(ok, "debugfs sif");
+    let read = read_files_from(&SystemSeedTools, &disk, &["/.gitconfig", "/.bashrc"], MIB).expect("read");
+    assert_eq!(read[0], GuestRead::TooLarge { size: 20 << 30 });
+    assert!(matches!(&read[1], GuestRead::Contents(b) if !b.is_empty()), "{:?}", read[1]);
+    let left: Vec<_> = fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left.len(), 2, "no scratch left: {left:?}");
+
+    let (ok, _) = tool("debugfs", &["-w", "-R", "clri /.ssh"], &disk);
+    assert!(ok, "debugfs clri");
+    let report = SystemSeedTools.e2fsck_ro(&disk).expect("e2fsck");
+    assert!(!report.clean, "{}", report.output_head);
+    assert!(report.first_problem().starts_with("Entry '.ssh' in /"), "{}", report.first_problem());
 }
 
 #[test]

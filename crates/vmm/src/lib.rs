@@ -13,6 +13,7 @@
 
 mod error;
 pub mod firecracker;
+pub mod logfile;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

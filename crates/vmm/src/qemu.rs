@@ -110,7 +110,9 @@ impl QemuDriver {
         }
 
         push(&[os("-chardev")]);
-        push(&[os("file,id=con,path="), &escape_opt(spec.console_log.as_os_str())]);
+        // `append=on`: QEMU writes with O_APPEND, so the daemon may truncate the log to rotate it
+        // (see `logfile`); `launch` empties it first, as a plain `file` chardev would.
+        push(&[os("file,id=con,append=on,path="), &escape_opt(spec.console_log.as_os_str())]);
         push(&[os("-serial")]);
         push(&[os("chardev:con")]);
 
@@ -192,6 +194,20 @@ impl QemuDriver {
             match std::fs::remove_file(stale) {
                 Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                     return Err(LaunchError::Prepare { path: stale.clone(), source: error });
+                }
+                _ => {}
+            }
+        }
+        // Each boot starts a fresh console log (QEMU appends, it no longer truncates).
+        for (path, empty) in [(&spec.console_log, true), (&crate::logfile::rotated_path(&spec.console_log), false)] {
+            let done = if empty {
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).map(drop)
+            } else {
+                std::fs::remove_file(path)
+            };
+            match done {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(LaunchError::Prepare { path: path.clone(), source: error });
                 }
                 _ => {}
             }
@@ -522,7 +538,7 @@ mod tests {
         assert_eq!(
             values(&args, "-chardev"),
             [
-                "file,id=con,path=/srv/vms/01abc/console.log",
+                "file,id=con,append=on,path=/srv/vms/01abc/console.log",
                 "socket,id=agent,path=/srv/vms/01abc/agent.sock,server=on,wait=off",
             ]
         );

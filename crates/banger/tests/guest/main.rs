@@ -13,6 +13,7 @@ mod template;
 
 mod boot;
 mod forward;
+mod hostile_disk;
 mod hostile_export;
 mod hostile_net;
 mod images;

@@ -9,6 +9,11 @@
 //! the caller's git identity merged into `.gitconfig`, and the config's `sync_files`. The banger
 //! files must land or the start fails; the user's files are best effort, each problem a warning
 //! on the operation.
+//!
+//! The work disk is guest-written: the guest's `authorized_keys` and `.gitconfig` are read only
+//! when their inodes say they are at most [`MAX_GUEST_FILE_BYTES`] (checked before any byte is
+//! copied out). A larger `authorized_keys` is replaced by the installation key alone, a larger
+//! `.gitconfig` is left as it is without the identity; each with a warning.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -17,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use banger_core::config::SyncFile;
 use banger_core::VmRecord;
-use banger_image::seed::{self, GuestFile, GuestPath, SeedTools, SystemSeedTools};
+use banger_image::seed::{self, GuestFile, GuestPath, GuestRead, SeedTools, SystemSeedTools};
 use banger_proto::{GitIdentity, SshConfig, SshHost, SshInfo};
 use nix::unistd::Gid;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
@@ -46,6 +51,8 @@ const AUTHORIZED_KEYS: &str = "/.ssh/authorized_keys";
 const GITCONFIG: &str = "/.gitconfig";
 /// Longest accepted git `user.name` or `user.email`.
 const MAX_GIT_FIELD: usize = 256;
+/// Largest guest `authorized_keys` or `.gitconfig` read from the work disk (thousands of keys).
+pub const MAX_GUEST_FILE_BYTES: u64 = 256 << 10;
 
 /// What went wrong with keys or the files beside them.
 #[derive(Debug, thiserror::Error)]
@@ -473,9 +480,22 @@ pub const RESERVED: [&str; 3] = [AUTHORIZED_KEYS, "/.banger/ssh_host_ed25519_key
 /// must land: their failure is the error. The git identity and the synced files are best effort:
 /// each failure is a warning. Returns the warnings.
 pub fn write_guest_files(tools: &dyn SeedTools, work: &Path, plan: GuestFilesPlan) -> Result<Vec<String>, String> {
-    let existing = seed::read_files_from(tools, work, &[AUTHORIZED_KEYS, GITCONFIG])
+    let existing = seed::read_files_from(tools, work, &[AUTHORIZED_KEYS, GITCONFIG], MAX_GUEST_FILE_BYTES)
         .map_err(|e| format!("cannot read the work disk: {}", chain(&e)))?;
-    let text = |i: usize| existing.get(i).cloned().flatten().map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text =
+        |i: usize| existing.get(i).and_then(GuestRead::contents).map(|b| String::from_utf8_lossy(b).into_owned());
+    let too_large = |i: usize| match existing.get(i) {
+        Some(GuestRead::TooLarge { size }) => Some(*size),
+        _ => None,
+    };
+    let mut warnings = Vec::new();
+    let cap_kib = MAX_GUEST_FILE_BYTES >> 10;
+    if let Some(size) = too_large(0) {
+        warnings.push(format!(
+            "the guest's ~/.ssh/authorized_keys is {size} bytes, over the {cap_kib} KiB cap: it was not read and \
+             now holds the installation key alone; add the guest's other keys again"
+        ));
+    }
     let keys = merge_authorized_keys(&text(0).unwrap_or_default(), &plan.authorized_key);
     let host_pub = format!("{}\n", plan.host_key_pub.trim());
     let banger = [
@@ -489,17 +509,25 @@ pub fn write_guest_files(tools: &dyn SeedTools, work: &Path, plan: GuestFilesPla
     if let Some(git) = &plan.git {
         // A synced .gitconfig is the base the identity is merged into; else the disk's own.
         let base = user.iter().position(|f| f.path == GITCONFIG).map(|i| user.remove(i));
-        let (base_text, mode) = match base {
-            Some(f) => (String::from_utf8_lossy(&f.contents).into_owned(), f.mode),
-            None => (text(1).unwrap_or_default(), 0o644),
+        let (base_text, mode) = match (base, too_large(1)) {
+            (Some(f), _) => (Some(String::from_utf8_lossy(&f.contents).into_owned()), f.mode),
+            (None, Some(size)) => {
+                warnings.push(format!(
+                    "the guest's ~/.gitconfig is {size} bytes, over the {cap_kib} KiB cap: it was not read and \
+                     the git identity was not written into it"
+                ));
+                (None, 0o644)
+            }
+            (None, None) => (Some(text(1).unwrap_or_default()), 0o644),
         };
-        user.push(PlannedFile {
-            path: GITCONFIG.into(),
-            contents: merge_gitconfig(&base_text, git).into_bytes(),
-            mode,
-        });
+        if let Some(base_text) = base_text {
+            user.push(PlannedFile {
+                path: GITCONFIG.into(),
+                contents: merge_gitconfig(&base_text, git).into_bytes(),
+                mode,
+            });
+        }
     }
-    let mut warnings = Vec::new();
     if user.is_empty() {
         return Ok(warnings);
     }

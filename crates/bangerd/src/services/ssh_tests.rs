@@ -231,3 +231,37 @@ fn a_user_file_in_the_way_is_a_warning_and_the_others_still_land() {
     assert_eq!(tools.files.lock().unwrap()["/ok"].contents, b"ok");
     assert!(tools.files.lock().unwrap()["/.ssh"].is_dir());
 }
+
+#[test]
+fn oversized_guest_files_are_not_read_and_the_start_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = FakeSeedTools::new();
+    let work = dir.path().join("work.ext4");
+    build_work_seed(&tools, None, &work, 64).unwrap();
+    let over = usize::try_from(MAX_GUEST_FILE_BYTES).unwrap() + 1;
+    {
+        let mut files = tools.files.lock().unwrap();
+        files.get_mut("/.ssh/authorized_keys").unwrap().contents = vec![b'k'; over];
+        files.get_mut("/.gitconfig").unwrap().contents = vec![b'g'; over];
+    }
+    let before = tools.calls().len();
+    let warnings = write_guest_files(&tools, &work, plan(Some(git(Some("Ada"), None)), Vec::new())).unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("authorized_keys is 262145 bytes, over the 256 KiB cap"), "{warnings:?}");
+    assert!(warnings[1].contains(".gitconfig is 262145 bytes") && warnings[1].contains("not written"), "{warnings:?}");
+    let dumped: Vec<String> = tools.calls()[before..]
+        .iter()
+        .filter_map(|c| match c {
+            banger_image::seed::SeedCall::Debugfs(r) => Some(r.script()),
+            _ => None,
+        })
+        .filter(|s| s.contains("dump /.ssh/authorized_keys f0") || s.contains("dump /.gitconfig f1"))
+        .collect();
+    assert!(dumped.is_empty(), "an oversized guest file was dumped: {dumped:?}");
+    let files = tools.files.lock().unwrap();
+    assert_eq!(
+        files["/.ssh/authorized_keys"].contents,
+        format!("ssh-ed25519 KEY {INSTALLATION_KEY_COMMENT}\n").as_bytes()
+    );
+    assert_eq!(files["/.gitconfig"].contents.len(), over, "the guest's .gitconfig is left as it was");
+}

@@ -487,14 +487,19 @@ impl Vms {
         Ok(())
     }
 
-    /// VM `reference`'s serial console log: all of it, or its last `tail` lines.
+    /// VM `reference`'s serial console log: all of it, or its last `tail` lines. The guest
+    /// writes it, so it is read from its end, at most [`logfile::CONSOLE_LOG_CAP`] bytes (the
+    /// size it is rotated at), each line cut to [`logfile::MAX_LINE_BYTES`].
     pub fn logs(&self, reference: &str, tail: Option<usize>) -> Result<VmLogs, VmsError> {
+        use banger_vmm::logfile;
         let vm = self.fleet.store.find_vm(reference)?;
         let path = vm.paths().console_log;
-        let text = match tail {
-            Some(n) => crate::services::lifecycle::tail_lines(std::path::Path::new(&path), n) + "\n",
-            None => std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
-        };
+        let file = std::path::Path::new(&path);
+        let bytes = logfile::read_tail(file, logfile::CONSOLE_LOG_CAP).unwrap_or_default();
+        let cut = std::fs::metadata(file).is_ok_and(|m| m.len() > logfile::CONSOLE_LOG_CAP);
+        let lines = logfile::capped_lines(&bytes, logfile::MAX_LINE_BYTES, cut);
+        let lines = &lines[lines.len().saturating_sub(tail.unwrap_or(usize::MAX))..];
+        let text = if lines.is_empty() { String::new() } else { lines.join("\n") + "\n" };
         Ok(VmLogs { path, text })
     }
 
@@ -609,6 +614,28 @@ mod tests {
         std::fs::remove_file(std::path::Path::new(&vm.vm_dir).join(crate::services::snapshots::RESTORE_STATE))
             .expect("rm");
         assert_eq!(d.vms.update_vm("fork", change).await.expect("a booted fork is a vm like any").spec.vcpus, 2);
+    }
+
+    #[tokio::test]
+    async fn logs_read_a_bounded_tail_with_capped_lines() {
+        use banger_vmm::logfile::{CONSOLE_LOG_CAP, CUT_MARK, MAX_LINE_BYTES};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let vm = create(&d, "loud").await.expect("create");
+        let console = std::path::PathBuf::from(vm.paths().console_log);
+        // A 20 GiB sparse log (never read whole) ending in a line with no end, then short ones.
+        let file = std::fs::File::create(&console).expect("log");
+        file.set_len(20 << 30).expect("sparse");
+        drop(file);
+        let long = "y".repeat(3 * MAX_LINE_BYTES);
+        let mut log = std::fs::OpenOptions::new().append(true).open(&console).expect("append");
+        std::io::Write::write_all(&mut log, format!("\n{long}\nlast\n").as_bytes()).expect("write");
+        let all = d.vms.logs("loud", None).expect("logs");
+        assert!(all.text.len() as u64 <= CONSOLE_LOG_CAP, "{} bytes", all.text.len());
+        assert!(all.text.lines().all(|l| l.len() <= MAX_LINE_BYTES + CUT_MARK.len()));
+        assert!(all.text.ends_with(&format!("{CUT_MARK}\nlast\n")), "the newest lines, the long one cut");
+        let tail = d.vms.logs("loud", Some(1)).expect("tail");
+        assert_eq!(tail.text, "last\n");
     }
 
     #[test]

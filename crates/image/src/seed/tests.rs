@@ -395,13 +395,51 @@ fn files_are_read_back_and_missing_or_odd_ones_are_none() {
     let image = dir.path().join("seed.ext4");
     build_work_seed(&tools, None, &image, 64).unwrap();
     write_file_into(&tools, &image, "/.gitconfig", b"[user]\n\tname = me\n", 0o644).unwrap();
-    let read = read_files_from(&tools, &image, &["/.gitconfig", "/.ssh", "/nope", "/.ssh/authorized_keys"]).unwrap();
-    assert_eq!(read, [Some(b"[user]\n\tname = me\n".to_vec()), None, None, Some(Vec::new())]);
+    let paths = ["/.gitconfig", "/.ssh", "/nope", "/.ssh/authorized_keys"];
+    let read = read_files_from(&tools, &image, &paths, 1 << 20).unwrap();
+    assert_eq!(
+        read,
+        [
+            GuestRead::Contents(b"[user]\n\tname = me\n".to_vec()),
+            GuestRead::NotRegular,
+            GuestRead::Missing,
+            GuestRead::Contents(Vec::new())
+        ]
+    );
     assert!(tools
         .calls()
         .iter()
         .all(|c| !matches!(c, SeedCall::Debugfs(r) if r.writable && r.script().contains("dump"))));
-    assert!(matches!(read_files_from(&tools, &image, &["relative"]), Err(SeedError::InvalidPath(_))));
+    assert!(matches!(read_files_from(&tools, &image, &["relative"], 1), Err(SeedError::InvalidPath(_))));
+}
+
+#[test]
+fn files_over_the_cap_are_stated_but_never_dumped() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = FakeSeedTools::new();
+    let image = dir.path().join("seed.ext4");
+    build_work_seed(&tools, None, &image, 64).unwrap();
+    write_file_into(&tools, &image, "/.gitconfig", &[b'x'; 100], 0o644).unwrap();
+    write_file_into(&tools, &image, "/small", b"ok", 0o644).unwrap();
+    let before = tools.calls().len();
+    let read = read_files_from(&tools, &image, &["/.gitconfig", "/small"], 99).unwrap();
+    assert_eq!(read, [GuestRead::TooLarge { size: 100 }, GuestRead::Contents(b"ok".to_vec())]);
+    let scripts: Vec<String> = tools.calls()[before..]
+        .iter()
+        .filter_map(|c| match c {
+            SeedCall::Debugfs(r) => Some(r.script()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        scripts,
+        ["stat /.gitconfig\nstat /small\n", "dump /small f1\n"],
+        "sizes first, then only the small file"
+    );
+    // Nothing within the cap: no dump run at all.
+    let before = tools.calls().len();
+    assert_eq!(read_files_from(&tools, &image, &["/.gitconfig"], 10).unwrap(), [GuestRead::TooLarge { size: 100 }]);
+    assert_eq!(tools.calls().len() - before, 1);
 }
 
 #[test]

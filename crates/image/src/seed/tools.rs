@@ -1,4 +1,5 @@
-//! The e2fsprogs programs work seeds need (`mkfs.ext4 -d`, `resize2fs`, `debugfs`), behind
+//! The e2fsprogs programs work seeds need (`mkfs.ext4 -d`, `resize2fs`, `debugfs`, and
+//! `e2fsck -fn` to check a guest-written disk before anything else parses it), behind
 //! [`SeedTools`].
 //!
 //! [`SystemSeedTools`] runs them; [`FakeSeedTools`] records each call as a [`SeedCall`] and acts
@@ -28,6 +29,8 @@ pub enum SeedTool {
     Resize2fs,
     /// `debugfs`.
     Debugfs,
+    /// `e2fsck`.
+    E2fsck,
 }
 
 impl SeedTool {
@@ -37,6 +40,7 @@ impl SeedTool {
             Self::MkfsExt4 => "mkfs.ext4",
             Self::Resize2fs => "resize2fs",
             Self::Debugfs => "debugfs",
+            Self::E2fsck => "e2fsck",
         }
     }
 }
@@ -331,16 +335,58 @@ pub struct ResizeRequest {
     pub image: PathBuf,
     /// New file system size in MiB.
     pub size_mib: u64,
+    /// `-f`: skip `resize2fs`'s own "run `e2fsck -f` first" demand. Only right just after a
+    /// clean [`SeedTools::e2fsck_ro`] of the same, unused image: a read-only check does not
+    /// record itself in the superblock, so `resize2fs` would still ask for one.
+    pub checked: bool,
 }
 
 impl ResizeRequest {
-    /// The arguments after `resize2fs`. No `-f`: the seed and its fresh clones were never
-    /// mounted, so `resize2fs` does not ask for `e2fsck -f`; if it does, the image is not what
-    /// it should be and the error says so.
+    /// The arguments after `resize2fs`. Without `checked`, no `-f`: the seed and its fresh
+    /// clones were never mounted, so `resize2fs` does not ask for `e2fsck -f`; if it does, the
+    /// image is not what it should be and the error says so.
     pub fn args(&self) -> Vec<OsString> {
-        vec![self.image.clone().into_os_string(), format!("{}M", self.size_mib).into()]
+        let mut args: Vec<OsString> = Vec::new();
+        if self.checked {
+            args.push("-f".into());
+        }
+        args.extend([self.image.clone().into_os_string(), format!("{}M", self.size_mib).into()]);
+        args
     }
 }
+
+/// What a read-only `e2fsck -fn` said about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsckReport {
+    /// No errors found (exit status 0).
+    pub clean: bool,
+    /// The start of what it printed (at most [`FSCK_OUTPUT_HEAD`] bytes), where the first
+    /// problems are.
+    pub output_head: String,
+}
+
+impl FsckReport {
+    /// The first problem `e2fsck` reported (its question and `no` answer dropped), cut to
+    /// 200 bytes; "errors found" when its output names none.
+    pub fn first_problem(&self) -> String {
+        let line = self
+            .output_head
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with("e2fsck ") && !l.starts_with("Pass ") && !l.ends_with("? no"))
+            .or_else(|| self.output_head.lines().map(str::trim).find(|l| l.ends_with("? no")))
+            .unwrap_or("errors found");
+        let line = line.split("  ").next().unwrap_or(line).trim_end_matches(['.', ' ']);
+        let mut end = line.len().min(200);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line[..end].to_owned()
+    }
+}
+
+/// Bytes of `e2fsck`'s output kept: a hostile file system can make it print without end.
+pub const FSCK_OUTPUT_HEAD: usize = 2048;
 
 /// The host programs that build, grow and edit work seeds.
 pub trait SeedTools: Send + Sync {
@@ -350,6 +396,56 @@ pub trait SeedTools: Send + Sync {
     fn resize2fs(&self, request: &ResizeRequest) -> Result<(), SeedToolError>;
     /// Runs a `debugfs` script.
     fn debugfs(&self, request: &DebugfsRequest) -> Result<DebugfsOutput, SeedToolError>;
+    /// Checks an unmounted ext4 image read-only and in full (`e2fsck -fn`): nothing is written.
+    fn e2fsck_ro(&self, image: &Path) -> Result<FsckReport, SeedToolError>;
+}
+
+/// Runs `e2fsck -fn image`, keeping only the first [`FSCK_OUTPUT_HEAD`] bytes of its output
+/// (stdout and stderr together; the rest is read and dropped, never buffered).
+fn run_e2fsck(image: &Path) -> Result<FsckReport, SeedToolError> {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let command = format!("e2fsck -fn {}", image.display());
+    let (reader, writer) = io::pipe().map_err(|source| SeedToolError::Spawn { command: command.clone(), source })?;
+    let stderr = writer.try_clone().map_err(|source| SeedToolError::Spawn { command: command.clone(), source })?;
+    let mut child = Command::new(SeedTool::E2fsck.program())
+        .arg("-fn")
+        .arg(image)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => SeedToolError::NotInstalled { tool: SeedTool::E2fsck },
+            _ => SeedToolError::Spawn { command: command.clone(), source },
+        })?;
+    let mut head: Vec<u8> = Vec::with_capacity(FSCK_OUTPUT_HEAD);
+    let mut chunk = [0u8; 8192];
+    let mut reader = reader;
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                let room = FSCK_OUTPUT_HEAD - head.len();
+                head.extend_from_slice(&chunk[..n.min(room)]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SeedToolError::Spawn { command, source });
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| SeedToolError::Spawn { command: command.clone(), source })?;
+    let output_head = String::from_utf8_lossy(&head).trim().to_owned();
+    match status.code() {
+        Some(0) => Ok(FsckReport { clean: true, output_head }),
+        // 4: errors left uncorrected (with -n, every error found).
+        Some(4) => Ok(FsckReport { clean: false, output_head }),
+        _ => Err(SeedToolError::Failed { command, status: status.to_string(), stderr: output_head }),
+    }
 }
 
 /// The real programs, from `PATH`.
@@ -379,6 +475,10 @@ impl SeedTools for SystemSeedTools {
 
     fn resize2fs(&self, request: &ResizeRequest) -> Result<(), SeedToolError> {
         run(SeedTool::Resize2fs, &request.args(), None, None).map(drop)
+    }
+
+    fn e2fsck_ro(&self, image: &Path) -> Result<FsckReport, SeedToolError> {
+        run_e2fsck(image)
     }
 
     fn debugfs(&self, request: &DebugfsRequest) -> Result<DebugfsOutput, SeedToolError> {
@@ -425,6 +525,8 @@ pub enum SeedCall {
     Resize2fs(ResizeRequest),
     /// `debugfs`.
     Debugfs(DebugfsRequest),
+    /// `e2fsck -fn` of an image.
+    E2fsck(PathBuf),
 }
 
 impl SeedCall {
@@ -434,6 +536,7 @@ impl SeedCall {
             Self::MkfsExt4 { .. } => SeedTool::MkfsExt4,
             Self::Resize2fs(_) => SeedTool::Resize2fs,
             Self::Debugfs(_) => SeedTool::Debugfs,
+            Self::E2fsck(_) => SeedTool::E2fsck,
         }
     }
 }
@@ -478,6 +581,8 @@ pub struct FakeSeedTools {
     pub fail_on: Option<SeedTool>,
     /// Makes `debugfs` ignore `set_inode_field` (a broken tool the callers must catch).
     pub ignore_set_inode_field: bool,
+    /// What `e2fsck -fn` reports as the errors of every image; `None`: images are clean.
+    pub fsck_errors: Option<String>,
 }
 
 /// Owner and group of what the fake `mkfs` puts in an image, as if built without root.
@@ -664,6 +769,14 @@ impl SeedTools for FakeSeedTools {
             .map_err(|source| SeedToolError::Io { path: request.image.clone(), source })
     }
 
+    fn e2fsck_ro(&self, image: &Path) -> Result<FsckReport, SeedToolError> {
+        self.record(SeedCall::E2fsck(image.to_owned()))?;
+        Ok(match &self.fsck_errors {
+            Some(errors) => FsckReport { clean: false, output_head: errors.clone() },
+            None => FsckReport { clean: true, output_head: String::new() },
+        })
+    }
+
     fn debugfs(&self, request: &DebugfsRequest) -> Result<DebugfsOutput, SeedToolError> {
         self.record(SeedCall::Debugfs(request.clone()))?;
         let mut out = DebugfsOutput::default();
@@ -779,8 +892,23 @@ mod tests {
             ]
             .map(OsString::from)
         );
-        let resize = ResizeRequest { image: "/o.ext4".into(), size_mib: 2048 };
+        let resize = ResizeRequest { image: "/o.ext4".into(), size_mib: 2048, checked: false };
         assert_eq!(resize.args(), ["/o.ext4", "2048M"].map(OsString::from));
+        let checked = ResizeRequest { checked: true, ..resize };
+        assert_eq!(checked.args(), ["-f", "/o.ext4", "2048M"].map(OsString::from));
+    }
+
+    #[test]
+    fn the_first_fsck_problem_is_quoted() {
+        let output = "e2fsck 1.47.0 (5-Feb-2023)\nPass 1: Checking inodes, blocks, and sizes\nPass 2: Checking \
+                      directory structure\nEntry 'bent' in /upper/etc (13) has deleted/unused inode 14.  Clear? no\n\n\
+                      Inode 13 ref count is 3, should be 2.  Fix? no\n";
+        let report = FsckReport { clean: false, output_head: output.into() };
+        assert_eq!(report.first_problem(), "Entry 'bent' in /upper/etc (13) has deleted/unused inode 14");
+        let bare = FsckReport { clean: false, output_head: "e2fsck 1.47.0\n".into() };
+        assert_eq!(bare.first_problem(), "errors found");
+        let long = FsckReport { clean: false, output_head: "é".repeat(300) };
+        assert_eq!(long.first_problem().len(), 200);
     }
 
     #[test]

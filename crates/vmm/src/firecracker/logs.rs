@@ -56,9 +56,26 @@ pub fn exit_cause(log: &str) -> Option<ExitCause> {
     })
 }
 
-/// [`exit_cause`] of the log file at `path` (a missing file shows nothing).
+/// Bytes of Firecracker's log [`exit_cause_of`] reads: its end, where a stop is logged.
+pub const LOG_TAIL_BYTES: u64 = 1 << 20;
+
+/// Bytes of the metrics file [`sum_metrics`] is given: the newest flushes (one line a minute,
+/// about 2 KiB each: more than a day's worth).
+pub const METRICS_TAIL_BYTES: u64 = 4 << 20;
+
+/// Longest log line kept in a cause, in bytes.
+const MAX_CAUSE_LINE: usize = 1024;
+
+/// [`exit_cause`] of the last [`LOG_TAIL_BYTES`] of the log file at `path` (a missing file
+/// shows nothing), its line cut to 1 KiB.
 pub fn exit_cause_of(path: &Path) -> Option<ExitCause> {
-    exit_cause(&String::from_utf8_lossy(&std::fs::read(path).ok()?))
+    let bytes = crate::logfile::read_tail(path, LOG_TAIL_BYTES).ok()?;
+    let cap = |line: String| crate::logfile::cap_line(&line, MAX_CAUSE_LINE);
+    exit_cause(&String::from_utf8_lossy(&bytes)).map(|cause| match cause {
+        ExitCause::GuestFault(line) => ExitCause::GuestFault(cap(line)),
+        ExitCause::VmmError(line) => ExitCause::VmmError(cap(line)),
+        ExitCause::Stopped => ExitCause::Stopped,
+    })
 }
 
 /// A log line without Firecracker's `timestamp [id:thread:LEVEL:origin]` prefix.

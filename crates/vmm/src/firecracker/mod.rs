@@ -720,7 +720,9 @@ impl FirecrackerDriver {
     ) -> Result<BTreeMap<String, u64>, FirecrackerError> {
         self.client(api_socket).action(ActionType::FlushMetrics).await?;
         let path = vm_dir.join(METRICS_FILE);
-        let text = std::fs::read(&path).map_err(|source| FirecrackerError::Io { path, source })?;
+        // Bounded: the newest flushes only (a cut first line is not JSON and is skipped).
+        let text = crate::logfile::read_tail(&path, logs::METRICS_TAIL_BYTES)
+            .map_err(|source| FirecrackerError::Io { path, source })?;
         Ok(logs::sum_metrics(&String::from_utf8_lossy(&text)))
     }
 }

@@ -2,12 +2,17 @@
 //! and the work disk mounted at /root, cloned from its image's work seed and grown to the VM's
 //! `--disk`. Seeds are built once per image, lazily (so images made before seeds existed get
 //! one on first use), under the image's seed lock.
+//!
+//! A work disk the guest has used is guest-written: before `resize2fs` grows it, a read-only
+//! `e2fsck -fn` checks it in full, and a disk with errors (or a journal left to replay by a
+//! guest that did not stop cleanly) is not grown: the start goes on at the old size with a
+//! warning, and a later start after a clean stop grows it.
 
 use std::path::{Path, PathBuf};
 
 use banger_core::{ImageRecord, VmRecord};
 use banger_image::rootfs::BuiltImage;
-use banger_image::seed::{self, ResizeRequest, SeedTools as _, SystemSeedTools};
+use banger_image::seed::{self, ResizeRequest, SeedTools, SystemSeedTools};
 
 use super::{Artifacts, ArtifactsError};
 
@@ -34,6 +39,9 @@ pub enum DiskError {
     /// The file system could not be grown.
     #[error("cannot grow the work disk's filesystem")]
     Resize(#[source] banger_image::seed::SeedToolError),
+    /// The file system could not be checked before a grow.
+    #[error("cannot check the work disk's filesystem before growing it")]
+    Check(#[source] banger_image::seed::SeedToolError),
     /// The seed could not be built or cloned.
     #[error("cannot {what}")]
     Seed {
@@ -51,6 +59,8 @@ pub struct VmDisks {
     pub overlay: PathBuf,
     /// Work disk (/root).
     pub work: PathBuf,
+    /// What the operation should tell: a grow that was skipped.
+    pub warnings: Vec<String>,
 }
 
 impl Artifacts {
@@ -63,11 +73,15 @@ impl Artifacts {
         built: &BuiltImage,
     ) -> Result<VmDisks, ArtifactsError> {
         let paths = vm.paths();
-        let disks = VmDisks { overlay: PathBuf::from(&paths.overlay_disk), work: PathBuf::from(&paths.work_disk) };
+        let mut disks = VmDisks {
+            overlay: PathBuf::from(&paths.overlay_disk),
+            work: PathBuf::from(&paths.work_disk),
+            warnings: Vec::new(),
+        };
         let seed = if disks.work.exists() { None } else { Some(self.ensure_seed(image, built).await?) };
         let (overlay, work, overlay_mib, disk_mib) =
             (disks.overlay.clone(), disks.work.clone(), self.fleet.config.overlay_mib, vm.spec.disk_mib);
-        tokio::task::spawn_blocking(move || -> Result<(), DiskError> {
+        let skipped = tokio::task::spawn_blocking(move || -> Result<Option<String>, DiskError> {
             if !overlay.exists() {
                 make_ext4(&overlay, overlay_mib)?;
             }
@@ -76,12 +90,16 @@ impl Artifacts {
                     let report = seed::clone_work_disk(&SystemSeedTools, &seed, &work, disk_mib)
                         .map_err(|source| DiskError::Seed { what: "clone the work disk".into(), source })?;
                     tracing::debug!(method = ?report.method, elapsed = ?report.elapsed, "work disk cloned");
+                    Ok(None)
                 }
-                None => grow(&work, disk_mib)?,
+                None => grow(&SystemSeedTools, &work, disk_mib),
             }
-            Ok(())
         })
         .await??;
+        if let Some(warning) = skipped {
+            tracing::warn!(vm = %vm.name, %warning, "work disk not grown");
+            disks.warnings.push(warning);
+        }
         Ok(disks)
     }
 
@@ -110,15 +128,26 @@ impl Artifacts {
 }
 
 /// Grows the work disk file and its filesystem to `size_mib` if it is smaller (never shrinks).
-fn grow(work: &Path, size_mib: u64) -> Result<(), DiskError> {
+/// The disk is guest-written: it is grown only after a clean `e2fsck -fn`; otherwise nothing is
+/// changed and the returned warning says why and what to do.
+fn grow(tools: &dyn SeedTools, work: &Path, size_mib: u64) -> Result<Option<String>, DiskError> {
     let io = |what: &'static str| move |source| DiskError::Io { what, path: work.to_owned(), source };
     let want = size_mib * 1024 * 1024;
     let have = std::fs::metadata(work).map_err(io("stat"))?.len();
     if have >= want {
-        return Ok(());
+        return Ok(None);
+    }
+    let report = tools.e2fsck_ro(work).map_err(DiskError::Check)?;
+    if !report.clean {
+        let problem = report.first_problem();
+        return Ok(Some(format!(
+            "the work disk was not grown to {size_mib} MiB: `e2fsck -fn` found its file system unclean ({problem}); \
+             stop the vm cleanly (`banger vm stop`, not --force) and start it again to grow it"
+        )));
     }
     std::fs::OpenOptions::new().write(true).open(work).and_then(|f| f.set_len(want)).map_err(io("grow"))?;
-    SystemSeedTools.resize2fs(&ResizeRequest { image: work.to_owned(), size_mib }).map_err(DiskError::Resize)
+    tools.resize2fs(&ResizeRequest { image: work.to_owned(), size_mib, checked: true }).map_err(DiskError::Resize)?;
+    Ok(None)
 }
 
 /// Makes a sparse ext4 file of `size_mib` at `path` (written to a temp name, then renamed).
@@ -141,4 +170,41 @@ fn make_ext4(path: &Path, size_mib: u64) -> Result<(), DiskError> {
         return Err(DiskError::Mkfs(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
     }
     std::fs::rename(&tmp, path).map_err(io("publish", path))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "a failed unwrap fails the test")]
+mod tests {
+    use banger_image::seed::{FakeSeedTools, SeedCall};
+
+    use super::*;
+
+    #[test]
+    fn a_used_work_disk_is_grown_only_after_a_clean_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work.ext4");
+        std::fs::File::create(&work).unwrap().set_len(64 << 20).unwrap();
+
+        let clean = FakeSeedTools::new();
+        assert_eq!(grow(&clean, &work, 64).unwrap(), None, "no grow asked: nothing runs");
+        assert!(clean.calls().is_empty());
+        assert_eq!(grow(&clean, &work, 128).unwrap(), None);
+        let calls = clean.calls();
+        assert_eq!(calls[0], SeedCall::E2fsck(work.clone()));
+        assert_eq!(calls[1], SeedCall::Resize2fs(ResizeRequest { image: work.clone(), size_mib: 128, checked: true }));
+        assert_eq!(std::fs::metadata(&work).unwrap().len(), 128 << 20);
+
+        let dirty = FakeSeedTools {
+            fsck_errors: Some("Inode 12 has illegal blocks.  Clear? no\n".into()),
+            ..Default::default()
+        };
+        let warning = grow(&dirty, &work, 256).unwrap().expect("a warning");
+        assert!(
+            warning.contains("not grown to 256 MiB") && warning.contains("Inode 12 has illegal blocks"),
+            "{warning}"
+        );
+        assert!(warning.contains("stop the vm cleanly"), "{warning}");
+        assert_eq!(dirty.calls(), [SeedCall::E2fsck(work.clone())], "no resize2fs on an unclean disk");
+        assert_eq!(std::fs::metadata(&work).unwrap().len(), 128 << 20, "the file is not grown either");
+    }
 }

@@ -123,15 +123,36 @@ impl From<Cancelled> for LifecycleError {
 
 /// How long a guest may take to power off when asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Console lines quoted in boot errors.
+/// Console lines quoted in boot errors (stored with the VM and shown in every list).
 const CONSOLE_TAIL: usize = 15;
+/// Longest console line quoted in a boot error, in bytes: 15 of them stay under 8 KiB.
+const CONSOLE_TAIL_LINE: usize = 512;
+/// Bytes of the console log a boot error's tail is taken from.
+const CONSOLE_TAIL_BYTES: u64 = 64 << 10;
 
-/// The last `n` lines of a text file, or a note that it is empty.
-pub fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    lines[start..].join("\n")
+/// The last `n` lines of a guest-written text file, each cut to `max_line` bytes, read from
+/// its last `max_bytes` bytes: never the whole file (see `banger_vmm::logfile`).
+pub fn tail_lines(path: &Path, n: usize, max_line: usize, max_bytes: u64) -> String {
+    banger_vmm::logfile::tail_lines(path, n, max_line, max_bytes)
+}
+
+/// Rotates a running VM's console log once it passes its cap (the guest decides how much it
+/// writes; see `banger_vmm::logfile`). A stat per call; the copy runs off the runtime.
+async fn keep_console_capped(vm: &str, console: &Path) {
+    use banger_vmm::logfile::{rotate_if_over, CONSOLE_LOG_CAP};
+    if std::fs::metadata(console).map_or(true, |m| m.len() <= CONSOLE_LOG_CAP) {
+        return;
+    }
+    let path = console.to_owned();
+    match tokio::task::spawn_blocking(move || rotate_if_over(&path, CONSOLE_LOG_CAP)).await {
+        Ok(Ok(rotated)) => {
+            if rotated {
+                tracing::debug!(vm, "console log rotated");
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(vm, error = %e, "cannot rotate the console log"),
+        Err(e) => tracing::warn!(vm, error = %e, "console log rotation task failed"),
+    }
 }
 
 /// The lifecycle service: start, stop, boot, and the monitors of running VMs.
@@ -412,7 +433,7 @@ impl Lifecycle {
                 vm: vm.name.clone(),
                 what: if restored { "did not take its own identity" } else { "did not become ready" },
                 why,
-                console: tail_lines(&console, CONSOLE_TAIL),
+                console: tail_lines(&console, CONSOLE_TAIL, CONSOLE_TAIL_LINE, CONSOLE_TAIL_BYTES),
             }),
         }
     }
@@ -648,12 +669,14 @@ impl Lifecycle {
         let daemon = Arc::downgrade(self);
         tokio::spawn(async move {
             let dir = PathBuf::from(&vm.vm_dir);
+            let console = PathBuf::from(vm.paths().console_log);
             let Some(driver) = daemon.upgrade().map(|d| d.fleet.driver(vm.spec.vmm)) else { return };
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(d) = daemon.upgrade() else { return };
                 // `is_alive` also reaps the VMM when it is our child.
                 if driver.is_alive(pid, &dir) {
+                    keep_console_capped(&vm.name, &console).await;
                     continue;
                 }
                 // Only act if these handles are still the VM's (a restart publishes new ones).

@@ -87,10 +87,11 @@ impl Provision for ArtifactProvision {
             };
             let disks = if restoring {
                 let paths = vm.paths();
-                VmDisks { overlay: paths.overlay_disk.into(), work: paths.work_disk.into() }
+                VmDisks { overlay: paths.overlay_disk.into(), work: paths.work_disk.into(), warnings: Vec::new() }
             } else {
                 op.stage("disks")?;
                 let disks = self.artifacts.provision_disks(vm, &image, &built).await?;
+                disks.warnings.iter().for_each(|w| op.warn(w));
                 op.stage("guest-files")?;
                 self.ssh.prepare_guest_files(vm, &disks.work, git).await?.iter().for_each(|w| op.warn(w));
                 disks

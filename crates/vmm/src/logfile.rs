@@ -1,0 +1,178 @@
+//! Files the guest writes into on the host (the serial console log) and files a VMM writes
+//! about it (Firecracker's log and metrics), read and kept with bounds: the guest decides what
+//! they hold and how fast they grow.
+//!
+//! Reads never take a whole file: [`read_tail`] seeks to the end minus a byte budget and reads
+//! at most that many bytes; [`tail_lines`] splits such a tail into lines (UTF-8 lossy) and cuts
+//! each one to a byte cap, so a guest that never writes a newline still yields short text.
+//!
+//! The console log is kept under a byte cap by [`rotate_if_over`]: its newest bytes are copied
+//! to `<log>.1` (one old file, replaced each time) and the log is truncated to zero. This is
+//! safe while the VMM writes because the VMM writes it with `O_APPEND` (QEMU's
+//! `-chardev file,append=on`, Firecracker's serial file): after the truncation its next write
+//! lands at the new end, never at an old offset that would leave a sparse hole. Bytes written
+//! between the copy and the truncation are lost; that is the price of not stopping the guest.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Byte cap of a console log before it is rotated; with its `.1` a VM keeps at most twice this
+/// (plus what the guest writes between two checks).
+pub const CONSOLE_LOG_CAP: u64 = 2 << 20;
+
+/// Longest line `vm logs` returns; longer lines are cut and marked.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// What is appended to a line cut at its cap.
+pub const CUT_MARK: &str = " [line cut]";
+
+/// The last `max_bytes` bytes of the file at `path` (all of it if smaller). Never reads more,
+/// whatever the file's size.
+pub fn read_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len - start).unwrap_or(0).min(1 << 20));
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// `line` cut to at most `max_bytes` bytes (on a character boundary) plus [`CUT_MARK`].
+pub fn cap_line(line: &str, max_bytes: usize) -> String {
+    if line.len() <= max_bytes {
+        return line.to_owned();
+    }
+    let mut end = max_bytes;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT_MARK}", &line[..end])
+}
+
+/// Every line of `bytes` (UTF-8 lossy, `\r` dropped), each cut to `max_line` bytes. When
+/// `partial_first` is set, the first line is dropped unless it is the only text: it is the cut
+/// end of a line that began before the tail.
+pub fn capped_lines(bytes: &[u8], max_line: usize, partial_first: bool) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if partial_first && lines.len() > 1 {
+        lines.remove(0);
+    }
+    lines.iter().map(|l| cap_line(l.trim_end_matches('\r'), max_line)).collect()
+}
+
+/// The last `n` lines of the file at `path` read from its last `max_bytes` bytes, each cut to
+/// `max_line` bytes, joined by newlines. A missing or unreadable file gives "".
+pub fn tail_lines(path: &Path, n: usize, max_line: usize, max_bytes: u64) -> String {
+    let Ok(bytes) = read_tail(path, max_bytes) else { return String::new() };
+    let cut = std::fs::metadata(path).is_ok_and(|m| m.len() > max_bytes);
+    let lines = capped_lines(&bytes, max_line, cut);
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `<path>.1`, where a rotated log's previous bytes go.
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// When the file at `path` is larger than `cap`, moves its last `cap` bytes to `<path>.1`
+/// (written anew) and truncates it to zero; returns whether it did. The writer must append
+/// (`O_APPEND`), see the module doc. A missing file is left alone.
+pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= cap {
+        return Ok(false);
+    }
+    let tail = read_tail(path, cap)?;
+    let old = rotated_path(path);
+    let mut tmp = old.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        out.write_all(&tail)?;
+    }
+    std::fs::rename(&tmp, &old)?;
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "a failed unwrap fails the test")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_tail_reads_only_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_tail(&path, 4).unwrap(), b"6789");
+        assert_eq!(read_tail(&path, 100).unwrap(), b"0123456789");
+        assert_eq!(read_tail(&path, 0).unwrap(), b"");
+        assert!(read_tail(&dir.path().join("none"), 4).is_err());
+    }
+
+    #[test]
+    fn a_huge_sparse_file_is_read_in_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let file = File::create(&path).unwrap();
+        file.set_len(20 << 30).unwrap();
+        drop(file);
+        OpenOptions::new().append(true).open(&path).unwrap().write_all(b"\nlast line\n").unwrap();
+        assert_eq!(tail_lines(&path, 3, 16, 64), "last line");
+        assert_eq!(read_tail(&path, 1 << 20).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn lines_are_cut_on_character_boundaries() {
+        assert_eq!(cap_line("short", 10), "short");
+        assert_eq!(cap_line("abcdef", 3), format!("abc{CUT_MARK}"));
+        // "é" is two bytes: a cap inside it backs off to the boundary.
+        assert_eq!(cap_line("aé", 2), format!("a{CUT_MARK}"));
+        let lines = capped_lines(b"cut end\nfull\n\xff\xfe\r\n", 100, true);
+        assert_eq!(lines, ["full", "\u{fffd}\u{fffd}"]);
+        assert_eq!(capped_lines(b"only", 100, true), ["only"]);
+    }
+
+    #[test]
+    fn tail_lines_caps_count_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let long = "x".repeat(10_000);
+        std::fs::write(&path, format!("a\nb\n{long}\nc\n")).unwrap();
+        let tail = tail_lines(&path, 2, 8, 1 << 20);
+        assert_eq!(tail, format!("xxxxxxxx{CUT_MARK}\nc"));
+        assert_eq!(tail_lines(&path, 10, 8, 4), "c");
+        assert_eq!(tail_lines(&dir.path().join("none"), 3, 8, 64), "");
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_bytes_in_one_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        assert!(!rotate_if_over(&path, 8).unwrap(), "a missing log is left alone");
+        let mut writer = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        writer.write_all(b"12345678").unwrap();
+        assert!(!rotate_if_over(&path, 8).unwrap(), "at the cap is not over it");
+        writer.write_all(b"9abc").unwrap();
+        assert!(rotate_if_over(&path, 8).unwrap());
+        assert_eq!(std::fs::read(rotated_path(&path)).unwrap(), b"56789abc");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // The appending writer goes on at the new end: no hole where the old bytes were.
+        writer.write_all(b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        writer.write_all(b"-more-than-8").unwrap();
+        assert!(rotate_if_over(&path, 8).unwrap());
+        assert_eq!(std::fs::read(rotated_path(&path)).unwrap(), b"e-than-8", "the old file is replaced");
+    }
+}
