@@ -13,6 +13,7 @@ mod template;
 
 mod boot;
 mod forward;
+mod hostile_flow;
 mod images;
 mod network;
 mod recovery;
