@@ -4,17 +4,24 @@
 //!
 //! Handlers (exec, files, ports, sessions, tunnels, the workspace import, ...) use this module
 //! only; `serve.rs` reads frames and dispatches requests to them. A route names its handler's
-//! state through the small traits here ([`Process`], [`Attachment`], [`Window`]), so this
-//! module knows no handler.
+//! state through the small traits here ([`Process`], [`Attachment`]), so this module knows no
+//! handler.
+//!
+//! Flow control lives here too: every channel has a [`Credit`] (the host's window, opened by
+//! its `Ack`s), and [`Link::send`] of streamed bytes (`Stdout`, `Stderr`, `Data`) waits for it,
+//! so a handler that streams blocks — and stops reading its pipe, socket or file — while the
+//! host's client is not consuming.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
-use banger_proto::agent::{parse_ack, AgentFailure, Frame, FrameKind, SignalRequest, MAX_PAYLOAD};
+use banger_proto::agent::{
+    parse_ack, AgentFailure, Frame, FrameKind, SignalRequest, MAX_PAYLOAD, STREAM_CHUNK, WINDOW,
+};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
@@ -96,11 +103,52 @@ pub trait Attachment: Send + Sync + fmt::Debug {
     fn close(&self);
 }
 
-/// The guest → host window of a channel, opened by the host's `Ack`s (a tunnel).
-pub trait Window: Send + Sync + fmt::Debug {
-    /// The host has consumed `n` bytes.
-    fn release(&self, n: usize);
+/// A channel's guest → host window: streamed bytes sent and not yet acknowledged by the host.
+#[derive(Debug, Default)]
+pub struct Credit {
+    state: Mutex<CreditState>,
+    changed: Condvar,
 }
+
+#[derive(Debug, Default)]
+struct CreditState {
+    in_flight: usize,
+    closed: bool,
+}
+
+impl Credit {
+    /// Waits until `n` (at most [`STREAM_CHUNK`]) more bytes fit in the window and takes
+    /// them. Once closed (the channel or its connection ended) it no longer waits: it takes
+    /// what still fits (output already on its way before a detach still goes) and otherwise
+    /// says false.
+    pub fn acquire(&self, n: usize) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !state.closed && state.in_flight + n > WINDOW {
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.in_flight + n > WINDOW {
+            return false;
+        }
+        state.in_flight += n;
+        true
+    }
+
+    /// The host has consumed `n` bytes.
+    pub fn release(&self, n: usize) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.in_flight = state.in_flight.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    /// Wakes a waiting sender for good: nobody will grant credit any more.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// A connection's channel credits, by channel id.
+pub type Credits = Arc<Mutex<HashMap<u32, Arc<Credit>>>>;
 
 /// What the reader does with later frames on a channel.
 #[derive(Debug)]
@@ -114,9 +162,8 @@ pub enum Route {
     },
     /// A `write_file` or `unpack` receiving `Data` (dropping the sender abandons it).
     Upload(mpsc::Sender<Vec<u8>>),
-    /// A `connect` tunnel: its `Data` (dropping the sender closes its socket) and the window
-    /// its `Ack`s open.
-    Tunnel(mpsc::Sender<Vec<u8>>, Arc<dyn Window>),
+    /// A `connect` tunnel: its `Data` (dropping the sender closes its socket).
+    Tunnel(mpsc::Sender<Vec<u8>>),
     /// A session attach or followed log: stdin, signals and `Close` (detach) go to it.
     Session(Arc<dyn Attachment>),
 }
@@ -124,23 +171,65 @@ pub enum Route {
 /// A connection's routes, by channel id.
 pub type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
+/// A connection's routes and credits.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    /// Where later frames go.
+    pub routes: Routes,
+    /// Each open channel's window.
+    pub credits: Credits,
+}
+
 /// One channel's way back to the host.
 #[derive(Debug, Clone)]
 pub struct Link {
     writer: Arc<Writer>,
     generation: u64,
     channel: u32,
-    routes: Routes,
+    table: Table,
+    credit: Arc<Credit>,
 }
 
 impl Link {
-    /// The link of `channel` on the connection of `generation`.
-    pub fn new(writer: Arc<Writer>, generation: u64, channel: u32, routes: Routes) -> Self {
-        Self { writer, generation, channel, routes }
+    /// The link of `channel` on the connection of `generation`, for a frame other than a
+    /// `Request` (its channel's credit, if it is open).
+    pub fn new(writer: Arc<Writer>, generation: u64, channel: u32, table: Table) -> Self {
+        let credit = table.credits.lock().unwrap_or_else(PoisonError::into_inner).get(&channel).cloned();
+        let credit = credit.unwrap_or_else(|| {
+            // Not an open channel: nothing may stream on it.
+            let closed = Credit::default();
+            closed.close();
+            Arc::new(closed)
+        });
+        Self { writer, generation, channel, table, credit }
     }
 
-    /// Sends raw bytes, split into frames of at most `MAX_PAYLOAD`.
+    /// The link of a channel a `Request` opens: a fresh window of credit.
+    pub fn open(writer: Arc<Writer>, generation: u64, channel: u32, table: Table) -> Self {
+        let credit = Arc::new(Credit::default());
+        let old = table.credits.lock().unwrap_or_else(PoisonError::into_inner).insert(channel, Arc::clone(&credit));
+        if let Some(old) = old {
+            old.close();
+        }
+        Self { writer, generation, channel, table, credit }
+    }
+
+    /// Sends raw bytes. Streamed kinds (`Stdout`, `Stderr`, `Data`) go in frames of at most
+    /// [`STREAM_CHUNK`], each waiting for the host's credit; others in frames of at most
+    /// `MAX_PAYLOAD`. `Gone` when the host went away or closed the channel.
     pub fn send(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), Gone> {
+        if kind.is_credited() {
+            if payload.is_empty() {
+                return self.writer.write(self.generation, &Frame::new(self.channel, kind, payload).encode());
+            }
+            for piece in payload.chunks(STREAM_CHUNK) {
+                if !self.credit.acquire(piece.len()) {
+                    return Err(Gone);
+                }
+                self.writer.write(self.generation, &Frame::new(self.channel, kind, piece.to_vec()).encode())?;
+            }
+            return Ok(());
+        }
         if payload.len() <= MAX_PAYLOAD {
             return self.writer.write(self.generation, &Frame::new(self.channel, kind, payload).encode());
         }
@@ -148,6 +237,11 @@ impl Link {
             self.writer.write(self.generation, &Frame::new(self.channel, kind, piece.to_vec()).encode())?;
         }
         Ok(())
+    }
+
+    /// Ends the wait of a sender blocked on credit: nobody reads this channel any more.
+    pub fn stop_streaming(&self) {
+        self.credit.close();
     }
 
     /// Sends a JSON payload.
@@ -162,16 +256,21 @@ impl Link {
 
     /// Routes the channel's later frames to `route`.
     pub fn route(&self, route: Route) {
-        if let Ok(mut routes) = self.routes.lock() {
+        if let Ok(mut routes) = self.table.routes.lock() {
             routes.insert(self.channel, route);
         }
     }
 
     /// Forgets the channel's route: later frames on it are ignored.
     pub fn finish(&self) {
-        if let Ok(mut routes) = self.routes.lock() {
+        if let Ok(mut routes) = self.table.routes.lock() {
             routes.remove(&self.channel);
         }
+        let mut credits = self.table.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        if credits.get(&self.channel).is_some_and(|c| Arc::ptr_eq(c, &self.credit)) {
+            credits.remove(&self.channel);
+        }
+        self.credit.close();
     }
 
     /// Delivers a frame other than a `Request` to the route of its channel (`frame.channel`,
@@ -179,7 +278,7 @@ impl Link {
     pub fn deliver(&self, frame: Frame) {
         match frame.kind {
             FrameKind::Stdin => {
-                let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Some(Route::Session(control)) = routes.get(&frame.channel) {
                     control.stdin(frame.payload);
                 } else if let Some(Route::Exec { stdin: slot @ Some(_), .. }) = routes.get_mut(&frame.channel) {
@@ -194,7 +293,7 @@ impl Link {
             }
             FrameKind::Signal => match frame.parse::<SignalRequest>("signal") {
                 Ok(request) => {
-                    let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                    let routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);
                     let signal = Signal::try_from(request.signal);
                     match (routes.get(&frame.channel), signal) {
                         (Some(Route::Exec { control, .. }), Ok(signal)) => control.signal(signal),
@@ -206,13 +305,13 @@ impl Link {
                 Err(e) => log!("ignoring a bad signal frame: {e}"),
             },
             FrameKind::Data => {
-                let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(Route::Upload(tx) | Route::Tunnel(tx, _)) = routes.get(&frame.channel) {
+                let routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(Route::Upload(tx) | Route::Tunnel(tx)) = routes.get(&frame.channel) {
                     let _ = tx.send(frame.payload);
                 }
             }
             FrameKind::Close => {
-                let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);
                 match routes.get(&frame.channel) {
                     // Dropping the sender tells the tunnel to close its socket, an upload to stop.
                     Some(Route::Tunnel(..) | Route::Upload(_)) => {
@@ -220,17 +319,19 @@ impl Link {
                     }
                     // The channel's thread notices, says `Close` and forgets the route.
                     Some(Route::Session(control)) => control.close(),
+                    // The host will read no more of it (it may have closed the channel for
+                    // breaking flow control): the command ends.
+                    Some(Route::Exec { control, .. }) => control.kill(),
                     _ => {}
                 }
+                drop(routes);
+                // A sender waiting for credit stops waiting: none will come.
+                self.credit.close();
             }
-            FrameKind::Ack => {
-                let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-                if let (Some(Route::Tunnel(_, credit)), Some(n)) =
-                    (routes.get(&frame.channel), parse_ack(&frame.payload))
-                {
-                    credit.release(n);
-                }
-            }
+            FrameKind::Ack => match parse_ack(&frame.payload) {
+                Some(n) => self.credit.release(n),
+                None => log!("ignoring a bad ack on channel {}", frame.channel),
+            },
             other => log!("ignoring a {other:?} frame from the host on channel {}", frame.channel),
         }
     }
@@ -238,8 +339,14 @@ impl Link {
 
 /// Forgets every route of an ended connection: SIGKILLs the processes it started and ends its
 /// attaches (sessions outlive connections).
-pub fn hang_up(routes: &Routes) {
-    let routes: Vec<Route> = routes.lock().map(|mut r| r.drain().map(|(_, route)| route).collect()).unwrap_or_default();
+pub fn hang_up(table: &Table) {
+    let credits: Vec<Arc<Credit>> =
+        table.credits.lock().map(|mut c| c.drain().map(|(_, credit)| credit).collect()).unwrap_or_default();
+    for credit in credits {
+        credit.close();
+    }
+    let routes: Vec<Route> =
+        table.routes.lock().map(|mut r| r.drain().map(|(_, route)| route).collect()).unwrap_or_default();
     for route in routes {
         match route {
             Route::Exec { control, .. } => control.kill(),
@@ -256,5 +363,97 @@ pub fn spawn_channel(link: Link, name: &str, work: impl FnOnce(Link) + Send + 's
     if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(move || work(theirs)) {
         link.fail(&format!("cannot start a thread: {e}"));
         link.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::agent::{ack_payload, Decoder};
+    use std::io::Read as _;
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    #[test]
+    fn credit_holds_a_sender_to_the_window_until_released_or_closed() {
+        let credit = Arc::new(Credit::default());
+        assert!(credit.acquire(WINDOW - 10));
+        let waiter = {
+            let credit = Arc::clone(&credit);
+            std::thread::spawn(move || credit.acquire(100))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "100 more bytes do not fit");
+        credit.release(STREAM_CHUNK);
+        assert!(waiter.join().expect("join"), "released");
+        let blocked = {
+            let credit = Arc::clone(&credit);
+            std::thread::spawn(move || credit.acquire(STREAM_CHUNK))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        credit.close();
+        assert!(!blocked.join().expect("join"), "closing ends the wait");
+        assert!(!credit.acquire(STREAM_CHUNK), "a closed window does not wait");
+    }
+
+    /// Reads frames from `peer` until `want` payload bytes have come (or `deadline`).
+    fn read_until(peer: &mut UnixStream, decoder: &mut Decoder, want: usize, deadline: Instant) -> usize {
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < want && Instant::now() < deadline {
+            match peer.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => decoder.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            while let Ok(Some(frame)) = decoder.next_frame() {
+                assert!(frame.payload.len() <= STREAM_CHUNK, "streamed frames are at most a chunk");
+                got += frame.payload.len();
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_stream_stops_at_the_window_and_goes_on_with_acks_or_ends_on_close() {
+        let (ours, mut peer) = UnixStream::pair().expect("pair");
+        peer.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        let writer = Arc::new(Writer::default());
+        let generation = writer.attach(Arc::new(OwnedFd::from(ours)));
+        let table = Table::default();
+        let link = Link::open(Arc::clone(&writer), generation, 5, table.clone());
+        let sender = {
+            let link = link.clone();
+            std::thread::spawn(move || link.send(FrameKind::Stdout, vec![1u8; 3 * WINDOW]).is_ok())
+        };
+        let mut decoder = Decoder::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(read_until(&mut peer, &mut decoder, WINDOW, deadline), WINDOW);
+        // No credit: nothing more comes until the host acknowledges.
+        assert_eq!(read_until(&mut peer, &mut decoder, 1, Instant::now() + Duration::from_millis(200)), 0);
+        let ack = |n| {
+            Link::new(Arc::clone(&writer), generation, 5, table.clone()).deliver(Frame::new(
+                5,
+                FrameKind::Ack,
+                ack_payload(n),
+            ))
+        };
+        ack(WINDOW);
+        assert_eq!(read_until(&mut peer, &mut decoder, WINDOW, deadline), WINDOW);
+        // The host closes the channel: the blocked sender gives up.
+        Link::new(Arc::clone(&writer), generation, 5, table.clone()).deliver(Frame::new(
+            5,
+            FrameKind::Close,
+            Vec::new(),
+        ));
+        assert!(!sender.join().expect("join"), "a closed channel ends the stream");
+        // Control frames need no credit.
+        link.json(FrameKind::Exit, &banger_proto::agent::ExitStatus { code: 0, signal: None }).expect("exit");
+        // A hang-up closes every window.
+        let other = Link::open(Arc::clone(&writer), generation, 6, table.clone());
+        other.send(FrameKind::Data, vec![0u8; 1000]).expect("within the window");
+        hang_up(&table);
+        assert!(other.send(FrameKind::Data, vec![0u8; WINDOW]).is_err(), "no wait for credit after a hang-up");
     }
 }

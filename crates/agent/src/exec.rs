@@ -517,8 +517,10 @@ fn feed(fd: OwnedFd, chunks: &mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-/// Streams one output pipe to the host until EOF. After the host has gone it keeps reading
-/// (and dropping) so the command never blocks on a full pipe.
+/// Streams one output pipe to the host until EOF. While the host grants no credit `send`
+/// waits, so the pipe is not read and a command that writes faster than the host's client
+/// reads blocks on it. After the host has gone (or closed the channel) it keeps reading (and
+/// dropping) so the command never blocks on a full pipe.
 fn pump(fd: OwnedFd, link: &Link, kind: FrameKind) {
     let mut pipe = std::fs::File::from(fd);
     let mut buf = vec![0u8; 64 * 1024];

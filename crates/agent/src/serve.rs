@@ -25,11 +25,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use banger_proto::agent::{AgentRequest, AgentResponse, Decoder, Frame, FrameKind, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
+use banger_proto::agent::{
+    AgentRequest, AgentResponse, Decoder, Frame, FrameError, FrameKind, AGENT_PORT_NAME, AGENT_VSOCK_PORT,
+};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::channel::{self, spawn_channel, Link, Route, Routes, Writer};
+use crate::channel::{self, spawn_channel, Link, Route, Table, Writer};
 use crate::exec::{self, ExecControl};
 use crate::{files, ports, session, tunnel, workspace};
 
@@ -257,7 +259,7 @@ fn wait_for_host(fd: &OwnedFd) -> Result<(), ServeError> {
 /// Serves one host connection until it ends or asks for `shutdown`.
 fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeError> {
     let mut generation = writer.attach(Arc::clone(&fd));
-    let mut routes: Routes = Arc::default();
+    let mut table = Table::default();
     // Highest channel id a request has opened on this connection (see `reconnected`).
     let mut highest = 0u32;
     let mut decoder = Decoder::default();
@@ -283,11 +285,15 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
                 Ok(Some(frame)) => {
                     let restarted = frame.kind == FrameKind::Request && reconnected(frame.channel, &mut highest);
                     if restarted {
-                        end_connection(writer, &routes);
+                        end_connection(writer, &table);
                         generation = writer.attach(Arc::clone(&fd));
-                        routes = Arc::default();
+                        table = Table::default();
                     }
-                    let link = Link::new(Arc::clone(writer), generation, frame.channel, Arc::clone(&routes));
+                    let link = if frame.kind == FrameKind::Request {
+                        Link::open(Arc::clone(writer), generation, frame.channel, table.clone())
+                    } else {
+                        Link::new(Arc::clone(writer), generation, frame.channel, table.clone())
+                    };
                     if dispatch(frame, link) {
                         break 'conn Ok(Outcome::Shutdown);
                     }
@@ -297,10 +303,14 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
                     }
                 }
                 Ok(None) => break,
+                Err(e @ FrameError::Oversize { .. }) => {
+                    // Skipped by the decoder; the stream is still in step.
+                    log!("bad frame from the host: {e}; ignored");
+                }
                 Err(e) => {
                     // The stream is out of step; tell the host on channel 0 and start afresh.
                     log!("bad frame from the host: {e}; resetting the decoder");
-                    let link = Link::new(Arc::clone(writer), generation, 0, Arc::clone(&routes));
+                    let link = Link::new(Arc::clone(writer), generation, 0, table.clone());
                     link.fail(&format!("bad frame: {e}"));
                     decoder = Decoder::default();
                     break;
@@ -308,7 +318,7 @@ fn connection(writer: &Arc<Writer>, fd: Arc<OwnedFd>) -> Result<Outcome, ServeEr
             }
         }
     };
-    end_connection(writer, &routes);
+    end_connection(writer, &table);
     outcome
 }
 
@@ -324,9 +334,9 @@ fn reconnected(channel: u32, highest: &mut u32) -> bool {
 }
 
 /// Stops writing for the connection and SIGKILLs the processes it started.
-fn end_connection(writer: &Writer, routes: &Routes) {
+fn end_connection(writer: &Writer, table: &Table) {
     writer.detach();
-    channel::hang_up(routes);
+    channel::hang_up(table);
 }
 
 /// Handles one frame; true when the host asked for `shutdown` (answered already).
@@ -371,9 +381,8 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
         }
         AgentRequest::Connect { port } => {
             let (tx, rx) = mpsc::channel();
-            let credit = Arc::new(tunnel::Credit::default());
-            link.route(Route::Tunnel(tx, Arc::<tunnel::Credit>::clone(&credit)));
-            spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx, credit));
+            link.route(Route::Tunnel(tx));
+            spawn_channel(link, "connect", move |link| tunnel::session(link, port, rx));
         }
         AgentRequest::Session(op) => session::request(op, link),
         // Served inline: it is brief, and a restored fork's first request, whose thread start

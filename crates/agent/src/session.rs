@@ -541,6 +541,10 @@ fn relay(link: &Link, session: &Session, attachment: &Attachment, control: &Cont
         match attachment.rx.recv_timeout(Duration::from_millis(250)) {
             Ok(Event::Output(kind, bytes)) => {
                 if link.send(kind, bytes).is_err() {
+                    // Out of credit after a detach: say so, as the protocol promises.
+                    if control.is_closed() {
+                        let _ = link.send(FrameKind::Close, Vec::new());
+                    }
                     break;
                 }
             }

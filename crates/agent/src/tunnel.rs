@@ -7,19 +7,19 @@
 //! socket error ends the channel with `Error`; the host's `Close` (or the host connection
 //! ending) drops the route's sender, and the writer then closes the socket both ways.
 //!
-//! Flow control: the pump sends while fewer than `TUNNEL_WINDOW` bytes are unacknowledged
-//! ([`Credit`], released by the host's `Ack`s); the writer acknowledges what it has written
-//! into the socket, so the host never has more than a window in flight towards it either.
+//! Flow control: the pump's `Data` waits for the channel's credit (`Link::send`, opened by the
+//! host's `Ack`s); the writer acknowledges what it has written into the socket, so the host
+//! never has more than a window in flight towards it either.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use banger_proto::agent::{ack_payload, AgentResponse, FrameKind, TUNNEL_ACK_EVERY, TUNNEL_WINDOW};
+use banger_proto::agent::{ack_payload, AgentResponse, FrameKind, ACK_EVERY};
 
-use crate::channel::{self, Link};
+use crate::channel::Link;
 
 /// How long a connect to the loopback may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,50 +29,6 @@ const CHUNK: usize = 64 * 1024;
 const GUEST_EOF: u8 = 1;
 /// The host → guest direction has received its EOF.
 const HOST_EOF: u8 = 2;
-
-/// The guest → host window: bytes sent and not yet acknowledged.
-#[derive(Debug, Default)]
-pub struct Credit {
-    state: Mutex<CreditState>,
-    changed: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct CreditState {
-    in_flight: usize,
-    closed: bool,
-}
-
-impl Credit {
-    /// Waits until `n` more bytes fit in the window and takes them; false once closed.
-    fn acquire(&self, n: usize) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while !state.closed && state.in_flight > 0 && state.in_flight + n > TUNNEL_WINDOW {
-            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-        }
-        state.in_flight += n;
-        !state.closed
-    }
-
-    /// The host has consumed `n` bytes.
-    pub fn release(&self, n: usize) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.in_flight = state.in_flight.saturating_sub(n);
-        self.changed.notify_all();
-    }
-
-    /// Wakes a waiting pump for good: the tunnel is over.
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
-        self.changed.notify_all();
-    }
-}
-
-impl channel::Window for Credit {
-    fn release(&self, n: usize) {
-        Credit::release(self, n);
-    }
-}
 
 /// Connects to `port` on the loopback: 127.0.0.1 first, then ::1 when IPv4 refuses (a server
 /// bound to ::1 only).
@@ -95,9 +51,8 @@ fn close_half(state: &AtomicU8, mine: u8) -> bool {
     (before | mine) == (GUEST_EOF | HOST_EOF) && (before & mine) == 0
 }
 
-/// Serves one `connect` channel; `input` carries the host's `Data` payloads, `credit` the
-/// host's `Ack`s.
-pub fn session(link: Link, port: u16, input: mpsc::Receiver<Vec<u8>>, credit: Arc<Credit>) {
+/// Serves one `connect` channel; `input` carries the host's `Data` payloads.
+pub fn session(link: Link, port: u16, input: mpsc::Receiver<Vec<u8>>) {
     let stream = match connect(port) {
         Ok(stream) => stream,
         Err(message) => {
@@ -119,22 +74,22 @@ pub fn session(link: Link, port: u16, input: mpsc::Receiver<Vec<u8>>, credit: Ar
         return link.finish();
     }
     let state = Arc::new(AtomicU8::new(0));
-    let (their_link, their_state, their_credit) = (link.clone(), Arc::clone(&state), Arc::clone(&credit));
+    let (their_link, their_state) = (link.clone(), Arc::clone(&state));
     let spawned = std::thread::Builder::new().name("tunnel-in".into()).spawn(move || {
         feed(writer, &their_link, &their_state, port, &input);
         // However the writer ended, the pump must not wait for credit any more.
-        their_credit.close();
+        their_link.stop_streaming();
     });
     if let Err(e) = spawned {
         link.fail(&format!("cannot start a thread: {e}"));
         let _ = stream.shutdown(Shutdown::Both);
         return link.finish();
     }
-    pump(stream, &link, &state, port, &credit);
+    pump(stream, &link, &state, port);
 }
 
 /// Guest socket → host, until EOF or an error.
-fn pump(mut stream: TcpStream, link: &Link, state: &AtomicU8, port: u16, credit: &Credit) {
+fn pump(mut stream: TcpStream, link: &Link, state: &AtomicU8, port: u16) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match stream.read(&mut buf) {
@@ -149,7 +104,7 @@ fn pump(mut stream: TcpStream, link: &Link, state: &AtomicU8, port: u16, credit:
                 return;
             }
             Ok(n) => {
-                if !credit.acquire(n) || link.send(FrameKind::Data, buf[..n].to_vec()).is_err() {
+                if link.send(FrameKind::Data, buf[..n].to_vec()).is_err() {
                     // The host has gone: nobody reads on.
                     let _ = stream.shutdown(Shutdown::Both);
                     return link.finish();
@@ -197,7 +152,7 @@ fn feed(mut stream: TcpStream, link: &Link, state: &AtomicU8, port: u16, input: 
             return;
         }
         unacked += chunk.len();
-        if unacked >= TUNNEL_ACK_EVERY {
+        if unacked >= ACK_EVERY {
             let _ = link.send(FrameKind::Ack, ack_payload(unacked));
             unacked = 0;
         }
@@ -218,27 +173,6 @@ mod tests {
         let state = AtomicU8::new(0);
         assert!(!close_half(&state, HOST_EOF));
         assert!(close_half(&state, GUEST_EOF));
-    }
-
-    #[test]
-    fn credit_holds_the_pump_to_the_window_until_released_or_closed() {
-        let credit = Arc::new(Credit::default());
-        assert!(credit.acquire(TUNNEL_WINDOW - 10));
-        let waiter = {
-            let credit = Arc::clone(&credit);
-            std::thread::spawn(move || credit.acquire(100))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!waiter.is_finished(), "100 more bytes do not fit");
-        credit.release(TUNNEL_ACK_EVERY);
-        assert!(waiter.join().expect("join"), "released");
-        let blocked = {
-            let credit = Arc::clone(&credit);
-            std::thread::spawn(move || credit.acquire(TUNNEL_WINDOW))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        credit.close();
-        assert!(!blocked.join().expect("join"), "closing ends the wait");
     }
 
     #[test]

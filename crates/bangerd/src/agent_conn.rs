@@ -1,7 +1,16 @@
 //! The daemon's connection to one VM's agent: a single byte stream (the VMM's agent socket)
 //! multiplexed into channels, one per request (see `banger_proto::agent`). A reader task routes
 //! incoming frames to their channel; a writer task serialises outgoing ones. When the stream
-//! drops, every open channel ends and the next request reconnects.
+//! drops, every open channel ends and the next request reconnects (channel ids start again at
+//! 1, which is how the agent tells a new connection from an old one).
+//!
+//! The guest is hostile, so what the reader holds for a channel is bounded (see the protocol's
+//! flow control): streamed bytes (`Stdout`, `Stderr`, `Data`) only within the credit the
+//! channel granted ([`WINDOW`], reopened by `Ack`s as the channel's consumer takes them),
+//! control frames up to [`MAX_PAYLOAD`] per channel, and everything a VM's channels hold
+//! together up to [`VM_BUFFER_CAP`]. A frame beyond any of these, or longer than
+//! [`MAX_PAYLOAD`], closes its channel: the consumer gets an `Error` naming the breach, the
+//! agent a `Close`, the log a warning; other channels go on.
 //!
 //! The stream is a plain unix socket under QEMU (its virtio-serial chardev). Under Firecracker
 //! it is the hybrid vsock socket: after connecting, the daemon sends `CONNECT <port>\n` and
@@ -10,17 +19,22 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use banger_proto::agent::{AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameKind};
+use banger_proto::agent::{
+    ack_payload, AgentFailure, AgentRequest, AgentResponse, Decoder, Frame, FrameError, FrameKind, ACK_EVERY,
+    MAX_PAYLOAD, WINDOW,
+};
 use banger_vmm::AgentEndpoint;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+/// Bytes one VM's channels may hold in the daemon together (streamed bytes not yet
+/// acknowledged, control frames not yet taken): 64 channels at a full window.
+pub const VM_BUFFER_CAP: usize = 64 * WINDOW;
 
 /// How long the VMM may take to answer a hybrid vsock `CONNECT`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -66,9 +80,152 @@ pub enum AgentError {
     Timeout(Duration),
 }
 
+/// What the daemon holds for a VM's channels at most (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Streamed bytes a channel may have unacknowledged: the protocol's [`WINDOW`].
+    pub window: usize,
+    /// Bytes of control frames a channel may have queued.
+    pub control: usize,
+    /// Bytes all channels of the VM may hold together.
+    pub vm_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { window: WINDOW, control: MAX_PAYLOAD, vm_buffer: VM_BUFFER_CAP }
+    }
+}
+
+/// How a guest broke a channel's bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Breach {
+    /// More streamed bytes than the channel's credit.
+    #[error("the guest sent {sent} bytes of output with {credit} bytes of credit left (it ignores flow control)")]
+    Credit {
+        /// The frame's payload.
+        sent: usize,
+        /// Credit that was left.
+        credit: usize,
+    },
+    /// Too many control frames nobody has taken yet.
+    #[error("the guest queued more than {limit} bytes of control frames")]
+    Control {
+        /// The limit.
+        limit: usize,
+    },
+    /// The VM's channels together hold the cap.
+    #[error("the vm's channels hold {held} bytes, and {sent} more would pass the cap of {cap}")]
+    VmCap {
+        /// Held now.
+        held: usize,
+        /// The frame's payload.
+        sent: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// A frame over the size limit.
+    #[error("the guest sent a frame of {len} bytes, over the limit of {max}", max = MAX_PAYLOAD + 5)]
+    Oversize {
+        /// Its length field.
+        len: u32,
+    },
+}
+
+/// One channel's accounting, shared by the reader and the [`Channel`].
+#[derive(Debug, Default)]
+struct Flow {
+    /// Streamed bytes received and not yet acknowledged.
+    in_flight: AtomicUsize,
+    /// Control bytes queued and not yet taken.
+    control: AtomicUsize,
+    /// Everything this channel counts in the VM's total.
+    held: AtomicUsize,
+}
+
+struct Slot {
+    tx: mpsc::UnboundedSender<Frame>,
+    flow: Arc<Flow>,
+}
+
+/// One connection's channels: routes, the VM's total and the next channel id.
+struct Mux {
+    routes: Mutex<HashMap<u32, Slot>>,
+    held: AtomicUsize,
+    next: AtomicU32,
+    limits: Limits,
+    /// The socket, for logs.
+    label: String,
+}
+
+impl Mux {
+    fn routes(&self) -> MutexGuard<'_, HashMap<u32, Slot>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `n` bytes of `flow` are no longer held.
+    fn release(&self, flow: &Flow, n: usize) {
+        let n = sub(&flow.held, n);
+        sub(&self.held, n);
+    }
+
+    /// Routes one frame from the guest; a breach closes its channel (returned, so the caller
+    /// can tell the agent).
+    fn deliver(&self, frame: Frame) -> Option<(u32, Breach)> {
+        let routes = self.routes();
+        let slot = routes.get(&frame.channel)?;
+        let len = frame.payload.len();
+        let flow = &slot.flow;
+        let limits = &self.limits;
+        let breach = if frame.kind.is_credited() {
+            let in_flight = flow.in_flight.load(Ordering::SeqCst);
+            (in_flight + len > limits.window)
+                .then(|| Breach::Credit { sent: len, credit: limits.window.saturating_sub(in_flight) })
+        } else {
+            (flow.control.load(Ordering::SeqCst) + len > limits.control)
+                .then_some(Breach::Control { limit: limits.control })
+        };
+        let held = self.held.load(Ordering::SeqCst);
+        let breach = breach.or_else(|| {
+            (held + len > limits.vm_buffer).then_some(Breach::VmCap { held, sent: len, cap: limits.vm_buffer })
+        });
+        if let Some(breach) = breach {
+            let channel = frame.channel;
+            drop(routes);
+            self.close(channel, &breach);
+            return Some((channel, breach));
+        }
+        if frame.kind.is_credited() {
+            flow.in_flight.fetch_add(len, Ordering::SeqCst);
+        } else {
+            flow.control.fetch_add(len, Ordering::SeqCst);
+        }
+        flow.held.fetch_add(len, Ordering::SeqCst);
+        self.held.fetch_add(len, Ordering::SeqCst);
+        if slot.tx.send(frame).is_err() {
+            // The channel is being dropped; its drop releases what it held.
+        }
+        None
+    }
+
+    /// Ends `channel` for breaking its bounds: its consumer gets an `Error` saying so.
+    fn close(&self, channel: u32, breach: &Breach) {
+        let Some(slot) = self.routes().remove(&channel) else { return };
+        tracing::warn!(agent = %self.label, channel, error = %breach, "closing an agent channel that broke its bounds");
+        let message = format!("{breach}; banger closed the channel");
+        let _ = slot.tx.send(Frame::json(channel, FrameKind::Error, &AgentFailure { message }));
+    }
+}
+
+/// `counter -= n`, never below zero; returns what was taken.
+fn sub(counter: &AtomicUsize, n: usize) -> usize {
+    let before = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
+    before.map_or(0, |v| v.min(n))
+}
+
 struct Live {
     writer: mpsc::UnboundedSender<Frame>,
-    routes: Routes,
+    mux: Arc<Mux>,
     dead: Arc<AtomicBool>,
 }
 
@@ -82,15 +239,26 @@ impl Live {
 pub struct AgentConn {
     endpoint: AgentEndpoint,
     live: tokio::sync::Mutex<Option<Live>>,
-    next: AtomicU32,
+    limits: Limits,
+    /// The current connection's channels (a leaf lock: never held across an await).
+    current: Mutex<Option<Arc<Mux>>>,
 }
 
 /// One open request.
+///
+/// Streamed frames (`Stdout`, `Stderr`, `Data`) taken with [`Channel::recv`] count as consumed
+/// as they are taken, which grants the guest credit for as much again. A consumer that hands
+/// the bytes on to a slower client calls [`Channel::manual_credit`] first and then
+/// [`Channel::consumed`] as its client takes them, so credit follows the client.
 pub struct Channel {
     id: u32,
     rx: mpsc::UnboundedReceiver<Frame>,
     writer: mpsc::UnboundedSender<Frame>,
-    routes: Routes,
+    mux: Arc<Mux>,
+    flow: Arc<Flow>,
+    manual: bool,
+    /// Consumed and not yet acknowledged.
+    unacked: usize,
 }
 
 impl Channel {
@@ -99,14 +267,56 @@ impl Channel {
         self.writer.send(Frame::new(self.id, kind, payload)).map_err(|_| AgentError::Lost)
     }
 
+    /// The channel's id on its connection.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// The next frame for this channel, or `None` when the connection dropped.
     pub async fn recv(&mut self) -> Option<Frame> {
-        self.rx.recv().await
+        let frame = self.rx.recv().await?;
+        self.took(&frame);
+        Some(frame)
     }
 
     /// [`Channel::recv`] for hand-written futures and streams.
     pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Frame>> {
-        self.rx.poll_recv(cx)
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(frame)) = &polled {
+            self.took(frame);
+        }
+        polled
+    }
+
+    /// From now on streamed bytes count as consumed only when [`Channel::consumed`] says so.
+    pub fn manual_credit(&mut self) {
+        self.manual = true;
+    }
+
+    /// The consumer's client has taken `n` streamed bytes: grant the guest as much again (in
+    /// steps of [`ACK_EVERY`]).
+    pub fn consumed(&mut self, n: usize) {
+        self.unacked += n;
+        if self.unacked >= ACK_EVERY {
+            let n = std::mem::take(&mut self.unacked);
+            // Released before the `Ack` leaves: the guest cannot send into the new credit
+            // before the reader knows of it.
+            sub(&self.flow.in_flight, n);
+            self.mux.release(&self.flow, n);
+            let _ = self.send(FrameKind::Ack, ack_payload(n));
+        }
+    }
+
+    fn took(&mut self, frame: &Frame) {
+        let len = frame.payload.len();
+        if frame.kind.is_credited() {
+            if !self.manual {
+                self.consumed(len);
+            }
+        } else {
+            let len = sub(&self.flow.control, len);
+            self.mux.release(&self.flow, len);
+        }
     }
 
     /// Waits for the channel's final JSON response.
@@ -130,7 +340,10 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        // Once the route is gone the reader adds nothing more: what is left is released.
+        self.mux.routes().remove(&self.id);
+        let held = self.flow.held.swap(0, Ordering::SeqCst);
+        sub(&self.mux.held, held);
     }
 }
 
@@ -175,7 +388,18 @@ impl AgentConn {
 
     /// A connection to the agent at `endpoint` (as the VM's driver reports it).
     pub fn with_endpoint(endpoint: AgentEndpoint) -> Self {
-        Self { endpoint, live: tokio::sync::Mutex::new(None), next: AtomicU32::new(1) }
+        Self::with_limits(endpoint, Limits::default())
+    }
+
+    /// A connection that holds at most `limits` for its channels.
+    pub fn with_limits(endpoint: AgentEndpoint, limits: Limits) -> Self {
+        Self { endpoint, live: tokio::sync::Mutex::new(None), limits, current: Mutex::new(None) }
+    }
+
+    /// Bytes the current connection's channels hold in the daemon (0 without one).
+    pub fn buffered(&self) -> usize {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().map_or(0, |mux| mux.held.load(Ordering::SeqCst))
     }
 
     async fn open_stream(&self) -> Result<UnixStream, AgentError> {
@@ -195,7 +419,16 @@ impl AgentConn {
     async fn connect(&self) -> Result<Live, AgentError> {
         let stream = self.open_stream().await?;
         let (mut rd, mut wr) = stream.into_split();
-        let routes: Routes = Arc::default();
+        let label = match &self.endpoint {
+            AgentEndpoint::Unix(path) | AgentEndpoint::HybridVsock { path, .. } => path.display().to_string(),
+        };
+        let mux = Arc::new(Mux {
+            routes: Mutex::default(),
+            held: AtomicUsize::new(0),
+            next: AtomicU32::new(1),
+            limits: self.limits,
+            label,
+        });
         let (writer, mut outgoing) = mpsc::unbounded_channel::<Frame>();
         tokio::spawn(async move {
             while let Some(frame) = outgoing.recv().await {
@@ -204,7 +437,8 @@ impl AgentConn {
                 }
             }
         });
-        let reader_routes = routes.clone();
+        let reader_mux = Arc::clone(&mux);
+        let reader_writer = writer.clone();
         let dead = Arc::new(AtomicBool::new(false));
         let reader_dead = dead.clone();
         tokio::spawn(async move {
@@ -217,44 +451,50 @@ impl AgentConn {
                 };
                 decoder.push(&buf[..n]);
                 loop {
-                    match decoder.next_frame() {
-                        Ok(Some(frame)) => {
-                            let route =
-                                reader_routes.lock().unwrap_or_else(|p| p.into_inner()).get(&frame.channel).cloned();
-                            if let Some(route) = route {
-                                let _ = route.send(frame);
-                            }
-                        }
+                    let closed = match decoder.next_frame() {
+                        Ok(Some(frame)) => reader_mux.deliver(frame),
                         Ok(None) => break,
+                        Err(FrameError::Oversize { channel, len }) => {
+                            let breach = Breach::Oversize { len };
+                            reader_mux.close(channel, &breach);
+                            Some((channel, breach))
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "agent stream is corrupt; dropping the connection");
+                            tracing::warn!(agent = %reader_mux.label, error = %e, "agent stream is corrupt; dropping the connection");
                             break 'read;
                         }
+                    };
+                    if let Some((channel, _)) = closed {
+                        // Tell the agent to stop: it ends the channel's stream (an exec's command).
+                        let _ = reader_writer.send(Frame::new(channel, FrameKind::Close, Vec::new()));
                     }
                 }
             }
             // Ending every route tells each open channel that the connection is gone; the flag
             // makes the next request reconnect.
             reader_dead.store(true, Ordering::SeqCst);
-            reader_routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            reader_mux.routes().clear();
         });
-        Ok(Live { writer, routes, dead })
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&mux));
+        Ok(Live { writer, mux, dead })
     }
 
     /// Opens a channel with `request`, connecting first when needed.
     pub async fn open(&self, request: &AgentRequest) -> Result<Channel, AgentError> {
-        let (writer, routes) = {
+        let (writer, mux) = {
             let mut live = self.live.lock().await;
             if !live.as_ref().is_some_and(Live::is_open) {
                 *live = Some(self.connect().await?);
             }
             let l = live.as_ref().ok_or(AgentError::Lost)?;
-            (l.writer.clone(), l.routes.clone())
+            (l.writer.clone(), Arc::clone(&l.mux))
         };
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Ids count per connection: a reconnect starts again at 1.
+        let id = mux.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        routes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let channel = Channel { id, rx, writer, routes };
+        let flow = Arc::new(Flow::default());
+        mux.routes().insert(id, Slot { tx, flow: Arc::clone(&flow) });
+        let channel = Channel { id, rx, writer, mux, flow, manual: false, unacked: 0 };
         channel.send(FrameKind::Request, serde_json::to_vec(request).unwrap_or_default())?;
         Ok(channel)
     }
@@ -304,6 +544,38 @@ impl AgentConn {
             };
             if Instant::now() > deadline {
                 return Err(format!("the guest agent did not become ready within {} s ({last})", timeout.as_secs()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "agent_conn_tests.rs"]
+mod hostile_tests;
+
+/// The frames a fake agent reads from the daemon, for tests.
+#[cfg(test)]
+pub(crate) struct FrameReader<R> {
+    rd: R,
+    decoder: Decoder,
+    buf: Vec<u8>,
+}
+
+#[cfg(test)]
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(rd: R) -> Self {
+        Self { rd, decoder: Decoder::default(), buf: vec![0u8; 64 * 1024] }
+    }
+
+    /// The next frame; `None` at EOF or on a bad stream.
+    pub(crate) async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().ok()? {
+                return Some(frame);
+            }
+            match self.rd.read(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.decoder.push(&self.buf[..n]),
             }
         }
     }
@@ -387,8 +659,13 @@ mod tests {
         // The fake drops the stream on shutdown: open channels end, the next call reconnects.
         let _ = conn.open(&AgentRequest::Shutdown).await.expect("shutdown");
         assert!(b.recv().await.is_none(), "open channels end when the stream drops");
-        let again = conn.call(&AgentRequest::Ping, Duration::from_secs(5)).await;
+        // Channel ids start again at 1 on the new connection (how the agent tells a new host
+        // connection from the old one).
+        let mut first = conn.open(&AgentRequest::Ping).await.expect("reconnect");
+        assert_eq!(first.id(), 1, "ids restart on a reconnect");
+        let again = first.response().await;
         assert!(matches!(again, Ok(AgentResponse::Pong { .. })), "{again:?}");
+        assert_eq!(conn.open(&AgentRequest::Ping).await.expect("second").id(), 2);
     }
 
     /// A fake Firecracker hybrid vsock socket: answers `CONNECT 1024` with `OK <n>` and then

@@ -5,19 +5,19 @@
 //! `Data`; its empty `Data` is EOF, its `Error` an I/O error. Dropping the stream before both
 //! directions have closed sends `Close`, so the agent drops the guest connection at once.
 //!
-//! Flow control (see `banger_proto::agent`): writes wait while `TUNNEL_WINDOW` bytes are
-//! unacknowledged, and reads acknowledge what the reader has taken, so neither side buffers
-//! more than a window for a slow peer. Both halves poll the one channel, so a tunnel must be
-//! driven by a single task (as `copy_bidirectional` does), not split across two.
+//! Flow control (see `banger_proto::agent`): writes wait while `WINDOW` bytes are
+//! unacknowledged, and reads grant the guest credit only for what the reader has taken
+//! (`Channel::consumed`), so neither side buffers more than a window for a slow peer; a guest
+//! that sends beyond its credit has the channel closed by `agent_conn` (a reset here). Both
+//! halves poll the one channel, so a tunnel must be driven by a single task (as
+//! `copy_bidirectional` does), not split across two.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use banger_proto::agent::{
-    ack_payload, parse_ack, AgentFailure, FrameKind, MAX_PAYLOAD, TUNNEL_ACK_EVERY, TUNNEL_WINDOW,
-};
+use banger_proto::agent::{parse_ack, AgentFailure, FrameKind, MAX_PAYLOAD, WINDOW};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use banger_proto::agent::{AgentRequest, AgentResponse};
@@ -41,8 +41,6 @@ pub struct Tunnel {
     broken: bool,
     /// The agent connection is gone.
     lost: bool,
-    /// Bytes read by our reader and not yet acknowledged.
-    unacked: usize,
     /// Bytes written and not yet acknowledged by the guest.
     in_flight: usize,
     /// Our EOF has been sent.
@@ -59,7 +57,10 @@ impl Tunnel {
             .await
             .map_err(|_| AgentError::Timeout(CONNECT_TIMEOUT))??;
         match answer {
-            AgentResponse::Connected { .. } => Ok(Self::new(channel)),
+            AgentResponse::Connected { .. } => {
+                channel.manual_credit();
+                Ok(Self::new(channel))
+            }
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -73,7 +74,6 @@ impl Tunnel {
             failure: None,
             broken: false,
             lost: false,
-            unacked: 0,
             in_flight: 0,
             write_closed: false,
         }
@@ -109,22 +109,22 @@ impl Tunnel {
         }
     }
 
-    /// Copies buffered bytes into `buf`; acknowledges them in batches.
+    /// Copies buffered bytes into `buf`; grants the guest credit for them (in batches).
     fn take(&mut self, buf: &mut ReadBuf<'_>) {
+        let mut taken = 0;
         while buf.remaining() > 0 {
             let Some(front) = self.incoming.front() else { break };
             let n = buf.remaining().min(front.len() - self.front_pos);
             buf.put_slice(&front[self.front_pos..self.front_pos + n]);
             self.front_pos += n;
-            self.unacked += n;
+            taken += n;
             if self.front_pos == front.len() {
                 self.incoming.pop_front();
                 self.front_pos = 0;
             }
         }
-        if self.unacked >= TUNNEL_ACK_EVERY && !self.broken {
-            let _ = self.channel.send(FrameKind::Ack, ack_payload(self.unacked));
-            self.unacked = 0;
+        if !self.broken {
+            self.channel.consumed(taken);
         }
     }
 }
@@ -168,7 +168,7 @@ impl AsyncWrite for Tunnel {
         if self.lost {
             return Poll::Ready(Err(lost()));
         }
-        let room = TUNNEL_WINDOW.saturating_sub(self.in_flight);
+        let room = WINDOW.saturating_sub(self.in_flight);
         if room == 0 {
             // `drain` left the task registered: the guest's next `Ack` wakes it.
             return Poll::Pending;
@@ -209,12 +209,12 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use banger_proto::agent::{AgentRequest, AgentResponse, Decoder, Frame};
+    use banger_proto::agent::{ack_payload, AgentRequest, AgentResponse, Frame, TUNNEL_WINDOW};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::UnixListener;
     use tokio::sync::mpsc;
 
-    use crate::agent_conn::{AgentConn, AgentError};
+    use crate::agent_conn::{AgentConn, AgentError, FrameReader};
 
     /// Ports of the fake agent's `connect`.
     const REFUSED: u16 = 1;
@@ -223,6 +223,8 @@ mod tests {
     const SLOW_ACKS: u16 = 3;
     /// Sends three windows, honouring the host's acks, then EOF.
     const BULK: u16 = 4;
+    /// A hostile guest: ignores credit and sends maximal frames.
+    const FLOOD: u16 = 5;
 
     struct Fake {
         closes: mpsc::UnboundedReceiver<u32>,
@@ -258,59 +260,57 @@ mod tests {
                 let _ = out.send(Frame::new(channel, FrameKind::Data, Vec::new()));
             }
         };
-        let mut d = Decoder::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0 {
-                return;
-            }
-            d.push(&buf[..n]);
-            while let Ok(Some(f)) = d.next_frame() {
-                let ch = f.channel;
-                let fail = |m: &str| Frame::json(ch, FrameKind::Error, &AgentFailure { message: m.into() });
-                let port = ports.get(&ch).copied();
-                match (f.kind, f.parse::<AgentRequest>("request")) {
-                    (FrameKind::Request, Ok(AgentRequest::Connect { port: REFUSED })) => {
-                        let _ = out.send(fail("connection refused on guest port 1"));
-                    }
-                    (FrameKind::Request, Ok(AgentRequest::Connect { port })) => {
-                        ports.insert(ch, port);
-                        let ok = AgentResponse::Connected { address: format!("127.0.0.1:{port}") };
-                        let _ = out.send(Frame::json(ch, FrameKind::Response, &ok));
-                        if port == FAILS {
-                            let _ = out.send(Frame::new(ch, FrameKind::Data, b"partial".to_vec()));
-                            let _ = out.send(fail("the connection to guest port 2 failed: connection reset by peer"));
-                        }
-                        if port == BULK {
-                            let state = bulk.entry(ch).or_insert((3 * TUNNEL_WINDOW, 0));
-                            send_bulk(ch, state);
-                        }
-                    }
-                    (FrameKind::Ack, _) => {
-                        if let (Some(state), Some(n)) = (bulk.get_mut(&ch), parse_ack(&f.payload)) {
-                            state.1 -= n;
-                            send_bulk(ch, state);
-                        }
-                    }
-                    (FrameKind::Data, _) if port == Some(SLOW_ACKS) => {
-                        let before = received.fetch_add(f.payload.len(), Ordering::SeqCst);
-                        let total = before + f.payload.len();
-                        if total / TUNNEL_WINDOW > before / TUNNEL_WINDOW {
-                            let out = out.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                                let _ = out.send(Frame::new(ch, FrameKind::Ack, ack_payload(TUNNEL_WINDOW)));
-                            });
-                        }
-                    }
-                    (FrameKind::Data, _) => {
-                        let _ = out.send(Frame::new(ch, FrameKind::Data, f.payload.to_ascii_uppercase()));
-                    }
-                    (FrameKind::Close, _) => {
-                        let _ = closes.send(ch);
-                    }
-                    _ => {}
+        let mut frames = FrameReader::new(&mut rd);
+        while let Some(f) = frames.next().await {
+            let ch = f.channel;
+            let fail = |m: &str| Frame::json(ch, FrameKind::Error, &AgentFailure { message: m.into() });
+            let port = ports.get(&ch).copied();
+            match (f.kind, f.parse::<AgentRequest>("request")) {
+                (FrameKind::Request, Ok(AgentRequest::Connect { port: REFUSED })) => {
+                    let _ = out.send(fail("connection refused on guest port 1"));
                 }
+                (FrameKind::Request, Ok(AgentRequest::Connect { port })) => {
+                    ports.insert(ch, port);
+                    let ok = AgentResponse::Connected { address: format!("127.0.0.1:{port}") };
+                    let _ = out.send(Frame::json(ch, FrameKind::Response, &ok));
+                    if port == FAILS {
+                        let _ = out.send(Frame::new(ch, FrameKind::Data, b"partial".to_vec()));
+                        let _ = out.send(fail("the connection to guest port 2 failed: connection reset by peer"));
+                    }
+                    if port == FLOOD {
+                        for _ in 0..4 {
+                            let _ = out.send(Frame::new(ch, FrameKind::Data, vec![b'f'; MAX_PAYLOAD]));
+                        }
+                    }
+                    if port == BULK {
+                        let state = bulk.entry(ch).or_insert((3 * TUNNEL_WINDOW, 0));
+                        send_bulk(ch, state);
+                    }
+                }
+                (FrameKind::Ack, _) => {
+                    if let (Some(state), Some(n)) = (bulk.get_mut(&ch), parse_ack(&f.payload)) {
+                        state.1 -= n;
+                        send_bulk(ch, state);
+                    }
+                }
+                (FrameKind::Data, _) if port == Some(SLOW_ACKS) => {
+                    let before = received.fetch_add(f.payload.len(), Ordering::SeqCst);
+                    let total = before + f.payload.len();
+                    if total / TUNNEL_WINDOW > before / TUNNEL_WINDOW {
+                        let out = out.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let _ = out.send(Frame::new(ch, FrameKind::Ack, ack_payload(TUNNEL_WINDOW)));
+                        });
+                    }
+                }
+                (FrameKind::Data, _) => {
+                    let _ = out.send(Frame::new(ch, FrameKind::Data, f.payload.to_ascii_uppercase()));
+                }
+                (FrameKind::Close, _) => {
+                    let _ = closes.send(ch);
+                }
+                _ => {}
             }
         }
     }
@@ -389,5 +389,27 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut got)).await;
         read.expect("the sender was never stuck waiting for acks").expect("read");
         assert_eq!(got.len(), 3 * TUNNEL_WINDOW);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_ignores_credit_gets_its_tunnel_closed() {
+        let mut fake = setup().await;
+        let mut flood = Tunnel::connect(&fake.conn, FLOOD).await.expect("connect");
+        let mut got = Vec::new();
+        let err = flood.read_to_end(&mut got).await.expect_err("the channel is closed");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("ignores flow control"), "{err}");
+        assert!(got.is_empty(), "a frame over the window is not delivered");
+        let closed = tokio::time::timeout(Duration::from_secs(5), fake.closes.recv()).await.expect("a Close frame");
+        assert!(closed.is_some(), "the agent is told to stop");
+        drop(flood);
+        assert_eq!(fake.conn.buffered(), 0, "nothing stays held for the closed channel");
+        // The connection and its other channels go on.
+        let mut t = Tunnel::connect(&fake.conn, 8000).await.expect("connect after");
+        t.write_all(b"still here").await.expect("write");
+        t.shutdown().await.expect("eof");
+        let mut echo = Vec::new();
+        t.read_to_end(&mut echo).await.expect("read");
+        assert_eq!(echo, b"STILL HERE");
     }
 }

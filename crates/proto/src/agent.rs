@@ -30,15 +30,27 @@
 //! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
 //! for writing when the host's arrives). The channel ends once both directions are closed, with
 //! the guest's `Error` (a refused connect, a reset), or with the host's `Close` (the host's
-//! client went away: the agent closes the socket at once). Each direction is flow-controlled:
-//! a sender keeps at most [`TUNNEL_WINDOW`] bytes of `Data` unacknowledged, and the receiver
-//! sends `Ack` (see [`ack_payload`]) as its side consumes them, so a slow reader at either end
-//! holds the writer back instead of growing buffers in between.
+//! client went away: the agent closes the socket at once). Its host → guest direction is
+//! flow-controlled like its guest → host one (below): the agent acknowledges what it has
+//! written into the socket.
 //!
 //! `unpack` extracts a tar stream into a guest directory, refusing entries that would land
 //! outside it (absolute or `..` paths, writes through symlinks, symlinks pointing out, hard
 //! links, device nodes). Its `Data` is flow-controlled like a tunnel's host → guest direction
 //! (the agent acknowledges what it has unpacked); `Close` abandons it.
+//!
+//! ## Flow control: credit for every guest → host stream
+//! Every byte the guest streams to the host — `Stdout`, `Stderr` and `Data` on any channel
+//! (exec output, session attach and logs, `read_file`, tunnels) — needs credit. A channel
+//! starts with [`WINDOW`] bytes of it; the host sends `Ack` (see [`ack_payload`]) with the
+//! number of bytes its client has consumed, which grants that many again. The agent stops
+//! reading its child's pipe (or socket, or file) while it has no credit, and sends streamed
+//! bytes in payloads of at most [`STREAM_CHUNK`]. The host enforces the window: a guest that
+//! has more than [`WINDOW`] bytes unacknowledged on a channel, or sends a frame longer than
+//! [`MAX_PAYLOAD`], gets that channel closed (the host sends `Close`), never a bigger buffer;
+//! other channels go on. Control frames (`Response`, `Exit`, `Error`, ...) need no credit,
+//! but the host queues at most [`MAX_PAYLOAD`] bytes of them per channel. The host's `Close`
+//! also ends an exec (the process group is killed).
 //!
 //! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
 //! the host side of the stream goes away, the agent kills the processes of that connection (its
@@ -52,11 +64,20 @@ pub mod session;
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 /// Bytes before the payload: length, channel, kind.
 pub const HEADER_LEN: usize = 9;
-/// Bytes of tunnel `Data` a sender may have unacknowledged, per direction.
-pub const TUNNEL_WINDOW: usize = 256 * 1024;
-/// A tunnel receiver acknowledges once it has consumed this much (a quarter of the window, so
-/// a sender never waits on bytes that were consumed but not yet acknowledged).
-pub const TUNNEL_ACK_EVERY: usize = TUNNEL_WINDOW / 4;
+/// Bytes of streamed output (`Stdout`, `Stderr`, `Data`) a sender may have unacknowledged on
+/// one channel, per direction: the credit a channel starts with.
+pub const WINDOW: usize = 256 * 1024;
+/// A receiver acknowledges once it has consumed this much (a quarter of the window, so a
+/// sender never waits on bytes that were consumed but not yet acknowledged).
+pub const ACK_EVERY: usize = WINDOW / 4;
+/// Largest payload of a streamed frame from the guest: a credit wait is never for more than
+/// this, and `STREAM_CHUNK + ACK_EVERY <= WINDOW`, so the window always reopens.
+pub const STREAM_CHUNK: usize = 64 * 1024;
+/// The tunnel's window (the same as every stream's).
+pub const TUNNEL_WINDOW: usize = WINDOW;
+/// The tunnel's acknowledgement step (the same as every stream's).
+pub const TUNNEL_ACK_EVERY: usize = ACK_EVERY;
+const _: () = assert!(STREAM_CHUNK + ACK_EVERY <= WINDOW && STREAM_CHUNK <= MAX_PAYLOAD);
 
 /// The payload of an `Ack` frame: bytes consumed since the last one, as `u32` BE.
 pub fn ack_payload(consumed: usize) -> Vec<u8> {
@@ -131,6 +152,11 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// Whether the guest needs credit to send this kind (see the module docs): streamed bytes.
+    pub fn is_credited(self) -> bool {
+        matches!(self, Self::Stdout | Self::Stderr | Self::Data)
+    }
+
     fn from_u8(b: u8) -> Option<Self> {
         Some(match b {
             1 => Self::Request,
@@ -163,9 +189,18 @@ pub struct Frame {
 /// A stream that does not follow the framing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// A length below the header size or above the limit.
+    /// A length below the header size (the stream cannot be followed any more).
     #[error("bad frame length {0}")]
     BadLength(u32),
+    /// A frame longer than [`MAX_PAYLOAD`] allows: its bytes are skipped as they arrive, never
+    /// buffered, and decoding goes on after it.
+    #[error("a frame of {len} bytes on channel {channel} is over the limit of {max} bytes", max = MAX_PAYLOAD + 5)]
+    Oversize {
+        /// The channel it claimed.
+        channel: u32,
+        /// Its length field.
+        len: u32,
+    },
     /// An unknown kind byte.
     #[error("unknown frame kind {0}")]
     BadKind(u8),
@@ -214,27 +249,48 @@ pub fn chunks(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     data.chunks(MAX_PAYLOAD)
 }
 
-/// Incremental decoder: feed bytes as they arrive, take whole frames out.
+/// Incremental decoder: feed bytes as they arrive, take whole frames out. It holds at most one
+/// frame plus what was pushed since: a caller that takes every frame after each push (of at
+/// most `n` bytes) never has more than `MAX_PAYLOAD + HEADER_LEN + n` bytes in it.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Bytes of an oversize frame still to discard.
+    skip: usize,
 }
 
 impl Decoder {
     /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.skip > 0 {
+            let n = self.skip.min(bytes.len());
+            self.skip -= n;
+            bytes = &bytes[n..];
+        }
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next whole frame, if one has arrived.
+    /// The next whole frame, if one has arrived. After [`FrameError::Oversize`] decoding can go
+    /// on (the frame is skipped); after another error the stream is out of step.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         let total = usize::try_from(len).unwrap_or(usize::MAX);
-        if !(5..=MAX_PAYLOAD + 5).contains(&total) {
+        if total < 5 {
             return Err(FrameError::BadLength(len));
+        }
+        if total > MAX_PAYLOAD + 5 {
+            if self.buf.len() < HEADER_LEN {
+                return Ok(None);
+            }
+            let channel = u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
+            let whole = total.saturating_add(4);
+            let here = whole.min(self.buf.len());
+            self.buf.drain(..here);
+            self.skip = whole - here;
+            return Err(FrameError::Oversize { channel, len });
         }
         if self.buf.len() < 4 + total {
             return Ok(None);
@@ -490,7 +546,29 @@ mod tests {
         assert_eq!(d.next_frame(), Err(FrameError::BadKind(99)));
         let mut d = Decoder::default();
         d.push(&u32::MAX.to_be_bytes());
-        assert!(d.next_frame().is_err());
+        assert_eq!(d.next_frame(), Ok(None), "an oversize frame is named by its channel, once that has arrived");
+    }
+
+    #[test]
+    fn an_oversize_frame_is_skipped_without_buffering_and_decoding_goes_on() {
+        let len = u32::try_from(MAX_PAYLOAD + 6).expect("fits");
+        let mut d = Decoder::default();
+        let mut header = len.to_be_bytes().to_vec();
+        header.extend_from_slice(&7u32.to_be_bytes());
+        header.push(FrameKind::Stdout as u8);
+        d.push(&header);
+        assert_eq!(d.next_frame(), Err(FrameError::Oversize { channel: 7, len }));
+        // Its payload arrives in pieces and is dropped as it comes.
+        for _ in 0..(MAX_PAYLOAD + 1) / 4096 {
+            d.push(&[0u8; 4096]);
+            assert!(d.pending() == 0, "nothing of it is kept");
+        }
+        let rest = MAX_PAYLOAD + 1 - (MAX_PAYLOAD + 1) / 4096 * 4096;
+        let mut tail = vec![0u8; rest];
+        tail.extend(Frame::new(8, FrameKind::Stdout, b"ok".to_vec()).encode());
+        d.push(&tail);
+        assert_eq!(d.next_frame(), Ok(Some(Frame::new(8, FrameKind::Stdout, b"ok".to_vec()))));
+        assert!(FrameKind::Data.is_credited() && !FrameKind::Exit.is_credited());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use banger_proto::agent::{
-    AgentRequest, AgentResponse, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest,
+    ack_payload, AgentRequest, AgentResponse, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest,
 };
 
 /// A connection to an agent.
@@ -17,6 +17,8 @@ pub struct Client {
     decoder: Decoder,
     next_channel: u32,
     backlog: VecDeque<Frame>,
+    /// Whether `next` grants credit for the streamed bytes it returns (see `manual_acks`).
+    auto_ack: bool,
 }
 
 /// Everything an exec produced.
@@ -38,7 +40,13 @@ impl Client {
     pub fn connect(path: &Path) -> std::io::Result<Self> {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Self { stream, decoder: Decoder::default(), next_channel: 1, backlog: VecDeque::new() })
+        Ok(Self { stream, decoder: Decoder::default(), next_channel: 1, backlog: VecDeque::new(), auto_ack: true })
+    }
+
+    /// From now on the test sends the `Ack`s itself: `next` no longer grants credit for the
+    /// streamed bytes it returns.
+    pub fn manual_acks(&mut self) {
+        self.auto_ack = false;
     }
 
     /// Sets how long a read may block.
@@ -69,8 +77,17 @@ impl Client {
         self.stream.write_all(bytes)
     }
 
-    /// The next frame for `channel` (frames of other channels are kept for later).
+    /// The next frame for `channel` (frames of other channels are kept for later). Streamed
+    /// bytes it returns count as consumed: the agent gets credit for them back at once.
     pub fn next(&mut self, channel: u32) -> std::io::Result<Frame> {
+        let frame = self.next_frame(channel)?;
+        if self.auto_ack && frame.kind.is_credited() && !frame.payload.is_empty() {
+            self.send(&Frame::new(channel, FrameKind::Ack, ack_payload(frame.payload.len())))?;
+        }
+        Ok(frame)
+    }
+
+    fn next_frame(&mut self, channel: u32) -> std::io::Result<Frame> {
         if let Some(i) = self.backlog.iter().position(|f| f.channel == channel) {
             if let Some(frame) = self.backlog.remove(i) {
                 return Ok(frame);

@@ -48,6 +48,7 @@ fn data(client: &mut Client, channel: u32, bytes: &[u8]) {
 fn bytes_cross_both_ways_and_the_host_half_close_reaches_the_server() {
     let agent = Agent::start();
     let mut client = agent.connect();
+    client.manual_acks();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     // The server reads to EOF (so it needs the host's half-close), then answers and closes.
@@ -77,6 +78,7 @@ fn bytes_cross_both_ways_and_the_host_half_close_reaches_the_server() {
 fn the_server_closing_first_arrives_as_eof_and_the_host_can_still_send() {
     let agent = Agent::start();
     let mut client = agent.connect();
+    client.manual_acks();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
@@ -99,6 +101,7 @@ fn the_server_closing_first_arrives_as_eof_and_the_host_can_still_send() {
 fn a_closed_port_is_refused_by_number() {
     let agent = Agent::start();
     let mut client = agent.connect();
+    client.manual_acks();
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
     let channel = client.open(&AgentRequest::Connect { port }).expect("open");
     let err = answer(&client.next(channel).expect("answer")).expect_err("refused");
@@ -109,6 +112,7 @@ fn a_closed_port_is_refused_by_number() {
 fn close_drops_the_server_connection_at_once() {
     let agent = Agent::start();
     let mut client = agent.connect();
+    client.manual_acks();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let channel = open(&mut client, port);
@@ -134,6 +138,7 @@ fn close_drops_the_server_connection_at_once() {
 fn the_agent_sends_one_window_until_the_host_acknowledges() {
     let agent = Agent::start();
     let mut client = agent.connect();
+    client.manual_acks();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let total = 4 * TUNNEL_WINDOW + 1000;

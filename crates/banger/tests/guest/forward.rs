@@ -10,7 +10,7 @@ use crate::harness::{wait_until, Env};
 use crate::template::{env_from, template};
 
 /// Stops and deletes a VM when the test ends, pass or fail, so no VMM outlives it.
-struct VmGuard<'a>(&'a Env, &'a str);
+pub(crate) struct VmGuard<'a>(pub(crate) &'a Env, pub(crate) &'a str);
 
 impl Drop for VmGuard<'_> {
     fn drop(&mut self) {
@@ -19,7 +19,7 @@ impl Drop for VmGuard<'_> {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 

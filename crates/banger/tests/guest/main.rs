@@ -15,6 +15,7 @@ mod boot;
 mod forward;
 mod hostile_disk;
 mod hostile_export;
+mod hostile_flow;
 mod hostile_net;
 mod images;
 mod network;

@@ -256,6 +256,8 @@ async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn, re
         }
     };
     let mut agent = Closing { channel, done: false };
+    // Output is credited back to the guest only once written to the client.
+    agent.channel.manual_credit();
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -284,10 +286,12 @@ async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn, re
                 };
                 let last = matches!(frame.kind, FrameKind::Exit | FrameKind::Error | FrameKind::Close);
                 agent.done |= last;
+                let streamed = if frame.kind.is_credited() { frame.payload.len() } else { 0 };
                 frame.channel = 1;
                 if !send(&mut io, frame).await {
                     return;
                 }
+                agent.channel.consumed(streamed);
                 if last {
                     let _ = io.shutdown().await;
                     return;

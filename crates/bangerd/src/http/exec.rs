@@ -8,7 +8,9 @@
 //!   `Error`, after which the daemon closes the stream.
 //!
 //! The daemon relays between that stream and a channel of the VM's agent connection. If the
-//! client goes away before the command ends, the command is killed.
+//! client goes away before the command ends, the command is killed. Output is credited back
+//! to the guest only once written to the client, so a slow client holds the command back
+//! (its pipe fills) instead of growing the daemon.
 
 use std::sync::Arc;
 
@@ -129,6 +131,7 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
         Ok(c) => c,
         Err(e) => return refuse(&mut io, e.to_string()).await,
     };
+    channel.manual_credit();
     // Frames the client sent right behind the request (its stdin and the stdin's end, often in
     // the same read on a busy host) are already in the decoder: pass them on now, not at the
     // next read from the client, which may never come.
@@ -155,10 +158,13 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
                     return;
                 };
                 let last = matches!(frame.kind, FrameKind::Exit | FrameKind::Error);
+                let streamed = if frame.kind.is_credited() { frame.payload.len() } else { 0 };
                 frame.channel = 1;
                 if client_open && !send(&mut io, frame).await {
                     client_open = false;
                 }
+                // Written (or nobody reads any more, and the command is being killed).
+                channel.consumed(streamed);
                 if last {
                     let _ = io.shutdown().await;
                     return;

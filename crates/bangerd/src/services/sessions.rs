@@ -130,16 +130,26 @@ pub fn view(vm: &VmRecord, record: SessionRecord) -> SessionView {
     }
 }
 
-/// `now - ms`, as a timestamp.
+/// `now - ms`, as a timestamp; `None` when the guest's `ms` (which it controls) would put it
+/// before 1970, which no session can be (and which the formatter cannot print).
 fn ago(now: SystemTime, ms: Option<u64>) -> Option<String> {
-    ms.map(|ms| format_rfc3339(now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)))
+    let ms = ms?;
+    let at = now.checked_sub(Duration::from_millis(ms)).filter(|at| *at >= SystemTime::UNIX_EPOCH);
+    if at.is_none() {
+        tracing::warn!(ms_ago = ms, "ignoring a session time from the guest that is before 1970");
+    }
+    at.map(format_rfc3339)
 }
 
 /// What an agent's report of a session means for its record.
 pub fn events(state: &SessionState, now: SystemTime) -> Vec<SessionEvent> {
     let mut out = Vec::new();
-    if let (Some(pid), Some(started_at)) = (state.pid, ago(now, state.started_ms_ago)) {
-        out.push(SessionEvent::Launched { pid, started_at });
+    if let Some(pid) = state.pid {
+        // A start time the guest garbled is known to be no later than now.
+        let started_at = state.started_ms_ago.map(|ms| ago(now, Some(ms)).unwrap_or_else(|| format_rfc3339(now)));
+        if let Some(started_at) = started_at {
+            out.push(SessionEvent::Launched { pid, started_at });
+        }
     }
     match state.status {
         GuestSessionStatus::Running => {}
@@ -441,6 +451,31 @@ mod tests {
         odd.pid = None;
         odd.failure = None::<LaunchFailure>;
         assert!(matches!(&events(&odd, now)[..], [SessionEvent::LaunchFailed { stage, .. }] if stage == "agent"));
+    }
+
+    #[test]
+    fn guest_times_before_1970_do_not_panic_and_are_not_believed() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut liar = state(GuestSessionStatus::Exited);
+        liar.exit = Some(ExitStatus { code: 0, signal: None });
+        for ms in [u64::MAX, 1_000_000_001, 1_000_000_000_000] {
+            liar.started_ms_ago = Some(ms);
+            liar.ended_ms_ago = Some(ms);
+            let evs = events(&liar, now);
+            assert_eq!(
+                evs,
+                [
+                    SessionEvent::Launched { pid: 42, started_at: format_rfc3339(now) },
+                    SessionEvent::Exited { code: 0, signal: None, ended_at: None },
+                ],
+                "{ms} ms ago"
+            );
+        }
+        // Exactly the epoch is still a time.
+        liar.ended_ms_ago = Some(1_000_000_000);
+        assert!(
+            matches!(&events(&liar, now)[1], SessionEvent::Exited { ended_at: Some(at), .. } if at == "1970-01-01T00:00:00.000Z")
+        );
     }
 
     #[test]
