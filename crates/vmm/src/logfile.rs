@@ -39,6 +39,30 @@ pub fn read_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The last `max_bytes` bytes of a rotated log: the end of `<path>.1` followed by `path`, so a
+/// log just rotated (empty, its bytes moved to `.1`) still shows its newest lines. Also says
+/// whether older bytes were left out (so the first line may be the cut end of a longer one).
+/// A missing `.1` counts as empty; a missing `path` is an error, as for [`read_tail`].
+pub fn read_log_tail(path: &Path, max_bytes: u64) -> io::Result<(Vec<u8>, bool)> {
+    let newest = read_tail(path, max_bytes)?;
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let newest_len = newest.len() as u64;
+    if len > max_bytes || newest_len >= max_bytes {
+        return Ok((newest, true));
+    }
+    let old_path = rotated_path(path);
+    let old_len = std::fs::metadata(&old_path).map_or(0, |m| m.len());
+    let budget = max_bytes - newest_len;
+    let mut bytes = match read_tail(&old_path, budget) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    bytes.extend_from_slice(&newest);
+    // A rotation keeps the end of a log that was over its cap, so `.1` itself begins mid-line.
+    Ok((bytes, old_len > 0))
+}
+
 /// `line` cut to at most `max_bytes` bytes (on a character boundary) plus [`CUT_MARK`].
 pub fn cap_line(line: &str, max_bytes: usize) -> String {
     if line.len() <= max_bytes {
@@ -63,11 +87,10 @@ pub fn capped_lines(bytes: &[u8], max_line: usize, partial_first: bool) -> Vec<S
     lines.iter().map(|l| cap_line(l.trim_end_matches('\r'), max_line)).collect()
 }
 
-/// The last `n` lines of the file at `path` read from its last `max_bytes` bytes, each cut to
+/// The last `n` lines of the log at `path` (and its `.1`) read from its last `max_bytes` bytes, each cut to
 /// `max_line` bytes, joined by newlines. A missing or unreadable file gives "".
 pub fn tail_lines(path: &Path, n: usize, max_line: usize, max_bytes: u64) -> String {
-    let Ok(bytes) = read_tail(path, max_bytes) else { return String::new() };
-    let cut = std::fs::metadata(path).is_ok_and(|m| m.len() > max_bytes);
+    let Ok((bytes, cut)) = read_log_tail(path, max_bytes) else { return String::new() };
     let lines = capped_lines(&bytes, max_line, cut);
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -174,5 +197,22 @@ mod tests {
         writer.write_all(b"-more-than-8").unwrap();
         assert!(rotate_if_over(&path, 8).unwrap());
         assert_eq!(std::fs::read(rotated_path(&path)).unwrap(), b"e-than-8", "the old file is replaced");
+    }
+
+    #[test]
+    fn a_just_rotated_log_still_shows_its_newest_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut writer = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        writer.write_all(b"old line\nfirst\nsecond\n").unwrap();
+        assert!(rotate_if_over(&path, 16).unwrap());
+        // The log is empty right after the rotation; its newest bytes are in `.1`.
+        assert_eq!(tail_lines(&path, 5, 64, 16), "first\nsecond", "the cut first line is dropped");
+        writer.write_all(b"third\n").unwrap();
+        let (bytes, cut) = read_log_tail(&path, 64).unwrap();
+        assert_eq!((bytes.as_slice(), cut), (b"ne\nfirst\nsecond\nthird\n".as_slice(), true));
+        let (bytes, cut) = read_log_tail(&path, 10).unwrap();
+        assert_eq!((bytes.as_slice(), cut), (b"ond\nthird\n".as_slice(), true));
+        assert!(read_log_tail(&dir.path().join("absent"), 8).is_err());
     }
 }

@@ -495,8 +495,8 @@ impl Vms {
         let vm = self.fleet.store.find_vm(reference)?;
         let path = vm.paths().console_log;
         let file = std::path::Path::new(&path);
-        let bytes = logfile::read_tail(file, logfile::CONSOLE_LOG_CAP).unwrap_or_default();
-        let cut = std::fs::metadata(file).is_ok_and(|m| m.len() > logfile::CONSOLE_LOG_CAP);
+        // With its `.1`: right after a rotation the log itself is empty.
+        let (bytes, cut) = logfile::read_log_tail(file, logfile::CONSOLE_LOG_CAP).unwrap_or_default();
         let lines = logfile::capped_lines(&bytes, logfile::MAX_LINE_BYTES, cut);
         let lines = &lines[lines.len().saturating_sub(tail.unwrap_or(usize::MAX))..];
         let text = if lines.is_empty() { String::new() } else { lines.join("\n") + "\n" };
