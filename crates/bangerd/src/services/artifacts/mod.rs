@@ -573,10 +573,15 @@ impl Artifacts {
         caller: Caller,
     ) -> Result<OperationRecord, ArtifactsError> {
         let file = PathBuf::from(&req.file);
-        if !file.is_absolute() || !file.is_file() {
+        if !file.is_absolute() {
             return Err(ArtifactsError::NotAFile(req.file));
         }
+        // Opened as the caller before anything is said about the path, so a refusal tells a
+        // caller nothing about files it cannot see.
         let opened = caller.open_readable(&file)?;
+        if !opened.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(ArtifactsError::NotAFile(req.file));
+        }
         let init = req.init.map(Into::into).unwrap_or_default();
         let name = req.name.clone();
         self.begin_image_op("image.register", &req.name, move |dir, progress| {
