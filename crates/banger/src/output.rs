@@ -5,10 +5,12 @@ use std::io::Write as _;
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON followed by a newline.
+/// Buffered: stdout is line-buffered, and a thousand VMs are tens of thousands of lines.
 pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -20,7 +22,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let line = |cells: Vec<&str>| {
         let last = cells.len().saturating_sub(1);
         cells
@@ -35,6 +37,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     for row in rows {
         writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
+    out.flush()?;
     Ok(())
 }
 
