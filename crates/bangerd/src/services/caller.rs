@@ -44,7 +44,8 @@ impl Caller {
     /// A caller whose credentials could not be read: trusted with nothing extra.
     pub const UNKNOWN: Self = Self { uid: u32::MAX, gid: u32::MAX };
 
-    /// The daemon's own user (in-process callers and tests that drive services directly).
+    /// The daemon's own user (tests that drive services directly).
+    #[cfg(test)]
     pub fn daemon() -> Self {
         Self { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw() }
     }
