@@ -1,0 +1,92 @@
+//! `sandbox_exec`'s stream: the CLI's exec upgrade (`POST /v1/vms/{vm}/exec`,
+//! [`crate::exec::upgrade`]), with the output collected into [`Capped`] buffers instead of
+//! written to a terminal. Every frame is read as it arrives, so the daemon credits the guest and
+//! the command is never held back; bytes past the limit are dropped and counted. At the timeout
+//! the stream is dropped, which makes the daemon kill the command.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, ExecRequest, ExitStatus, Frame, FrameKind};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::limits::Capped;
+use crate::client::Client;
+use crate::cmd::segment;
+
+/// How a command ran.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Its exit code (128 + signal when a signal ended it); `None` when the timeout ended it.
+    pub exit_code: Option<i32>,
+    pub stdout: Capped,
+    pub stderr: Capped,
+    pub timed_out: bool,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// Bytes for its stdin (then EOF); `None`: stdin is /dev/null.
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    /// The most of each of stdout and stderr kept.
+    pub limit: usize,
+}
+
+/// Runs `spec` in `vm` and collects its output.
+pub async fn run(client: &Client, vm: &str, spec: Spec) -> anyhow::Result<Outcome> {
+    let stream = crate::exec::upgrade(client, &format!("/v1/vms/{}/exec", segment(vm)), "banger-exec").await?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let request =
+        AgentRequest::Exec(ExecRequest { argv: spec.argv, env: spec.env, cwd: spec.cwd, stdin: spec.stdin.is_some() });
+    let mut out = Frame::json(1, FrameKind::Request, &request).encode();
+    if let Some(input) = &spec.stdin {
+        // Chunks under the frame limit, then EOF.
+        for chunk in input.chunks(64 * 1024) {
+            out.extend(Frame::new(1, FrameKind::Stdin, chunk.to_vec()).encode());
+        }
+        out.extend(Frame::new(1, FrameKind::Stdin, Vec::new()).encode());
+    }
+    // Written beside the reads: a command may print before it reads all of its stdin.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&out).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut outcome =
+        Outcome { exit_code: None, stdout: Capped::new(spec.limit), stderr: Capped::new(spec.limit), timed_out: false };
+    let collected = tokio::time::timeout(spec.timeout, collect(&mut rd, &mut outcome)).await;
+    writer.abort();
+    match collected {
+        Ok(Ok(code)) => outcome.exit_code = Some(code),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => outcome.timed_out = true,
+    }
+    Ok(outcome)
+}
+
+/// Reads frames until the command's exit; returns its code.
+async fn collect(rd: &mut (impl tokio::io::AsyncRead + Unpin), outcome: &mut Outcome) -> anyhow::Result<i32> {
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(frame) = decoder.next_frame().context("corrupt exec stream from bangerd")? {
+            match frame.kind {
+                FrameKind::Stdout => outcome.stdout.push(&frame.payload),
+                FrameKind::Stderr => outcome.stderr.push(&frame.payload),
+                FrameKind::Exit => return Ok(frame.parse::<ExitStatus>("exit")?.code),
+                FrameKind::Error => bail!(frame.parse::<AgentFailure>("error")?.message),
+                _ => {}
+            }
+        }
+        let n = rd.read(&mut buf).await.context("exec stream broke")?;
+        if n == 0 {
+            bail!("bangerd closed the exec stream before the command ended");
+        }
+        decoder.push(&buf[..n]);
+    }
+}
