@@ -99,7 +99,11 @@ impl Banger {
 
     /// The daemon's client, once a daemon answers (started when nothing does).
     async fn api(&self) -> Result<&Client, ToolError> {
-        self.client.ensure_daemon().await?;
+        // A socket that takes connections is a daemon that answers (it binds once it is ready);
+        // a connect costs far less than the health probe, which runs only when none does.
+        if tokio::net::UnixStream::connect(&self.client.layout().socket).await.is_err() {
+            self.client.ensure_daemon().await?;
+        }
         Ok(&self.client)
     }
 
@@ -136,7 +140,11 @@ pub async fn serve(client: Client) -> anyhow::Result<ExitCode> {
     // Logs (the SDK's too) go to stderr: stdout is the protocol's.
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     // Start the daemon now if none answers, so the first tool call does not wait for it; a
     // failure is each tool's to report.
     if let Err(e) = client.ensure_daemon().await {

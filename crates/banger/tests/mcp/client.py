@@ -6,6 +6,7 @@ end-to-end scenario of the real-guest test (`scenario`), or times `sandbox_exec`
 Usage:
   client.py scenario BANGER IMAGE
   client.py bench BANGER VM RUNS
+  client.py tools BANGER          (the tools' names and input schemas)
 
 The daemon's paths come from BANGER_STATE_DIR, BANGER_SOCKET and BANGER_BANGERD, passed on to
 the server (the SDK gives a server only a few safe variables of its own). Every call has a
@@ -23,7 +24,7 @@ import anyio
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-PASSED = ("BANGER_STATE_DIR", "BANGER_SOCKET", "BANGER_BANGERD", "PATH")
+PASSED = ("BANGER_STATE_DIR", "BANGER_SOCKET", "BANGER_BANGERD", "BANGER_AGENT", "PATH")
 
 # Each call's deadline, in seconds: a boot under TCG on a loaded host takes tens of seconds.
 CALL_DEADLINE = 300
@@ -50,6 +51,21 @@ async def call(session, name, args):
     return {"is_error": result.is_error, "value": result.structured_content, "text": text}
 
 
+async def tool_list(session):
+    """The tools' names and input schemas, by name."""
+    with anyio.fail_after(60):
+        listed = await session.list_tools()
+    return sorted(({"name": t.name, "inputSchema": t.input_schema} for t in listed.tools), key=lambda t: t["name"])
+
+
+async def tools(banger):
+    async with stdio_client(server(banger)) as (read, write):
+        async with ClientSession(read, write) as session:
+            with anyio.fail_after(60):
+                await session.initialize()
+            return await tool_list(session)
+
+
 async def scenario(banger, image):
     report = {}
     async with stdio_client(server(banger)) as (read, write):
@@ -57,11 +73,7 @@ async def scenario(banger, image):
             with anyio.fail_after(60):
                 init = await session.initialize()
             report["server"] = init.server_info.name
-            with anyio.fail_after(60):
-                listed = await session.list_tools()
-            report["tools"] = sorted(
-                ({"name": t.name, "inputSchema": t.input_schema} for t in listed.tools), key=lambda t: t["name"]
-            )
+            report["tools"] = await tool_list(session)
             report["exec_missing"] = await call(session, "sandbox_exec", {"name": "nope", "command": ["true"]})
             report["create"] = await call(session, "sandbox_create", {"name": "mcp1", "image": image})
             report["write"] = await call(
@@ -129,6 +141,8 @@ async def bench(banger, vm, runs):
 def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "scenario":
         report = anyio.run(scenario, sys.argv[2], sys.argv[3])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "tools":
+        report = anyio.run(tools, sys.argv[2])
     elif len(sys.argv) >= 5 and sys.argv[1] == "bench":
         report = anyio.run(bench, sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
