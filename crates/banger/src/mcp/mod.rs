@@ -25,6 +25,8 @@ use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabiliti
 use rmcp::{tool_handler, ServerHandler, ServiceExt as _};
 use serde_json::Value;
 use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::client::{ApiErrorAnswer, Client};
 
@@ -85,6 +87,11 @@ pub struct Banger {
     client: Client,
     /// The guests' DNS domain (`vm` unless configured), read once.
     dns_domain: std::sync::Arc<OnceCell<String>>,
+    /// Work that must finish even when its call is cancelled or the server stops (a
+    /// `sandbox_run`'s clean-up): the server waits for it before it exits.
+    tasks: TaskTracker,
+    /// Cancelled when the server stops: such work ends early and cleans up.
+    stopping: CancellationToken,
     tool_router: ToolRouter<Self>,
 }
 
@@ -93,6 +100,8 @@ impl Banger {
         Self {
             client,
             dns_domain: std::sync::Arc::default(),
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
             tool_router: Self::sandbox_router() + Self::fs_router() + Self::more_router(),
         }
     }
@@ -135,7 +144,11 @@ impl ServerHandler for Banger {
     }
 }
 
-/// Serves MCP on stdin/stdout until the client closes stdin.
+/// How long the server waits at exit for clean-ups (a `sandbox_run`'s stop and delete).
+const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves MCP on stdin/stdout until the client closes stdin (or SIGINT/SIGTERM), then waits
+/// for the clean-ups of unfinished calls.
 pub async fn serve(client: Client) -> anyhow::Result<ExitCode> {
     // Logs (the SDK's too) go to stderr: stdout is the protocol's.
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
@@ -150,12 +163,29 @@ pub async fn serve(client: Client) -> anyhow::Result<ExitCode> {
     if let Err(e) = client.ensure_daemon().await {
         tracing::warn!("bangerd is not answering yet: {e:#}");
     }
-    let service = Banger::new(client)
-        .serve(rmcp::transport::io::stdio_pipes())
-        .await
-        .context("the MCP client did not initialize the session")?;
-    service.waiting().await.context("the MCP service failed")?;
-    Ok(ExitCode::SUCCESS)
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    let banger = Banger::new(client);
+    let (tasks, stopping) = (banger.tasks.clone(), banger.stopping.clone());
+    let served = async {
+        let service = banger
+            .serve(rmcp::transport::io::stdio_pipes())
+            .await
+            .context("the MCP client did not initialize the session")?;
+        service.waiting().await.context("the MCP service failed")
+    };
+    let outcome = tokio::select! {
+        r = served => r.map(drop),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+    };
+    // Unfinished calls end now; what they made temporarily is removed before we exit.
+    stopping.cancel();
+    tasks.close();
+    if tokio::time::timeout(CLEANUP_TIMEOUT, tasks.wait()).await.is_err() {
+        tracing::warn!("clean-ups did not finish within {} s; see `banger vm list`", CLEANUP_TIMEOUT.as_secs());
+    }
+    outcome.map(|()| ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use rmcp::model::CallToolResult;
 use rmcp::{tool, tool_router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::command::{self, Line};
 use super::limits::{self, EXEC_OUTPUT_DEFAULT};
@@ -170,6 +171,38 @@ impl Banger {
         })
     }
 
+    /// `sandbox_run`: create, run, and delete whatever happened (also when the server stops).
+    async fn run_once(&self, a: RunArgs, cancel: CancellationToken) -> Result<Value, ToolError> {
+        let spec = exec_spec(a.command, Vec::new(), None, None, a.timeout_s, a.max_output_bytes)?;
+        let name = format!("run-{}", short_id());
+        let req = CreateVmRequest {
+            name: name.clone(),
+            image: a.image,
+            start: true,
+            warm_start: true,
+            git_identity: crate::cmd::ssh::git_identity(),
+            ..Default::default()
+        };
+        let work = async {
+            self.create_running(&req).await?;
+            Ok::<_, ToolError>(exec::run(self.api().await?, &name, spec).await?)
+        };
+        let ran = tokio::select! {
+            r = work => r,
+            () = cancel.cancelled() => {
+                Err(ToolError::Failed(format!("the run was cancelled (the call, or banger mcp stopped); sandbox {name} was deleted")))
+            }
+        };
+        // Whatever happened, leave nothing behind.
+        let exists = self.client.get::<VmView>(&format!("/v1/vms/{}", segment(&name))).await.is_ok();
+        let cleaned = if exists { self.remove_vm(&name).await.map(drop) } else { Ok(()) };
+        let outcome = ran?;
+        cleaned?;
+        let mut value = exec_result(&outcome);
+        value["name"] = json!(name);
+        Ok(value)
+    }
+
     /// Stops (at once) and deletes a VM.
     async fn remove_vm(&self, name: &str) -> Result<VmView, ToolError> {
         let client = self.api().await?;
@@ -263,34 +296,18 @@ impl Banger {
     /// --rm`); returns the exit code and output.
     #[tool]
     async fn sandbox_run(&self, Parameters(a): Parameters<RunArgs>) -> CallToolResult {
-        let line = Line::banger(&["vm", "run", "--rm"]).opt("--image", a.image.as_ref()).command(&a.command);
-        let result = async {
-            let spec = exec_spec(a.command, Vec::new(), None, None, a.timeout_s, a.max_output_bytes)?;
-            let name = format!("run-{}", short_id());
-            let req = CreateVmRequest {
-                name: name.clone(),
-                image: a.image,
-                start: true,
-                warm_start: true,
-                git_identity: crate::cmd::ssh::git_identity(),
-                ..Default::default()
-            };
-            let ran = async {
-                self.create_running(&req).await?;
-                Ok::<_, ToolError>(exec::run(self.api().await?, &name, spec).await?)
-            }
-            .await;
-            // Whatever happened, leave nothing behind.
-            let exists = self.client.get::<VmView>(&format!("/v1/vms/{}", segment(&name))).await.is_ok();
-            let cleaned = if exists { self.remove_vm(&name).await.map(drop) } else { Ok(()) };
-            let outcome = ran?;
-            cleaned?;
-            let mut value = exec_result(&outcome);
-            value["name"] = json!(name);
-            Ok(value)
-        }
-        .await;
-        reply(line.text(), result)
+        let line = Line::banger(&["vm", "run", "--rm"]).opt("--image", a.image.as_ref()).command(&a.command).text();
+        // Its own task, which a cancelled call (this future dropped: the guard cancels the
+        // token) or a stopping server ends early, still deleting the sandbox.
+        let cancel = self.stopping.child_token();
+        let guard = cancel.clone().drop_guard();
+        let this = self.clone();
+        let result = match self.tasks.spawn(async move { this.run_once(a, cancel).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(ToolError::Failed(format!("the run failed: {e}"))),
+        };
+        guard.disarm();
+        reply(line, result)
     }
 
     /// List the sandboxes with their state, image, size and address.

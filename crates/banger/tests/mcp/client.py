@@ -100,7 +100,31 @@ async def scenario(banger, image):
             report["delete_fork"] = await call(session, "sandbox_delete", {"name": "mcp2"})
             report["delete"] = await call(session, "sandbox_delete", {"name": "mcp1"})
             report["list"] = await call(session, "sandbox_list", {})
+    report["cancelled_run"] = await cancelled_run(banger)
     return report
+
+
+async def cancelled_run(banger):
+    """A `sandbox_run` of a long command whose call is cancelled once its sandbox runs, and whose
+    client then goes away: the server must delete the sandbox. Returns the run's sandbox name."""
+    async with stdio_client(server(banger)) as (read, write):
+        async with ClientSession(read, write) as session:
+            with anyio.fail_after(60):
+                await session.initialize()
+            name = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, session, "sandbox_run", {"image": "minimal", "command": ["sleep", "600"]})
+                with anyio.fail_after(CALL_DEADLINE):
+                    while name is None:
+                        listed = await call(session, "sandbox_list", {})
+                        runs = [v["name"] for v in listed["value"]["sandboxes"] if v["name"].startswith("run-")]
+                        running = [v for v in listed["value"]["sandboxes"] if v["name"] in runs and v["state"] == "running"]
+                        if running:
+                            name = running[0]["name"]
+                        else:
+                            await anyio.sleep(0.1)
+                tg.cancel_scope.cancel()
+    return name
 
 
 def median_ms(samples):
