@@ -41,8 +41,15 @@ pub struct Spec {
 pub async fn run(client: &Client, vm: &str, spec: Spec) -> anyhow::Result<Outcome> {
     let stream = crate::exec::upgrade(client, &format!("/v1/vms/{}/exec", segment(vm)), "banger-exec").await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let request =
-        AgentRequest::Exec(ExecRequest { argv: spec.argv, env: spec.env, cwd: spec.cwd, stdin: spec.stdin.is_some() });
+    // No terminal: an agent reads stdout and stderr apart. Fields added later take their default.
+    #[allow(clippy::needless_update, reason = "the request grows optional fields (e.g. a tty) that default to off")]
+    let request = AgentRequest::Exec(ExecRequest {
+        argv: spec.argv,
+        env: spec.env,
+        cwd: spec.cwd,
+        stdin: spec.stdin.is_some(),
+        ..Default::default()
+    });
     let mut out = Frame::json(1, FrameKind::Request, &request).encode();
     if let Some(input) = &spec.stdin {
         // Chunks under the frame limit, then EOF.

@@ -157,6 +157,7 @@ impl Banger {
             let Some(program) = words.next() else {
                 return Err(ToolError::Invalid("command is empty; give the program and its arguments".into()));
             };
+            #[allow(clippy::needless_update, reason = "the request grows optional fields that default to off")]
             let req = StartSessionRequest {
                 name: session,
                 command: program,
@@ -165,6 +166,7 @@ impl Banger {
                 env: env.into_iter().collect(),
                 tags: BTreeMap::new(),
                 stdin: if pipe { StdinMode::Pipe } else { StdinMode::Closed },
+                ..Default::default()
             };
             let path = format!("/v1/vms/{}/sessions", segment(vm));
             let s: SessionView = self.api().await?.call(Method::POST, &path, Some(&req)).await?;
