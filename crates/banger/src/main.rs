@@ -73,10 +73,12 @@ enum Command {
     /// Import a git repository into a VM, and bring the guest's commits back as a branch.
     #[command(subcommand)]
     Workspace(cmd::workspace::WorkspaceCommand),
-    /// Serve the Model Context Protocol on stdin/stdout, for coding agents: tools to create
-    /// sandboxes, run commands, read and write files, sessions, snapshots, forwards and
-    /// workspaces, as a client of bangerd with your rights. Register it in an MCP client as
-    /// {"mcpServers": {"banger": {"command": "banger", "args": ["mcp"]}}}.
+    /// Serve the Model Context Protocol on stdin/stdout, for coding agents.
+    ///
+    /// Tools to create sandboxes, run commands, read and write files, and drive sessions,
+    /// snapshots, forwards and workspaces, as a client of bangerd with your rights (see README,
+    /// "MCP"). stdout carries only the protocol; logs go to stderr. Register it in an MCP
+    /// client as {"mcpServers": {"banger": {"command": "banger", "args": ["mcp"]}}}.
     Mcp,
 }
 
