@@ -212,7 +212,13 @@ async fn log_tail(client: &Client, path: &str, cap: usize) -> anyhow::Result<Tai
 }
 
 /// Writes `data` to a pipe session's stdin through the attach stream, then detaches.
-async fn write_stdin(client: &Client, vm: &str, session: &str, data: Vec<u8>, eof: bool) -> anyhow::Result<()> {
+pub(super) async fn write_stdin(
+    client: &Client,
+    vm: &str,
+    session: &str,
+    data: Vec<u8>,
+    eof: bool,
+) -> anyhow::Result<()> {
     let path = format!("{}/attach?stdin=true", session_path(vm, session));
     let stream = crate::exec::upgrade(client, &path, "banger-attach").await?;
     let (mut rd, mut wr) = tokio::io::split(stream);

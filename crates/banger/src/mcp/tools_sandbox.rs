@@ -383,7 +383,16 @@ impl Banger {
     async fn sandbox_exec(&self, Parameters(a): Parameters<ExecArgs>) -> CallToolResult {
         let env: Vec<(String, String)> = a.env.clone().unwrap_or_default().into_iter().collect();
         if a.background == Some(true) {
-            let (line, result) = self.start_session(&a.name, a.command, None, a.cwd, env, a.stdin.is_some()).await;
+            let (line, mut result) = self.start_session(&a.name, a.command, None, a.cwd, env, a.stdin.is_some()).await;
+            // The session's stdin gets the text, then its end.
+            if let (Ok(session), Some(text)) = (&result, a.stdin) {
+                let id = session["id"].as_str().unwrap_or_default().to_owned();
+                if let Err(e) =
+                    super::tools_more::write_stdin(&self.client, &a.name, &id, text.into_bytes(), true).await
+                {
+                    result = Err(e.into());
+                }
+            }
             return reply(line, result);
         }
         let line = command::exec(&a.name, &a.command, a.cwd.as_deref(), &env, a.stdin.is_some());

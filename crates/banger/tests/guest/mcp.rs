@@ -135,6 +135,18 @@ fn an_mcp_client_creates_writes_runs_reads_forks_and_deletes_sandboxes() {
     let stdin = value(&report, "stdin");
     assert_eq!(stdin["stdout"], "5\n", "{stdin}");
 
+    // In the background: a session whose stdin got the text, its log read back.
+    let bg = value(&report, "background");
+    assert_eq!(bg["status"], "running", "{bg}");
+    assert_eq!(bg["command_for_user"], "banger session start mcp1 --stdin pipe -- cat");
+    let logs = value(&report, "background_logs");
+    assert_eq!((logs["status"].as_str(), logs["exit_code"].as_i64()), (Some("exited"), Some(0)), "{logs}");
+    assert_eq!(logs["log"], "hello session\n");
+    assert_eq!(
+        logs["command_for_user"],
+        format!("banger session logs mcp1 {}", bg["session"].as_str().unwrap_or_default())
+    );
+
     // The fork has the parent's disk: the file is there.
     let fork = value(&report, "fork");
     assert_eq!((fork["name"].as_str(), fork["state"].as_str()), (Some("mcp2"), Some("running")), "{fork}");

@@ -95,6 +95,19 @@ async def scenario(banger, image):
             report["stdin"] = await call(
                 session, "sandbox_exec", {"name": "mcp1", "command": ["wc", "-c"], "stdin": "12345"}
             )
+            bg = await call(
+                session, "sandbox_exec", {"name": "mcp1", "command": ["cat"], "stdin": "hello session\n", "background": True}
+            )
+            report["background"] = bg
+            if not bg["is_error"]:
+                # Until `cat` has copied its input and ended at its end.
+                with anyio.fail_after(CALL_DEADLINE):
+                    while True:
+                        logs = await call(session, "session_logs", {"name": "mcp1", "session": bg["value"]["session"]})
+                        if logs["is_error"] or logs["value"]["status"] in ("exited", "failed"):
+                            break
+                        await anyio.sleep(0.1)
+                report["background_logs"] = logs
             report["fork"] = await call(session, "sandbox_fork", {"name": "mcp1", "new_name": "mcp2"})
             report["fork_read"] = await call(session, "sandbox_exec", {"name": "mcp2", "command": ["cat", "/root/out.txt"]})
             report["delete_fork"] = await call(session, "sandbox_delete", {"name": "mcp2"})
