@@ -2,10 +2,11 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
 use banger_proto::{
-    CreateVmRequest, OperationRecord, StartVmRequest, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+    CreateVmRequest, OperationRecord, StartVmRequest, UpdateVmRequest, VmLogs, VmPorts, VmStats, VmView,
 };
 use clap::{Args, Subcommand};
 use hyper::Method;
@@ -475,31 +476,52 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
-    let list: VmList = client.get("/v1/vms").await?;
+    let raw = client.get_raw("/v1/vms").await?;
     if json {
-        output::json(&list)?;
+        output::json_bytes(&raw)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let list: ListRows = serde_json::from_slice(&raw).context("cannot decode bangerd's answer to /v1/vms")?;
     let rows: Vec<Vec<String>> = list
         .vms
-        .iter()
-        .map(|v| {
-            let r = &v.record;
+        .into_iter()
+        .map(|r| {
             vec![
-                r.name.clone(),
-                r.id.clone(),
+                r.name,
+                r.id,
                 r.state.as_str().to_owned(),
-                r.spec.image.clone(),
-                r.spec.vcpus.to_string(),
-                human_mib(r.spec.memory_mib),
-                human_mib(r.spec.disk_mib),
-                r.guest_ip.clone().unwrap_or_else(|| "-".into()),
+                r.image,
+                r.vcpus.to_string(),
+                human_mib(r.memory_mib),
+                human_mib(r.disk_mib),
+                r.guest_ip.unwrap_or_else(|| "-".into()),
                 format!("{} ago", human_duration(age(&r.created_at))),
             ]
         })
         .collect();
     output::table(&["NAME", "ID", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED"], &rows)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `GET /v1/vms` as the table reads it: only the columns it shows. A [`VmView`] nests two
+/// flattened structs, which serde decodes through an intermediate buffer per VM; with 1,000 VMs
+/// that alone cost milliseconds.
+#[derive(serde::Deserialize)]
+struct ListRows {
+    vms: Vec<ListRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListRow {
+    name: String,
+    id: String,
+    state: banger_proto::ObservedState,
+    image: String,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_mib: u64,
+    guest_ip: Option<String>,
+    created_at: String,
 }
 
 fn show(vm: &VmView, json: bool) -> anyhow::Result<ExitCode> {
