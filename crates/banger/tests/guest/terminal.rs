@@ -1,8 +1,8 @@
 //! Terminals in a real VM, driven through a real pseudo-terminal: the test opens a pty pair,
 //! runs banger on its slave (stdio and controlling terminal, as a shell would) and types into
 //! and reads from its master. `vm run -it -- bash`: a prompt, `tty`, `stty size` after a
-//! resize, Ctrl-C ending `sleep 100` with banger still attached, `exit 7`, and the terminal's
-//! mode as it was. Also `-it` without a terminal, `-i` and `-t` alone, and a `--tty` session
+//! resize, the caller's `TERM`, Ctrl-C ending `sleep 100` with banger still attached, `exit 7`,
+//! and the terminal's mode as it was; SIGHUP restoring it too. Also `-it` without a terminal, `-i` and `-t` alone, and a `--tty` session
 //! attached, typed into, resized and detached with Ctrl-].
 
 use std::fs::File;
@@ -39,6 +39,8 @@ impl Terminal {
         let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
         let initial = tcgetattr(pty.slave.as_fd()).expect("the terminal's mode");
         let mut cmd = env.cmd(args);
+        // The caller's TERM reaches the guest's programs.
+        cmd.env("TERM", "vt100");
         let stdio = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup the slave"));
         cmd.stdin(stdio(&pty.slave)).stdout(stdio(&pty.slave)).stderr(stdio(&pty.slave));
         // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
@@ -178,6 +180,10 @@ fn vm_run_it_bash_is_a_real_terminal_and_restores_the_host_one() {
     let at = text.find("/dev/pts/").map_or(0, |i| i + "/dev/pts/".len());
     let number: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
     assert!(!number.is_empty() && text[at + number.len()..].starts_with("\r\n"), "{text:?}");
+
+    let from = term.at();
+    term.type_("echo term-$TERM\r");
+    term.expect(from, "term-vt100\r\n");
 
     term.expect_size(24, 80);
     term.resize(41, 133);
