@@ -1,9 +1,10 @@
 //! Terminals in a real VM, driven through a real pseudo-terminal: the test opens a pty pair,
 //! runs banger on its slave (stdio and controlling terminal, as a shell would) and types into
 //! and reads from its master. `vm run -it -- bash`: a prompt, `tty`, `stty size` after a
-//! resize, the caller's `TERM`, Ctrl-C ending `sleep 100` with banger still attached, `exit 7`,
-//! and the terminal's mode as it was; SIGHUP restoring it too. Also `-it` without a terminal, `-i` and `-t` alone, and a `--tty` session
-//! attached, typed into, resized and detached with Ctrl-].
+//! resize, the caller's `TERM`, Ctrl-C ending `sleep 100` and Ctrl-Z stopping it with banger
+//! still attached, `exit 7`, and the terminal's mode as it was. Also SIGHUP restoring it,
+//! `-it` without a terminal, `-i` and `-t` alone, and a `--tty` session attached, typed into,
+//! resized and detached with Ctrl-].
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};
@@ -198,6 +199,15 @@ fn vm_run_it_bash_is_a_real_terminal_and_restores_the_host_one() {
     let from = term.at();
     term.type_("echo status-$? after-$((6 * 7))\r");
     term.expect(from, "status-130 after-42");
+    // Ctrl-Z too: the guest's shell stops its job and says so.
+    let from = term.at();
+    term.type_("sleep 100\r");
+    wait_until("sleep runs in the guest", DEADLINE, || sleeping(&env, "tty1"));
+    term.type_("\x1a");
+    term.expect(from, "Stopped");
+    term.type_("kill -9 %1\r");
+    wait_until("the stopped sleep killed", DEADLINE, || !sleeping(&env, "tty1"));
+    assert!(term.child.try_wait().expect("wait").is_none(), "banger stays attached");
 
     term.type_("exit 7\r");
     assert_eq!(term.exit_code(), 7, "the guest command's exit code: {:?}", term.seen);
