@@ -10,6 +10,7 @@ mod cmd;
 mod exec;
 mod output;
 mod progress;
+mod tty;
 mod workspace;
 
 use std::path::PathBuf;

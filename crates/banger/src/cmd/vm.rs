@@ -36,10 +36,12 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// Stop then start a VM.
     Restart(StartArgs),
-    /// Run a command in a running VM; exits with the command's exit code.
+    /// Run a command in a running VM; exits with the command's exit code (128 + N when signal N
+    /// ended it). `-it` gives it an interactive terminal: `banger vm exec -it VM -- bash`.
     Exec(ExecArgs),
     /// Create a VM, boot it, run a command in it, then stop it (and delete it with --rm).
-    /// Exits with the command's exit code.
+    /// Exits with the command's exit code. For a shell, ask for a terminal as with Docker:
+    /// `banger vm run --rm -it -- bash`.
     Run(RunArgs),
     /// Print a VM's serial console log.
     Logs(LogsArgs),
@@ -214,6 +216,17 @@ pub struct CommandArgs {
     /// Do not forward stdin (the command reads /dev/null).
     #[arg(long, short = 'n')]
     no_stdin: bool,
+    /// Forward stdin to the command. It is the default without -t; with -t (`-it`) what you type
+    /// goes to the guest's terminal.
+    #[arg(long, short = 'i', conflicts_with = "no_stdin")]
+    interactive: bool,
+    /// Give the command a terminal: a guest pty of this terminal's size that follows its resizes,
+    /// stdout and stderr in one stream. With -i (`-it`) this terminal goes raw until banger ends
+    /// (restored however it ends): every key, Ctrl-C and Ctrl-Z included, goes to the guest, and
+    /// stdin must be a terminal. With -t alone nothing is typed into it (as Docker's -t). Never
+    /// implied: like Docker, `-- bash` without -it runs bash on pipes.
+    #[arg(long, short = 't')]
+    tty: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -221,7 +234,9 @@ pub struct CommandArgs {
 
 impl CommandArgs {
     fn options(self, forward_interrupt: bool) -> ExecOptions {
-        ExecOptions { argv: self.command, env: self.env, cwd: self.workdir, stdin: !self.no_stdin, forward_interrupt }
+        // Docker's rule: -t alone opens no input; without -t stdin is forwarded unless -n.
+        let stdin = if self.tty { self.interactive } else { !self.no_stdin };
+        ExecOptions { argv: self.command, env: self.env, cwd: self.workdir, stdin, tty: self.tty, forward_interrupt }
     }
 }
 
@@ -406,6 +421,10 @@ async fn run_command(client: &Client, a: RunArgs) -> anyhow::Result<ExitCode> {
     // With the config's `warm_start`, a run may start from the warm-start snapshot.
     let req = CreateVmRequest { warm_start: true, ..a.spec.request(name.clone(), true) };
     let mut opts = a.command.options(false);
+    if opts.tty && opts.stdin && !crate::tty::stdin_is_terminal() {
+        // Before a VM is made for nothing.
+        return Err(crate::tty::TtyError::NotATerminal.into());
+    }
     if let (Some(repo), None) = (&repo, &opts.cwd) {
         opts.cwd = Some(repo.guest_dir());
     }

@@ -24,4 +24,5 @@ mod rounds;
 mod session;
 mod snapshot;
 mod ssh;
+mod terminal;
 mod workspace;
