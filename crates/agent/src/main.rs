@@ -25,6 +25,7 @@ mod memory;
 mod mounts;
 mod net;
 mod ports;
+mod pty;
 mod serve;
 mod session;
 mod tunnel;

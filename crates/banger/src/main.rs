@@ -11,6 +11,7 @@ mod exec;
 mod mcp;
 mod output;
 mod progress;
+mod tty;
 mod workspace;
 
 use std::path::PathBuf;
