@@ -97,3 +97,51 @@ async fn collect(rd: &mut (impl tokio::io::AsyncRead + Unpin), outcome: &mut Out
         decoder.push(&buf[..n]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+        Frame::new(1, kind, payload.to_vec()).encode()
+    }
+
+    /// Output past the limit is read (so the daemon keeps crediting the guest), counted and
+    /// dropped; the exit code still arrives.
+    #[tokio::test]
+    async fn output_past_the_limit_is_read_counted_and_dropped() {
+        let (mut daemon, mut client) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 60_000];
+            for _ in 0..50 {
+                daemon.write_all(&frame(FrameKind::Stdout, &chunk)).await.expect("write");
+            }
+            daemon.write_all(&frame(FrameKind::Stderr, b"warning\n")).await.expect("write");
+            let exit = Frame::json(1, FrameKind::Exit, &ExitStatus { code: 3, signal: None }).encode();
+            daemon.write_all(&exit).await.expect("write");
+        });
+        let mut outcome =
+            Outcome { exit_code: None, stdout: Capped::new(1000), stderr: Capped::new(1000), timed_out: false };
+        let code = collect(&mut client, &mut outcome).await.expect("collect");
+        writer.await.expect("writer");
+        assert_eq!(code, 3);
+        assert_eq!(outcome.stdout.bytes().len(), 1000);
+        assert_eq!(outcome.stdout.total(), 3_000_000);
+        assert!(outcome.stdout.truncated());
+        assert_eq!((outcome.stderr.bytes(), outcome.stderr.truncated()), (&b"warning\n"[..], false));
+    }
+
+    #[tokio::test]
+    async fn an_error_frame_or_a_closed_stream_is_a_failure() {
+        let (mut daemon, mut client) = tokio::io::duplex(4096);
+        let failure = Frame::json(1, FrameKind::Error, &AgentFailure { message: "no such command".into() }).encode();
+        daemon.write_all(&failure).await.expect("write");
+        let mut outcome =
+            Outcome { exit_code: None, stdout: Capped::new(10), stderr: Capped::new(10), timed_out: false };
+        let err = collect(&mut client, &mut outcome).await.expect_err("error frame");
+        assert_eq!(err.to_string(), "no such command");
+        drop(daemon);
+        let err = collect(&mut client, &mut outcome).await.expect_err("closed");
+        assert!(err.to_string().contains("closed the exec stream"), "{err}");
+    }
+}
