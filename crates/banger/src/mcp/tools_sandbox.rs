@@ -150,8 +150,17 @@ impl Banger {
     /// Creates and boots `req` (its `start` set), following the operation; the running VM and
     /// the warnings of its stages.
     async fn create_running(&self, req: &CreateVmRequest) -> Result<(VmView, Vec<String>), ToolError> {
-        let client = self.api().await?;
-        let op: OperationRecord = client.call(Method::POST, "/v1/vms", Some(req)).await?;
+        let op: OperationRecord = self.api().await?.call(Method::POST, "/v1/vms", Some(req)).await?;
+        self.until_running(req, op).await
+    }
+
+    /// Follows a create's operation to its end; the running VM and its stages' warnings.
+    async fn until_running(
+        &self,
+        req: &CreateVmRequest,
+        op: OperationRecord,
+    ) -> Result<(VmView, Vec<String>), ToolError> {
+        let client = &self.client;
         let done = crate::progress::follow(client, op).await?;
         let warnings = done.stages.iter().flat_map(|s| s.warnings.iter().cloned()).collect();
         let id = done.result_id.unwrap_or_else(|| req.name.clone());
@@ -183,13 +192,23 @@ impl Banger {
             git_identity: crate::cmd::ssh::git_identity(),
             ..Default::default()
         };
+        // The create is asked for outside the cancellable part, so that its operation is known:
+        // the VM's row is made by that operation after the answer.
+        let op: OperationRecord = self.api().await?.call(Method::POST, "/v1/vms", Some(&req)).await?;
+        let op_id = op.id.clone();
         let work = async {
-            self.create_running(&req).await?;
-            Ok::<_, ToolError>(exec::run(self.api().await?, &name, spec).await?)
+            self.until_running(&req, op).await?;
+            Ok::<_, ToolError>(exec::run(&self.client, &name, spec).await?)
         };
         let ran = tokio::select! {
             r = work => r,
             () = cancel.cancelled() => {
+                // A create still running is cancelled and waited for, so its VM can be found.
+                let path = format!("/v1/operations/{}/cancel", segment(&op_id));
+                let _ = self.client.call::<OperationRecord>(Method::POST, &path, None::<&()>).await;
+                if let Ok(op) = self.client.get::<OperationRecord>(&format!("/v1/operations/{}", segment(&op_id))).await {
+                    let _ = crate::progress::follow(&self.client, op).await;
+                }
                 Err(ToolError::Failed(format!("the run was cancelled (the call, or banger mcp stopped); sandbox {name} was deleted")))
             }
         };
