@@ -7,7 +7,8 @@
 //! `command_for_user`: the banger command line with which a person sees or repeats the same
 //! thing. Output over a limit is cut with a marker that gives the total size (`limits.rs`). A
 //! failure is a tool error (`isError: true`) with the daemon's message, which names the fix;
-//! protocol errors are left for malformed calls (arguments that do not fit the schema).
+//! so are arguments that do not fit a tool's schema (rmcp names the field, so the model can
+//! correct itself). Protocol errors are left for malformed JSON-RPC and unknown tools.
 
 mod command;
 mod exec;
