@@ -166,6 +166,39 @@ fn cp_round_trips_a_tree_and_refuses_escapes() {
     assert_eq!(code, 204, "{body}");
     let (code, _) = env.request("GET", "/v1/vms/cp/files/stat?path=/root/tree/bin/run.sh", "");
     assert_eq!(code, 200, "removing a symlink leaves its target");
+
+    // Contents both ways, mkdir, and the archive's destination check.
+    let put = "/v1/vms/cp/files/content?path=/root/new/dir/h.txt&mode=384&parents=true";
+    let (code, body) = env.request("PUT", put, "hello world");
+    assert_eq!(code, 200, "{body}");
+    let stat: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (stat["kind"].as_str(), stat["size"].as_u64(), stat["mode"].as_u64()),
+        (Some("file"), Some(11), Some(384))
+    );
+    let whole = raw_response(&env, "GET /v1/vms/cp/files/content?path=/root/new/dir/h.txt&limit=5");
+    assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
+    assert!(whole.to_ascii_lowercase().contains("x-banger-file-size: 11"), "{whole}");
+    assert!(whole.contains("hello") && !whole.contains("hello world"), "at most the limit: {whole}");
+    let (code, body) = env.request("GET", "/v1/vms/cp/files/content?path=/root/new", "");
+    assert_eq!(code, 400, "a directory has no contents: {body}");
+    let (code, body) =
+        env.request("POST", "/v1/vms/cp/files/mkdir", r#"{"path":"/root/m/n","parents":true,"mode":448}"#);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""kind":"dir""#) && body.contains(r#""mode":448"#), "{body}");
+    let (code, body) = env.request("PUT", "/v1/vms/cp/files/archive?path=/root/missing", "");
+    assert_eq!(code, 404, "{body}");
+}
+
+/// The whole raw answer (head and body) to `request_line`.
+fn raw_response(env: &Env, request_line: &str) -> String {
+    use std::io::Read as _;
+    let mut s = std::os::unix::net::UnixStream::connect(&env.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "{request_line} HTTP/1.1\r\nHost: bangerd\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }
 
 /// Runs `banger args` while sampling bangerd's VmRSS; (elapsed, peak).

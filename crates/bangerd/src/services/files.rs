@@ -541,3 +541,7 @@ impl Stream for GuestStream {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "files_tests.rs"]
+mod tests;
