@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use banger_proto::agent::{
-    parse_ack, AgentFailure, Frame, FrameKind, SignalRequest, MAX_PAYLOAD, STREAM_CHUNK, WINDOW,
+    parse_ack, AgentFailure, Frame, FrameKind, SignalRequest, TtySize, MAX_PAYLOAD, STREAM_CHUNK, WINDOW,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -91,6 +91,8 @@ pub trait Process: Send + Sync + fmt::Debug {
     fn signal(&self, signal: Signal);
     /// The host connection ended: the process must not outlive it.
     fn kill(&self);
+    /// A `Resize` frame (a checked size); nothing for a process without a terminal.
+    fn resize(&self, size: TtySize);
 }
 
 /// The host's end of an attach or a followed log (a session).
@@ -99,6 +101,8 @@ pub trait Attachment: Send + Sync + fmt::Debug {
     fn stdin(&self, bytes: Vec<u8>);
     /// A `Signal` frame.
     fn signal(&self, signal: Signal);
+    /// A `Resize` frame (a checked size); only the stdin holder of a `tty` session may resize.
+    fn resize(&self, size: TtySize);
     /// A `Close` frame, or the host connection ended.
     fn close(&self);
 }
@@ -303,6 +307,17 @@ impl Link {
                     }
                 }
                 Err(e) => log!("ignoring a bad signal frame: {e}"),
+            },
+            FrameKind::Resize => match TtySize::parse_resize(&frame.payload) {
+                Ok(size) => {
+                    let routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                    match routes.get(&frame.channel) {
+                        Some(Route::Exec { control, .. }) => control.resize(size),
+                        Some(Route::Session(control)) => control.resize(size),
+                        _ => {}
+                    }
+                }
+                Err(e) => log!("ignoring a resize on channel {}: {e}", frame.channel),
             },
             FrameKind::Data => {
                 let routes = self.table.routes.lock().unwrap_or_else(PoisonError::into_inner);

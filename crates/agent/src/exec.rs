@@ -2,6 +2,9 @@
 //! reaper that `waitpid(-1)`s every child (and, as PID 1, every orphan) and routes each exit
 //! status by pid to whoever spawned it.
 //!
+//! With a `tty` the child's stdio is the slave of a new pty (`pty.rs`), its controlling
+//! terminal, and its output one stream read from the master.
+//!
 //! `std::process::Command` is not used: on a failed exec it `waitpid`s the child itself, which
 //! races with the reaper. Here a failed exec makes the child `_exit(127)` after writing its
 //! errno to a close-on-exec pipe, and the reaper collects it like any other child.
@@ -9,14 +12,14 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use banger_proto::agent::{AgentResponse, ExecRequest, ExitStatus, FrameKind};
+use banger_proto::agent::{AgentResponse, ExecRequest, ExitStatus, FrameKind, TtySize};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -50,6 +53,9 @@ pub enum SpawnError {
     /// No argv at all.
     #[error("empty argv")]
     Empty,
+    /// The pty could not be made.
+    #[error("cannot give the command a terminal")]
+    Pty(#[source] crate::pty::PtyError),
     /// `pipe2`, `open` or `fork` failed.
     #[error("cannot {what}")]
     Sys {
@@ -59,6 +65,18 @@ pub enum SpawnError {
         #[source]
         errno: Errno,
     },
+}
+
+/// An error and its causes on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl SpawnError {
@@ -92,8 +110,10 @@ pub struct Command {
     pub env: Vec<(String, String)>,
     /// Working directory; `/` when it does not exist.
     pub cwd: PathBuf,
-    /// stdin, stdout, stderr.
+    /// stdin, stdout, stderr (ignored with `tty`).
     pub stdio: [Stdio; 3],
+    /// Run on a new pty of this size: stdin, stdout and stderr are its slave.
+    pub tty: Option<TtySize>,
 }
 
 impl Command {
@@ -104,6 +124,7 @@ impl Command {
             env: default_env(&[]),
             cwd: PathBuf::from("/"),
             stdio: [Stdio::Inherit; 3],
+            tty: None,
         }
     }
 }
@@ -130,6 +151,8 @@ pub struct Child {
     pub pid: Pid,
     /// Our ends of the pipes asked for, in stdio order.
     pub pipes: [Option<OwnedFd>; 3],
+    /// The pty's master, with `tty`.
+    pub pty: Option<OwnedFd>,
     /// Receives its exit status once reaped.
     pub exit: mpsc::Receiver<ExitStatus>,
 }
@@ -282,7 +305,15 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
             }
         }
     }
-    let child_raw: [i32; 3] = [0, 1, 2].map(|i| child_fds[i].as_ref().map_or(-1, |fd| fd.as_raw_fd()));
+    let pty = match cmd.tty {
+        Some(size) => Some(crate::pty::open(size).map_err(SpawnError::Pty)?),
+        None => None,
+    };
+    let child_raw: [i32; 3] = match &pty {
+        Some((_, slave)) => [slave.as_raw_fd(); 3],
+        None => [0, 1, 2].map(|i| child_fds[i].as_ref().map_or(-1, |fd| fd.as_raw_fd())),
+    };
+    let ctty = pty.is_some();
     let (err_read, err_write) = pipe()?;
     let err_write_raw = err_write.as_raw_fd();
 
@@ -297,7 +328,10 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             // SAFETY: see above; every pointer refers to a live, NUL-terminated buffer.
-            unsafe { exec_child(program_c.as_ptr(), &argv_ptrs, &env_ptrs, &cwd, &root, child_raw, err_write_raw) }
+            unsafe {
+                let io = ChildIo { stdio: child_raw, ctty, err_fd: err_write_raw };
+                exec_child(program_c.as_ptr(), &argv_ptrs, &env_ptrs, &cwd, &root, io)
+            }
         }
         if pid < 0 {
             return Err(SpawnError::Sys { what: "fork", errno: Errno::last() });
@@ -309,6 +343,8 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
     };
     drop(child_fds);
     drop(err_write);
+    // Only the child holds the slave now: its last close ends the master's reads.
+    let pty = pty.map(|(master, _slave)| master);
 
     // The child closes its copy on a successful exec (EOF here) or writes its errno.
     let mut errno_bytes = [0u8; 4];
@@ -330,10 +366,19 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
             errno: Errno::from_raw(i32::from_ne_bytes(errno_bytes)),
         });
     }
-    Ok(Child { pid: Pid::from_raw(pid), pipes: ours, exit: rx })
+    Ok(Child { pid: Pid::from_raw(pid), pipes: ours, pty, exit: rx })
 }
 
-/// The forked child: new session, default signals, stdio, cwd, exec. Never returns.
+/// The forked child's fds: stdin, stdout, stderr (-1 = inherit), whether stdin becomes the
+/// controlling terminal, and where a failed exec's errno goes.
+struct ChildIo {
+    stdio: [i32; 3],
+    ctty: bool,
+    err_fd: i32,
+}
+
+/// The forked child: new session, default signals, stdio (with `ctty`, stdin becomes the
+/// controlling terminal), cwd, exec. Never returns.
 ///
 /// # Safety
 /// Only call in a freshly forked child, with NUL-terminated pointer arrays.
@@ -343,9 +388,9 @@ unsafe fn exec_child(
     env: &[*const libc::c_char],
     cwd: &CString,
     root: &CString,
-    stdio: [i32; 3],
-    err_fd: i32,
+    io: ChildIo,
 ) -> ! {
+    let ChildIo { stdio, ctty, err_fd } = io;
     // SAFETY: plain syscalls on values owned by this (single-threaded) child; the caller
     // guarantees the pointer arrays are NUL-terminated.
     unsafe {
@@ -363,6 +408,11 @@ unsafe fn exec_child(
             if fd >= 0 {
                 libc::dup2(fd, target);
             }
+        }
+        if ctty {
+            // The new session's controlling terminal: its line discipline signals the
+            // foreground group (Ctrl-C, Ctrl-Z) and its window size changes send SIGWINCH.
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
         }
         if libc::chdir(cwd.as_ptr()) != 0 {
             libc::chdir(root.as_ptr());
@@ -400,13 +450,22 @@ struct ControlState {
     pgid: Option<Pid>,
     pending: Vec<Signal>,
     killed: bool,
+    /// The pty's master (a duplicate), with `tty`: for resizes and its foreground job.
+    pty: Option<OwnedFd>,
+    /// A resize that came before the start.
+    size: Option<TtySize>,
 }
 
 impl ExecControl {
-    /// Records the started process group and delivers what was asked meanwhile.
-    pub fn started(&self, pgid: Pid) {
+    /// Records the started process group (and its pty) and delivers what was asked meanwhile.
+    pub fn started(&self, pgid: Pid, pty: Option<OwnedFd>) {
         if let Ok(mut state) = self.state.lock() {
             state.pgid = Some(pgid);
+            state.pty = pty;
+            let pending = state.size.take();
+            if let (Some(master), Some(size)) = (&state.pty, pending) {
+                let _ = crate::pty::resize(master.as_fd(), size);
+            }
             if state.killed {
                 let _ = killpg(pgid, Signal::SIGKILL);
             }
@@ -428,12 +487,31 @@ impl ExecControl {
         }
     }
 
-    /// SIGKILLs the process group, now or as soon as it exists.
+    /// SIGKILLs the process group, now or as soon as it exists (with a pty, also the job in
+    /// its foreground: a shell runs each job in a group of its own).
     pub fn kill(&self) {
         if let Ok(mut state) = self.state.lock() {
             state.killed = true;
+            if let Some(job) = state.pty.as_ref().and_then(|m| crate::pty::foreground(m.as_fd())) {
+                let _ = killpg(job, Signal::SIGKILL);
+            }
             if let Some(pgid) = state.pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Sets the pty's window size (nothing without a pty; once started, if asked before).
+    pub fn resize(&self, size: TtySize) {
+        if let Ok(mut state) = self.state.lock() {
+            match &state.pty {
+                Some(master) => {
+                    if let Err(e) = crate::pty::resize(master.as_fd(), size) {
+                        log!("cannot resize an exec's terminal: {e}");
+                    }
+                }
+                None if state.pgid.is_none() => state.size = Some(size),
+                None => {}
             }
         }
     }
@@ -446,6 +524,10 @@ impl channel::Process for ExecControl {
 
     fn kill(&self) {
         ExecControl::kill(self);
+    }
+
+    fn resize(&self, size: TtySize) {
+        ExecControl::resize(self, size);
     }
 }
 
@@ -461,12 +543,17 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
         None => PathBuf::from("/root"),
     };
     let stdin_mode = if req.stdin { Stdio::Pipe } else { Stdio::Null };
-    let cmd =
-        Command { argv: req.argv, env: default_env(&req.env), cwd, stdio: [stdin_mode, Stdio::Pipe, Stdio::Pipe] };
+    let tty = req.tty.filter(|size| size.check().is_none());
+    if req.tty.is_some() && tty.is_none() {
+        link.fail("the terminal size is out of range");
+        return link.finish();
+    }
+    let stdio = [stdin_mode, Stdio::Pipe, Stdio::Pipe];
+    let cmd = Command { argv: req.argv, env: default_env(&req.env), cwd, stdio, tty };
     let child = match spawn(&cmd) {
         Ok(child) => child,
-        Err(e @ (SpawnError::Nul | SpawnError::Empty | SpawnError::Sys { .. })) => {
-            link.fail(&e.to_string());
+        Err(e @ (SpawnError::Nul | SpawnError::Empty | SpawnError::Sys { .. } | SpawnError::Pty(_))) => {
+            link.fail(&chain(&e));
             return link.finish();
         }
         Err(e) => {
@@ -475,9 +562,13 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
             return link.finish();
         }
     };
-    control.started(child.pid);
+    let master = child.pty;
+    control.started(child.pid, master.as_ref().and_then(|m| m.try_clone().ok()));
     let pid = u32::try_from(child.pid.as_raw()).unwrap_or_default();
     let _ = link.json(FrameKind::Response, &AgentResponse::Started { pid });
+    if let Some(master) = master {
+        return tty_session(&link, master, child.exit, stdin);
+    }
     let [stdin_fd, stdout_fd, stderr_fd] = child.pipes;
     if let (Some(fd), Some(rx)) = (stdin_fd, stdin) {
         let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || feed(fd, &rx));
@@ -503,6 +594,55 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
             let _ = link.json(FrameKind::Exit, &status);
         }
         Err(_) => link.fail("the command's exit status was lost"),
+    }
+    link.finish();
+}
+
+/// The rest of a `tty` exec: host stdin is typed into the master, the master's output streams
+/// as `Stdout` (read to its end, bounded after the exit), then `Exit`.
+fn tty_session(link: &Link, master: OwnedFd, exit: mpsc::Receiver<ExitStatus>, stdin: Option<mpsc::Receiver<Vec<u8>>>) {
+    if let Some(rx) = stdin {
+        match master.try_clone() {
+            Ok(fd) => {
+                // An empty chunk (the host's EOF) ends the typing; the terminal stays.
+                if let Err(e) = std::thread::Builder::new().name("tty-stdin".into()).spawn(move || feed(fd, &rx)) {
+                    log!("cannot start a stdin thread: {e}");
+                }
+            }
+            Err(e) => log!("cannot duplicate a pty master: {e}"),
+        }
+    }
+    let status: Arc<Mutex<Option<Result<ExitStatus, mpsc::RecvError>>>> = Arc::default();
+    let waiter = {
+        let status = Arc::clone(&status);
+        std::thread::Builder::new().name("tty-wait".into()).spawn(move || {
+            let got = exit.recv();
+            if let Ok(mut slot) = status.lock() {
+                *slot = Some(got);
+            }
+        })
+    };
+    if let Err(e) = &waiter {
+        log!("cannot start a waiter thread: {e}");
+    }
+    let exited = || status.lock().map_or(true, |s| s.is_some());
+    let mut connected = true;
+    crate::pty::pump(master, exited, |bytes| {
+        if connected {
+            connected = link.send(FrameKind::Stdout, bytes.to_vec()).is_ok();
+        }
+        // After the host has gone, keep reading (and dropping) so the command never blocks.
+        true
+    });
+    if let Ok(waiter) = waiter {
+        let _ = waiter.join();
+    }
+    let status = status.lock().ok().and_then(|mut s| s.take());
+    match status {
+        Some(Ok(status)) => {
+            let _ = link.json(FrameKind::Exit, &status);
+        }
+        _ => link.fail("the command's exit status was lost"),
     }
     link.finish();
 }
@@ -577,5 +717,45 @@ mod tests {
 
     fn start_reaper_once() {
         start_reaper_for_tests();
+    }
+
+    /// Reads `master` until `needle` has come (or panics at the deadline); what came so far.
+    fn read_until(master: &std::fs::File, seen: &mut Vec<u8>, needle: &str) {
+        use std::os::fd::AsFd as _;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(seen).contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "no {needle:?} in {:?}", String::from_utf8_lossy(seen));
+            let mut fds = [nix::poll::PollFd::new(master.as_fd(), nix::poll::PollFlags::POLLIN)];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8)).unwrap_or(0) == 0 {
+                continue;
+            }
+            match (&*master).read(&mut buf) {
+                Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                other => panic!("the pty ended early ({other:?}): {:?}", String::from_utf8_lossy(seen)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tty_command_gets_a_controlling_terminal_of_its_size_and_ctrl_c_signals_it() {
+        start_reaper_once();
+        let script = "tty; stty size; test -t 0 && test -t 2 && echo all-a-tty; \
+                      trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done";
+        let mut cmd = Command::new(&["sh", "-c", script]);
+        cmd.tty = Some(TtySize { rows: 33, cols: 101 });
+        let child = spawn(&cmd).expect("spawn");
+        assert!(child.pipes.iter().all(Option::is_none), "no pipes with a tty");
+        let master = std::fs::File::from(child.pty.expect("a pty"));
+        let mut seen = Vec::new();
+        read_until(&master, &mut seen, "ready");
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(text.starts_with("/dev/pts/"), "{text}");
+        assert!(text.contains("33 101\r\n") && text.contains("all-a-tty"), "{text}");
+        // Ctrl-C is a byte: the line discipline turns it into SIGINT for the foreground group.
+        (&master).write_all(b"\x03").expect("type Ctrl-C");
+        read_until(&master, &mut seen, "got-int");
+        let status = child.exit.recv_timeout(Duration::from_secs(20)).expect("it ends");
+        assert_eq!(status, ExitStatus { code: 5, signal: None });
     }
 }

@@ -26,6 +26,7 @@ mod memory;
 mod mounts;
 mod net;
 mod ports;
+mod pty;
 mod serve;
 mod session;
 mod tunnel;

@@ -9,6 +9,9 @@
 //! under the same lock, so a watcher sees the replay and then every later byte, in order and
 //! once. Watchers have bounded queues: one that falls behind is dropped (and told so) instead
 //! of stalling the process.
+//!
+//! A `tty` session runs on a pty (`pty.rs`) instead: one pump reads its master into the stdout
+//! log, the stdin holder's bytes are typed into the master and its `Resize`s set the size.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use banger_proto::agent::session::{
     self as proto, stage, GuestSessionStatus, SessionOp, SessionStart, SessionState, REPLAY_BYTES, SESSION_DIR,
 };
-use banger_proto::agent::{AgentResponse, ExitStatus, FrameKind};
+use banger_proto::agent::{AgentResponse, ExitStatus, FrameKind, TtySize};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -64,6 +67,8 @@ struct Inner {
     stdin: Option<mpsc::Sender<Vec<u8>>>,
     stdin_holder: Option<u64>,
     open_pumps: usize,
+    /// The pty's master (a duplicate) while a `tty` session runs, for resizes.
+    pty: Option<OwnedFd>,
 }
 
 /// One supervised process.
@@ -74,6 +79,10 @@ pub struct Session {
     started: Instant,
     inner: Mutex<Inner>,
     drained: Condvar,
+    /// Whether it runs on a pty.
+    tty: bool,
+    /// Set by the waiter as soon as the process has been reaped (before the drain).
+    reaped: AtomicBool,
 }
 
 /// An attach: its queue, its token, and whether it fell behind.
@@ -165,6 +174,7 @@ impl Session {
         }
         inner.stdin = None;
         inner.stdin_holder = None;
+        inner.pty = None;
     }
 
     /// Registers a watcher: its queue starts with the logs' tails. With `stdin` (and a session
@@ -210,16 +220,32 @@ impl Session {
         }
     }
 
-    /// Stdin from attach `token`, if it holds stdin; empty closes the session's stdin.
+    /// Stdin from attach `token`, if it holds stdin; empty closes the session's stdin (not a
+    /// terminal's: a client's end of input is no end of the session's).
     pub fn write_stdin(&self, token: u64, bytes: Vec<u8>) {
         let mut inner = self.lock();
         if inner.stdin_holder != Some(token) {
+            return;
+        }
+        if bytes.is_empty() && self.tty {
             return;
         }
         if bytes.is_empty() {
             inner.stdin = None;
         } else if let Some(tx) = &inner.stdin {
             let _ = tx.send(bytes);
+        }
+    }
+
+    /// Sets a `tty` session's window size, if attach `token` holds its stdin.
+    pub fn resize(&self, token: u64, size: TtySize) {
+        let inner = self.lock();
+        if let (Some(master), Some(holder)) = (&inner.pty, inner.stdin_holder) {
+            if holder == token {
+                if let Err(e) = crate::pty::resize(std::os::fd::AsFd::as_fd(master), size) {
+                    log!("session {}: {e}", self.id);
+                }
+            }
         }
     }
 
@@ -313,12 +339,26 @@ impl Supervisor {
         };
         let logs = [Some(open("stdout")?), Some(open("stderr")?)];
         let stdin_mode = if req.stdin { Stdio::Pipe } else { Stdio::Null };
-        let cmd = Command { argv: req.argv, env, cwd, stdio: [stdin_mode, Stdio::Pipe, Stdio::Pipe] };
+        if let Some(why) = req.tty.and_then(TtySize::check) {
+            return Err((stage::REQUEST, why));
+        }
+        let cmd = Command { argv: req.argv, env, cwd, stdio: [stdin_mode, Stdio::Pipe, Stdio::Pipe], tty: req.tty };
         let child = exec::spawn(&cmd).map_err(|e| match e {
             SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => (stage::COMMAND, e.to_string()),
-            other => (stage::SPAWN, other.to_string()),
+            other => (stage::SPAWN, exec::chain(&other)),
         })?;
-        let [stdin_fd, stdout_fd, stderr_fd] = child.pipes;
+        let [mut stdin_fd, mut stdout_fd, stderr_fd] = child.pipes;
+        let pty = match child.pty {
+            // The master is both: typed into (a duplicate) and read.
+            Some(master) => {
+                stdin_fd = master.try_clone().ok();
+                let resizer = master.try_clone().ok();
+                stdout_fd = Some(master);
+                resizer
+            }
+            None => None,
+        };
+        let tty = pty.is_some();
         let stdin = stdin_fd.and_then(|fd| {
             let (tx, rx) = mpsc::channel();
             spawn_thread("session-stdin", move || feed(fd, &rx)).then_some(tx)
@@ -336,14 +376,32 @@ impl Supervisor {
                 stdin,
                 stdin_holder: None,
                 open_pumps: 0,
+                pty,
             }),
             drained: Condvar::new(),
+            tty,
+            reaped: AtomicBool::new(false),
         });
         for (index, fd) in [stdout_fd, stderr_fd].into_iter().enumerate() {
             let Some(fd) = fd else { continue };
             let s = Arc::clone(&session);
             s.lock().open_pumps += 1;
-            if !spawn_thread("session-pump", move || pump(&s, index, fd)) {
+            let started = if tty {
+                spawn_thread("session-pty", move || {
+                    crate::pty::pump(
+                        fd,
+                        || s.reaped.load(Ordering::SeqCst),
+                        |bytes| {
+                            s.output(0, bytes);
+                            true
+                        },
+                    );
+                    s.pump_done();
+                })
+            } else {
+                spawn_thread("session-pump", move || pump(&s, index, fd))
+            };
+            if !started {
                 session.pump_done();
             }
         }
@@ -351,6 +409,7 @@ impl Supervisor {
         let exit = child.exit;
         spawn_thread("session-wait", move || {
             let status = exit.recv().unwrap_or(ExitStatus { code: 255, signal: None });
+            waiter.reaped.store(true, Ordering::SeqCst);
             waiter.finish(status);
         });
         self.sessions().push(Arc::clone(&session));
@@ -434,6 +493,13 @@ impl Control {
         }
     }
 
+    /// A window size from the attach (applied if it holds a `tty` session's stdin).
+    pub fn resize(&self, size: TtySize) {
+        if let Some((session, token)) = &self.attach {
+            session.resize(*token, size);
+        }
+    }
+
     /// The host detached (or went away): stop at once, and let go of stdin.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -454,6 +520,10 @@ impl channel::Attachment for Control {
 
     fn signal(&self, signal: Signal) {
         Control::signal(self, signal);
+    }
+
+    fn resize(&self, size: TtySize) {
+        Control::resize(self, size);
     }
 
     fn close(&self) {

@@ -2,7 +2,9 @@
 //! bangerd's `session_stream.rs`) and `session logs` (a streamed response body).
 //!
 //! Detaching: Ctrl-] on a terminal (stdin is put in non-canonical mode, so it arrives at
-//! once), Ctrl-C, or the end of stdin for a `pipe` session. The client then sends `Close` and
+//! once), Ctrl-C, or the end of stdin for a `pipe` session. A `tty` session is attached with
+//! our terminal raw (`tty.rs`) and sized to it (`Resize` now and at each `SIGWINCH`): Ctrl-C
+//! is then a byte for the session, and Ctrl-] alone detaches. The client then sends `Close` and
 //! waits for the daemon's `Close`, so once `attach` has returned the session's stdin is free
 //! for the next attach. Without a terminal (scripts, tests) closing stdin is the way to detach.
 
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::cmd::segment;
+use crate::tty::RawMode;
 
 /// Ctrl-]: the detach key.
 const DETACH_KEY: u8 = 0x1d;
@@ -54,12 +57,26 @@ impl Drop for TerminalMode {
 /// Attaches to session `s`; returns 0 once detached, or the session's exit code if it ended.
 pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode> {
     let name = &s.record.name;
-    let pipe = s.record.stdin_mode == StdinMode::Pipe;
+    let guest_tty = s.record.stdin_mode == StdinMode::Tty;
+    // Whether our stdin is the session's.
+    let pipe = s.record.stdin_mode == StdinMode::Pipe || guest_tty;
     let path = format!("/v1/vms/{}/sessions/{}/attach?stdin={pipe}", segment(&s.vm), segment(&s.record.id));
     let upgraded = crate::exec::upgrade(client, &path, "banger-attach").await?;
     let (mut rd, mut wr) = tokio::io::split(upgraded);
     let tty = std::io::stdin().is_terminal();
-    let _mode = if tty { TerminalMode::enter() } else { None };
+    let mut ended: std::pin::Pin<Box<dyn std::future::Future<Output = i32>>> = Box::pin(std::future::pending());
+    // Our terminal while attached: keys at once with echo kept (a `pipe` or `closed` session),
+    // or raw (a `tty` session, whose own terminal echoes). Dropped before any last word.
+    let mut mode: (Option<TerminalMode>, Option<RawMode>) = (None, None);
+    if tty && guest_tty {
+        ended = Box::pin(crate::tty::terminated()?);
+        mode.1 = Some(RawMode::enter()?);
+    } else if tty {
+        mode.0 = TerminalMode::enter();
+    }
+    let raw = mode.1.is_some();
+    // In raw mode a line break needs its carriage return.
+    let eol = if raw { "\r\n" } else { "\n" };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
@@ -106,6 +123,13 @@ pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode
             let _ = detach.send(Frame::new(1, FrameKind::Close, Vec::new()));
         }
     });
+    if guest_tty && tty {
+        // The session's terminal takes our size now and follows it.
+        if let Some(size) = crate::tty::size() {
+            let _ = tx.send(Frame::json(1, FrameKind::Resize, &size));
+        }
+        crate::tty::send_resizes(tx.clone())?;
+    }
 
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
@@ -117,7 +141,7 @@ pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode
                 FrameKind::Response => {
                     if let Ok(AgentResponse::Session(_)) = frame.parse::<AgentResponse>("session") {
                         if tty {
-                            eprintln!("attached to session {name}; Ctrl-] detaches");
+                            eprint!("attached to session {name}; Ctrl-] detaches{eol}");
                         }
                     }
                 }
@@ -131,10 +155,12 @@ pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode
                 }
                 FrameKind::Exit => {
                     let status: ExitStatus = frame.parse("exit")?;
+                    drop(std::mem::take(&mut mode));
                     eprintln!("session {name} exited with code {}", status.code);
                     return Ok(ExitCode::from(u8::try_from(status.code.clamp(0, 255)).unwrap_or(1)));
                 }
                 FrameKind::Close => {
+                    drop(std::mem::take(&mut mode));
                     eprintln!("detached from session {name}; it keeps running");
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -145,7 +171,14 @@ pub async fn attach(client: &Client, s: &SessionView) -> anyhow::Result<ExitCode
                 _ => {}
             }
         }
-        let n = rd.read(&mut buf).await.context("attach stream broke")?;
+        let n = tokio::select! {
+            read = rd.read(&mut buf) => read.context("attach stream broke")?,
+            signal = &mut ended => {
+                drop(std::mem::take(&mut mode));
+                eprintln!("banger: signal {signal}: detached from session {name}; it keeps running");
+                return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)));
+            }
+        };
         if n == 0 {
             bail!("bangerd closed the attach stream");
         }

@@ -112,6 +112,15 @@ impl Client {
         self.call(Method::GET, path, None::<&()>).await
     }
 
+    /// `GET path`: the answer's raw JSON body, error answers turned into [`ApiErrorAnswer`].
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<Bytes> {
+        let (status, bytes) = self.send(Method::GET, path, None).await?;
+        if !status.is_success() {
+            return Err(ApiErrorAnswer { status, body: api_error(status, &bytes) }.into());
+        }
+        Ok(bytes)
+    }
+
     /// The daemon's status, or `None` when nothing answers on the socket.
     pub async fn probe(&self) -> Option<DaemonStatus> {
         self.get("/v1/health").await.ok()

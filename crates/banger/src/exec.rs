@@ -1,10 +1,18 @@
 //! The CLI's side of `POST /v1/vms/{vm}/exec`: upgrade the HTTP connection, send the exec
 //! request, forward stdin (and Ctrl-C as SIGINT), and write the command's output to our stdout
 //! and stderr as it arrives. Returns the command's exit code.
+//!
+//! With `tty` the command runs on a guest pty of our terminal's size, `SIGWINCH` sends
+//! `Resize`, and with stdin too our terminal is raw (`tty.rs`): every key, Ctrl-C included,
+//! is a byte for the guest. SIGTERM, SIGHUP or SIGQUIT restore the terminal and end the exec
+//! (the daemon kills the command when we go) with 128 + the signal.
 
 use anyhow::{bail, Context as _};
+use std::future::Future;
+use std::pin::Pin;
+
 use banger_proto::agent::{
-    AgentFailure, AgentRequest, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest,
+    AgentFailure, AgentRequest, Decoder, ExecRequest, ExitStatus, Frame, FrameKind, SignalRequest, TtySize,
 };
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -27,6 +35,8 @@ pub struct ExecOptions {
     pub cwd: Option<String>,
     /// Forward our stdin.
     pub stdin: bool,
+    /// Run on a guest pty (with `stdin`: our terminal raw, every key to the guest).
+    pub tty: bool,
     /// Forward Ctrl-C to the command as SIGINT (otherwise the caller handles Ctrl-C).
     pub forward_interrupt: bool,
 }
@@ -51,11 +61,22 @@ pub async fn upgrade(client: &Client, path: &str, protocol: &str) -> anyhow::Res
 
 /// Runs a command in `vm` and returns its exit code.
 pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Result<i32> {
+    if opts.tty && opts.stdin && !crate::tty::stdin_is_terminal() {
+        return Err(crate::tty::TtyError::NotATerminal.into());
+    }
     let upgraded = upgrade(client, &format!("/v1/vms/{}/exec", segment(vm)), "banger-exec").await?;
     let (mut rd, mut wr) = tokio::io::split(upgraded);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-    let request = AgentRequest::Exec(ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, stdin: opts.stdin });
+    let mut env = opts.env;
+    let tty = opts.tty.then(|| crate::tty::size().unwrap_or(TtySize::DEFAULT));
+    if tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
+        // The guest's programs draw for the terminal they are really on.
+        if let Some(term) = std::env::var("TERM").ok().filter(|t| !t.is_empty()) {
+            env.push(("TERM".into(), term));
+        }
+    }
+    let request = AgentRequest::Exec(ExecRequest { argv: opts.argv, env, cwd: opts.cwd, stdin: opts.stdin, tty });
     tx.send(Frame::json(1, FrameKind::Request, &request)).ok();
     tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
@@ -84,7 +105,17 @@ pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Resul
             }
         });
     }
-    if opts.forward_interrupt {
+    // Signals that end us are watched before raw mode, so none finds it on.
+    let mut ended: Pin<Box<dyn Future<Output = i32>>> = Box::pin(std::future::pending());
+    let mut raw_mode = None;
+    if tty.is_some() {
+        ended = Box::pin(crate::tty::terminated()?);
+        crate::tty::send_resizes(tx.clone())?;
+        if opts.stdin {
+            raw_mode = Some(crate::tty::RawMode::enter()?);
+        }
+    }
+    if opts.forward_interrupt && raw_mode.is_none() {
         let tx = tx.clone();
         tokio::spawn(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
@@ -122,7 +153,14 @@ pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Resul
                 _ => {}
             }
         }
-        let n = rd.read(&mut buf).await.context("exec stream broke")?;
+        let n = tokio::select! {
+            read = rd.read(&mut buf) => read.context("exec stream broke")?,
+            signal = &mut ended => {
+                drop(raw_mode.take());
+                eprintln!("banger: signal {signal}: the terminal is restored and the command ends");
+                return Ok(128 + signal);
+            }
+        };
         if n == 0 {
             bail!("bangerd closed the exec stream before the command ended");
         }

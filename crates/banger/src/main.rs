@@ -14,6 +14,7 @@ mod exec;
 mod files;
 mod output;
 mod progress;
+mod tty;
 mod workspace;
 
 use std::path::PathBuf;

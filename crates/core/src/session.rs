@@ -57,6 +57,9 @@ pub enum StdinMode {
     Closed,
     /// A pipe that one attached client at a time writes to; it stays open across detaches.
     Pipe,
+    /// A pseudo-terminal: stdin, stdout and stderr in one; one attached client at a time types
+    /// into it and sets its size.
+    Tty,
 }
 
 impl StdinMode {
@@ -65,6 +68,7 @@ impl StdinMode {
         match self {
             Self::Closed => "closed",
             Self::Pipe => "pipe",
+            Self::Tty => "tty",
         }
     }
 
@@ -73,6 +77,7 @@ impl StdinMode {
         match s {
             "closed" => Some(Self::Closed),
             "pipe" => Some(Self::Pipe),
+            "tty" => Some(Self::Tty),
             _ => None,
         }
     }
@@ -291,6 +296,7 @@ mod tests {
         }
         assert_eq!(SessionStatus::parse("failed"), Some(SessionStatus::Failed));
         assert_eq!(StdinMode::parse("pipe"), Some(StdinMode::Pipe));
+        assert_eq!(StdinMode::parse(StdinMode::Tty.as_str()), Some(StdinMode::Tty));
         assert_eq!(StdinMode::parse("open"), None);
     }
 }

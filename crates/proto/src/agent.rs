@@ -16,7 +16,7 @@
 //! | request | host → guest after it | guest → host |
 //! |---|---|---|
 //! | `ping` | – | `Response(pong)` |
-//! | `exec` | `Stdin` chunks, empty `Stdin` = EOF; `Signal` | `Response(started)`, `Stdout`/`Stderr` chunks, `Exit` |
+//! | `exec` | `Stdin` chunks, empty `Stdin` = EOF; `Signal`; `Resize` (with `tty`) | `Response(started)`, `Stdout`/`Stderr` chunks, `Exit` |
 //! | `read_file` | – | `Data` chunks, then `Response(file)` |
 //! | `write_file` | `Data` chunks, empty `Data` = end | `Response(written)` |
 //! | `ports` | – | `Response(ports)` |
@@ -56,6 +56,14 @@
 //! other channels go on. Control frames (`Response`, `Exit`, `Error`, ...) need no credit,
 //! but the host queues at most [`MAX_PAYLOAD`] bytes of them per channel. The host's `Close`
 //! also ends an exec (the process group is killed).
+//!
+//! ## Terminals
+//! An `exec` (or session) with `tty` runs on a pseudo-terminal of that size: the command's
+//! stdin, stdout and stderr are the pty's slave (its controlling terminal), its output is one
+//! stream sent as `Stdout`, and `Stdin` bytes are typed into it (Ctrl-C as `\x03` makes the
+//! guest's line discipline signal its foreground process group). `Resize` (JSON [`TtySize`])
+//! changes the window size; the kernel sends the foreground group `SIGWINCH`. Sizes outside
+//! [`TtySize::MAX`] are refused by the daemon and ignored by the agent.
 //!
 //! A command that cannot be found ends with `Exit { code: 127 }` after a line on `Stderr`. When
 //! the host side of the stream goes away, the agent kills the processes of that connection (its
@@ -154,6 +162,8 @@ pub enum FrameKind {
     /// Either way on a `connect` tunnel, guest → host on an `unpack`: bytes of `Data` consumed
     /// (see [`ack_payload`]).
     Ack = 11,
+    /// Host → guest on a `tty` exec or session attach: JSON [`TtySize`], the new window size.
+    Resize = 12,
 }
 
 impl FrameKind {
@@ -175,6 +185,7 @@ impl FrameKind {
             9 => Self::Data,
             10 => Self::Close,
             11 => Self::Ack,
+            12 => Self::Resize,
             _ => return None,
         })
     }
@@ -467,9 +478,56 @@ pub struct ExecRequest {
     /// Working directory; `/root` when absent.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Whether the host will send stdin; otherwise stdin is /dev/null.
+    /// Whether the host will send stdin; otherwise stdin is /dev/null (with `tty`: the pty,
+    /// into which nothing is typed).
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (stdout and stderr become one `Stdout` stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's window size, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
+pub struct TtySize {
+    /// Lines, 1 to 4096 ([`TtySize::MAX`]).
+    #[cfg_attr(feature = "api", schema(minimum = 1, maximum = 4096))]
+    pub rows: u16,
+    /// Columns, 1 to 4096 ([`TtySize::MAX`]).
+    #[cfg_attr(feature = "api", schema(minimum = 1, maximum = 4096))]
+    pub cols: u16,
+}
+
+impl TtySize {
+    /// The largest number of rows or columns accepted (far beyond any screen; it bounds what a
+    /// client can make the guest's programs lay out).
+    pub const MAX: u16 = 4096;
+
+    /// The size a terminal gets when the caller has none to give.
+    pub const DEFAULT: Self = Self { rows: 24, cols: 80 };
+
+    /// Why this size is refused, or `None` when both sides are within 1..=[`Self::MAX`].
+    pub fn check(self) -> Option<String> {
+        let ok = |n: u16| (1..=Self::MAX).contains(&n);
+        (!ok(self.rows) || !ok(self.cols)).then(|| {
+            format!(
+                "terminal size {}x{} (rows x columns) is out of range: each must be 1 to {}",
+                self.rows,
+                self.cols,
+                Self::MAX
+            )
+        })
+    }
+
+    /// Reads a `Resize` payload, refusing sizes out of range.
+    pub fn parse_resize(payload: &[u8]) -> Result<Self, String> {
+        let size: Self = serde_json::from_slice(payload).map_err(|e| format!("bad resize payload: {e}"))?;
+        match size.check() {
+            Some(why) => Err(why),
+            None => Ok(size),
+        }
+    }
 }
 
 /// A guest's answer.
@@ -673,6 +731,32 @@ mod tests {
         );
         let back: AgentRequest = serde_json::from_str(r#"{"op":"reidentify","time_unix_ms":7}"#).expect("parse");
         assert_eq!(back, AgentRequest::Reidentify(Identity { time_unix_ms: 7, ..Default::default() }));
+    }
+
+    #[test]
+    fn tty_is_optional_on_the_wire_and_resizes_are_bounded() {
+        let old: ExecRequest = serde_json::from_str(r#"{"argv":["sh"]}"#).expect("an old request parses");
+        assert_eq!(old.tty, None);
+        let plain =
+            serde_json::to_string(&ExecRequest { argv: vec!["sh".into()], ..Default::default() }).expect("json");
+        assert!(!plain.contains("tty"), "no tty, no field: {plain}");
+        let tty =
+            ExecRequest { argv: vec!["sh".into()], tty: Some(TtySize { rows: 40, cols: 120 }), ..Default::default() };
+        let text = serde_json::to_string(&tty).expect("json");
+        assert!(text.ends_with(r#""tty":{"rows":40,"cols":120}}"#), "{text}");
+        assert_eq!(serde_json::from_str::<ExecRequest>(&text).expect("parse"), tty);
+
+        let resize = Frame::json(1, FrameKind::Resize, &TtySize { rows: 50, cols: 132 });
+        let mut d = Decoder::default();
+        d.push(&resize.encode());
+        let back = d.next_frame().expect("decode").expect("a frame");
+        assert_eq!(back.kind, FrameKind::Resize);
+        assert_eq!(TtySize::parse_resize(&back.payload), Ok(TtySize { rows: 50, cols: 132 }));
+        for bad in [r#"{"rows":0,"cols":80}"#, r#"{"rows":24,"cols":4097}"#, r#"{"rows":-1,"cols":80}"#, "[]"] {
+            assert!(TtySize::parse_resize(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert_eq!(TtySize::DEFAULT.check(), None);
+        assert!(!FrameKind::Resize.is_credited());
     }
 
     #[test]

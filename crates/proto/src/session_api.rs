@@ -25,9 +25,14 @@ pub struct StartSessionRequest {
     /// Free-form labels, kept with the session.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// `closed` (/dev/null) or `pipe` (attaches may write to it) [default: closed].
+    /// `closed` (/dev/null), `pipe` (attaches may write to it) or `tty` (a pseudo-terminal,
+    /// typed into and resized by the attach holding it) [default: closed].
     #[serde(default)]
     pub stdin: StdinMode,
+    /// A `tty` session's first window size [default: 24 rows, 80 columns]; refused with
+    /// another stdin mode.
+    #[serde(default)]
+    pub tty_size: Option<crate::agent::TtySize>,
 }
 
 /// A session as the API shows it.

@@ -4,4 +4,5 @@
 mod client;
 mod serve;
 mod session;
+mod tty;
 mod tunnel;

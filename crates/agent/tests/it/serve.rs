@@ -96,6 +96,7 @@ fn exec_defaults_cwd_env_and_null_stdin() {
             env: vec![("X".into(), "y".into())],
             cwd: Some("/tmp".into()),
             stdin: false,
+            tty: None,
         }))
         .expect("open");
     let out = client.finish(channel).expect("exec");

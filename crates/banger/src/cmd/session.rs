@@ -31,7 +31,9 @@ pub enum SessionCommand {
     /// Attach to a session: the last 64 KiB of its stdout and stderr logs, then its live output;
     /// for a `--stdin pipe` session, what you type (or pipe in) goes to its stdin. Ctrl-] or
     /// Ctrl-C detaches, and so does the end of stdin for a pipe session; the session keeps
-    /// running. Exits with the session's exit code if it ends while attached, 0 when detached.
+    /// running. A `--tty` session gets this terminal, raw and with its size: every key goes to
+    /// it, Ctrl-C included, and only Ctrl-] detaches. Exits with the session's exit code if it
+    /// ends while attached, 0 when detached.
     Attach(AttachArgs),
     /// Stop a session: SIGTERM to its process group, then wait for it to end.
     Stop(SignalArgs),
@@ -47,13 +49,14 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 }
 
 fn parse_stdin(text: &str) -> Result<StdinMode, String> {
-    StdinMode::parse(text).ok_or_else(|| format!("'{text}' is not a stdin mode; use pipe or closed"))
+    StdinMode::parse(text).ok_or_else(|| format!("'{text}' is not a stdin mode; use closed, pipe or tty"))
 }
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   banger session start web --name server -- python3 -m http.server 8000
   banger session start web --name repl --stdin pipe -- python3 -i
+  banger session start web --name shell --tty -- bash    (then `banger session attach web shell`)
   banger session start web --cwd /srv --env PORT=8000 --tag team=web -- ./run.sh")]
 pub struct StartArgs {
     /// VM: name, id or id prefix.
@@ -61,9 +64,14 @@ pub struct StartArgs {
     /// The session's name, unique in the VM [default: the command's name and part of the id]
     #[arg(long)]
     name: Option<String>,
-    /// `closed` (the process reads /dev/null) or `pipe` (attaches write to it).
+    /// `closed` (the process reads /dev/null), `pipe` (attaches write to it) or `tty` (as --tty).
     #[arg(long, default_value = "closed", value_parser = parse_stdin)]
     stdin: StdinMode,
+    /// Run it on a terminal (a guest pty, this terminal's size if there is one, else 24x80): its
+    /// output, stdout and stderr in one, is the stdout log; `session attach` makes this terminal
+    /// raw, types into it and resizes it. Ctrl-] detaches.
+    #[arg(long, short = 't', conflicts_with = "stdin")]
+    tty: bool,
     /// Working directory in the guest; it must exist [default: /root]
     #[arg(long, short = 'w')]
     cwd: Option<String>,
@@ -177,7 +185,8 @@ async fn start(client: &Client, a: StartArgs) -> anyhow::Result<ExitCode> {
         cwd: a.cwd,
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         tags: a.tag.into_iter().collect::<BTreeMap<_, _>>(),
-        stdin: a.stdin.into(),
+        stdin: if a.tty { StdinMode::Tty.into() } else { a.stdin.into() },
+        tty_size: (a.tty || a.stdin == StdinMode::Tty).then(crate::tty::size).flatten(),
     };
     let s: SessionView = client.call(Method::POST, &base(&a.vm), Some(&req)).await?;
     if a.json {

@@ -25,4 +25,5 @@ mod rounds;
 mod session;
 mod snapshot;
 mod ssh;
+mod terminal;
 mod workspace;

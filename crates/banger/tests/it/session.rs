@@ -28,7 +28,8 @@ fn bad_session_arguments_are_refused_before_anything_is_recorded() {
     let env = Env::new();
     env.banger(&["vm", "create", "web"]).ok();
     // Usage errors: clap's exit code 2.
-    env.banger(&["session", "start", "web", "--stdin", "tty", "--", "sh"]).fails_plain(2);
+    env.banger(&["session", "start", "web", "--stdin", "open", "--", "sh"]).fails_plain(2);
+    env.banger(&["session", "start", "web", "--stdin", "pipe", "--tty", "--", "sh"]).fails_plain(2);
     env.banger(&["session", "start", "web", "--env", "NOEQUALS", "--", "sh"]).fails_plain(2);
     env.banger(&["session", "start", "web"]).fails_plain(2);
     // Checked by the daemon before it looks at the VM's state.
@@ -55,8 +56,16 @@ fn the_api_refuses_bad_bodies_and_plain_attach_requests() {
     let (code, body) = env.request("POST", "/v1/vms/web/sessions", r#"{"command":""}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("needs a command"), "{body}");
-    let (code, body) = env.request("POST", "/v1/vms/web/sessions", r#"{"command":"sh","stdin":"tty"}"#);
+    let (code, body) = env.request("POST", "/v1/vms/web/sessions", r#"{"command":"sh","stdin":"open"}"#);
     assert_eq!(code, 400, "{body}");
+    let tty_size = r#"{"command":"sh","tty_size":{"rows":24,"cols":80}}"#;
+    let (code, body) = env.request("POST", "/v1/vms/web/sessions", tty_size);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("only for a session with stdin 'tty'"), "{body}");
+    let tiny = r#"{"command":"sh","stdin":"tty","tty_size":{"rows":0,"cols":80}}"#;
+    let (code, body) = env.request("POST", "/v1/vms/web/sessions", tiny);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("out of range"), "{body}");
     let (code, body) = env.request("POST", "/v1/vms/web/sessions", r#"{"command":"sh","stdin":"pipe"}"#);
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("is not running"), "{body}");

@@ -11,8 +11,8 @@
 //! - daemon → client: `Response(session)` once attached; the logs' tails, then live `Stdout` and
 //!   `Stderr`; then `Exit` (the session ended), `Close` (detached) or `Error` (refused, e.g. a
 //!   second attach with stdin, or the client fell behind);
-//! - client → daemon: `Stdin` (empty closes the session's stdin), `Signal`, and `Close` to
-//!   detach. A client that simply goes away is detached too: a session never ends because its
+//! - client → daemon: `Stdin` (empty closes the session's stdin), `Signal`, `Resize` (a `tty`
+//!   session's stdin holder; sizes out of range are dropped) and `Close` to detach. A client that simply goes away is detached too: a session never ends because its
 //!   client did.
 
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub struct LogsQuery {
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AttachQuery {
-    /// Take the session's stdin (only for `pipe` sessions; exclusive).
+    /// Take the session's stdin (only for `pipe` and `tty` sessions; exclusive).
     #[serde(default)]
     stdin: bool,
 }
@@ -270,7 +270,8 @@ async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn, re
                 };
                 decoder.push(&buf[..n]);
                 while let Ok(Some(f)) = decoder.next_frame() {
-                    if matches!(f.kind, FrameKind::Stdin | FrameKind::Signal | FrameKind::Close)
+                    let allowed = [FrameKind::Stdin, FrameKind::Signal, FrameKind::Close];
+                    if super::exec::passes(f.kind, &f.payload, &allowed)
                         && agent.channel.send(f.kind, f.payload).is_err()
                     {
                         break;

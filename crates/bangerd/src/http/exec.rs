@@ -3,7 +3,8 @@
 //! both sides speak the agent channel's framing (`banger_proto::agent`) on channel 1:
 //!
 //! - client → daemon: first a `Request` frame holding an `exec` request, then `Stdin` (empty =
-//!   EOF) and `Signal` frames;
+//!   EOF), `Signal` and, for an exec with `tty`, `Resize` frames (sizes out of
+//!   1..=`TtySize::MAX` are refused at the request and dropped after it);
 //! - daemon → client: the agent's `Response(started)`, `Stdout`, `Stderr`, then `Exit` or
 //!   `Error`, after which the daemon closes the stream.
 //!
@@ -18,7 +19,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind, SignalRequest};
+use banger_proto::agent::{AgentFailure, AgentRequest, Decoder, Frame, FrameKind, SignalRequest, TtySize};
 use banger_proto::ApiError;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -97,10 +98,27 @@ async fn refuse(io: &mut (impl AsyncWrite + Unpin), message: impl Into<String>) 
     let _ = send(io, frame).await;
 }
 
-/// Passes the client's stdin and signal frames waiting in `decoder` on to the agent.
+/// Whether a client's frame of `kind` goes on to the agent: `allowed` kinds, and `Resize`
+/// only with a size in range (a bad one is dropped with a warning).
+pub(super) fn passes(kind: FrameKind, payload: &[u8], allowed: &[FrameKind]) -> bool {
+    if kind == FrameKind::Resize {
+        return match TtySize::parse_resize(payload) {
+            Ok(_) => true,
+            Err(why) => {
+                tracing::warn!(%why, "dropped a client's resize");
+                false
+            }
+        };
+    }
+    allowed.contains(&kind)
+}
+
+/// Passes the client's stdin, signal and resize frames waiting in `decoder` on to the agent.
 fn forward_input(decoder: &mut Decoder, channel: &crate::agent_conn::Channel) {
     while let Ok(Some(f)) = decoder.next_frame() {
-        if matches!(f.kind, FrameKind::Stdin | FrameKind::Signal) && channel.send(f.kind, f.payload).is_err() {
+        if passes(f.kind, &f.payload, &[FrameKind::Stdin, FrameKind::Signal])
+            && channel.send(f.kind, f.payload).is_err()
+        {
             break;
         }
     }
@@ -114,6 +132,10 @@ pub async fn relay(mut io: impl AsyncRead + AsyncWrite + Unpin, conn: &AgentConn
     let request = loop {
         match decoder.next_frame() {
             Ok(Some(f)) if f.kind == FrameKind::Request => match f.parse::<AgentRequest>("request") {
+                Ok(AgentRequest::Exec(e)) if e.tty.and_then(TtySize::check).is_some() => {
+                    let why = e.tty.and_then(TtySize::check).unwrap_or_default();
+                    return refuse(&mut io, format!("{why}; check the terminal's size (`stty size`)")).await;
+                }
                 Ok(r @ AgentRequest::Exec(_)) => break r,
                 Ok(_) => return refuse(&mut io, "only exec requests are relayed here").await,
                 Err(e) => return refuse(&mut io, e.to_string()).await,
@@ -209,6 +231,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn resizes_pass_only_in_range() {
+        let ok = serde_json::to_vec(&TtySize { rows: 50, cols: 200 }).expect("json");
+        let huge = br#"{"rows":65535,"cols":80}"#;
+        let allowed = [FrameKind::Stdin];
+        assert!(passes(FrameKind::Resize, &ok, &allowed));
+        assert!(!passes(FrameKind::Resize, huge, &allowed));
+        assert!(!passes(FrameKind::Resize, b"garbage", &allowed));
+        assert!(passes(FrameKind::Stdin, b"x", &allowed) && !passes(FrameKind::Ack, b"", &allowed));
     }
 
     /// On a busy host the request, the stdin and the stdin's end arrive in one read: the command

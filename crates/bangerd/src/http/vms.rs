@@ -17,10 +17,18 @@ use crate::services::ssh::check_git_identity;
 
 /// Every VM.
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList), (status = 500, body = ApiError)))]
-pub(super) async fn list_vms(State(d): Shared) -> ApiResult<VmList> {
+pub(super) async fn list_vms(State(d): Shared) -> Result<axum::response::Response, ApiFailure> {
     let vms = d.vms.list_views()?;
-    Ok(Json(VmList { vms }))
+    // Written into a buffer sized for the list up front: axum's `Json` starts at 128 bytes and
+    // doubles, which with 1,000 VMs (~800 bytes each) copied the answer over a dozen times.
+    let mut out = Vec::with_capacity(64 + vms.len() * VIEW_BYTES);
+    serde_json::to_writer(&mut out, &VmList { vms })
+        .map_err(|e| ApiFailure::internal(format!("cannot encode the VM list: {e}")))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response())
 }
+
+/// About what one VM takes in `GET /v1/vms`.
+const VIEW_BYTES: usize = 1024;
 
 /// Starts creating a VM; answers with the operation to follow.
 #[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest, responses(

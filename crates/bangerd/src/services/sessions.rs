@@ -19,7 +19,7 @@ use banger_core::session::{apply, default_name, SessionEvent};
 use banger_core::time::{format_rfc3339, now_rfc3339};
 use banger_core::{SessionRecord, SessionStatus, StdinMode, VmRecord};
 use banger_proto::agent::session::{log_path, GuestSessionStatus, SessionOp, SessionStart, SessionState};
-use banger_proto::agent::{AgentRequest, AgentResponse};
+use banger_proto::agent::{AgentRequest, AgentResponse, TtySize};
 use banger_proto::{SessionList, SessionView, StartSessionRequest};
 use banger_store::StoreError;
 
@@ -59,6 +59,12 @@ pub enum InvalidStart {
     /// A bad session name.
     #[error("invalid session name")]
     Name(#[source] banger_core::NameError),
+    /// A terminal size out of range.
+    #[error("{0}")]
+    TtySize(String),
+    /// A terminal size for a session without a terminal.
+    #[error("tty_size is only for a session with stdin 'tty'")]
+    TtySizeWithoutTty,
 }
 
 /// Why a session could not be started, read or signalled.
@@ -199,6 +205,14 @@ fn check_start(req: &StartSessionRequest, id: &str) -> Result<String, InvalidSta
     if let Some(cwd) = req.cwd.as_deref().filter(|c| !c.starts_with('/')) {
         return Err(InvalidStart::RelativeCwd(cwd.to_owned()));
     }
+    if let Some(size) = req.tty_size {
+        if req.stdin != banger_proto::StdinMode::Tty {
+            return Err(InvalidStart::TtySizeWithoutTty);
+        }
+        if let Some(why) = size.check() {
+            return Err(InvalidStart::TtySize(why));
+        }
+    }
     match &req.name {
         Some(name) => {
             banger_core::validate_name(name).map_err(InvalidStart::Name)?;
@@ -264,6 +278,7 @@ impl Sessions {
             env: req.env.into_iter().collect(),
             cwd: req.cwd,
             stdin: StdinMode::from(req.stdin) == StdinMode::Pipe,
+            tty: (StdinMode::from(req.stdin) == StdinMode::Tty).then(|| req.tty_size.unwrap_or(TtySize::DEFAULT)),
         };
         let answer = agent.call(&AgentRequest::Session(SessionOp::Start(start)), START_TIMEOUT).await;
         let events = match answer {
@@ -503,6 +518,19 @@ mod tests {
                 "holds '='",
             ),
             (StartSessionRequest { command: "x\0y".into(), ..Default::default() }, "NUL"),
+            (
+                StartSessionRequest {
+                    command: "x".into(),
+                    stdin: banger_proto::StdinMode::Tty,
+                    tty_size: Some(TtySize { rows: 0, cols: 80 }),
+                    ..Default::default()
+                },
+                "out of range",
+            ),
+            (
+                StartSessionRequest { command: "x".into(), tty_size: Some(TtySize::DEFAULT), ..Default::default() },
+                "only for a session with stdin 'tty'",
+            ),
             (
                 StartSessionRequest {
                     command: "x".into(),

@@ -271,6 +271,7 @@ async fn relay_export(
         env: vec![("LC_ALL".into(), "C".into()), ("GIT_TERMINAL_PROMPT".into(), "0".into())],
         cwd: Some("/".into()),
         stdin: false,
+        tty: None,
     });
     let lost = || "the agent connection was lost (did the vm stop?)".to_owned();
     let mut channel = target.agent.open(&request).await.map_err(|e| e.to_string())?;

@@ -10,10 +10,10 @@
 //! | `start` | – | `Response(session)`: `running`, or `failed` with the launch stage |
 //! | `list` | – | `Response(sessions)` |
 //! | `signal` | – | `Response(session)` (after the signal went to its process group) |
-//! | `attach` | `Stdin` (empty = close the session's stdin), `Signal`, `Close` = detach | `Response(session)`, the logs' tails ([`REPLAY_BYTES`] of stdout, then of stderr), live `Stdout`/`Stderr`, then `Exit` when the session ends, `Close` once detached, or `Error` |
+//! | `attach` | `Stdin` (empty = close the session's stdin), `Signal`, `Resize` (a `tty` session's stdin holder), `Close` = detach | `Response(session)`, the logs' tails ([`REPLAY_BYTES`] of stdout, then of stderr), live `Stdout`/`Stderr`, then `Exit` when the session ends, `Close` once detached, or `Error` |
 //! | `logs` | `Close` = stop following | `Data` chunks of one log file, then `Response(session)` (`Response(ok)` for a session of an earlier boot, whose logs are still on disk) |
 //!
-//! An attach that asks for stdin of a `pipe` session is exclusive: while it lasts, a second
+//! An attach that asks for stdin of a `pipe` or `tty` session is exclusive: while it lasts, a second
 //! such attach ends with `Error`. Attaches without stdin only watch. A host connection that
 //! goes away detaches its attaches; it never ends a session.
 
@@ -70,7 +70,7 @@ pub enum SessionOp {
     Attach {
         /// The session.
         id: String,
-        /// Take the session's stdin (exclusive; only for `pipe` sessions).
+        /// Take the session's stdin (exclusive; only for `pipe` and `tty` sessions).
         stdin: bool,
     },
     /// Send one of a session's logs.
@@ -102,6 +102,10 @@ pub struct SessionStart {
     /// Give the process a stdin pipe that attaches can write to; otherwise /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size instead: its output is the `stdout` log (the
+    /// `stderr` log stays empty), the stdin attach types into it and may `Resize` it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<super::TtySize>,
 }
 
 /// Where a session is, as the agent sees it.

@@ -49,6 +49,9 @@ pub enum StdinMode {
     Closed,
     /// A pipe that one attached client at a time writes to; it stays open across detaches.
     Pipe,
+    /// A pseudo-terminal: stdin, stdout and stderr in one (the `stdout` log); one attached
+    /// client at a time types into it and sets its size.
+    Tty,
 }
 
 impl StdinMode {
@@ -57,6 +60,7 @@ impl StdinMode {
         match self {
             Self::Closed => "closed",
             Self::Pipe => "pipe",
+            Self::Tty => "tty",
         }
     }
 }
@@ -124,6 +128,7 @@ impl From<banger_core::StdinMode> for StdinMode {
         match m {
             banger_core::StdinMode::Closed => Self::Closed,
             banger_core::StdinMode::Pipe => Self::Pipe,
+            banger_core::StdinMode::Tty => Self::Tty,
         }
     }
 }
@@ -133,6 +138,7 @@ impl From<StdinMode> for banger_core::StdinMode {
         match m {
             StdinMode::Closed => Self::Closed,
             StdinMode::Pipe => Self::Pipe,
+            StdinMode::Tty => Self::Tty,
         }
     }
 }
