@@ -156,7 +156,8 @@ pub(super) async fn get_archive(State(d): Shared, vm: PathParams<String>, q: Que
 #[utoipa::path(put, path = "/v1/vms/{vm}/files/archive",
     params(("vm" = String, Path, description = "name, id or id prefix"),
         ("path" = String, Query, description = "absolute guest directory (must exist)")),
-    request_body(content = inline(RawBytes), content_type = "application/x-tar", description = "a tar stream"),
+    request_body(content = inline(RawBytes), content_type = "application/octet-stream",
+        description = "a tar stream (the content type is not checked: `application/x-tar` does as well)"),
     responses((status = 200, body = ArchiveExtracted), (status = 400, body = ApiError), (status = 404, body = ApiError),
         (status = 409, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn put_archive(
