@@ -8,6 +8,7 @@ mod attach;
 mod client;
 mod cmd;
 mod exec;
+mod files;
 mod mcp;
 mod output;
 mod progress;

@@ -67,6 +67,9 @@ pub enum VmCommand {
     /// key and machine id, and the snapshot's memory and disks (same as `vm create
     /// --from-snapshot S NAME` + `vm start NAME`).
     Fork(super::snapshot::ForkArgs),
+    /// Copy files and directory trees between the host and a running VM (`VM:/path`; `-` for a
+    /// tar stream), keeping modes and symlinks.
+    Cp(super::cp::CpArgs),
 }
 
 #[derive(Debug, Args)]
@@ -355,6 +358,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         VmCommand::Resume(a) => super::snapshot::pause(client, a, true).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot(client, a).await,
         VmCommand::Fork(a) => super::snapshot::fork(client, a).await,
+        VmCommand::Cp(a) => super::cp::run(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),

@@ -12,6 +12,7 @@ mod harness;
 mod template;
 
 mod boot;
+mod copy;
 mod forward;
 mod hostile_disk;
 mod hostile_export;
