@@ -12,7 +12,6 @@
 
 mod command;
 mod exec;
-mod files;
 mod limits;
 mod tools_fs;
 mod tools_more;

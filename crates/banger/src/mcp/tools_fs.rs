@@ -1,5 +1,5 @@
 //! The file tools: read, write, list, stat, mkdir and remove, on absolute guest paths, through
-//! the daemon's file routes (`files.rs`).
+//! the daemon's file routes (the CLI's helpers, `crate::files`).
 
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::CallToolResult;
@@ -9,7 +9,13 @@ use serde_json::{json, Value};
 
 use super::command::{self, Line};
 use super::limits::{self, Encoding, READ_DEFAULT};
-use super::{files, reply, Banger, ToolError};
+use super::{reply, Banger, ToolError};
+use crate::files;
+
+/// A file route's answer as a tool's value.
+fn value(answer: &impl serde::Serialize) -> Result<Value, ToolError> {
+    serde_json::to_value(answer).map_err(|e| ToolError::Failed(e.to_string()))
+}
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct PathArgs {
@@ -99,15 +105,15 @@ impl Banger {
         let result = async {
             let path = absolute(&a.path)?;
             let limit = limits::limit(a.max_bytes, READ_DEFAULT);
-            let read = files::read(self.api().await?, &a.name, path, limit).await?;
-            let kept = read.bytes.bytes();
-            let truncated = read.size > kept.len() as u64;
-            let mut content = encoding.encode(kept, truncated).map_err(ToolError::Invalid)?;
+            let (size, kept) = files::read(self.api().await?, &a.name, path, limit as u64).await?;
+            let size = size.max(kept.len() as u64);
+            let truncated = size > kept.len() as u64;
+            let mut content = encoding.encode(&kept, truncated).map_err(ToolError::Invalid)?;
             if truncated && encoding == Encoding::Utf8 {
-                content.push_str(&limits::marker(read.size));
+                content.push_str(&limits::marker(size));
             }
             Ok(json!({
-                "path": path, "size": read.size, "encoding": encoding.as_str(), "content": content,
+                "path": path, "size": size, "encoding": encoding.as_str(), "content": content,
                 "truncated": truncated, "bytes_returned": kept.len(),
             }))
         }
@@ -125,8 +131,8 @@ impl Banger {
             let bytes = a.encoding.unwrap_or_default().decode(&a.content).map_err(ToolError::Invalid)?;
             let mode = mode(a.mode.as_deref())?;
             let written = bytes.len();
-            let stat = files::write(self.api().await?, &a.name, path, bytes, mode, a.parents.unwrap_or(true)).await?;
-            Ok(json!({ "path": path, "bytes_written": written, "stat": stat }))
+            let stat = files::write(self.api().await?, &a.name, path, mode, a.parents.unwrap_or(true), bytes).await?;
+            Ok(json!({ "path": path, "bytes_written": written, "stat": value(&stat)? }))
         }
         .await;
         reply(line, result)
@@ -137,7 +143,12 @@ impl Banger {
     async fn fs_list(&self, Parameters(a): Parameters<PathArgs>) -> CallToolResult {
         let result = async {
             let path = absolute(&a.path)?;
-            Ok(files::list(self.api().await?, &a.name, path).await?)
+            let list = files::list(self.api().await?, &a.name, path).await?;
+            let mut v = value(&list)?;
+            if list.truncated {
+                v["note"] = json!(format!("only the first {} entries are listed", list.entries.len()));
+            }
+            Ok(v)
         }
         .await;
         reply(command::guest(&a.name, &["ls", "-la"], &a.path), result)
@@ -149,7 +160,7 @@ impl Banger {
     async fn fs_stat(&self, Parameters(a): Parameters<PathArgs>) -> CallToolResult {
         let result = async {
             let path = absolute(&a.path)?;
-            Ok(files::stat(self.api().await?, &a.name, path).await?)
+            value(&files::stat(self.api().await?, &a.name, path).await?)
         }
         .await;
         reply(command::guest(&a.name, &["stat"], &a.path), result)
@@ -163,7 +174,8 @@ impl Banger {
         let result = async {
             let path = absolute(&a.path)?;
             let mode = mode(a.mode.as_deref())?;
-            Ok(files::mkdir(self.api().await?, &a.name, path, parents, mode).await?)
+            let req = banger_proto::fs::MkdirRequest { path: path.to_owned(), parents, mode };
+            value(&files::mkdir(self.api().await?, &a.name, &req).await?)
         }
         .await;
         reply(command::guest(&a.name, program, &a.path), result)
