@@ -414,7 +414,7 @@ async fn start(client: &Client, vm: &str) -> anyhow::Result<OperationRecord> {
     client.call(Method::POST, &format!("/v1/vms/{}/start", segment(vm)), Some(&req)).await
 }
 
-async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {
+pub(crate) async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {
     let query = if force { "?force=true" } else { "" };
     client.call(Method::POST, &format!("/v1/vms/{}/stop{query}", segment(vm)), None::<&()>).await
 }

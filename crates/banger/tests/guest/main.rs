@@ -19,6 +19,7 @@ mod hostile_export;
 mod hostile_flow;
 mod hostile_net;
 mod images;
+mod mcp;
 mod network;
 mod recovery;
 mod rounds;

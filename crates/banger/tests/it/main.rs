@@ -7,6 +7,7 @@ mod forward;
 #[allow(dead_code, reason = "shared with the real-guest tier; not every helper is used here")]
 mod harness;
 mod lifecycle;
+mod mcp;
 mod restart;
 mod session;
 mod snapshot;
