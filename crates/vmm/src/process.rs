@@ -7,6 +7,12 @@
 //! it, and when the daemon dies (even by SIGKILL) the VMM keeps running and is reparented to
 //! init, ready to be adopted by the next daemon through its pid and [`is_alive`].
 //!
+//! A VMM is spawned behind a gate ([`spawn_gated`]): the child is `/bin/sh` waiting on a pipe,
+//! and it becomes the VMM (`exec`, same pid) only after the daemon has written its pid to the
+//! VM's pidfile. A daemon killed before that takes the pipe's write end with it and the shell
+//! exits; one killed after leaves a pidfile that names the VMM, which the next daemon's
+//! reconcile adopts or kills. No kill -9 can leave a VMM that no file names.
+//!
 //! We do not double-fork. A double fork hands reaping to init, but on some hosts PID 1 is not a
 //! real init and never reaps (this development machine is one), so exited VMMs would pile up as
 //! zombies. Instead the driver that spawned a VMM remembers its pid ([`Children`]) and reaps it
@@ -139,6 +145,7 @@ pub fn read_pidfile(path: &Path) -> Option<u32> {
 
 /// Spawns `command` as a child in a session of its own and returns its pid. The child is not
 /// waited for: track it in [`Children`].
+#[cfg(test)]
 pub(crate) fn spawn_in_own_session(command: &mut Command) -> io::Result<u32> {
     // SAFETY: the hook runs in the forked child before exec and only calls setsid(2), which is
     // async-signal-safe and allocates nothing.
@@ -147,6 +154,72 @@ pub(crate) fn spawn_in_own_session(command: &mut Command) -> io::Result<u32> {
     }
     // Dropping `Child` neither kills nor waits; `Children` reaps it.
     Ok(command.spawn()?.id())
+}
+
+/// The shell line a gated VMM starts as: it waits for one line on fd 3, then becomes the VMM
+/// (`exec`, so the pid stays the same); if fd 3 ends first, the daemon died before it recorded
+/// the pid, and no VMM is started.
+const GATE: &str = "read -r go <&3 || exit 111; exec 3<&-; exec \"$0\" \"$@\"";
+
+/// The exit code of a gated child whose gate closed unopened (the `exit 111` in [`GATE`]).
+#[cfg(test)]
+pub(crate) const GATE_CLOSED: i32 = 111;
+
+/// A VMM spawned behind a gate, not yet running: see [`spawn_gated`].
+#[derive(Debug)]
+pub(crate) struct Gated {
+    /// The child's pid, which the VMM keeps once the gate opens.
+    pub pid: u32,
+    gate: std::os::fd::OwnedFd,
+}
+
+/// Spawns `program` with the arguments `configure` adds, in its own session, behind a gate:
+/// the child is a shell that waits until [`Gated::record`] has written its pid to the VM's
+/// pidfile, then execs the VMM in its place. So a VMM never runs unless its pid was recorded
+/// first, wherever the daemon is killed: before the pid is written, the gate's write end dies
+/// with the daemon and the shell exits ([`GATE_CLOSED`]); after, the next daemon finds the VMM
+/// by its pidfile even when QEMU has not written its own yet. `configure` sets the arguments,
+/// working directory and stdio (not the program).
+pub(crate) fn spawn_gated(program: &Path, configure: impl FnOnce(&mut Command)) -> io::Result<Gated> {
+    use std::os::fd::AsRawFd;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg(GATE).arg(program);
+    configure(&mut command);
+    let read_fd = read.as_raw_fd();
+    // SAFETY: the hook runs in the forked child before exec and calls only dup2(2), fcntl(2)
+    // and setsid(2), which are async-signal-safe and allocate nothing. `read` outlives the
+    // spawn, so `read_fd` is open in the child.
+    unsafe {
+        command.pre_exec(move || {
+            if read_fd == 3 {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if nix::libc::fcntl(3, nix::libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if nix::libc::dup2(read_fd, 3) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            nix::unistd::setsid().map(drop).map_err(io::Error::from)
+        });
+    }
+    // Dropping `Child` neither kills nor waits; `Children` reaps it.
+    let pid = command.spawn()?.id();
+    drop(read);
+    Ok(Gated { pid, gate: write })
+}
+
+impl Gated {
+    /// Writes the pid to `pidfile`, then opens the gate: the VMM starts. If the pid cannot be
+    /// written the gate is dropped unopened, so the child ends without starting the VMM.
+    pub(crate) fn record(self, pidfile: &Path) -> io::Result<u32> {
+        std::fs::write(pidfile, format!("{}\n", self.pid))?;
+        // A failed write means the child is gone already; the launch's liveness check reports it.
+        if let Err(e) = nix::unistd::write(&self.gate, b"go\n") {
+            tracing::debug!(pid = self.pid, error = %e, "the gated child was gone before its gate opened");
+        }
+        Ok(self.pid)
+    }
 }
 
 /// Sends SIGKILL to `pid` if [`is_alive`] says it is the VMM of `vm_dir`. Returns whether a
@@ -201,6 +274,26 @@ struct ChildState {
 }
 
 impl Children {
+    /// Spawns a VMM behind its gate ([`spawn_gated`]), tracks it, records its pid in `pidfile`
+    /// and lets it run. A pid that cannot be recorded ends the child unstarted.
+    pub(crate) async fn spawn_recorded(
+        &self,
+        program: &Path,
+        configure: impl FnOnce(&mut Command),
+        pidfile: &Path,
+    ) -> Result<u32, crate::LaunchError> {
+        let gated = spawn_gated(program, configure)
+            .map_err(|source| crate::LaunchError::Spawn { binary: program.to_owned(), source })?;
+        let pid = gated.pid;
+        self.track(pid);
+        if let Err(source) = gated.record(pidfile) {
+            // The gate closed unopened: the child ends by itself; reap it.
+            let _ = self.reap_within(pid, Duration::from_secs(1)).await;
+            return Err(crate::LaunchError::Prepare { path: pidfile.to_owned(), source });
+        }
+        Ok(pid)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, ChildState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -451,6 +544,56 @@ mod tests {
         assert!(!Path::new(&format!("/proc/{pid}")).exists() || !is_alive(pid, &vm_dir));
         assert_eq!(children.tracked(), 0);
         assert!(!kill(pid, &vm_dir).unwrap());
+    }
+
+    /// Waits (5 s at most) for `path` to exist.
+    fn wait_for_file(path: &Path) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    #[test]
+    fn a_gated_vmm_runs_only_after_its_pid_is_recorded_and_keeps_that_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, pidfile) = (dir.path().join("out"), dir.path().join("vmm.pid"));
+        // The "VMM" writes its own pid, then waits to be killed.
+        let gated = spawn_gated(Path::new("/bin/sh"), |c| {
+            c.args(["-c", "echo $$ > out.tmp && mv out.tmp out && exec sleep 30"]).current_dir(dir.path());
+        })
+        .unwrap();
+        let pid = gated.pid;
+        let children = Children::default();
+        children.track(pid);
+        // Behind the gate the child lives, but nothing of the VMM ran.
+        assert!(children.is_alive(pid, dir.path()));
+        assert!(!out.exists(), "the VMM ran before its gate opened");
+        assert_eq!(gated.record(&pidfile).unwrap(), pid);
+        assert_eq!(read_pidfile(&pidfile), Some(pid), "recorded before the VMM ran");
+        assert!(wait_for_file(&out), "the VMM did not run once its gate opened");
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), pid.to_string(), "exec kept the pid");
+        assert!(children.kill_child(pid));
+    }
+
+    #[test]
+    fn a_gate_closed_unopened_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let gated = spawn_gated(Path::new("/bin/sh"), |c| {
+            c.args(["-c", "echo ran > out"]).current_dir(dir.path());
+        })
+        .unwrap();
+        let pid = gated.pid;
+        // As when the daemon is killed before it recorded the pid: the write end goes away.
+        drop(gated);
+        let status = waitpid(to_pid(pid).unwrap(), None).unwrap();
+        assert_eq!(status, WaitStatus::Exited(to_pid(pid).unwrap(), GATE_CLOSED));
+        assert!(!out.exists(), "the VMM ran although its gate never opened");
     }
 
     #[test]

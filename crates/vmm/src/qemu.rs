@@ -11,7 +11,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use banger_core::config::VmmKind;
@@ -216,11 +216,18 @@ impl QemuDriver {
         let stderr =
             File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
 
-        let mut command = Command::new(&binary);
-        command.args(args).current_dir(&spec.vm_dir).stdin(stdin).stdout(Stdio::null()).stderr(stderr);
-        let pid =
-            process::spawn_in_own_session(&mut command).map_err(|source| LaunchError::Spawn { binary, source })?;
-        self.children.track(pid);
+        // Gated: the pid is in the pidfile before QEMU runs (QEMU rewrites it with the same pid),
+        // so a daemon killed at any moment leaves no VMM the next one cannot find.
+        let pid = self
+            .children
+            .spawn_recorded(
+                &binary,
+                |command| {
+                    command.args(args).current_dir(&spec.vm_dir).stdin(stdin).stdout(Stdio::null()).stderr(stderr);
+                },
+                &spec.pidfile,
+            )
+            .await?;
         tracing::debug!(vm = %spec.name, pid, "qemu started");
         // Until QMP answers, a failure or a dropped future must not leave QEMU behind.
         let guard = KillGuard { children: &self.children, pid };

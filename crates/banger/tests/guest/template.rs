@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use crate::harness::Env;
 
 /// Bump when the catalog's kernel or image recipes change (missing artifacts are added anyway).
+/// The store's schema version is part of the key too: a daemon of another schema (an older or a
+/// newer checkout sharing the cache) must not migrate, or be refused by, this one's template.
 const TEMPLATE_KEY: &str = "template-v1-debian-6.1-cloud-minimal";
 /// The images every template holds.
 const TEMPLATE_IMAGES: &[&str] = &["minimal", "debian-bookworm"];
@@ -47,7 +49,7 @@ fn prepare() -> PathBuf {
         || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/banger-test"),
         PathBuf::from,
     );
-    let dir = cache.join(TEMPLATE_KEY);
+    let dir = cache.join(format!("{TEMPLATE_KEY}-schema{}", banger_store::SCHEMA_VERSION));
     let state = dir.join("state");
     std::fs::create_dir_all(&dir).expect("cache dir");
     // One preparer at a time, across test processes too.

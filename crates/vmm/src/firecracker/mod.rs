@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -496,15 +496,20 @@ impl FirecrackerDriver {
             (Some((jail, options)), Some(jailer)) => (jailer, jail.command_line(options, &binary, &fc_args)),
             _ => (binary, fc_args),
         };
-        let mut command = Command::new(&program);
-        command.args(args).current_dir(&spec.vm_dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-        let pid = process::spawn_in_own_session(&mut command)
-            .map_err(|source| LaunchError::Spawn { binary: program.clone(), source })?;
-        self.children.track(pid);
+        // Gated: the pid is in the pidfile before Firecracker runs, so a daemon killed at any
+        // moment leaves no VMM the next one cannot find.
+        let pid = self
+            .children
+            .spawn_recorded(
+                &program,
+                |command| {
+                    command.args(args).current_dir(&spec.vm_dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+                },
+                &spec.pidfile,
+            )
+            .await?;
         tracing::debug!(vm = %spec.name, pid, jailed = jail.is_some(), "firecracker started");
         let guard = KillGuard { driver: self, pid, vm_dir: &spec.vm_dir };
-        std::fs::write(&spec.pidfile, format!("{pid}\n"))
-            .map_err(|source| LaunchError::Prepare { path: spec.pidfile.clone(), source })?;
 
         let client = ApiClient::new(&spec.control_socket, self.options.api_timeout);
         let deadline = tokio::time::Instant::now() + self.options.ready_timeout;
