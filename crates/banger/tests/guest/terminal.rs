@@ -204,8 +204,15 @@ fn vm_run_it_bash_is_a_real_terminal_and_restores_the_host_one() {
     term.type_("sleep 100\r");
     wait_until("sleep runs in the guest", DEADLINE, || sleeping(&env, "tty1"));
     term.type_("\x1a");
-    term.expect(from, "Stopped");
+    // Type on only once the shell prompts again, as a person would (failed once in four runs
+    // under load when typed right after the notice).
+    term.wait_for(from, "a prompt after the job stopped", |t| {
+        t.split_once("Stopped").is_some_and(|(_, rest)| rest.trim_end().ends_with('#'))
+    });
+    let from = term.at();
     term.type_("kill -9 %1\r");
+    // The shell echoes the command and prompts again (the transcript is in the failure if not).
+    term.wait_for(from, "the prompt after the kill", |t| t.contains("kill -9 %1") && t.trim_end().ends_with('#'));
     wait_until("the stopped sleep killed", DEADLINE, || !sleeping(&env, "tty1"));
     assert!(term.child.try_wait().expect("wait").is_none(), "banger stays attached");
 
