@@ -382,6 +382,10 @@ fn thirty_kill_nine_rounds_converge() {
             _ => Presence::Yes,
         };
         expect.insert(name, presence);
+        // The crash is over once the killed daemon is gone: under load its exit (which frees
+        // the state dir's lock) can lag the signal, and a start meanwhile is rightly refused
+        // ("another bangerd (pid N) already serves"; failed once in five stress runs).
+        crate::harness::wait_until("the killed daemon to be gone", CLI_DEADLINE, || !crate::harness::pid_alive(daemon));
         // The next call restarts the daemon (unless the cli already did, when the kill came
         // before it connected).
         let restarted = env.banger(&["vm", "list", "--json"]);
