@@ -534,6 +534,13 @@ mod tests {
         children.track(pid);
 
         assert!(children.is_alive(pid, &vm_dir));
+        // The free `is_alive`/`kill` judge by command line (for processes we did not spawn), and
+        // while the shell execs `tail` the kernel shows an empty one: wait until it names the dir.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_alive(pid, &vm_dir) {
+            assert!(std::time::Instant::now() < deadline, "the child's command line never named its dir");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(!is_alive(pid, dir.path().join("other").as_path()));
         let sid = nix::unistd::getsid(to_pid(pid)).unwrap();
         assert_eq!(sid.as_raw(), i32::try_from(pid).unwrap(), "child leads its own session");
