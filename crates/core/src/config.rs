@@ -420,8 +420,11 @@ mod tests {
 
     #[test]
     fn egress_keys() {
-        let c = Config::from_toml("egress_mode = \"allowlist\"\negress_allow = [\"*.pypi.org\", \"10.0.0.0/8:443\"]\n", "x")
-            .expect("parse");
+        let c = Config::from_toml(
+            "egress_mode = \"allowlist\"\negress_allow = [\"*.pypi.org\", \"10.0.0.0/8:443\"]\n",
+            "x",
+        )
+        .expect("parse");
         assert_eq!(c.default_egress().to_string(), "allowlist allow=*.pypi.org,10.0.0.0/8:443");
         assert_eq!(Config::from_toml(&c.to_toml(), "x").ok(), Some(c));
         let e = Config::from_toml("egress_deny = [\"a b\"]", "x").err().map(|e| e.to_string()).unwrap_or_default();

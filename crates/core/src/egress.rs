@@ -401,7 +401,15 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print_back() {
-        for text in ["api.github.com", "*.pypi.org", "198.18.0.1", "10.0.0.0/8", "api.github.com:443", "*.x.test:80", "1.2.3.0/24:53"] {
+        for text in [
+            "api.github.com",
+            "*.pypi.org",
+            "198.18.0.1",
+            "10.0.0.0/8",
+            "api.github.com:443",
+            "*.x.test:80",
+            "1.2.3.0/24:53",
+        ] {
             assert_eq!(rule(text).to_string(), text);
         }
         assert_eq!(rule("API.GitHub.com.").to_string(), "api.github.com");
@@ -463,7 +471,9 @@ mod tests {
             assert_eq!(open.check_addr(ip(restricted), None), Verdict::Deny("restricted range".into()), "{restricted}");
         }
         let closed = EgressPolicy::parse(EgressMode::Closed, &["allowed.test".into()], &[]).expect("policy");
-        assert!(!closed.check_name("allowed.test", None).allowed() && !closed.check_addr(ip("198.18.0.1"), None).allowed());
+        assert!(
+            !closed.check_name("allowed.test", None).allowed() && !closed.check_addr(ip("198.18.0.1"), None).allowed()
+        );
     }
 
     #[test]

@@ -384,6 +384,7 @@ impl Status for VmsError {
             | Self::RefName { .. }
             | Self::Size(_)
             | Self::Git(_)
+            | Self::Egress(_)
             | Self::NothingToChange
             | Self::DiskShrink { .. } => Kind::Invalid,
             Self::Transition(_) | Self::Running(_) | Self::UnstartedFork(_) | Self::Cancelled(_) => Kind::Conflict,

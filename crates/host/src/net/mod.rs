@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 
 use banger_core::net::{is_banger_tap, IfName, Subnet};
 
+pub mod egress;
 mod fake;
 mod netlink;
 pub mod nft;

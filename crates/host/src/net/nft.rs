@@ -106,6 +106,8 @@ pub struct NftConfig {
     /// banger turned forwarding on for the uplink (for NAT replies): forward nothing else that
     /// arrives there, so the host does not become a router it was not before.
     pub guard_uplink: bool,
+    /// Each networked running VM's egress policy (`super::egress`).
+    pub egress: Vec<super::egress::EgressGuest>,
 }
 
 impl NftConfig {
@@ -122,6 +124,7 @@ impl NftConfig {
             forwards: Vec::new(),
             ports: Vec::new(),
             guard_uplink: false,
+            egress: Vec::new(),
         }
     }
 }
@@ -184,6 +187,8 @@ pub fn ruleset(config: &NftConfig) -> String {
 
     out.push_str("table inet banger {\n");
     set_block(&mut out, &config.open_guests);
+    // Before the forward chain that jumps to them: nft resolves a jump when it reads it.
+    super::egress::egress_blocks(&mut out, &config.egress);
 
     // Writing to a String cannot fail.
     let _ = write!(
@@ -213,6 +218,7 @@ pub fn ruleset(config: &NftConfig) -> String {
 \t\tiifname \"{br}\" oifname \"{br}\" reject with icmpx admin-prohibited
 "
     );
+    out.push_str(&super::egress::dispatch_rule(br, &config.egress));
     if config.guard_uplink {
         let _ = match &config.uplink {
             Some(up) => writeln!(out, "\t\tiifname \"{up}\" oifname != \"{br}\" drop"),
