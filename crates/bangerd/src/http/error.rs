@@ -172,6 +172,7 @@ impl Status for NetError {
         match self {
             Self::Store(e) => e.kind(),
             Self::Exhausted(_) | Self::Claim(claim::ClaimError::Taken { .. }) => Kind::Conflict,
+            Self::Egress(_) => Kind::Invalid,
             Self::Host(_) | Self::Dns(_) | Self::Claim(_) => Kind::Internal,
         }
     }

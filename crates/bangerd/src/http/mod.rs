@@ -10,6 +10,7 @@ mod daemon;
 mod error;
 mod exec;
 mod forwards;
+mod network;
 mod operations;
 mod sessions;
 mod snapshots;
@@ -103,6 +104,9 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         vms::vm_logs,
         vms::vm_stats,
         vms::vm_ports,
+        network::show_network,
+        network::set_network,
+        network::network_log,
         ssh::vm_ssh,
         ssh::ssh_config,
         forwards::list_forwards,
@@ -181,7 +185,14 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         SessionRecord,
         SessionStatus,
         StdinMode,
-        banger_proto::workspace::ExportKind
+        banger_proto::workspace::ExportKind,
+        banger_proto::EgressMode,
+        banger_proto::EgressPolicy,
+        banger_proto::SetEgressRequest,
+        banger_proto::EgressView,
+        banger_proto::LearnedAddress,
+        banger_proto::EgressDenial,
+        banger_proto::EgressLog
     ))
 )]
 struct ApiDoc;
@@ -214,6 +225,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/logs", get(vms::vm_logs))
         .route("/v1/vms/{vm}/stats", get(vms::vm_stats))
         .route("/v1/vms/{vm}/ports", get(vms::vm_ports))
+        .route("/v1/vms/{vm}/network", get(network::show_network).put(network::set_network))
+        .route("/v1/vms/{vm}/network/log", get(network::network_log))
         .route("/v1/vms/{vm}/ssh", get(ssh::vm_ssh))
         .route("/v1/ssh/config", get(ssh::ssh_config))
         .route("/v1/vms/{vm}/forwards", get(forwards::list_forwards).post(forwards::add_forward))

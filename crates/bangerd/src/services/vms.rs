@@ -243,10 +243,14 @@ impl Vms {
                 }
             }
         };
-        let egress = match &req.egress {
-            Some(policy) => policy.to_model()?,
-            None => self.fleet.config.default_egress(),
-        };
+        // The request's rules add to the config's; its mode replaces the config's.
+        let mut egress = self.fleet.config.default_egress();
+        if let Some(policy) = &req.egress {
+            let given = policy.to_model()?;
+            egress.allow.extend(given.allow);
+            egress.deny.extend(given.deny);
+            egress = EgressPolicy::new(given.mode, egress.allow, egress.deny)?;
+        }
         let publish: Vec<PortForward> = req.publish.iter().map(|&f| f.into()).collect();
         self.forwards.check_publish(&publish)?;
         self.ensure_name_free(&req.name)?;

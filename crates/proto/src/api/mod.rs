@@ -90,8 +90,8 @@ pub struct CreateVmRequest {
     /// `allow_vm_traffic` when omitted.
     #[serde(default)]
     pub allow_vm_traffic: Option<bool>,
-    /// Its egress policy; the config's `egress_mode`, `egress_allow` and `egress_deny` when
-    /// omitted.
+    /// Its egress policy: `mode` replaces the config's `egress_mode`; `allow` and `deny` add to
+    /// `egress_allow` and `egress_deny`. The config's policy when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<EgressPolicy>,
     /// The caller's git identity, written to the guest's `~/.gitconfig` when the VM boots.

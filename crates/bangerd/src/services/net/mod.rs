@@ -14,6 +14,8 @@
 //! never touched.
 
 pub mod claim;
+pub mod egress;
+mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -49,6 +51,9 @@ pub enum NetError {
     /// Every guest address of the subnet is taken.
     #[error(transparent)]
     Exhausted(banger_core::net::NetError),
+    /// A bad egress policy.
+    #[error("invalid egress policy")]
+    Egress(#[from] banger_core::egress::EgressError),
 }
 
 /// A running VM as the network sees it.
@@ -64,6 +69,8 @@ pub struct NetGuest {
     pub tap: Option<String>,
     /// Its MAC address, the only one its TAP forwards from.
     pub mac: [u8; 6],
+    /// Its egress policy.
+    pub egress: banger_core::egress::EgressPolicy,
 }
 
 /// What a networked VM is given at boot.
@@ -103,6 +110,8 @@ pub struct Net {
     guard_uplink: std::sync::atomic::AtomicBool,
     /// Serialises [`Net::sync`]; holds the TAPs it bound, with their MACs.
     sync_lock: tokio::sync::Mutex<BTreeMap<String, [u8; 6]>>,
+    /// Running guests' egress policies, DNS-opened addresses and denial logs (a leaf lock).
+    pub egress: Arc<egress::EgressBook>,
 }
 
 impl Net {
@@ -120,6 +129,7 @@ impl Net {
             up: tokio::sync::Mutex::new(None),
             guard_uplink: std::sync::atomic::AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(BTreeMap::new()),
+            egress: Arc::default(),
             fleet,
         }
     }
@@ -156,6 +166,7 @@ impl Net {
             ..DnsConfig::new(listen, upstreams)
         })
         .await?;
+        dns.set_egress(Arc::new(egress::DnsGate { book: Arc::clone(&self.egress), net: Arc::clone(&net) }));
         let pool = Arc::new(TapPool::new(Arc::clone(&net), self.bridge.as_str(), self.pool_size, None));
         let adopted = pool.adopt(in_use).await?;
         let refiller = pool.spawn_refiller();
@@ -294,6 +305,8 @@ impl Net {
         }
         let mut config = self.nft_config(open);
         config.ports = ports;
+        let policies: Vec<_> = running.iter().map(|g| (g.ip, g.name.clone(), g.egress.clone())).collect();
+        config.egress = self.egress.sync(&policies);
         net.apply_nft(&ruleset(&config)).await?;
         let gone: Vec<String> =
             bound.keys().filter(|tap| !config.ports.iter().any(|p| &p.tap == *tap)).cloned().collect();
@@ -359,7 +372,12 @@ impl Net {
             .filter_map(|vm| {
                 let ip = vm.guest_ip.as_deref()?.parse().ok()?;
                 let tap = self.fleet.handles.get(&vm).and_then(|h| h.tap);
-                Some(NetGuest { mac: mac_for(&vm.id), tap, name: vm.name, ip, open: vm.spec.allow_vm_traffic })
+                let egress = self.fleet.store.egress_policy(&vm.id).unwrap_or_else(|e| {
+                    // Closed rather than open when the policy cannot be read.
+                    tracing::error!(vm = %vm.name, error = %banger_core::error_chain(&e), "cannot read egress policy; closing");
+                    banger_core::egress::EgressPolicy { mode: banger_core::egress::EgressMode::Closed, ..Default::default() }
+                });
+                Some(NetGuest { mac: mac_for(&vm.id), tap, name: vm.name, ip, open: vm.spec.allow_vm_traffic, egress })
             })
             .collect()
     }
