@@ -12,6 +12,7 @@ mod harness;
 mod template;
 
 mod boot;
+mod egress;
 mod forward;
 mod hostile_disk;
 mod hostile_export;

@@ -12,6 +12,7 @@ use banger_core::net::{is_banger_tap, IfName, Subnet};
 pub mod egress;
 mod fake;
 mod netlink;
+pub mod nflog;
 pub mod nft;
 mod pool;
 mod tun;

@@ -512,3 +512,38 @@ fn egress_chains_load_learn_and_expire() {
         teardown(&net, &bridge).await.expect("teardown");
     });
 }
+
+#[test]
+fn nflog_copies_of_refused_packets_reach_the_reader() {
+    use banger_host::net::egress::{NFLOG_GROUP, NFLOG_PREFIX};
+    use banger_host::net::nflog::NflogSocket;
+    in_private_netns("net::nflog_copies_of_refused_packets_reach_the_reader", || async {
+        let run = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+            assert!(ok, "ip {}", args.join(" "));
+        };
+        run(&["link", "set", "lo", "up"]);
+        let socket = NflogSocket::bind(NFLOG_GROUP, NFLOG_PREFIX).expect("bind the nflog group");
+        let net = NetlinkNet::connect().expect("netlink");
+        let rule = format!(
+            "table inet bgtest {{\n\tchain out {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\t\
+             ip daddr 127.0.0.20 log prefix \"{NFLOG_PREFIX} \" group {NFLOG_GROUP} reject with icmpx admin-prohibited\n\t}}\n}}\n"
+        );
+        net.apply_nft(&rule).await.expect("a logging rule");
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        let _ = udp.send_to(b"x", "127.0.0.20:5353");
+        let mut buf = vec![0u8; 65536];
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let batch = socket.recv(&mut buf).await.expect("recv");
+                if let Some(r) = batch.into_iter().next() {
+                    return r;
+                }
+            }
+        })
+        .await
+        .expect("a copy of the refused packet within 5 s");
+        assert_eq!((got.dst, got.protocol, got.port), (Ipv4Addr::new(127, 0, 0, 20), 17, Some(5353)), "{got:?}");
+        net.apply_nft("table inet bgtest\ndelete table inet bgtest\n").await.expect("remove");
+    });
+}

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use banger_core::egress::{is_restricted, EgressPolicy, Verdict};
-use banger_host::net::egress::{learn_script, EgressGuest, Learned};
+use banger_host::net::egress::{learn_script, EgressGuest, Learned, NFLOG_GROUP, NFLOG_PREFIX};
+use banger_host::net::nflog::{NflogSocket, Refused};
 use banger_host::net::{HostNet, NetlinkNet};
 use banger_proto::{EgressDenial, EgressLog, LearnedAddress};
 
@@ -169,6 +170,50 @@ impl EgressBook {
     fn policy_of(&self, ip: Ipv4Addr) -> Option<EgressPolicy> {
         self.lock().get(&ip).map(|g| g.policy.clone())
     }
+}
+
+impl EgressBook {
+    /// Records a packet the kernel refused (a copy from `eg_refuse`), with the rule that refused
+    /// it found again from the guest's policy.
+    pub fn record_refused(&self, r: Refused) {
+        let Some(policy) = self.policy_of(r.src) else { return };
+        let rule = match policy.check_addr(r.dst, r.port) {
+            Verdict::Deny(rule) => rule,
+            Verdict::Allow(_) => "not opened by an allowed name".to_owned(),
+        };
+        let (protocol, decision) = match r.protocol {
+            6 => ("tcp", "reset"),
+            17 => ("udp", "rejected"),
+            1 => ("icmp", "rejected"),
+            _ => ("ip", "rejected"),
+        };
+        self.record(r.src, Denial { protocol, address: Some(r.dst), port: r.port, name: None, rule, decision });
+    }
+}
+
+/// Reads the kernel's copies of refused packets into `book` until aborted; `None` (logged)
+/// when the NFLOG socket cannot be bound (refusals then still happen, unlogged).
+pub fn spawn_nflog_reader(book: Arc<EgressBook>) -> Option<tokio::task::JoinHandle<()>> {
+    let socket = match NflogSocket::bind(NFLOG_GROUP, NFLOG_PREFIX) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::warn!(error = %e, group = NFLOG_GROUP, "cannot read refused packets (nfnetlink_log); connection denials go unlogged");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        // One datagram at a time into a fixed buffer; the kernel's socket buffer bounds the rest.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match socket.recv(&mut buf).await {
+                Ok(batch) => batch.into_iter().for_each(|r| book.record_refused(r)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "nflog socket failed; connection denials go unlogged");
+                    return;
+                }
+            }
+        }
+    }))
 }
 
 /// The DNS server's gate over the book: see `crate::dns::egress`.

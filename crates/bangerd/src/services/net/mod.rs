@@ -93,6 +93,8 @@ struct Up {
     pool: Arc<TapPool<NetlinkNet>>,
     refiller: JoinHandle<()>,
     dns: DnsServer,
+    /// Reads refused packets into the denial log.
+    nflog: Option<JoinHandle<()>>,
 }
 
 /// The guest network service. See the module doc.
@@ -172,7 +174,8 @@ impl Net {
         let refiller = pool.spawn_refiller();
         tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
             elapsed_ms = started.elapsed().as_millis(), "guest network up");
-        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns });
+        let nflog = egress::spawn_nflog_reader(Arc::clone(&self.egress));
+        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog });
         Ok(())
     }
 
@@ -328,6 +331,9 @@ impl Net {
     pub async fn shutdown(&self, vms_running: bool) {
         let Some(up) = self.up.lock().await.take() else { return };
         up.refiller.abort();
+        if let Some(reader) = &up.nflog {
+            reader.abort();
+        }
         if let Err(e) = up.dns.shutdown().await {
             tracing::warn!(error = %banger_core::error_chain(&e), "dns server did not stop cleanly");
         }
