@@ -19,6 +19,7 @@ mod log;
 mod channel;
 mod exec;
 mod files;
+mod fsops;
 mod identity;
 mod init;
 mod memory;

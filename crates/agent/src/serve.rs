@@ -33,7 +33,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::channel::{self, spawn_channel, Link, Route, Table, Writer};
 use crate::exec::{self, ExecControl};
-use crate::{files, ports, session, tunnel, workspace};
+use crate::{files, fsops, ports, session, tunnel, workspace};
 
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,6 +400,17 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             link.route(Route::Upload(tx));
             spawn_channel(link, "unpack", move |link| workspace::session(&link, &dir, &rx));
         }
+        AgentRequest::Write { path, mode, parents } => {
+            let (tx, rx) = mpsc::channel();
+            link.route(Route::Upload(tx));
+            spawn_channel(link, "write", move |link| fsops::serve_write(&link, &path, mode, parents, &rx));
+        }
+        request @ (AgentRequest::Stat { .. }
+        | AgentRequest::List { .. }
+        | AgentRequest::Mkdir { .. }
+        | AgentRequest::Remove { .. }
+        | AgentRequest::Read { .. }
+        | AgentRequest::Pack { .. }) => spawn_channel(link, "fs", move |link| fsops::serve(&link, request)),
     }
     false
 }

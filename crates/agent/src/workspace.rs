@@ -129,6 +129,11 @@ impl<'a, F: FnMut(usize) -> bool> Incoming<'a, F> {
         Self { chunks, current: Vec::new(), pos: 0, ended: false, gone: false, unacked: 0, ack }
     }
 
+    /// Whether the host went away (or abandoned the upload).
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
+
     /// Reads to the host's end marker, discarding what is left (the tar's trailing padding).
     fn drain(&mut self) -> std::io::Result<()> {
         let mut sink = vec![0u8; 64 * 1024];

@@ -57,6 +57,16 @@ impl Client {
     /// Sends `req` on a connection of its own and returns the response head, its body still
     /// to read. The connection serves upgrades, so a `101` answer can become a stream.
     pub async fn request(&self, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
+        self.request_with(req).await
+    }
+
+    /// [`Client::request`] with any body, e.g. a streamed upload.
+    pub async fn request_with<B>(&self, req: Request<B>) -> anyhow::Result<Response<Incoming>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self
             .connect()
             .await

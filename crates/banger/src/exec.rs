@@ -53,7 +53,8 @@ pub async fn upgrade(client: &Client, path: &str, protocol: &str) -> anyhow::Res
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        bail!(crate::client::api_error(status, &body).message);
+        // The daemon's answer, code kept (`banger mcp` reports it).
+        return Err(crate::client::ApiErrorAnswer { status, body: crate::client::api_error(status, &body) }.into());
     }
     let upgraded = hyper::upgrade::on(resp).await.with_context(|| format!("{protocol} upgrade failed"))?;
     Ok(TokioIo::new(upgraded))

@@ -8,6 +8,8 @@ mod attach;
 mod client;
 mod cmd;
 mod exec;
+mod files;
+mod mcp;
 mod output;
 mod progress;
 mod tty;
@@ -73,6 +75,13 @@ enum Command {
     /// Import a git repository into a VM, and bring the guest's commits back as a branch.
     #[command(subcommand)]
     Workspace(cmd::workspace::WorkspaceCommand),
+    /// Serve the Model Context Protocol on stdin/stdout, for coding agents.
+    ///
+    /// Tools to create sandboxes, run commands, read and write files, and drive sessions,
+    /// snapshots, forwards and workspaces, as a client of bangerd with your rights (see README,
+    /// "MCP"). stdout carries only the protocol; logs go to stderr. Register it in an MCP
+    /// client as {"mcpServers": {"banger": {"command": "banger", "args": ["mcp"]}}}.
+    Mcp,
 }
 
 fn main() -> ExitCode {
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
             Command::Bench(a) => cmd::bench::run(&client, a).await,
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
             Command::Workspace(c) => cmd::workspace::run(&client, c).await,
+            Command::Mcp => mcp::serve(client.clone()).await,
         }
     });
     // A blocking stdin read may still be pending; do not wait for it.

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 
 use crate::services::artifacts::Artifacts;
+use crate::services::files::Files;
 use crate::services::forwards::Forwards;
 use crate::services::lifecycle::{ArtifactProvision, Lifecycle, Provision};
 use crate::services::net::Net;
@@ -46,6 +47,8 @@ pub struct Daemon {
     pub vms: Arc<Vms>,
     /// Workspace streams.
     pub workspace: Arc<Workspace>,
+    /// Files in guests.
+    pub files: Arc<Files>,
 }
 
 impl Daemon {
@@ -85,6 +88,7 @@ impl Daemon {
             net.clone(),
             workspace.clone(),
         );
+        let files = Arc::new(Files::new(fleet.clone()));
         Arc::new(Self {
             fleet,
             config_source,
@@ -99,6 +103,7 @@ impl Daemon {
             lifecycle,
             vms,
             workspace,
+            files,
         })
     }
 }

@@ -25,6 +25,11 @@
 //! | `shutdown` | – | `Response(ok)`, then the guest powers off |
 //! | `session` | see [`session`] | see [`session`] |
 //! | `reidentify` | – | `Response(ok)` once applied, or `Error` naming what failed |
+//! | `stat`, `mkdir`, `remove` | – | `Response(stat/ok)` or `Response(fs_failed)` |
+//! | `list` | – | `Data` (JSON lines), `Response(listed)`; or `Response(fs_failed)` |
+//! | `read` | – | `Response(opened)`, `Data` chunks, empty `Data` = end; or `Response(fs_failed)` |
+//! | `write` | `Data` chunks, empty `Data` = end; `Close` | `Ack`, then `Response(stat)` or `Response(fs_failed)` |
+//! | `pack` | – | tar stream in `Data` chunks, `Response(packed)`; or `Response(fs_failed)` |
 //!
 //! `connect` is a TCP tunnel: the agent connects to the port on the guest's loopback and relays
 //! bytes both ways. An empty `Data` half-closes that direction (the agent `shutdown`s its socket
@@ -362,6 +367,60 @@ pub enum AgentRequest {
     /// Before a memory snapshot: fault in (the kernel zeroes) most of the free memory and
     /// release it again, so free pages are zero and the snapshot leaves them out. Answers `Ok`.
     ScrubFreeMemory,
+    /// `lstat` a path: answers `Stat`, or `FsFailed`.
+    Stat {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// List a directory: `Data` chunks of JSON lines (one [`crate::fs::FileStat`] per entry,
+    /// sorted by name, at most `limit`), then `Listed`; or `FsFailed` before any `Data`.
+    List {
+        /// Absolute guest directory.
+        path: String,
+        /// Most entries to send.
+        limit: u32,
+    },
+    /// Make a directory: answers `Stat`, or `FsFailed`.
+    Mkdir {
+        /// Absolute guest path.
+        path: String,
+        /// Make missing parents (`0755`) too, and accept an existing directory.
+        parents: bool,
+        /// Permission bits (default `0755`).
+        mode: Option<u32>,
+    },
+    /// Remove a path (a symlink itself, never its target; a non-empty directory only with
+    /// `recursive`; never `/`): answers `Ok`, or `FsFailed`.
+    Remove {
+        /// Absolute guest path.
+        path: String,
+        /// Remove a directory with what it holds.
+        recursive: bool,
+    },
+    /// Stream a regular file (symlinks followed): `Opened` (or `FsFailed`), then `Data` chunks
+    /// of at most `limit` bytes in all, an empty `Data` at the end (an `Error` mid-way).
+    Read {
+        /// Absolute guest path.
+        path: String,
+        /// Most bytes to send.
+        limit: Option<u64>,
+    },
+    /// Write a file from the `Data` chunks that follow (an empty one ends them), acknowledged
+    /// like `unpack`'s, to a temporary file renamed over `path`: answers `Stat`, or `FsFailed`.
+    Write {
+        /// Absolute guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Make missing parent directories (`0755`).
+        parents: bool,
+    },
+    /// A tar stream of `path` (its base name the top entry; symlinks stored as symlinks, never
+    /// followed) in `Data` chunks, then `Packed`; `FsFailed` before any `Data`, `Error` mid-way.
+    Pack {
+        /// Absolute guest path.
+        path: String,
+    },
 }
 
 /// What a guest restored from a memory snapshot becomes. The clock is always set; every other
@@ -527,6 +586,29 @@ pub enum AgentResponse {
         /// Oldest first.
         sessions: Vec<session::SessionState>,
     },
+    /// A path's `lstat` (`stat`, `mkdir`, `write`).
+    Stat(crate::fs::FileStat),
+    /// A `list` finished.
+    Listed {
+        /// Entries sent.
+        count: u64,
+        /// Whether the directory holds more than were sent.
+        truncated: bool,
+    },
+    /// A `read`'s file is open; its `Data` follows.
+    Opened {
+        /// The file's whole size.
+        size: u64,
+    },
+    /// A `pack` finished.
+    Packed {
+        /// Entries in the stream.
+        entries: u64,
+        /// Bytes of file contents in it.
+        bytes: u64,
+    },
+    /// A file request failed before it streamed anything.
+    FsFailed(crate::fs::FsError),
 }
 
 /// A listening socket in the guest.

@@ -7,6 +7,7 @@
 pub mod agent;
 #[cfg(feature = "api")]
 mod api;
+pub mod fs;
 #[cfg(feature = "api")]
 pub use api::*;
 #[cfg(feature = "api")]

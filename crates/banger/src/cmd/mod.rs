@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod forward;

@@ -69,6 +69,9 @@ pub enum VmCommand {
     /// key and machine id, and the snapshot's memory and disks (same as `vm create
     /// --from-snapshot S NAME` + `vm start NAME`).
     Fork(super::snapshot::ForkArgs),
+    /// Copy files and directory trees between the host and a running VM (`VM:/path`; `-` for a
+    /// tar stream), keeping modes and symlinks.
+    Cp(super::cp::CpArgs),
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +364,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         VmCommand::Resume(a) => super::snapshot::pause(client, a, true).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot(client, a).await,
         VmCommand::Fork(a) => super::snapshot::fork(client, a).await,
+        VmCommand::Cp(a) => super::cp::run(client, a).await,
         VmCommand::Logs(a) => {
             let path = match a.tail {
                 Some(n) => format!("/v1/vms/{}/logs?tail={n}", segment(&a.vm)),
@@ -416,7 +420,7 @@ async fn start(client: &Client, vm: &str) -> anyhow::Result<OperationRecord> {
     client.call(Method::POST, &format!("/v1/vms/{}/start", segment(vm)), Some(&req)).await
 }
 
-async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {
+pub(crate) async fn stop(client: &Client, vm: &str, force: bool) -> anyhow::Result<VmView> {
     let query = if force { "?force=true" } else { "" };
     client.call(Method::POST, &format!("/v1/vms/{}/stop{query}", segment(vm)), None::<&()>).await
 }

@@ -41,27 +41,27 @@ pub struct PrepareArgs {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// Name, id or id prefix of a running VM.
-    vm: String,
+    pub(crate) vm: String,
     /// The branch to make [default: banger/<vm>]
     #[arg(long, conflicts_with = "patch")]
-    branch: Option<String>,
+    pub(crate) branch: Option<String>,
     /// Replace the branch (or the patch file) if it exists.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// The repository's directory in the guest [default: /root/<name of this repository>]
     #[arg(long, value_name = "GUEST_DIR")]
-    path: Option<String>,
+    pub(crate) path: Option<String>,
     /// Write the guest's uncommitted changes (against its HEAD, untracked files included) to
     /// FILE as a git patch instead; apply it with `git apply FILE`.
     #[arg(long, value_name = "FILE")]
-    patch: Option<PathBuf>,
+    pub(crate) patch: Option<PathBuf>,
     /// The most the guest may send, e.g. 4G [default: 1G]; a larger export is refused before
     /// anything is written.
     #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
-    max_size: Option<u64>,
+    pub(crate) max_size: Option<u64>,
     /// Print what was exported as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// What an import did, for `--json` and for the summary line.
@@ -141,8 +141,9 @@ pub async fn import(client: &Client, vm: &str, repo: &Repo) -> anyhow::Result<Im
     Ok(report)
 }
 
+/// What an export did, for `--json` and for `banger mcp`.
 #[derive(Debug, Serialize)]
-struct ExportReport {
+pub(crate) struct ExportReport {
     vm: String,
     guest_dir: String,
     bytes: u64,
@@ -153,6 +154,19 @@ struct ExportReport {
 
 async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let repo = discover(None)?;
+    let json = a.json;
+    let report = export_from(client, &repo, a).await?;
+    if json {
+        output::json(&report)?;
+    } else {
+        println!("{}", report.branch.as_deref().or(report.patch.as_deref()).unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exports from `a.vm` into `repo` (a branch, or a patch file with `a.patch`), with progress
+/// on stderr; what was exported.
+pub(crate) async fn export_from(client: &Client, repo: &Repo, a: ExportArgs) -> anyhow::Result<ExportReport> {
     let dir = a.path.clone().unwrap_or_else(|| repo.guest_dir());
     if !valid_guest_dir(&dir) {
         bail!("guest directory '{dir}' must be an absolute path without '.' or '..' components (e.g. /root/myrepo)");
@@ -160,7 +174,7 @@ async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
     // Refuse what can be refused before asking the guest for anything.
     let branch = a.branch.clone().unwrap_or_else(|| format!("banger/{}", a.vm));
     match &a.patch {
-        None => bring_back::check_branch(&repo, &branch, a.force)?,
+        None => bring_back::check_branch(repo, &branch, a.force)?,
         Some(file) if !a.force && file.symlink_metadata().is_ok() => {
             bail!("{} already exists; pass --force to replace it", file.display())
         }
@@ -195,7 +209,7 @@ async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
             report.patch = Some(file.display().to_string());
         }
         None => {
-            let commit = bring_back::fetch_bundle(&repo, temp.path(), &branch, a.force)?;
+            let commit = bring_back::fetch_bundle(repo, temp.path(), &branch, a.force)?;
             let count = match &q.basis {
                 Some(basis) => repo.git(&["rev-list", "--count", &format!("{basis}..{commit}")]).ok(),
                 None => repo.git(&["rev-list", "--count", &commit]).ok(),
@@ -210,12 +224,7 @@ async fn export(client: &Client, a: ExportArgs) -> anyhow::Result<ExitCode> {
             report.commit = Some(commit);
         }
     }
-    if a.json {
-        output::json(&report)?;
-    } else {
-        println!("{}", report.branch.as_deref().or(report.patch.as_deref()).unwrap_or_default());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
 /// Writes the checked patch to `file` through a temporary file beside it.

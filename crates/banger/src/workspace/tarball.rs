@@ -100,6 +100,18 @@ pub fn write_tar(top: &Path, files: &[PathBuf], out: impl Write) -> Result<Stats
     Ok(stats)
 }
 
+/// Writes each `(name, rel)`: entry `name` of directory `dir` (a file, a symlink, or a whole
+/// tree), stored as `rel`, with the same rules as the import (`banger vm cp` uses it).
+pub fn write_named(dir: &OwnedFd, names: &[(OsString, PathBuf)], out: impl Write) -> Result<Stats, TarError> {
+    let mut w = Writer { builder: tar::Builder::new(out), stats: Stats::default() };
+    for (name, rel) in names {
+        w.add(dir, name, rel, true)?;
+    }
+    let stats = std::mem::take(&mut w.stats);
+    w.builder.into_inner().and_then(|mut out| out.flush()).map_err(TarError::Write)?;
+    Ok(stats)
+}
+
 struct Writer<W: Write> {
     builder: tar::Builder<W>,
     stats: Stats,

@@ -19,7 +19,7 @@ const RSS_LIMIT: u64 = 100 << 20;
 const FLOOD_FOR: Duration = Duration::from_secs(20);
 
 /// `field` (`VmRSS`, `VmHWM`) of process `pid`, in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
+pub(crate) fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon runs");
     status
         .lines()

@@ -12,6 +12,7 @@ mod harness;
 mod template;
 
 mod boot;
+mod copy;
 mod egress;
 mod forward;
 mod hostile_disk;
@@ -19,6 +20,7 @@ mod hostile_export;
 mod hostile_flow;
 mod hostile_net;
 mod images;
+mod mcp;
 mod network;
 mod recovery;
 mod rounds;

@@ -14,6 +14,7 @@ use crate::ops::OpsError;
 use crate::services::artifacts::agent::AgentBinaryError;
 use crate::services::artifacts::ArtifactsError;
 use crate::services::caller::CallerError;
+use crate::services::files::FilesError;
 use crate::services::forwards::proxy::ListenError;
 use crate::services::forwards::ForwardsError;
 use crate::services::lifecycle::LifecycleError;
@@ -153,6 +154,36 @@ impl Status for FleetError {
             Self::Store(e) => e.message(),
             // The selection error says what is missing and the fix on its own.
             Self::Select(e) => error_chain(e),
+            _ => error_chain(self),
+        }
+    }
+}
+
+impl Status for FilesError {
+    fn kind(&self) -> Kind {
+        use crate::agent_conn::AgentError;
+        use banger_proto::fs::FsErrorCode;
+        match self {
+            Self::Fleet(e) => e.kind(),
+            Self::BadPath(_) | Self::NotADirectory { .. } | Self::Refused { .. } | Self::Upload { .. } => Kind::Invalid,
+            Self::Guest { error, .. } => match error.code {
+                FsErrorCode::NotFound => Kind::NotFound,
+                FsErrorCode::Invalid => Kind::Invalid,
+                FsErrorCode::Conflict => Kind::Conflict,
+                FsErrorCode::Io => Kind::Internal,
+            },
+            // The vm stopped meanwhile, or its agent is not there (yet).
+            Self::Agent {
+                source: AgentError::Lost | AgentError::Connect { .. } | AgentError::Handshake { .. },
+                ..
+            } => Kind::Conflict,
+            Self::Agent { .. } | Self::Unexpected { .. } => Kind::Internal,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::Fleet(e) => e.message(),
             _ => error_chain(self),
         }
     }

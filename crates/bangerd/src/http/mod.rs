@@ -9,6 +9,7 @@ mod attach;
 mod daemon;
 mod error;
 mod exec;
+mod files;
 mod forwards;
 mod network;
 mod operations;
@@ -135,7 +136,15 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         sessions::stop_session,
         sessions::kill_session,
         attach::logs,
-        attach::attach
+        attach::attach,
+        files::stat_file,
+        files::list_files,
+        files::make_dir,
+        files::remove_file,
+        files::read_file,
+        files::write_file,
+        files::get_archive,
+        files::put_archive
     ),
     components(schemas(
         ApiError,
@@ -186,6 +195,11 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         SessionStatus,
         StdinMode,
         banger_proto::workspace::ExportKind,
+        banger_proto::fs::FileStat,
+        banger_proto::fs::FileKind,
+        banger_proto::fs::FileList,
+        banger_proto::fs::MkdirRequest,
+        banger_proto::fs::ArchiveExtracted,
         banger_proto::EgressMode,
         banger_proto::EgressPolicy,
         banger_proto::SetEgressRequest,
@@ -242,8 +256,21 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/operations/{op}", get(operations::show_op))
         .route("/v1/operations/{op}/cancel", post(operations::cancel_op))
         .merge(sessions::routes())
+        .merge(files_routes())
         .fallback(|| async { ApiFailure::not_found("no such endpoint; see GET /v1/openapi.json") })
         .with_state(daemon)
+}
+
+/// The file routes (`http/files.rs`).
+fn files_routes() -> Router<Arc<Daemon>> {
+    use axum::routing::delete;
+    Router::new()
+        .route("/v1/vms/{vm}/files", delete(files::remove_file))
+        .route("/v1/vms/{vm}/files/stat", get(files::stat_file))
+        .route("/v1/vms/{vm}/files/list", get(files::list_files))
+        .route("/v1/vms/{vm}/files/mkdir", post(files::make_dir))
+        .route("/v1/vms/{vm}/files/content", get(files::read_file).put(files::write_file))
+        .route("/v1/vms/{vm}/files/archive", get(files::get_archive).put(files::put_archive))
 }
 
 /// `202 Accepted` with the operation to follow.
@@ -448,6 +475,12 @@ mod tests {
             "/v1/images/register",
             "/v1/images/{name}",
             "/v1/openapi.json",
+            "/v1/vms/{vm}/files",
+            "/v1/vms/{vm}/files/stat",
+            "/v1/vms/{vm}/files/list",
+            "/v1/vms/{vm}/files/mkdir",
+            "/v1/vms/{vm}/files/content",
+            "/v1/vms/{vm}/files/archive",
         ] {
             assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");
         }

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod caller;
 pub mod doctor;
+pub mod files;
 pub mod forwards;
 pub mod lifecycle;
 pub mod net;
