@@ -206,6 +206,11 @@ fn egress_policy_by_name_and_address_refuses_at_once_and_changes_live() {
                 && d["decision"] == "reset"
         })
     });
+    // The guest reads its own recent denials (written through its agent, at most once a second).
+    wait_until("the guest sees its denials", Duration::from_secs(15), || {
+        let seen = env.banger(&["vm", "exec", "eg", "--", "cat", "/run/banger/egress-denials"]);
+        seen.code == 0 && seen.stdout.contains("\"name\":\"denied.test\"") && seen.stdout.contains("\"198.18.0.20\"")
+    });
     let net = env.banger(&["vm", "network", "eg", "show", "--json"]).ok().json();
     assert_eq!(net["enforced"], true, "{net}");
     let learned = net["learned"].as_array().cloned().unwrap_or_default();

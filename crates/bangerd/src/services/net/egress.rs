@@ -216,6 +216,67 @@ pub fn spawn_nflog_reader(book: Arc<EgressBook>) -> Option<tokio::task::JoinHand
     }))
 }
 
+/// Where a guest finds its own recent denials (JSON lines, newest last).
+pub const GUEST_DENIALS: &str = "/run/banger/egress-denials";
+/// Denials written to the guest's file.
+pub const GUEST_DENIALS_KEPT: usize = 32;
+/// At most one write of a guest's file per this interval (guest I/O is not free, and a guest
+/// refused in a loop must not make the daemon write in a loop).
+pub const GUEST_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+impl EgressBook {
+    /// The guests whose log moved past what `written` says was mirrored: (VM, newest seq, file
+    /// text of the newest [`GUEST_DENIALS_KEPT`] denials).
+    fn unmirrored(&self, written: &BTreeMap<String, u64>) -> Vec<(String, u64, String)> {
+        let guests = self.lock();
+        guests
+            .values()
+            .filter_map(|g| {
+                let newest = g.log.back()?.seq;
+                if written.get(&g.vm).is_some_and(|&w| w >= newest) {
+                    return None;
+                }
+                let skip = g.log.len().saturating_sub(GUEST_DENIALS_KEPT);
+                let mut text = String::new();
+                for d in g.log.iter().skip(skip) {
+                    text.push_str(&serde_json::to_string(d).unwrap_or_default());
+                    text.push('\n');
+                }
+                Some((g.vm.clone(), newest, text))
+            })
+            .collect()
+    }
+}
+
+/// Mirrors each running guest's newest denials into [`GUEST_DENIALS`] in the guest, through
+/// its agent (`files`), at most once per [`GUEST_WRITE_INTERVAL`] and only when they changed.
+/// No lock is held across the writes. Runs until aborted.
+pub fn spawn_guest_mirror(
+    book: Arc<EgressBook>,
+    files: Arc<crate::services::files::Files>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut written: BTreeMap<String, u64> = BTreeMap::new();
+        loop {
+            let notified = book.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            for (vm, newest, text) in book.unmirrored(&written) {
+                let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(text.into_bytes())]);
+                match files.write(&vm, GUEST_DENIALS, Some(0o644), true, body).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(vm, error = %banger_core::error_chain(&e), "cannot write the guest's denial file")
+                    }
+                }
+                written.insert(vm, newest);
+            }
+            notified.await;
+            tokio::time::sleep(GUEST_WRITE_INTERVAL).await;
+        }
+    })
+}
+
 /// The DNS server's gate over the book: see `crate::dns::egress`.
 pub struct DnsGate {
     /// The book.

@@ -95,6 +95,8 @@ struct Up {
     dns: DnsServer,
     /// Reads refused packets into the denial log.
     nflog: Option<JoinHandle<()>>,
+    /// Writes each guest's recent denials into it.
+    mirror: Option<JoinHandle<()>>,
 }
 
 /// The guest network service. See the module doc.
@@ -114,6 +116,8 @@ pub struct Net {
     sync_lock: tokio::sync::Mutex<BTreeMap<String, [u8; 6]>>,
     /// Running guests' egress policies, DNS-opened addresses and denial logs (a leaf lock).
     pub egress: Arc<egress::EgressBook>,
+    /// The guest file service, for the denials each guest can read (set by the daemon).
+    guest_files: std::sync::OnceLock<Arc<crate::services::files::Files>>,
 }
 
 impl Net {
@@ -132,8 +136,14 @@ impl Net {
             guard_uplink: std::sync::atomic::AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(BTreeMap::new()),
             egress: Arc::default(),
+            guest_files: std::sync::OnceLock::new(),
             fleet,
         }
+    }
+
+    /// Lets the network write each guest's recent denials into it (`/run/banger/egress-denials`).
+    pub fn set_guest_files(&self, files: Arc<crate::services::files::Files>) {
+        let _ = self.guest_files.set(files);
     }
 
     /// The bridge subnet.
@@ -175,7 +185,9 @@ impl Net {
         tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
             elapsed_ms = started.elapsed().as_millis(), "guest network up");
         let nflog = egress::spawn_nflog_reader(Arc::clone(&self.egress));
-        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog });
+        let mirror =
+            self.guest_files.get().map(|f| egress::spawn_guest_mirror(Arc::clone(&self.egress), Arc::clone(f)));
+        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog, mirror });
         Ok(())
     }
 
@@ -331,8 +343,8 @@ impl Net {
     pub async fn shutdown(&self, vms_running: bool) {
         let Some(up) = self.up.lock().await.take() else { return };
         up.refiller.abort();
-        if let Some(reader) = &up.nflog {
-            reader.abort();
+        for task in [&up.nflog, &up.mirror].into_iter().flatten() {
+            task.abort();
         }
         if let Err(e) = up.dns.shutdown().await {
             tracing::warn!(error = %banger_core::error_chain(&e), "dns server did not stop cleanly");
