@@ -40,6 +40,47 @@ while True:
         pass
 ";
 
+/// A TLS server on 198.18.0.10:443 (any SNI; a self-made certificate in argv[1], key in
+/// argv[2]) that answers every connection with `hello`.
+const TLS_SERVER: &str = r"
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(('198.18.0.10', 443)); l.listen(64)
+def serve(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True); t.sendall(b'hello'); t.close()
+    except Exception:
+        c.close()
+while True:
+    c, _ = l.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+/// Run in the guest: for each `SNI` argument, a TLS handshake with 198.18.0.10:443 sending that
+/// name (no verification: the name check is banger's, not the certificate's), then for each
+/// `Host` an HTTP GET to 198.18.0.10:80 with that Host header: one line `kind name result ms`.
+const NAME_PROBE: &str = r"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for name in sys.argv[1:]:
+    for kind in ('tls', 'http'):
+        t = time.monotonic()
+        try:
+            s = socket.create_connection(('198.18.0.10', 443 if kind == 'tls' else 80), timeout=5)
+            if kind == 'tls':
+                s = ctx.wrap_socket(s, server_hostname=name); r = 'ok' if s.recv(5) == b'hello' else 'other'
+            else:
+                s.sendall(b'GET / HTTP/1.0\r\nHost: ' + name.encode() + b'\r\n\r\n')
+                r = 'ok' if s.recv(12).startswith(b'HTTP/1.0 200') else 'other'
+        except (ConnectionResetError, BrokenPipeError):
+            r = 'reset'
+        except ssl.SSLError as e:
+            r = 'reset' if 'EOF' in str(e) or 'reset' in str(e).lower() else 'SSLError'
+        except Exception as e:
+            r = type(e).__name__
+        print(kind, name, r, int((time.monotonic() - t) * 1000))
+";
+
 /// Run in the guest: for each `host:port` argument, one line `host:port result ms` where result
 /// is `open`, `refused` (TCP reset), `unreachable` (ICMP admin-prohibited), `noname` (the name
 /// did not resolve) or the error's type.
@@ -137,14 +178,27 @@ fn egress_policy_by_name_and_address_refuses_at_once_and_changes_live() {
     }
     // A default route out, so that a refusal is the policy's and not a missing route's.
     ip(&["-n", &ns, "route", "add", "default", "via", "198.18.0.2"]);
+    let (cert, key) = (env.dir.path().join("cert.pem"), env.dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=allowed.test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (scripts/deps --test)");
+    assert!(made.success(), "openssl could not make a certificate");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let _servers = Killed(vec![
         in_outside(&outside, &["python3", "-m", "http.server", "80", "--bind", "0.0.0.0"]),
         in_outside(&outside, &["python3", "-c", DNS_SERVER]),
+        in_outside(&outside, &["python3", "-c", TLS_SERVER, &cert, &key]),
     ]);
     wait_until("the outside servers listen", Duration::from_secs(20), || {
         let out = Command::new("ip").args(["netns", "exec", &outside.0, "ss", "-Hlntu"]).output().expect("ss");
         let text = String::from_utf8_lossy(&out.stdout);
-        text.contains("198.18.0.2:53") && text.contains(":80 ")
+        text.contains("198.18.0.2:53") && text.contains(":80 ") && text.contains("198.18.0.10:443")
     });
 
     std::fs::create_dir_all(&env.state).expect("state dir");
@@ -196,6 +250,30 @@ fn egress_policy_by_name_and_address_refuses_at_once_and_changes_live() {
     };
     assert!(has("denied.test", "deny denied.test"), "{log:?}");
     assert!(has("wild.test", "not in allowlist"), "{log:?}");
+    // Names on a shared address: the address is open (allowed.test resolved to it), but HTTP
+    // Host and TLS SNI are checked by name (cdn.test shares allowed.test's address).
+    let out =
+        env.banger(&["vm", "exec", "eg", "--", "python3", "-c", NAME_PROBE, "allowed.test", "cdn.test"]).ok().stdout;
+    let named: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    let outcome = |kind: &str, name: &str| {
+        let line =
+            named.iter().find(|f| f[0] == kind && f[1] == name).unwrap_or_else(|| panic!("{kind} {name}: {out}"));
+        (line[2].to_owned(), line[3].parse::<u64>().unwrap_or(u64::MAX))
+    };
+    assert_eq!(outcome("tls", "allowed.test").0, "ok", "{out}");
+    assert_eq!(outcome("http", "allowed.test").0, "ok", "{out}");
+    for kind in ["tls", "http"] {
+        let (got, ms) = outcome(kind, "cdn.test");
+        assert_eq!(got, "reset", "{kind} with a denied name: {out}");
+        assert!(ms < 100, "{kind} cdn.test took {ms} ms to fail: {out}");
+    }
+    wait_until("the name denials are logged", Duration::from_secs(10), || {
+        let log = denials(&env, "eg");
+        ["tls", "http"].iter().all(|p| {
+            log.iter().any(|d| d["protocol"] == *p && d["name"] == "cdn.test" && d["address"] == "198.18.0.10")
+        })
+    });
+
     // Connection refusals reach the log through the kernel's NFLOG copies (read asynchronously).
     wait_until("the refused connection is logged", Duration::from_secs(10), || {
         denials(&env, "eg").iter().any(|d| {

@@ -146,6 +146,55 @@ pub fn dispatch_rule(bridge: &str, guests: &[EgressGuest]) -> String {
     format!("\t\tiifname \"{bridge}\" oifname != \"{bridge}\" ip saddr vmap {{ {} }}\n", map.join(", "))
 }
 
+/// Guests whose HTTP (80) and HTTPS (443) connections leaving the bridge are redirected to the
+/// daemon's name-checking proxy on the bridge address, port `port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRedirect {
+    /// The proxy's port on the bridge address.
+    pub port: u16,
+    /// The guests redirected (those whose policy names hosts).
+    pub guests: Vec<Ipv4Addr>,
+}
+
+/// The input-chain rule that lets redirected connections reach the proxy.
+pub fn proxy_input_rule(gw: Ipv4Addr, proxy: Option<&ProxyRedirect>) -> String {
+    match proxy {
+        Some(p) if !p.guests.is_empty() => format!("\t\tip daddr {gw} tcp dport {} ct status dnat accept\n", p.port),
+        _ => String::new(),
+    }
+}
+
+/// The nat chain that redirects (empty without guests to redirect): per redirected guest, its
+/// `deny` address rules first (not redirected, so the forward chain refuses them at once), then
+/// only destinations it may reach by address (its `allow` address rules and the addresses DNS
+/// answers opened), so a connection to anything else is still refused at connect time.
+pub fn proxy_chain(bridge: &str, guests: &[EgressGuest], proxy: Option<&ProxyRedirect>) -> String {
+    let Some(p) = proxy.filter(|p| !p.guests.is_empty()) else { return String::new() };
+    let mut out =
+        String::from("\n\tchain egress_proxy {\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n");
+    let web = "tcp dport { 80, 443 }";
+    for g in guests.iter().filter(|g| p.guests.contains(&g.ip)) {
+        let from = format!("iifname \"{bridge}\" ip saddr {}", g.ip);
+        for m in g.policy.deny.iter().filter_map(match_of) {
+            let _ = writeln!(out, "\t\t{from} {m} return");
+        }
+        let redirect = format!("redirect to :{}", p.port);
+        for rule in &g.policy.allow {
+            let HostMatch::Net { addr, prefix_len } = rule.host else { continue };
+            let ports = match rule.port {
+                None => web.to_owned(),
+                Some(port @ (80 | 443)) => format!("tcp dport {port}"),
+                Some(_) => continue,
+            };
+            let _ = writeln!(out, "\t\t{from} ip daddr {addr}/{prefix_len} {ports} {redirect}");
+        }
+        let _ = writeln!(out, "\t\t{from} ip daddr @{} {web} {redirect}", set_any(g.ip));
+        let _ = writeln!(out, "\t\t{from} {web} ip daddr . tcp dport @{} {redirect}", set_port(g.ip));
+    }
+    out.push_str("\t}\n");
+    out
+}
+
 /// An nft script that opens `learned` for guest `ip` at once (DNS answers), refreshing the
 /// timeout of an address already open. The guest's sets must exist (its chain is loaded).
 pub fn learn_script(ip: Ipv4Addr, learned: &[Learned]) -> String {

@@ -108,6 +108,8 @@ pub struct NftConfig {
     pub guard_uplink: bool,
     /// Each networked running VM's egress policy (`super::egress`).
     pub egress: Vec<super::egress::EgressGuest>,
+    /// The HTTP/HTTPS name-checking proxy and the guests redirected to it.
+    pub proxy: Option<super::egress::ProxyRedirect>,
 }
 
 impl NftConfig {
@@ -125,6 +127,7 @@ impl NftConfig {
             ports: Vec::new(),
             guard_uplink: false,
             egress: Vec::new(),
+            proxy: None,
         }
     }
 }
@@ -190,6 +193,7 @@ pub fn ruleset(config: &NftConfig) -> String {
     // Before the forward chain that jumps to them: nft resolves a jump when it reads it.
     super::egress::egress_blocks(&mut out, &config.egress);
 
+    let proxy_input = super::egress::proxy_input_rule(gw, config.proxy.as_ref());
     // Writing to a String cannot fail.
     let _ = write!(
         out,
@@ -203,7 +207,7 @@ pub fn ruleset(config: &NftConfig) -> String {
 \t\tip saddr @open_guests accept
 \t\tip daddr {gw} udp dport {dns} accept
 \t\tip daddr {gw} tcp dport {dns} accept
-\t\tip daddr {gw} icmp type echo-request accept
+{proxy_input}\t\tip daddr {gw} icmp type echo-request accept
 \t\tmeta l4proto tcp reject with tcp reset
 \t\treject with icmpx admin-prohibited
 \t}}
@@ -270,6 +274,7 @@ pub fn ruleset(config: &NftConfig) -> String {
         };
         out.push_str("\t}\n");
     }
+    out.push_str(&super::egress::proxy_chain(br, &config.egress, config.proxy.as_ref()));
     out.push_str("}\n");
 
     out

@@ -489,7 +489,8 @@ fn egress_chains_load_learn_and_expire() {
         config.nat = true;
         let learned = vec![Learned { addr: Ipv4Addr::new(198, 18, 0, 10), port: None, timeout_secs: 600 }];
         config.egress = vec![EgressGuest { ip: guest, policy, learned }];
-        net.apply_nft(&ruleset(&config)).await.expect("apply the ruleset with an egress chain");
+        config.proxy = Some(banger_host::net::egress::ProxyRedirect { port: 40080, guests: vec![guest] });
+        net.apply_nft(&ruleset(&config)).await.expect("apply the ruleset with an egress chain and the proxy redirect");
         let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table");
         assert!(listed.contains("ip saddr vmap { 172.30.0.2 : jump eg_172_30_0_2 }"), "{listed}");
         assert!(listed.contains("198.18.0.10 timeout 10m"), "the learned address survives a reload: {listed}");

@@ -167,6 +167,33 @@ impl EgressBook {
             .collect()
     }
 
+    /// Whether guest `src` may reach `dst:port` having sent `name` (HTTP Host or TLS SNI): the
+    /// name must pass the policy, and the address must be one the guest may reach by address or
+    /// that a DNS answer opened for it. `Err` holds the rule that refused.
+    pub fn allows_connection(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16, name: Option<&str>) -> Result<(), String> {
+        let guests = self.lock();
+        let g = guests.get(&src).ok_or_else(|| "not a running guest".to_owned())?;
+        if let Some(Verdict::Deny(rule)) = name.map(|n| g.policy.check_name(n, Some(port))) {
+            return Err(rule);
+        }
+        match g.policy.check_addr(dst, Some(port)) {
+            Verdict::Allow(_) => Ok(()),
+            Verdict::Deny(rule) if rule == "not in allowlist" => {
+                let now = Instant::now();
+                let learned = g
+                    .learned
+                    .iter()
+                    .any(|(&(a, p), (_, until))| a == dst && p.is_none_or(|p| p == port) && *until > now);
+                if learned {
+                    Ok(())
+                } else {
+                    Err(rule)
+                }
+            }
+            Verdict::Deny(rule) => Err(rule),
+        }
+    }
+
     fn policy_of(&self, ip: Ipv4Addr) -> Option<EgressPolicy> {
         self.lock().get(&ip).map(|g| g.policy.clone())
     }

@@ -16,6 +16,7 @@
 pub mod claim;
 pub mod egress;
 mod policy;
+pub mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -97,6 +98,8 @@ struct Up {
     nflog: Option<JoinHandle<()>>,
     /// Writes each guest's recent denials into it.
     mirror: Option<JoinHandle<()>>,
+    /// The HTTP/HTTPS name-checking proxy (with NAT on).
+    proxy: Option<JoinHandle<()>>,
 }
 
 /// The guest network service. See the module doc.
@@ -118,6 +121,8 @@ pub struct Net {
     pub egress: Arc<egress::EgressBook>,
     /// The guest file service, for the denials each guest can read (set by the daemon).
     guest_files: std::sync::OnceLock<Arc<crate::services::files::Files>>,
+    /// The name-checking proxy's port on the bridge address (0: not running).
+    proxy_port: std::sync::atomic::AtomicU16,
 }
 
 impl Net {
@@ -137,6 +142,7 @@ impl Net {
             sync_lock: tokio::sync::Mutex::new(BTreeMap::new()),
             egress: Arc::default(),
             guest_files: std::sync::OnceLock::new(),
+            proxy_port: std::sync::atomic::AtomicU16::new(0),
             fleet,
         }
     }
@@ -187,7 +193,21 @@ impl Net {
         let nflog = egress::spawn_nflog_reader(Arc::clone(&self.egress));
         let mirror =
             self.guest_files.get().map(|f| egress::spawn_guest_mirror(Arc::clone(&self.egress), Arc::clone(f)));
-        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog, mirror });
+        let proxy = if self.nat {
+            match proxy::start(self.subnet.gateway(), Arc::clone(&self.egress)).await {
+                Ok((port, task)) => {
+                    self.proxy_port.store(port, std::sync::atomic::Ordering::SeqCst);
+                    Some(task)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the egress name proxy; HTTP/HTTPS names go unchecked");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog, mirror, proxy });
         Ok(())
     }
 
@@ -322,6 +342,14 @@ impl Net {
         config.ports = ports;
         let policies: Vec<_> = running.iter().map(|g| (g.ip, g.name.clone(), g.egress.clone())).collect();
         config.egress = self.egress.sync(&policies);
+        let port = self.proxy_port.load(std::sync::atomic::Ordering::SeqCst);
+        if port != 0 {
+            let named = |g: &&NetGuest| {
+                g.egress.mode == banger_core::egress::EgressMode::Allowlist && g.egress.has_name_rules()
+            };
+            let guests = running.iter().filter(named).map(|g| g.ip).collect();
+            config.proxy = Some(banger_host::net::egress::ProxyRedirect { port, guests });
+        }
         net.apply_nft(&ruleset(&config)).await?;
         let gone: Vec<String> =
             bound.keys().filter(|tap| !config.ports.iter().any(|p| &p.tap == *tap)).cloned().collect();
@@ -343,7 +371,8 @@ impl Net {
     pub async fn shutdown(&self, vms_running: bool) {
         let Some(up) = self.up.lock().await.take() else { return };
         up.refiller.abort();
-        for task in [&up.nflog, &up.mirror].into_iter().flatten() {
+        self.proxy_port.store(0, std::sync::atomic::Ordering::SeqCst);
+        for task in [&up.nflog, &up.mirror, &up.proxy].into_iter().flatten() {
             task.abort();
         }
         if let Err(e) = up.dns.shutdown().await {
