@@ -89,6 +89,7 @@ impl Daemon {
             workspace.clone(),
         );
         let files = Arc::new(Files::new(fleet.clone()));
+        net.set_guest_files(files.clone());
         Arc::new(Self {
             fleet,
             config_source,

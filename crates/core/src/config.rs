@@ -158,6 +158,14 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
+    /// The egress mode of new VMs when `--network-mode` is not given: `open`, `allowlist` or
+    /// `closed` (docs/security.md "Egress policy").
+    pub egress_mode: crate::egress::EgressMode,
+    /// Hosts new VMs may reach (`--allow-host` adds to them): `api.github.com`, `*.pypi.org`,
+    /// `198.18.0.1`, `10.0.0.0/8`, each optionally with `:PORT`.
+    pub egress_allow: Vec<crate::egress::HostRule>,
+    /// Hosts new VMs may never reach (`--deny-host` adds to them); deny wins.
+    pub egress_deny: Vec<crate::egress::HostRule>,
 }
 
 impl Default for Config {
@@ -193,6 +201,9 @@ impl Default for Config {
             jailer_cgroup_version: 2,
             jailer_cgroups: Vec::new(),
             warm_start: false,
+            egress_mode: crate::egress::EgressMode::Open,
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
         }
     }
 }
@@ -231,7 +242,19 @@ impl Config {
         for entry in &self.sync_files {
             SyncFile::parse(entry)?;
         }
-        self.validate_firecracker()
+        self.validate_firecracker()?;
+        crate::egress::EgressPolicy::new(self.egress_mode, self.egress_allow.clone(), self.egress_deny.clone())
+            .map_err(|e| format!("egress: {e}"))?;
+        Ok(())
+    }
+
+    /// The egress policy new VMs get unless told otherwise.
+    pub fn default_egress(&self) -> crate::egress::EgressPolicy {
+        crate::egress::EgressPolicy {
+            mode: self.egress_mode,
+            allow: self.egress_allow.clone(),
+            deny: self.egress_deny.clone(),
+        }
     }
 
     fn validate_firecracker(&self) -> Result<(), String> {
@@ -393,6 +416,19 @@ mod tests {
         assert!(Config::from_toml("vmm = \"xen\"", "x").is_err());
         let e = Config::from_toml("sync_files = [\"rel/path\"]", "x").err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|m| m.contains("'rel/path'") && m.contains("~/")), "{e:?}");
+    }
+
+    #[test]
+    fn egress_keys() {
+        let c = Config::from_toml(
+            "egress_mode = \"allowlist\"\negress_allow = [\"*.pypi.org\", \"10.0.0.0/8:443\"]\n",
+            "x",
+        )
+        .expect("parse");
+        assert_eq!(c.default_egress().to_string(), "allowlist allow=*.pypi.org,10.0.0.0/8:443");
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").ok(), Some(c));
+        let e = Config::from_toml("egress_deny = [\"a b\"]", "x").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("invalid host rule 'a b'"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod egress;
 pub mod forward;
 pub mod id;
 pub mod layout;

@@ -5,6 +5,7 @@
 //! runs under it.
 
 mod artifacts;
+mod egress;
 mod forwards;
 mod migrate;
 mod ops;

@@ -136,6 +136,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE kernels ADD COLUMN pending TEXT;
     ALTER TABLE images ADD COLUMN pending TEXT;
     "#,
+    // 8: each VM's egress policy (JSON of `banger_core::egress::EgressPolicy`); a VM without a
+    // row (made before this migration) is `open`.
+    r#"
+    CREATE TABLE egress_policies (
+        vm_id   TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        policy  TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

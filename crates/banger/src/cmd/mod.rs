@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod forward;
 pub mod image;
 pub mod kernel;
+pub mod network;
 pub mod op;
 pub mod session;
 pub mod snapshot;

@@ -56,6 +56,8 @@ pub enum VmCommand {
     /// Forward host ports to a VM: add, list (the default) or remove. Forwards are kept with
     /// the VM and listen on the host whenever it runs.
     Forward(super::forward::ForwardArgs),
+    /// A VM's egress policy (show, set; in force at once on a running VM) and its denial log.
+    Network(super::network::NetworkArgs),
     /// Pause a running VM's vCPUs (it keeps its memory, processes and connections).
     Pause(super::snapshot::PauseArgs),
     /// Resume a paused VM and set its clock to the host's.
@@ -184,6 +186,8 @@ pub struct SpecArgs {
     /// memory and disks are the snapshot's). See `banger snapshot list`.
     #[arg(long, value_name = "SNAPSHOT")]
     from_snapshot: Option<String>,
+    #[command(flatten)]
+    egress: super::network::EgressArgs,
 }
 
 impl SpecArgs {
@@ -203,6 +207,7 @@ impl SpecArgs {
             publish: self.publish.into_iter().map(Into::into).collect(),
             from_snapshot: self.from_snapshot,
             warm_start: false,
+            egress: self.egress.policy(),
         }
     }
 }
@@ -354,6 +359,7 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
         VmCommand::Run(a) => run_command(client, a).await,
         VmCommand::Ssh(a) => super::ssh::vm_ssh(client, a).await,
         VmCommand::Forward(a) => super::forward::run(client, a).await,
+        VmCommand::Network(a) => super::network::run(client, a).await,
         VmCommand::Pause(a) => super::snapshot::pause(client, a, false).await,
         VmCommand::Resume(a) => super::snapshot::pause(client, a, true).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot(client, a).await,
@@ -564,12 +570,18 @@ fn show(vm: &VmView, json: bool) -> anyhow::Result<ExitCode> {
         ("memory", human_mib(r.spec.memory_mib)),
         ("disk", human_mib(r.spec.disk_mib)),
         ("ip", r.guest_ip.clone().unwrap_or_else(|| "-".into())),
+        ("egress", vm.egress.as_ref().map_or_else(|| "-".into(), egress_line)),
         ("dir", vm.paths.dir.clone()),
         ("created", r.created_at.clone()),
         ("updated", r.updated_at.clone()),
         ("last error", r.last_error.clone().unwrap_or_else(|| "-".into())),
     ])?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn egress_line(p: &banger_proto::EgressPolicy) -> String {
+    let model = p.to_model().map(|m| m.to_string());
+    model.unwrap_or_else(|_| format!("{:?}", p.mode))
 }
 
 async fn delete(client: &Client, a: DeleteArgs) -> anyhow::Result<ExitCode> {

@@ -13,6 +13,7 @@
 mod command;
 mod exec;
 mod limits;
+mod tools_egress;
 mod tools_fs;
 mod tools_more;
 mod tools_sandbox;
@@ -102,7 +103,7 @@ impl Banger {
             dns_domain: std::sync::Arc::default(),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
-            tool_router: Self::sandbox_router() + Self::fs_router() + Self::more_router(),
+            tool_router: Self::sandbox_router() + Self::fs_router() + Self::more_router() + Self::egress_router(),
         }
     }
 

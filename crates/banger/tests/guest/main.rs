@@ -13,6 +13,7 @@ mod template;
 
 mod boot;
 mod copy;
+mod egress;
 mod forward;
 mod hostile_disk;
 mod hostile_export;

@@ -187,7 +187,8 @@ fn nat_masquerades_guest_egress_out_of_the_uplink() {
         .expect("outside server");
 
     std::fs::create_dir_all(&env.state).expect("state dir");
-    std::fs::write(env.state.join("config.toml"), "nat = true\nuplink = \"up0\"\n").expect("config");
+    std::fs::write(env.state.join("config.toml"), "nat = true\nuplink = \"up0\"\negress_allow = [\"10.99.0.2\"]\n")
+        .expect("config");
     env.banger(&["vm", "create", "egress"]).ok();
     env.banger(&["vm", "start", "egress"]).ok();
     let fetch = "import urllib.request; print(urllib.request.urlopen('http://10.99.0.2:8000/', timeout=10).status)";

@@ -96,7 +96,7 @@ fn banger_mcp_speaks_json_rpc_on_stdio_with_tool_errors_for_the_daemons_refusals
     for name in ["sandbox_create", "sandbox_exec", "fs_read", "session_write", "sandbox_fork", "workspace_export"] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
-    assert_eq!(names.len(), 23, "{names:?}");
+    assert_eq!(names.len(), 26, "{names:?}");
 
     // A read: structured content with command_for_user.
     let listed = server.call("sandbox_list", json!({}));

@@ -203,6 +203,7 @@ impl Status for NetError {
         match self {
             Self::Store(e) => e.kind(),
             Self::Exhausted(_) | Self::Claim(claim::ClaimError::Taken { .. }) => Kind::Conflict,
+            Self::Egress(_) => Kind::Invalid,
             Self::Host(_) | Self::Dns(_) | Self::Claim(_) => Kind::Internal,
         }
     }
@@ -415,6 +416,7 @@ impl Status for VmsError {
             | Self::RefName { .. }
             | Self::Size(_)
             | Self::Git(_)
+            | Self::Egress(_)
             | Self::NothingToChange
             | Self::DiskShrink { .. } => Kind::Invalid,
             Self::Transition(_) | Self::Running(_) | Self::UnstartedFork(_) | Self::Cancelled(_) => Kind::Conflict,

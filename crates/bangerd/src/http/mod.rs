@@ -11,6 +11,7 @@ mod error;
 mod exec;
 mod files;
 mod forwards;
+mod network;
 mod operations;
 mod sessions;
 mod snapshots;
@@ -104,6 +105,9 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         vms::vm_logs,
         vms::vm_stats,
         vms::vm_ports,
+        network::show_network,
+        network::set_network,
+        network::network_log,
         ssh::vm_ssh,
         ssh::ssh_config,
         forwards::list_forwards,
@@ -195,7 +199,14 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         banger_proto::fs::FileKind,
         banger_proto::fs::FileList,
         banger_proto::fs::MkdirRequest,
-        banger_proto::fs::ArchiveExtracted
+        banger_proto::fs::ArchiveExtracted,
+        banger_proto::EgressMode,
+        banger_proto::EgressPolicy,
+        banger_proto::SetEgressRequest,
+        banger_proto::EgressView,
+        banger_proto::LearnedAddress,
+        banger_proto::EgressDenial,
+        banger_proto::EgressLog
     ))
 )]
 struct ApiDoc;
@@ -228,6 +239,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/logs", get(vms::vm_logs))
         .route("/v1/vms/{vm}/stats", get(vms::vm_stats))
         .route("/v1/vms/{vm}/ports", get(vms::vm_ports))
+        .route("/v1/vms/{vm}/network", get(network::show_network).put(network::set_network))
+        .route("/v1/vms/{vm}/network/log", get(network::network_log))
         .route("/v1/vms/{vm}/ssh", get(ssh::vm_ssh))
         .route("/v1/ssh/config", get(ssh::ssh_config))
         .route("/v1/vms/{vm}/forwards", get(forwards::list_forwards).post(forwards::add_forward))

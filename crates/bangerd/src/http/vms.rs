@@ -50,7 +50,9 @@ pub(super) async fn create_vm(
     responses((status = 200, body = VmView), (status = 404, body = ApiError), (status = 400, body = ApiError),
         (status = 500, body = ApiError)))]
 pub(super) async fn show_vm(State(d): Shared, vm: PathParams<String>) -> ApiResult<VmView> {
-    Ok(Json(d.vms.vm_view(d.fleet.store.find_vm(&path(vm)?)?)))
+    let record = d.fleet.store.find_vm(&path(vm)?)?;
+    let egress = d.fleet.store.egress_policy(&record.id)?;
+    Ok(Json(VmView { egress: Some(egress.into()), ..d.vms.vm_view(record) }))
 }
 
 /// Changes a stopped VM.

@@ -35,7 +35,59 @@ pub fn report(layout: &Layout, config: &Config) -> DoctorReport {
             fix: c.fix,
         })
         .collect();
+    let mut checks = checks;
+    checks.extend(egress_checks());
     DoctorReport { ok: checks.iter().all(|c| c.status != DoctorStatus::Fail), checks }
+}
+
+/// What egress policies need: nftables that takes per-VM verdict maps, sets of address . port
+/// with timeouts and NFLOG logging (checked with `nft --check`, which asks the kernel without
+/// changing anything), and the kernel's NFLOG to the daemon (`nfnetlink_log`) for the denial log.
+fn egress_checks() -> Vec<DoctorCheck> {
+    use std::io::Write as _;
+    let script = "table inet banger_doctor {\n\tset s {\n\t\ttype ipv4_addr . inet_service\n\t\tflags timeout\n\t}\n\
+                  \tchain r {\n\t\tlimit rate 200/second log prefix \"bgeg \" group 7716\n\t\tmeta l4proto tcp reject with tcp reset\n\t}\n\
+                  \tchain f {\n\t\ttype filter hook forward priority 0; policy accept;\n\
+                  \t\tip saddr vmap { 192.0.2.1 : jump r }\n\t\tmeta l4proto tcp ip daddr . th dport @s accept\n\t}\n}\n";
+    let nft = std::process::Command::new("nft")
+        .args(["--check", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(script.as_bytes())?;
+            }
+            child.wait_with_output()
+        });
+    let rules = match nft {
+        Ok(out) if out.status.success() => {
+            (DoctorStatus::Ok, "verdict maps, timeout sets, reject and NFLOG logging work".to_owned(), None)
+        }
+        Ok(out) => (
+            DoctorStatus::Fail,
+            format!("nft refused the egress rules: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            Some(
+                "a kernel with nf_tables, nft_reject, nft_log and set timeouts (Debian 11+), and nftables 0.9.4+"
+                    .to_owned(),
+            ),
+        ),
+        Err(e) => (DoctorStatus::Fail, format!("cannot run nft: {e}"), Some("apt-get install nftables".to_owned())),
+    };
+    let nflog = if std::path::Path::new("/proc/net/netfilter/nfnetlink_log").exists() {
+        (DoctorStatus::Ok, "nfnetlink_log is loaded: refused connections reach the denial log".to_owned(), None)
+    } else {
+        (
+            DoctorStatus::Warn,
+            "nfnetlink_log is not loaded yet (the daemon's first bind loads it when modules can be loaded)".to_owned(),
+            Some("modprobe nfnetlink_log; without it connections are still refused, but not logged".to_owned()),
+        )
+    };
+    [("egress rules", rules), ("egress log", nflog)]
+        .into_iter()
+        .map(|(name, (status, detail, fix))| DoctorCheck { name: name.to_owned(), status, detail, fix })
+        .collect()
 }
 
 #[cfg(test)]
@@ -48,7 +100,19 @@ mod tests {
         let layout = Layout::resolve(Some(dir.path().to_path_buf()), Some(dir.path().join("s.sock")));
         let report = report(&layout, &Config::default());
         let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
-        for n in ["kvm", "qemu", "firecracker", "vmm", "mkfs.ext4", "mmdebstrap", "nft", "disk space", "socket"] {
+        for n in [
+            "kvm",
+            "qemu",
+            "firecracker",
+            "vmm",
+            "mkfs.ext4",
+            "mmdebstrap",
+            "nft",
+            "disk space",
+            "socket",
+            "egress rules",
+            "egress log",
+        ] {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
         assert_eq!(report.ok, !report.checks.iter().any(|c| c.status == DoctorStatus::Fail));

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use banger_core::egress::EgressPolicy;
 use banger_core::error_chain as chain;
 use banger_core::size::{check_range, DISK_MIB, MEMORY_MIB, VCPUS};
 use banger_core::vm::{transition, VmEvent};
@@ -60,6 +61,9 @@ pub enum VmsError {
     /// A bad git identity.
     #[error(transparent)]
     Git(#[from] GitIdentityError),
+    /// A bad egress policy.
+    #[error("invalid egress policy")]
+    Egress(#[from] banger_core::egress::EgressError),
     /// It runs.
     #[error("vm '{0}' is running; stop it first with `banger vm stop {0}`")]
     Running(String),
@@ -177,6 +181,7 @@ impl Vms {
             alive: self.fleet.alive(&record),
             record: record.into(),
             origin_snapshot,
+            egress: None,
         }
     }
 
@@ -238,6 +243,14 @@ impl Vms {
                 }
             }
         };
+        // The request's rules add to the config's; its mode replaces the config's.
+        let mut egress = self.fleet.config.default_egress();
+        if let Some(policy) = &req.egress {
+            let given = policy.to_model()?;
+            egress.allow.extend(given.allow);
+            egress.deny.extend(given.deny);
+            egress = EgressPolicy::new(given.mode, egress.allow, egress.deny)?;
+        }
         let publish: Vec<PortForward> = req.publish.iter().map(|&f| f.into()).collect();
         self.forwards.check_publish(&publish)?;
         self.ensure_name_free(&req.name)?;
@@ -246,7 +259,7 @@ impl Vms {
         let snapshot = op.snapshot()?;
         let this = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(async move { this.run_create(op, req.name, spec, start, publish, origin).await });
+        tokio::spawn(async move { this.run_create(op, req.name, spec, start, (publish, egress), origin).await });
         Ok(snapshot)
     }
 
@@ -268,10 +281,10 @@ impl Vms {
         name: String,
         spec: VmSpec,
         start: Option<Option<GitIdentity>>,
-        publish: Vec<PortForward>,
+        (publish, egress): (Vec<PortForward>, EgressPolicy),
         origin: Origin,
     ) -> Result<VmRecord, VmsError> {
-        let mut result = self.create_stages(&op, &name, spec, &publish, &origin).await;
+        let mut result = self.create_stages(&op, &name, spec, (&publish, &egress), &origin).await;
         if let (Some(git), Ok(vm)) = (start, &result) {
             result = match self.lifecycle.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => Ok(vm),
@@ -309,7 +322,7 @@ impl Vms {
         op: &OpHandle,
         name: &str,
         spec: VmSpec,
-        publish: &[PortForward],
+        (publish, egress): (&[PortForward], &EgressPolicy),
         origin: &Origin,
     ) -> Result<VmRecord, CreateFailure> {
         op.stage("reserve")?;
@@ -329,7 +342,11 @@ impl Vms {
                 tracing::error!(vm = %vm.name, error = %chain(&e), "cannot roll back vm row");
             }
         };
-        if let Err(e) = self.forwards.claim(&vm, publish).map_err(VmsError::from).and_then(|()| self.reserved()) {
+        let claimed = self.fleet.store.set_egress_policy(&vm.id, egress).map_err(VmsError::from);
+        if let Err(e) = claimed
+            .and_then(|()| self.forwards.claim(&vm, publish).map_err(VmsError::from))
+            .and_then(|()| self.reserved())
+        {
             undo(self, &vm);
             return Err(CreateFailure::Failed(e));
         }
@@ -597,7 +614,7 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, VmsError> {
         let spec = d.vms.resolve_spec(&req(name))?;
         let op = d.fleet.ops.begin("vm.create", name);
-        d.vms.clone().run_create(op, name.into(), spec, None, Vec::new(), Origin::Boot).await
+        d.vms.clone().run_create(op, name.into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot).await
     }
 
     #[tokio::test]
@@ -767,7 +784,11 @@ mod tests {
         let spec = d.vms.resolve_spec(&req("web")).expect("spec");
         let op = d.fleet.ops.begin("vm.create", "web");
         let id = op.id().to_owned();
-        let vm = d.vms.clone().run_create(op, "web".into(), spec, Some(None), Vec::new(), Origin::Boot).await;
+        let vm = d
+            .vms
+            .clone()
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .await;
         let vm = vm.expect("created and started");
         assert_eq!(vm.state, banger_core::ObservedState::Running);
         let stages: Vec<String> = d.fleet.ops.get(&id).expect("op").stages.into_iter().map(|s| s.name).collect();
@@ -795,7 +816,11 @@ mod tests {
         });
         let spec = d.vms.resolve_spec(&req("web")).expect("spec");
         let op = d.fleet.ops.begin("vm.create", "web");
-        let e = d.vms.clone().run_create(op, "web".into(), spec, Some(None), Vec::new(), Origin::Boot).await;
+        let e = d
+            .vms
+            .clone()
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .await;
         let e = e.expect_err("launch fails");
         assert!(matches!(e, VmsError::Lifecycle(LifecycleError::Launch(_))), "{e}");
         let vm = d.fleet.store.find_vm("web").expect("the record stays, to be inspected and deleted");
@@ -822,7 +847,7 @@ mod tests {
         let vm = d
             .vms
             .clone()
-            .run_create(op, "offline".into(), spec, None, Vec::new(), Origin::Boot)
+            .run_create(op, "offline".into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot)
             .await
             .expect("no address needed");
         assert_eq!(vm.guest_ip, None, "--no-network takes no address");

@@ -9,8 +9,10 @@ use std::net::Ipv4Addr;
 
 use banger_core::net::{is_banger_tap, IfName, Subnet};
 
+pub mod egress;
 mod fake;
 mod netlink;
+pub mod nflog;
 pub mod nft;
 mod pool;
 mod tun;

@@ -106,6 +106,10 @@ pub struct NftConfig {
     /// banger turned forwarding on for the uplink (for NAT replies): forward nothing else that
     /// arrives there, so the host does not become a router it was not before.
     pub guard_uplink: bool,
+    /// Each networked running VM's egress policy (`super::egress`).
+    pub egress: Vec<super::egress::EgressGuest>,
+    /// The HTTP/HTTPS name-checking proxy and the guests redirected to it.
+    pub proxy: Option<super::egress::ProxyRedirect>,
 }
 
 impl NftConfig {
@@ -122,6 +126,8 @@ impl NftConfig {
             forwards: Vec::new(),
             ports: Vec::new(),
             guard_uplink: false,
+            egress: Vec::new(),
+            proxy: None,
         }
     }
 }
@@ -184,7 +190,10 @@ pub fn ruleset(config: &NftConfig) -> String {
 
     out.push_str("table inet banger {\n");
     set_block(&mut out, &config.open_guests);
+    // Before the forward chain that jumps to them: nft resolves a jump when it reads it.
+    super::egress::egress_blocks(&mut out, &config.egress);
 
+    let proxy_input = super::egress::proxy_input_rule(gw, config.proxy.as_ref());
     // Writing to a String cannot fail.
     let _ = write!(
         out,
@@ -198,7 +207,7 @@ pub fn ruleset(config: &NftConfig) -> String {
 \t\tip saddr @open_guests accept
 \t\tip daddr {gw} udp dport {dns} accept
 \t\tip daddr {gw} tcp dport {dns} accept
-\t\tip daddr {gw} icmp type echo-request accept
+{proxy_input}\t\tip daddr {gw} icmp type echo-request accept
 \t\tmeta l4proto tcp reject with tcp reset
 \t\treject with icmpx admin-prohibited
 \t}}
@@ -213,6 +222,7 @@ pub fn ruleset(config: &NftConfig) -> String {
 \t\tiifname \"{br}\" oifname \"{br}\" reject with icmpx admin-prohibited
 "
     );
+    out.push_str(&super::egress::dispatch_rule(br, &config.egress));
     if config.guard_uplink {
         let _ = match &config.uplink {
             Some(up) => writeln!(out, "\t\tiifname \"{up}\" oifname != \"{br}\" drop"),
@@ -264,6 +274,7 @@ pub fn ruleset(config: &NftConfig) -> String {
         };
         out.push_str("\t}\n");
     }
+    out.push_str(&super::egress::proxy_chain(br, &config.egress, config.proxy.as_ref()));
     out.push_str("}\n");
 
     out

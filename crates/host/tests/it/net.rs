@@ -469,3 +469,82 @@ fn guest_ports_forward_only_their_vms_mac_and_address() {
         assert_eq!(left, ["lo"]);
     });
 }
+
+#[test]
+fn egress_chains_load_learn_and_expire() {
+    use banger_core::egress::{EgressMode, EgressPolicy};
+    use banger_host::net::egress::{learn_script, EgressGuest, Learned};
+    in_private_netns("net::egress_chains_load_learn_and_expire", || async {
+        let net = NetlinkNet::connect().expect("netlink");
+        let bridge = IfName::default();
+        ensure_bridge(&net, &bridge, &Subnet::default()).await.expect("bridge");
+        let guest = Ipv4Addr::new(172, 30, 0, 2);
+        let policy = EgressPolicy::parse(
+            EgressMode::Allowlist,
+            &["allowed.test".into(), "198.18.1.0/24:443".into()],
+            &["198.18.1.9".into()],
+        )
+        .expect("policy");
+        let mut config = NftConfig::new(bridge.clone(), Subnet::default());
+        config.nat = true;
+        let learned = vec![Learned { addr: Ipv4Addr::new(198, 18, 0, 10), port: None, timeout_secs: 600 }];
+        config.egress = vec![EgressGuest { ip: guest, policy, learned }];
+        config.proxy = Some(banger_host::net::egress::ProxyRedirect { port: 40080, guests: vec![guest] });
+        net.apply_nft(&ruleset(&config)).await.expect("apply the ruleset with an egress chain and the proxy redirect");
+        let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table");
+        assert!(listed.contains("ip saddr vmap { 172.30.0.2 : jump eg_172_30_0_2 }"), "{listed}");
+        assert!(listed.contains("198.18.0.10 timeout 10m"), "the learned address survives a reload: {listed}");
+        // A DNS answer opens an address at once, for a port; learning it again refreshes it.
+        let more = [Learned { addr: Ipv4Addr::new(198, 18, 0, 11), port: Some(80), timeout_secs: 1 }];
+        net.apply_nft(&learn_script(guest, &more)).await.expect("learn");
+        net.apply_nft(&learn_script(guest, &more)).await.expect("learn again");
+        let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table");
+        assert!(listed.contains("198.18.0.11 . 80 timeout 1s"), "{listed}");
+        // The kernel drops it when its timeout passes (waited for as a condition).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = net.list_nft_table("inet", "banger").await.expect("list").expect("table");
+            if !listed.contains("198.18.0.11 . 80") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the learned element never expired: {listed}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        teardown(&net, &bridge).await.expect("teardown");
+    });
+}
+
+#[test]
+fn nflog_copies_of_refused_packets_reach_the_reader() {
+    use banger_host::net::egress::{NFLOG_GROUP, NFLOG_PREFIX};
+    use banger_host::net::nflog::NflogSocket;
+    in_private_netns("net::nflog_copies_of_refused_packets_reach_the_reader", || async {
+        let run = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+            assert!(ok, "ip {}", args.join(" "));
+        };
+        run(&["link", "set", "lo", "up"]);
+        let socket = NflogSocket::bind(NFLOG_GROUP, NFLOG_PREFIX).expect("bind the nflog group");
+        let net = NetlinkNet::connect().expect("netlink");
+        let rule = format!(
+            "table inet bgtest {{\n\tchain out {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\t\
+             ip daddr 127.0.0.20 log prefix \"{NFLOG_PREFIX} \" group {NFLOG_GROUP} reject with icmpx admin-prohibited\n\t}}\n}}\n"
+        );
+        net.apply_nft(&rule).await.expect("a logging rule");
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        let _ = udp.send_to(b"x", "127.0.0.20:5353");
+        let mut buf = vec![0u8; 65536];
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let batch = socket.recv(&mut buf).await.expect("recv");
+                if let Some(r) = batch.into_iter().next() {
+                    return r;
+                }
+            }
+        })
+        .await
+        .expect("a copy of the refused packet within 5 s");
+        assert_eq!((got.dst, got.protocol, got.port), (Ipv4Addr::new(127, 0, 0, 20), 17, Some(5353)), "{got:?}");
+        net.apply_nft("table inet bgtest\ndelete table inet bgtest\n").await.expect("remove");
+    });
+}

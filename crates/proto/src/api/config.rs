@@ -114,6 +114,12 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
+    /// The egress mode of new VMs unless `--network-mode` is given.
+    pub egress_mode: super::EgressMode,
+    /// Hosts new VMs may reach (`--allow-host` adds to them).
+    pub egress_allow: Vec<String>,
+    /// Hosts new VMs may never reach (`--deny-host` adds to them).
+    pub egress_deny: Vec<String>,
 }
 
 impl Default for Config {
@@ -187,7 +193,11 @@ impl From<banger_core::Config> for Config {
             jailer_cgroup_version,
             jailer_cgroups,
             warm_start,
+            egress_mode,
+            egress_allow,
+            egress_deny,
         } = c;
+        let text = |rules: Vec<banger_core::egress::HostRule>| rules.iter().map(ToString::to_string).collect();
         Self {
             vmm: vmm.into(),
             default_image,
@@ -219,6 +229,9 @@ impl From<banger_core::Config> for Config {
             jailer_cgroup_version,
             jailer_cgroups,
             warm_start,
+            egress_mode: egress_mode.into(),
+            egress_allow: text(egress_allow),
+            egress_deny: text(egress_deny),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod artifact;
 mod config;
+mod egress;
 mod forward;
 mod op;
 mod session;
@@ -16,6 +17,9 @@ use utoipa::ToSchema;
 
 pub use self::artifact::{ImageRecord, InitMode, KernelRecord};
 pub use self::config::{Config, VmmChoice, VmmKind};
+pub use self::egress::{
+    EgressDenial, EgressLog, EgressMode, EgressPolicy, EgressView, LearnedAddress, SetEgressRequest,
+};
 pub use self::forward::{ForwardProtocol, PortForward};
 pub use self::op::{OpState, OperationRecord, StageRecord, StageState};
 pub use self::session::{SessionRecord, SessionStatus, StdinMode};
@@ -86,6 +90,10 @@ pub struct CreateVmRequest {
     /// `allow_vm_traffic` when omitted.
     #[serde(default)]
     pub allow_vm_traffic: Option<bool>,
+    /// Its egress policy: `mode` replaces the config's `egress_mode`; `allow` and `deny` add to
+    /// `egress_allow` and `egress_deny`. The config's policy when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressPolicy>,
     /// The caller's git identity, written to the guest's `~/.gitconfig` when the VM boots.
     pub git_identity: Option<GitIdentity>,
     /// Port forwards to record with the VM; they listen whenever it runs.
@@ -194,6 +202,9 @@ pub struct VmView {
     /// The name of the memory snapshot it was started from, if it is a fork.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_snapshot: Option<String>,
+    /// Its egress policy (in `GET /v1/vms/{vm}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressPolicy>,
 }
 
 /// `POST /v1/vms/{vm}/snapshot`: the body is optional.

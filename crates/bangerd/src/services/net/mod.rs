@@ -14,6 +14,9 @@
 //! never touched.
 
 pub mod claim;
+pub mod egress;
+mod policy;
+pub mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -49,6 +52,9 @@ pub enum NetError {
     /// Every guest address of the subnet is taken.
     #[error(transparent)]
     Exhausted(banger_core::net::NetError),
+    /// A bad egress policy.
+    #[error("invalid egress policy")]
+    Egress(#[from] banger_core::egress::EgressError),
 }
 
 /// A running VM as the network sees it.
@@ -64,6 +70,8 @@ pub struct NetGuest {
     pub tap: Option<String>,
     /// Its MAC address, the only one its TAP forwards from.
     pub mac: [u8; 6],
+    /// Its egress policy.
+    pub egress: banger_core::egress::EgressPolicy,
 }
 
 /// What a networked VM is given at boot.
@@ -86,6 +94,12 @@ struct Up {
     pool: Arc<TapPool<NetlinkNet>>,
     refiller: JoinHandle<()>,
     dns: DnsServer,
+    /// Reads refused packets into the denial log.
+    nflog: Option<JoinHandle<()>>,
+    /// Writes each guest's recent denials into it.
+    mirror: Option<JoinHandle<()>>,
+    /// The HTTP/HTTPS name-checking proxy (with NAT on).
+    proxy: Option<JoinHandle<()>>,
 }
 
 /// The guest network service. See the module doc.
@@ -103,6 +117,12 @@ pub struct Net {
     guard_uplink: std::sync::atomic::AtomicBool,
     /// Serialises [`Net::sync`]; holds the TAPs it bound, with their MACs.
     sync_lock: tokio::sync::Mutex<BTreeMap<String, [u8; 6]>>,
+    /// Running guests' egress policies, DNS-opened addresses and denial logs (a leaf lock).
+    pub egress: Arc<egress::EgressBook>,
+    /// The guest file service, for the denials each guest can read (set by the daemon).
+    guest_files: std::sync::OnceLock<Arc<crate::services::files::Files>>,
+    /// The name-checking proxy's port on the bridge address (0: not running).
+    proxy_port: std::sync::atomic::AtomicU16,
 }
 
 impl Net {
@@ -120,8 +140,16 @@ impl Net {
             up: tokio::sync::Mutex::new(None),
             guard_uplink: std::sync::atomic::AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(BTreeMap::new()),
+            egress: Arc::default(),
+            guest_files: std::sync::OnceLock::new(),
+            proxy_port: std::sync::atomic::AtomicU16::new(0),
             fleet,
         }
+    }
+
+    /// Lets the network write each guest's recent denials into it (`/run/banger/egress-denials`).
+    pub fn set_guest_files(&self, files: Arc<crate::services::files::Files>) {
+        let _ = self.guest_files.set(files);
     }
 
     /// The bridge subnet.
@@ -156,12 +184,30 @@ impl Net {
             ..DnsConfig::new(listen, upstreams)
         })
         .await?;
+        dns.set_egress(Arc::new(egress::DnsGate { book: Arc::clone(&self.egress), net: Arc::clone(&net) }));
         let pool = Arc::new(TapPool::new(Arc::clone(&net), self.bridge.as_str(), self.pool_size, None));
         let adopted = pool.adopt(in_use).await?;
         let refiller = pool.spawn_refiller();
         tracing::info!(bridge = %self.bridge, subnet = %self.subnet, dns = %dns.local_addr(), adopted, pool = self.pool_size,
             elapsed_ms = started.elapsed().as_millis(), "guest network up");
-        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns });
+        let nflog = egress::spawn_nflog_reader(Arc::clone(&self.egress));
+        let mirror =
+            self.guest_files.get().map(|f| egress::spawn_guest_mirror(Arc::clone(&self.egress), Arc::clone(f)));
+        let proxy = if self.nat {
+            match proxy::start(self.subnet.gateway(), Arc::clone(&self.egress)).await {
+                Ok((port, task)) => {
+                    self.proxy_port.store(port, std::sync::atomic::Ordering::SeqCst);
+                    Some(task)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the egress name proxy; HTTP/HTTPS names go unchecked");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        *up = Some(Up { _claim: claim, net, flipped_forwarding, pool, refiller, dns, nflog, mirror, proxy });
         Ok(())
     }
 
@@ -294,6 +340,16 @@ impl Net {
         }
         let mut config = self.nft_config(open);
         config.ports = ports;
+        let policies: Vec<_> = running.iter().map(|g| (g.ip, g.name.clone(), g.egress.clone())).collect();
+        config.egress = self.egress.sync(&policies);
+        let port = self.proxy_port.load(std::sync::atomic::Ordering::SeqCst);
+        if port != 0 {
+            let named = |g: &&NetGuest| {
+                g.egress.mode == banger_core::egress::EgressMode::Allowlist && g.egress.has_name_rules()
+            };
+            let guests = running.iter().filter(named).map(|g| g.ip).collect();
+            config.proxy = Some(banger_host::net::egress::ProxyRedirect { port, guests });
+        }
         net.apply_nft(&ruleset(&config)).await?;
         let gone: Vec<String> =
             bound.keys().filter(|tap| !config.ports.iter().any(|p| &p.tap == *tap)).cloned().collect();
@@ -315,6 +371,10 @@ impl Net {
     pub async fn shutdown(&self, vms_running: bool) {
         let Some(up) = self.up.lock().await.take() else { return };
         up.refiller.abort();
+        self.proxy_port.store(0, std::sync::atomic::Ordering::SeqCst);
+        for task in [&up.nflog, &up.mirror, &up.proxy].into_iter().flatten() {
+            task.abort();
+        }
         if let Err(e) = up.dns.shutdown().await {
             tracing::warn!(error = %banger_core::error_chain(&e), "dns server did not stop cleanly");
         }
@@ -359,7 +419,12 @@ impl Net {
             .filter_map(|vm| {
                 let ip = vm.guest_ip.as_deref()?.parse().ok()?;
                 let tap = self.fleet.handles.get(&vm).and_then(|h| h.tap);
-                Some(NetGuest { mac: mac_for(&vm.id), tap, name: vm.name, ip, open: vm.spec.allow_vm_traffic })
+                let egress = self.fleet.store.egress_policy(&vm.id).unwrap_or_else(|e| {
+                    // Closed rather than open when the policy cannot be read.
+                    tracing::error!(vm = %vm.name, error = %banger_core::error_chain(&e), "cannot read egress policy; closing");
+                    banger_core::egress::EgressPolicy { mode: banger_core::egress::EgressMode::Closed, ..Default::default() }
+                });
+                Some(NetGuest { mac: mac_for(&vm.id), tap, name: vm.name, ip, open: vm.spec.allow_vm_traffic, egress })
             })
             .collect()
     }
