@@ -299,8 +299,7 @@ impl Net {
     /// binding goes first, so that no other VM can take the device while it still forwards the
     /// old VM's MAC and address.
     pub async fn release_tap(&self, tap: &str) {
-        let others: Vec<NetGuest> = self.guests().into_iter().filter(|g| g.tap.as_deref() != Some(tap)).collect();
-        if let Err(e) = self.sync(&others).await {
+        if let Err(e) = self.sync(Some(tap)).await {
             tracing::error!(tap, error = %banger_core::error_chain(&e), "cannot unbind a released tap");
         }
         let pool = self.up.lock().await.as_ref().map(|u| Arc::clone(&u.pool));
@@ -317,10 +316,19 @@ impl Net {
         }
     }
 
-    /// Publishes the ruleset and DNS records for `running` (every running networked VM). A no-op
-    /// while the network is down.
-    pub async fn sync(&self, running: &[NetGuest]) -> Result<(), NetError> {
+    /// Publishes the ruleset and DNS records for every running networked VM ([`Net::guests`])
+    /// but the one on `without_tap` (being released). A no-op while the network is down.
+    ///
+    /// The set of VMs is read under `sync_lock`, never before it: a publication read earlier
+    /// could otherwise be applied after a newer one and take a just-started VM's name, address
+    /// binding and rules away again until the next change.
+    pub async fn sync(&self, without_tap: Option<&str>) -> Result<(), NetError> {
         let mut bound = self.sync_lock.lock().await;
+        let running: Vec<NetGuest> = match without_tap {
+            Some(tap) => self.guests().into_iter().filter(|g| g.tap.as_deref() != Some(tap)).collect(),
+            None => self.guests(),
+        };
+        let running = running.as_slice();
         let (net, records) = {
             let up = self.up.lock().await;
             let Some(up) = up.as_ref() else { return Ok(()) };
@@ -432,7 +440,7 @@ impl Net {
     /// Republishes rules and DNS names after a VM started or stopped; failures are logged (the
     /// previous rules stay in force, and they are closed by default).
     pub async fn publish(&self) {
-        if let Err(e) = self.sync(&self.guests()).await {
+        if let Err(e) = self.sync(None).await {
             tracing::error!(error = %banger_core::error_chain(&e), "cannot publish guest network rules");
         }
     }

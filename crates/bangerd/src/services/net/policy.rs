@@ -30,7 +30,7 @@ impl Net {
         let policy = EgressPolicy::parse(mode, &allow, &deny)?;
         self.fleet.store.set_egress_policy(&vm.id, &policy)?;
         tracing::info!(vm = %vm.name, %policy, "egress policy changed");
-        self.sync(&self.guests()).await?;
+        self.sync(None).await?;
         self.egress_view(vm)
     }
 
