@@ -6,10 +6,16 @@ use std::sync::OnceLock;
 
 use crate::harness::Env;
 
-/// Bump when the catalog's kernel or image recipes change (missing artifacts are added anyway).
-/// The store's schema version is part of the key too: a daemon of another schema (an older or a
-/// newer checkout sharing the cache) must not migrate, or be refused by, this one's template.
-const TEMPLATE_KEY: &str = "template-v1-debian-6.1-cloud-minimal";
+/// Bump when the catalog's kernel or image recipes change. The store's schema version is part of
+/// the key too: a daemon of another schema (an older or a newer checkout sharing the cache) must
+/// not migrate, or be refused by, this one's template.
+///
+/// A template is written once: prepared under an exclusive lock, its daemon stopped and gone,
+/// then marked ready (the marker names its images). Once ready, nothing starts a daemon on it
+/// again, so the databases that tests copy out of it never change under them. (v1 templates
+/// were re-opened by every test process, and a copy taken while another process's daemon wrote
+/// to it came out malformed.)
+const TEMPLATE_KEY: &str = "template-v2-debian-6.1-cloud-minimal";
 /// The images every template holds.
 const TEMPLATE_IMAGES: &[&str] = &["minimal", "debian-bookworm"];
 
@@ -49,12 +55,18 @@ fn prepare() -> PathBuf {
         || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/banger-test"),
         PathBuf::from,
     );
-    let dir = cache.join(format!("{TEMPLATE_KEY}-schema{}", banger_store::SCHEMA_VERSION));
+    let key = format!("{TEMPLATE_KEY}-schema{}", banger_store::SCHEMA_VERSION);
+    let dir = cache.join(&key);
     let state = dir.join("state");
+    let ready = dir.join("ready");
+    let marker = TEMPLATE_IMAGES.join(",");
     std::fs::create_dir_all(&dir).expect("cache dir");
     // One preparer at a time, across test processes too.
-    let lock = std::fs::File::create(dir.with_extension("lock")).expect("lock file");
+    let lock = std::fs::File::create(cache.join(format!("{key}.lock"))).expect("lock file");
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).expect("flock");
+    if std::fs::read_to_string(&ready).is_ok_and(|m| m == marker) {
+        return state;
+    }
     let env = Env::at(state.clone(), dir.join("bangerd.sock"));
     let kernels = env.banger(&["kernel", "list", "--json"]).ok().json();
     if kernels["kernels"].as_array().is_none_or(Vec::is_empty) {
@@ -71,6 +83,11 @@ fn prepare() -> PathBuf {
         eprintln!("template: image {image} built in {:.1}s", started.elapsed().as_secs_f64());
     }
     env.banger(&["daemon", "stop"]).ok();
+    // Ready only once the daemon is gone: until then it may still write its database.
+    crate::harness::wait_until("the template's daemon to exit", std::time::Duration::from_secs(60), || {
+        env.daemon_pid().is_none()
+    });
+    std::fs::write(&ready, marker).expect("template ready marker");
     state
 }
 
