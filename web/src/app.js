@@ -283,6 +283,7 @@ function vmPage() {
   const data = [[], [], []];
   const chart = new uPlot({
     width: Math.min(900, main.clientWidth || 900), height: 220,
+    scales: { "%": { range: (u, lo, hi) => [0, Math.max(10, hi * 1.2)] }, mb: { range: (u, lo, hi) => [0, Math.max(64, hi * 1.2)] } },
     series: [{}, { label: "CPU %", stroke: "#2a7ae2", scale: "%" }, { label: "Memory MiB", stroke: "#d9822b", scale: "mb" }],
     axes: [{}, { scale: "%", label: "CPU %" }, { scale: "mb", side: 1, label: "MiB", grid: { show: false } }],
   }, data, chartBox);
@@ -346,6 +347,7 @@ function vmPage() {
         data[2].push((s.rss_kib || 0) / 1024);
         while (data[0].length > 300) data.forEach((d) => d.shift());
         chart.setData(data);
+        chartBox.dataset.points = data[0].length;
       }
       if (wasAlive !== v.alive) loadExtra();
       wasAlive = v.alive;
