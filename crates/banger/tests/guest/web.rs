@@ -2,8 +2,9 @@
 //! Debian's chromium with Playwright (npm `playwright-core`, installed into web/node_modules by
 //! `scripts/build-web`) inside the test's network namespace. It logs in with a `banger web`
 //! link, creates a VM from the form and watches its stages, runs `uname -r` in the browser
-//! terminal, sees the state change live on a dashboard tab left open, stops and deletes the VM,
-//! and takes the screenshots the README shows (written to docs/ with
+//! terminal, pauses, resumes and snapshots it, sees each state change live on a dashboard tab left
+//! open, stops and deletes the VM, visits the images, kernels, snapshots (deleting the snapshot)
+//! and doctor pages, and takes the screenshots the README shows (written to docs/ with
 //! `BANGER_UPDATE_SCREENSHOTS=1`, else to a temp dir).
 
 use std::path::PathBuf;
@@ -81,11 +82,19 @@ fn a_browser_logs_in_creates_a_vm_runs_a_terminal_and_sees_it_stop_and_go() {
     assert_eq!(report["reloaded"], false);
     let states: Vec<&str> =
         report["dashboard_states"].as_array().expect("states").iter().filter_map(|s| s.as_str()).collect();
-    let order = ["running", "stopped", "absent"];
+    let order = ["running", "paused", "running", "stopped", "absent"];
     let mut at = states.iter().position(|s| *s == "absent").expect("absent at first");
     for want in order {
         at += states[at..].iter().position(|s| *s == want).unwrap_or_else(|| panic!("{want} not seen in {states:?}"));
     }
+    // The lists rendered, the snapshot taken from the VM page was deleted from its list, and
+    // doctor names where the UI is served.
+    assert_eq!(report["lists"], true);
+    assert!(report["snapshot"].is_string(), "{report}");
+    let snapshots = env.banger(&["snapshot", "list", "--json"]).ok().json();
+    assert_eq!(snapshots["snapshots"].as_array().map(Vec::len), Some(0), "{snapshots}");
+    let doctor = report["doctor_web"].as_str().unwrap_or_default();
+    assert!(doctor.starts_with("serving http://127.0.0.1:") && doctor.contains("loopback only"), "{doctor}");
     for shot in ["web-dashboard.png", "web-vm.png"] {
         let png = std::fs::read(shots.join(shot)).expect("screenshot");
         assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{shot} is no screenshot");

@@ -134,9 +134,20 @@ try {
   }, vm);
   await dash.screenshot({ path: path.join(shots, "web-dashboard.png"), fullPage: false });
 
-  // Stop from the VM page; the dashboard tab follows, live.
+  // Pause and resume, then a snapshot, from the VM page (each confirmed).
   await page.goto(`/vms/${vm}`);
   await page.waitForSelector("#vm-state.running");
+  await page.click('button[data-action="pause"]');
+  await page.waitForSelector("#vm-state.paused");
+  await dash.waitForSelector(`tr[data-vm="${vm}"][data-state="paused"]`);
+  await page.click('button[data-action="resume"]');
+  await page.waitForSelector("#vm-state.running");
+  await page.click('button[data-action="snapshot"]');
+  await page.waitForSelector("#vm-extra tr[data-snapshot]");
+  report.snapshot = await page.getAttribute("#vm-extra tr[data-snapshot]", "data-snapshot");
+  log("paused, resumed, snapshot", report.snapshot);
+
+  // Stop from the VM page; the dashboard tab follows, live.
   await page.click('button[data-action="stop"]');
   await dash.waitForSelector(`tr[data-vm="${vm}"][data-state="stopped"]`, { timeout: STEP });
   await page.waitForSelector("#vm-state.stopped");
@@ -148,6 +159,21 @@ try {
   await dash.waitForFunction((name) => !document.querySelector(`tr[data-vm="${name}"]`), vm, { timeout: STEP });
   report.reloaded = !(await dash.evaluate(() => window.__noReload === true));
   log("deleted");
+
+  // The lists: images and kernels from the template, the snapshot (deleted from its list), doctor.
+  await page.goto("/images");
+  await page.waitForSelector(`tr[data-image="${env("IMAGE")}"]`);
+  await page.goto("/kernels");
+  await page.waitForSelector("tr[data-kernel]");
+  await page.goto("/snapshots");
+  await page.click(`tr[data-snapshot="${report.snapshot}"] button:has-text("Delete")`);
+  await page.waitForFunction((name) => document.querySelector("h1")?.textContent === "Snapshots"
+    && !document.querySelector(`tr[data-snapshot="${name}"]`), report.snapshot);
+  await page.goto("/doctor");
+  await page.waitForSelector("td.status");
+  report.doctor_web = await page.evaluate(() => [...document.querySelectorAll("tbody tr")]
+    .map((tr) => [...tr.children].map((td) => td.textContent)).find((r) => r[0] === "web")?.[2] ?? null);
+  report.lists = true;
 } finally {
   await browser.close();
 }
