@@ -308,7 +308,7 @@ function vmPage() {
       : h("p", { class: "muted" }, "None."), logBox);
     parts.push(h("h2", {}, "Forwards"), forwards.forwards.length
       ? table(["Host port", "Guest port", "State"], forwards.forwards.map((f) =>
-          h("tr", {}, h("td", {}, f.host_port), h("td", {}, f.guest_port), h("td", {}, f.state))))
+          h("tr", { dataset: { forward: f.host_port } }, h("td", {}, f.host_port), h("td", {}, f.guest_port), h("td", {}, f.state))))
       : h("p", { class: "muted" }, "None."));
     parts.push(h("h2", {}, "Listening ports"), ports && ports.ports.length
       ? table(["Proto", "Address", "Port"], ports.ports.map((p) => h("tr", {}, h("td", {}, p.proto), h("td", {}, p.address), h("td", {}, p.port))))

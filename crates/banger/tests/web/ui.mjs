@@ -65,6 +65,7 @@ try {
   await page.waitForSelector("#create-form");
   await page.fill('input[name="name"]', vm);
   await page.selectOption('select[name="image"]', env("IMAGE"));
+  await page.fill('input[name="ports"]', "18080:8080");
   await page.click('#create-form button[type="submit"]');
   await page.waitForSelector("#op-stages li", { timeout: STEP });
   const stagesSeen = new Set();
@@ -95,6 +96,7 @@ try {
   await page.waitForSelector('body[data-rendered="vm"]');
   await page.waitForSelector("#vm-state.running");
   await page.waitForFunction(() => document.getElementById("console").textContent.length > 0);
+  await page.waitForSelector('#vm-extra tr[data-forward="18080"]');
   // The chart plots a reading a second (CPU % needs two); wait for a few.
   await page.waitForFunction(() => Number(document.getElementById("chart").dataset.points || 0) >= 6);
   await page.screenshot({ path: path.join(shots, "web-vm.png"), fullPage: false });
