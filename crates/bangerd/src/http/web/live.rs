@@ -43,7 +43,7 @@ const PIPE_BYTES: usize = 64 * 1024;
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// One VM as the dashboard shows it.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize)]
 struct VmRow {
     #[serde(flatten)]
     view: VmView,

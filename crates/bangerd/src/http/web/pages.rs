@@ -2,15 +2,12 @@
 //! event streams and the API; and the embedded assets (the bundle `scripts/build-web` makes
 //! from npm's xterm.js and uPlot, and our own script and style).
 
-use std::sync::Arc;
-
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
 use super::auth::Session;
-use super::Ctx;
 
 /// The bundled browser libraries (`scripts/build-web`; checked up to date by `scripts/test`).
 const VENDOR_JS: &str = include_str!("../../../../../web/dist/vendor.js");
@@ -99,7 +96,7 @@ pub(super) async fn create(Extension(s): Ext) -> Response {
     shell(&s, "create", "Create a VM", None)
 }
 
-pub(super) async fn vm(State(_): State<Arc<Ctx>>, Extension(s): Ext, Path(vm): Path<String>) -> Response {
+pub(super) async fn vm(Extension(s): Ext, Path(vm): Path<String>) -> Response {
     shell(&s, "vm", &vm, Some(&vm))
 }
 
