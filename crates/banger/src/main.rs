@@ -82,6 +82,9 @@ enum Command {
     /// "MCP"). stdout carries only the protocol; logs go to stderr. Register it in an MCP
     /// client as {"mcpServers": {"banger": {"command": "banger", "args": ["mcp"]}}}.
     Mcp,
+    /// Print a one-time link that logs a browser into the web UI (dashboard, VM pages,
+    /// terminal) that bangerd serves on `web_listen` (default http://127.0.0.1:7777).
+    Web(cmd::web::WebArgs),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
             Command::SshConfig(a) => cmd::ssh::ssh_config(&client, a).await,
             Command::Workspace(c) => cmd::workspace::run(&client, c).await,
             Command::Mcp => mcp::serve(client.clone()).await,
+            Command::Web(a) => cmd::web::run(&client, a).await,
         }
     });
     // A blocking stdin read may still be pending; do not wait for it.

@@ -49,6 +49,8 @@ pub struct Daemon {
     pub workspace: Arc<Workspace>,
     /// Files in guests.
     pub files: Arc<Files>,
+    /// The web UI's logins and status.
+    pub web: crate::http::web::Web,
 }
 
 impl Daemon {
@@ -90,6 +92,7 @@ impl Daemon {
         );
         let files = Arc::new(Files::new(fleet.clone()));
         net.set_guest_files(files.clone());
+        let web = crate::http::web::Web::new(&fleet.config);
         Arc::new(Self {
             fleet,
             config_source,
@@ -105,6 +108,7 @@ impl Daemon {
             vms,
             workspace,
             files,
+            web,
         })
     }
 }

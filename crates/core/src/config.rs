@@ -166,6 +166,13 @@ pub struct Config {
     pub egress_allow: Vec<crate::egress::HostRule>,
     /// Hosts new VMs may never reach (`--deny-host` adds to them); deny wins.
     pub egress_deny: Vec<crate::egress::HostRule>,
+    /// Whether the daemon serves the web UI on `web_listen` (`banger web` logs a browser in).
+    pub web: bool,
+    /// The web UI's TCP address, `IP:PORT`. Loopback unless `web_allow_remote` is set.
+    pub web_listen: String,
+    /// Allow `web_listen` on an address other than loopback: anyone who can reach it may try to
+    /// log in (docs/security.md "The web UI"); `banger doctor` warns while it is set.
+    pub web_allow_remote: bool,
 }
 
 impl Default for Config {
@@ -204,6 +211,9 @@ impl Default for Config {
             egress_mode: crate::egress::EgressMode::Open,
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),
+            web: true,
+            web_listen: "127.0.0.1:7777".into(),
+            web_allow_remote: false,
         }
     }
 }
@@ -245,7 +255,24 @@ impl Config {
         self.validate_firecracker()?;
         crate::egress::EgressPolicy::new(self.egress_mode, self.egress_allow.clone(), self.egress_deny.clone())
             .map_err(|e| format!("egress: {e}"))?;
+        self.web_addr()?;
         Ok(())
+    }
+
+    /// `web_listen` as an address, refused when it is not loopback and `web_allow_remote` is
+    /// off.
+    pub fn web_addr(&self) -> Result<std::net::SocketAddr, String> {
+        let addr: std::net::SocketAddr = self
+            .web_listen
+            .parse()
+            .map_err(|e| format!("web_listen {:?}: {e}; write IP:PORT, e.g. 127.0.0.1:7777", self.web_listen))?;
+        if !addr.ip().is_loopback() && !self.web_allow_remote {
+            return Err(format!(
+                "web_listen {addr} is not a loopback address; set web_allow_remote = true to serve the web UI there \
+                 (anyone who reaches it can try to log in), or listen on 127.0.0.1"
+            ));
+        }
+        Ok(addr)
     }
 
     /// The egress policy new VMs get unless told otherwise.
@@ -394,6 +421,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_web_ui_listens_beyond_loopback_only_when_allowed() {
+        assert_eq!(Config::default().web_addr().ok(), "127.0.0.1:7777".parse().ok());
+        let e = Config::from_toml("web_listen = \"0.0.0.0:7777\"", "x").err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("web_allow_remote = true")));
+        assert!(Config::from_toml("web_listen = \"0.0.0.0:7777\"\nweb_allow_remote = true", "x").is_ok());
+        assert!(Config::from_toml("web_listen = \"[::1]:0\"", "x").is_ok());
+        assert!(Config::from_toml("web_listen = \"localhost\"", "x").is_err(), "IP:PORT only");
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

@@ -14,6 +14,7 @@ pub mod session;
 pub mod snapshot;
 pub mod ssh;
 pub mod vm;
+pub mod web;
 pub mod workspace;
 
 /// Parses a size for clap: MiB, or a number with a unit (`512M`, `2G`).

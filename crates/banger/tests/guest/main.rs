@@ -28,4 +28,5 @@ mod session;
 mod snapshot;
 mod ssh;
 mod terminal;
+mod web;
 mod workspace;

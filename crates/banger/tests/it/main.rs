@@ -12,4 +12,5 @@ mod restart;
 mod session;
 mod snapshot;
 mod ssh;
+mod web;
 mod workspace;

@@ -46,7 +46,9 @@ pub(super) async fn config(State(d): Shared) -> ApiResult<ConfigView> {
 /// The daemon's checks of this host, with the fix for anything missing.
 #[utoipa::path(get, path = "/v1/doctor", responses((status = 200, body = DoctorReport)))]
 pub(super) async fn doctor(State(d): Shared) -> ApiResult<DoctorReport> {
-    Ok(Json(crate::services::doctor::report(&d.fleet.layout, &d.fleet.config)))
+    let mut report = crate::services::doctor::report(&d.fleet.layout, &d.fleet.config);
+    report.checks.push(super::web::doctor_check(&d));
+    Ok(Json(report))
 }
 
 /// This document.

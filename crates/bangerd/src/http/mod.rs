@@ -17,6 +17,7 @@ mod sessions;
 mod snapshots;
 mod ssh;
 mod vms;
+pub mod web;
 mod workspace;
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -144,7 +145,8 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         files::read_file,
         files::write_file,
         files::get_archive,
-        files::put_archive
+        files::put_archive,
+        web::login_link
     ),
     components(schemas(
         ApiError,
@@ -206,7 +208,8 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         banger_proto::EgressView,
         banger_proto::LearnedAddress,
         banger_proto::EgressDenial,
-        banger_proto::EgressLog
+        banger_proto::EgressLog,
+        banger_proto::WebLogin
     ))
 )]
 struct ApiDoc;
@@ -255,6 +258,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/operations", get(operations::list_ops))
         .route("/v1/operations/{op}", get(operations::show_op))
         .route("/v1/operations/{op}/cancel", post(operations::cancel_op))
+        .route("/v1/web/login", post(web::login_link))
         .merge(sessions::routes())
         .merge(files_routes())
         .fallback(|| async { ApiFailure::not_found("no such endpoint; see GET /v1/openapi.json") })
@@ -386,9 +390,13 @@ pub async fn serve(
     let socket = daemon.fleet.layout.socket.clone();
     let listener = bind_socket(&socket, &daemon.fleet.config.socket_group)?;
     tracing::info!(socket = %socket.display(), "serving the api");
+    let web = web::spawn(daemon.clone()).await;
     let served = axum::serve(listener, router(daemon).into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await;
+    if let Some(web) = web {
+        web.abort();
+    }
     // Only the socket we bound is ours to remove.
     let _ = std::fs::remove_file(&socket);
     served.map_err(|source| ServeError::Socket { what: "serve on", path: socket, source })
@@ -481,6 +489,7 @@ mod tests {
             "/v1/vms/{vm}/files/mkdir",
             "/v1/vms/{vm}/files/content",
             "/v1/vms/{vm}/files/archive",
+            "/v1/web/login",
         ] {
             assert!(paths.iter().any(|k| *k == p), "{p} missing from {paths:?}");
         }

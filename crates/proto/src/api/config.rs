@@ -120,6 +120,12 @@ pub struct Config {
     pub egress_allow: Vec<String>,
     /// Hosts new VMs may never reach (`--deny-host` adds to them).
     pub egress_deny: Vec<String>,
+    /// Whether the daemon serves the web UI on `web_listen`.
+    pub web: bool,
+    /// The web UI's TCP address, `IP:PORT`.
+    pub web_listen: String,
+    /// Whether `web_listen` may be an address other than loopback.
+    pub web_allow_remote: bool,
 }
 
 impl Default for Config {
@@ -196,6 +202,9 @@ impl From<banger_core::Config> for Config {
             egress_mode,
             egress_allow,
             egress_deny,
+            web,
+            web_listen,
+            web_allow_remote,
         } = c;
         let text = |rules: Vec<banger_core::egress::HostRule>| rules.iter().map(ToString::to_string).collect();
         Self {
@@ -232,6 +241,9 @@ impl From<banger_core::Config> for Config {
             egress_mode: egress_mode.into(),
             egress_allow: text(egress_allow),
             egress_deny: text(egress_deny),
+            web,
+            web_listen,
+            web_allow_remote,
         }
     }
 }

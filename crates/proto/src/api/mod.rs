@@ -11,6 +11,7 @@ mod op;
 mod session;
 mod snapshot;
 mod vm;
+mod web;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -25,6 +26,7 @@ pub use self::op::{OpState, OperationRecord, StageRecord, StageState};
 pub use self::session::{SessionRecord, SessionStatus, StdinMode};
 pub use self::snapshot::SnapshotRecord;
 pub use self::vm::{DesiredState, ObservedState, VmPaths, VmRecord, VmSpec};
+pub use self::web::WebLogin;
 
 /// The API version prefix.
 pub const API_PREFIX: &str = "/v1";
