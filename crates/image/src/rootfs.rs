@@ -56,6 +56,11 @@ pub enum ImageSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
     },
+    /// A Dockerfile built with buildah (see [`crate::dockerfile`]).
+    Dockerfile {
+        /// The Dockerfile's path on the host.
+        path: String,
+    },
     /// An ext4 file registered as it was.
     File {
         /// The file it was copied from.
@@ -80,6 +85,7 @@ impl std::fmt::Display for ImageSource {
                 write!(f, "{reference}@{digest}")
             }
             Self::Oci { reference, .. } => f.write_str(reference),
+            Self::Dockerfile { path } => write!(f, "dockerfile:{path}"),
             Self::File { path } => write!(f, "file:{path}"),
             Self::Promoted { vm, from } => write!(f, "promote:{vm} (from {from})"),
         }

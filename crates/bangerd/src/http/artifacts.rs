@@ -46,15 +46,21 @@ pub(super) async fn list_images(State(d): Shared) -> ApiResult<ImageList> {
     Ok(Json(ImageList { images, catalog }))
 }
 
-/// Builds a catalog image; answers with the operation to follow.
+/// Builds an image (catalog recipe, the caller's recipe or a Dockerfile); answers with the
+/// operation to follow.
 #[utoipa::path(post, path = "/v1/images", request_body = BuildImageRequest,
     responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError),
         (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn build_image(
     State(d): Shared,
+    CallerOf(caller): CallerOf,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok(accepted(d.artifacts.begin_build_image(body(req, "BuildImageRequest")?)?))
+    let req = body(req, "BuildImageRequest")?;
+    if req.dockerfile.is_some() {
+        return Ok(accepted(d.artifacts.begin_build_dockerfile(req, caller)?));
+    }
+    Ok(accepted(d.artifacts.begin_build_image(req)?))
 }
 
 /// Pulls an OCI image; answers with the operation to follow.

@@ -484,6 +484,20 @@ pub fn pull_image(
     source: &OciSource,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltImage, PullImageError> {
+    import_image(host, images_dir, name, source, None, InitMode::Fast, progress)
+}
+
+/// [`pull_image`] recording `origin` (instead of the OCI source) as where the image came from,
+/// and starting its guests with `init` (a Dockerfile build keeps its base image's).
+pub fn import_image(
+    host: &dyn HostTools,
+    images_dir: &Path,
+    name: &str,
+    source: &OciSource,
+    origin: Option<ImageSource>,
+    init: InitMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, PullImageError> {
     rootfs::check_new_name(images_dir, name)?;
     let staging = Staging::new(images_dir).map_err(io_error(images_dir))?;
     let blobs = staging.path().join("blobs");
@@ -507,9 +521,12 @@ pub fn pull_image(
 
     let info = ImageInfo {
         name: name.to_owned(),
-        source: ImageSource::Oci { reference: image.reference.clone(), digest: image.manifest_digest.clone() },
+        source: origin.unwrap_or_else(|| ImageSource::Oci {
+            reference: image.reference.clone(),
+            digest: image.manifest_digest.clone(),
+        }),
         recipe: None,
-        init: InitMode::Fast,
+        init,
     };
     Ok(rootfs::finish_image(host, images_dir, staging, &root, info, progress)?)
 }

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod disks;
+mod dockerfile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,6 +160,12 @@ pub enum ArtifactsError {
     /// No image name can be derived from an OCI reference.
     #[error("cannot derive an image name from '{0}'; pass --name")]
     NoImageName(String),
+    /// A Dockerfile build failed (the cause names the step and holds its output).
+    #[error("cannot build the Dockerfile")]
+    Dockerfile(#[source] banger_image::dockerfile::DockerfileError),
+    /// The caller may not build Dockerfiles.
+    #[error("only root or the daemon's user may build a Dockerfile (its RUN steps run as root on the host)")]
+    NotTrusted,
     /// A VM's disks could not be made.
     #[error(transparent)]
     Disk(#[from] disks::DiskError),
