@@ -49,6 +49,10 @@ pub struct Recipe {
     pub files: Vec<ExtraFile>,
     /// How the guest starts.
     pub init: InitMode,
+    /// Declarations for its guests: the Dockerfile label keys (`dev.banger.service.NAME`, …;
+    /// see [`banger_proto::agent::meta`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A root image banger can build.
@@ -89,6 +93,7 @@ impl ImageEntry {
                 })
                 .collect(),
             init: self.init,
+            labels: std::collections::BTreeMap::new(),
         }
     }
 }

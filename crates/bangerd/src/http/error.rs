@@ -384,6 +384,7 @@ impl Status for LifecycleError {
             | Self::Handles(_)
             | Self::Resume { .. }
             | Self::NotReady { .. }
+            | Self::PortNotReady { .. }
             | Self::StillRunning(_)
             | Self::Injected(_) => Kind::Internal,
         }

@@ -395,6 +395,11 @@ pub struct ImageRecipe {
     pub files: Vec<RecipeFile>,
     /// How the guest starts [default: fast].
     pub init: Option<InitMode>,
+    /// Declarations for its guests, with the Dockerfile label keys: `dev.banger.service.NAME`
+    /// (command; `.user`, `.env.KEY`, `.restart` = on-failure|no), `dev.banger.ports`,
+    /// `dev.banger.user`, `dev.banger.workdir`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A file a recipe writes into the image.

@@ -756,7 +756,9 @@ fn user_recipe(r: ImageRecipe) -> Result<catalog::Recipe, ArtifactsError> {
             return Err(bad(format!("file path '{}' must be absolute and stay inside the image", f.path)));
         }
     }
+    banger_proto::agent::meta::from_labels(&r.labels, None, None, &[]).map_err(bad)?;
     Ok(catalog::Recipe {
+        labels: r.labels,
         suite: r.suite.unwrap_or_else(|| "bookworm".into()),
         variant: r.variant.unwrap_or_else(|| "minbase".into()),
         packages: r.packages,
