@@ -180,3 +180,82 @@ fn wait_for_exit(child: &mut std::process::Child) -> String {
     assert!(exited.is_some_and(|s| !s.success()), "a cancelled build fails: {stderr}");
     stderr
 }
+
+/// A `docker save`-style tarball of a one-layer image `nested:latest` holding only a static
+/// busybox, made here (no registry, no Docker on the host).
+fn nested_image_tarball(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("nested-root");
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static is missing; run scripts/deps --test");
+    let archive = dir.join("nested");
+    std::fs::create_dir_all(archive.join("layer")).expect("mkdir");
+    let layer = archive.join("layer/layer.tar");
+    let tar = std::process::Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(tar.success());
+    let sum = std::process::Command::new("sha256sum").arg(&layer).output().expect("sha256sum");
+    let diff_id = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Cmd": ["/bin/busybox", "echo", "nested-container-ran"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
+    });
+    std::fs::write(archive.join("config.json"), config.to_string()).expect("config");
+    let manifest =
+        serde_json::json!([{ "Config": "config.json", "RepoTags": ["nested:latest"], "Layers": ["layer/layer.tar"] }]);
+    std::fs::write(archive.join("manifest.json"), manifest.to_string()).expect("manifest");
+    let out = dir.join("nested.tar");
+    let tar = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&archive)
+        .arg("-cf")
+        .arg(&out)
+        .args(["manifest.json", "config.json", "layer"])
+        .status()
+        .expect("tar");
+    assert!(tar.success());
+    out
+}
+
+/// The catalog's `agent` image, built from `images/agent/Dockerfile` (apt and npm on the host):
+/// slow (minutes), so gated by `BANGER_AGENT_IMAGE=1` on top of the real-guest tier.
+#[test]
+fn the_agent_image_runs_docker_mise_tmux_and_opencode() {
+    if std::env::var("BANGER_AGENT_IMAGE").as_deref() != Ok("1") {
+        eprintln!("agent image test off: set BANGER_AGENT_IMAGE=1 (it builds the image from apt and npm)");
+        return;
+    }
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    let started = std::time::Instant::now();
+    env.banger(&["image", "build", "agent"]).ok();
+    eprintln!("agent image built in {:?}", started.elapsed());
+    let shown = env.banger(&["image", "show", "agent", "--json"]).ok().json();
+    eprintln!("agent image size: {} bytes", shown["size_bytes"]);
+
+    env.banger(&["vm", "create", "agent", "--image", "agent", "--memory", "2G"]).ok();
+    let started = std::time::Instant::now();
+    env.banger(&["vm", "start", "agent"]).ok();
+    eprintln!("agent vm started (port 4096 answering) in {:?}", started.elapsed());
+    // The start waited for opencode: its port answers at once.
+    let probe = "exec 3<>/dev/tcp/127.0.0.1/4096 && echo open";
+    assert_eq!(env.banger(&["vm", "exec", "agent", "-n", "--", "bash", "-c", probe]).ok().stdout, "open\n");
+    for (tool, expect) in [("mise --version", ""), ("tmux -V", "tmux "), ("opencode --version", "")] {
+        let run = env.banger(&["vm", "exec", "agent", "-n", "--", "bash", "-lc", tool]).ok();
+        assert!(run.stdout.contains(expect) && !run.stdout.trim().is_empty(), "{tool}: {}", run.stdout);
+    }
+    let tarball = nested_image_tarball(env.dir.path());
+    env.banger(&["vm", "cp", tarball.to_str().expect("utf-8"), "agent:/root/nested.tar"]).ok();
+    let docker = "for i in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+                  docker load -i /root/nested.tar && docker run --rm nested:latest";
+    let run = env.banger(&["vm", "exec", "agent", "-n", "--", "bash", "-c", docker]).ok();
+    assert!(run.stdout.contains("nested-container-ran"), "{}\n{}", run.stdout, run.stderr);
+    env.banger(&["vm", "delete", "agent", "--force"]).ok();
+}

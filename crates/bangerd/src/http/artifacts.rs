@@ -41,7 +41,7 @@ pub(super) async fn delete_kernel(State(d): Shared, name: PathParams<String>) ->
 /// Local images and the catalog's names.
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = ImageList), (status = 500, body = ApiError)))]
 pub(super) async fn list_images(State(d): Shared) -> ApiResult<ImageList> {
-    let catalog = banger_image::catalog::IMAGES.iter().map(|i| i.name.to_owned()).collect();
+    let catalog = banger_image::catalog::image_names().into_iter().map(str::to_owned).collect();
     let images = d.fleet.store.list_images()?.into_iter().map(Into::into).collect();
     Ok(Json(ImageList { images, catalog }))
 }

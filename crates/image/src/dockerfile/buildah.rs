@@ -40,6 +40,11 @@ pub(super) struct Storage {
 
 impl Storage {
     pub(super) fn new(work: &Path) -> Result<Self, DockerfileError> {
+        let installed = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("buildah").is_file()));
+        if !installed {
+            return Err(DockerfileError::NoBuildah);
+        }
         let storage = Self { root: work.join("storage"), run: work.join("run") };
         for dir in [&storage.root, &storage.run] {
             std::fs::create_dir_all(dir).map_err(io_error(dir))?;
@@ -110,6 +115,10 @@ impl Storage {
             args.push("--build-arg".into());
             args.push(format!("{key}={value}").into());
         }
+        for (id, file) in &build.secrets {
+            args.push("--secret".into());
+            args.push(format!("id={id},src={}", file.display()).into());
+        }
         args.push(build.context.clone().into());
         self.run_streaming(self.command(&args), "the build", events).map(drop)
     }
@@ -144,10 +153,9 @@ impl Storage {
         let writer2 = writer.try_clone().map_err(io_error(Path::new("pipe")))?;
         command.stdout(writer).stderr(writer2);
         let command_line = format!("buildah ({phase})");
-        let mut child = command.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DockerfileError::NoBuildah,
-            _ => DockerfileError::Command { command: command_line.clone(), detail: e.to_string() },
-        })?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| DockerfileError::Command { command: command_line.clone(), detail: e.to_string() })?;
         // The command's own ends of the pipe must be closed here, or the reader never sees EOF.
         drop(command);
         let lines = spawn_reader(reader);

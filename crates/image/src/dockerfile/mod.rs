@@ -38,6 +38,9 @@ pub struct DockerfileBuild {
     pub context: PathBuf,
     /// `--build-arg K=V`, in order.
     pub build_args: Vec<(String, String)>,
+    /// Build secrets (`--secret id=ID,src=FILE`): files a `RUN --mount=type=secret,id=ID`
+    /// step sees at `/run/secrets/ID`, never stored in the image.
+    pub secrets: Vec<(String, PathBuf)>,
 }
 
 /// Why a Dockerfile build failed.
@@ -231,8 +234,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dockerfile = dir.path().join("Dockerfile");
         std::fs::write(&dockerfile, "FROM banger/nope\n").unwrap();
-        let build =
-            DockerfileBuild { name: "x".into(), dockerfile, context: dir.path().to_owned(), build_args: Vec::new() };
+        let build = DockerfileBuild {
+            name: "x".into(),
+            dockerfile,
+            context: dir.path().to_owned(),
+            build_args: Vec::new(),
+            secrets: Vec::new(),
+        };
         let mut events = buildah::tests::Recorded::default();
         let err = build_dockerfile(&crate::host::FakeHost::new(), &dir.path().join("images"), &build, &mut events)
             .unwrap_err();

@@ -2,12 +2,13 @@
 //! batched into the operation as it comes, and a cancel kills the build (nothing is left in
 //! buildah's storage: it lives in the build's staging directory).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_core::error_chain as chain;
-use banger_core::OperationRecord;
+use banger_core::{ImageRecord, OperationRecord};
+use banger_image::catalog::DockerfileEntry;
 use banger_image::dockerfile::{build_dockerfile, BuildEvents, DockerfileBuild, DockerfileError};
 use banger_image::host::SystemHost;
 
@@ -15,6 +16,8 @@ use super::{Artifacts, ArtifactsError};
 use crate::ops::StageSink;
 use crate::services::caller::Caller;
 
+/// The host's CA bundle, handed to catalog Dockerfile builds as the secret `host-ca`.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Output lines are written to the operation at most this often (each write is a store write).
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// Stage names longer than this are cut (a `RUN` step's whole script is not a name).
@@ -51,6 +54,7 @@ impl Artifacts {
             dockerfile,
             context,
             build_args: spec.build_args.into_iter().collect(),
+            secrets: Vec::new(),
         };
         let op = self.fleet.ops.begin("image.build", name);
         let snapshot = op.snapshot()?;
@@ -72,6 +76,66 @@ impl Artifacts {
             }
         });
         Ok(snapshot)
+    }
+}
+
+impl Artifacts {
+    /// Starts building the catalog's Dockerfile image `entry` (`banger image build agent`).
+    pub(super) fn begin_catalog_dockerfile(
+        self: &Arc<Self>,
+        entry: &'static DockerfileEntry,
+    ) -> Result<OperationRecord, ArtifactsError> {
+        self.check_image_name(entry.name)?;
+        let op = self.fleet.ops.begin("image.build", entry.name);
+        let snapshot = op.snapshot()?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.make_catalog_dockerfile(&op.sink(), entry, false).await {
+                Ok(image) => op.succeed(Some(image.name)),
+                Err(ArtifactsError::Dockerfile(DockerfileError::Cancelled)) => op.cancelled(),
+                Err(e) => op.fail(chain(&e)),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    /// Makes the catalog's Dockerfile image `entry`: its base image and kernel first (built or
+    /// pulled when missing), then the Dockerfile with `KERNEL_RELEASE` set, under the name's lock.
+    pub(super) async fn make_catalog_dockerfile(
+        &self,
+        op: &StageSink,
+        entry: &'static DockerfileEntry,
+        reuse_existing: bool,
+    ) -> Result<ImageRecord, ArtifactsError> {
+        Box::pin(self.ensure_image(op, entry.base)).await?;
+        let kernel = self.ensure_kernel(op, entry.kernel).await?;
+        let events = op.clone();
+        self.make_image_locked(op, entry.name, reuse_existing, move |dir, _| {
+            // The context is the Dockerfile alone, in a scratch dir the start-up sweep knows.
+            let context = tempfile::Builder::new()
+                .prefix(".staging-context-")
+                .tempdir_in(dir)
+                .map_err(|source| ArtifactsError::Dir { path: dir.to_owned(), source })?;
+            let dockerfile = context.path().join("Dockerfile");
+            std::fs::write(&dockerfile, entry.dockerfile)
+                .map_err(|source| ArtifactsError::Dir { path: dockerfile.clone(), source })?;
+            let build = DockerfileBuild {
+                name: entry.name.to_owned(),
+                dockerfile,
+                context: context.path().to_owned(),
+                build_args: vec![("KERNEL_RELEASE".into(), kernel.release.clone())],
+                // The host's CA bundle, for fetches through a TLS-inspecting proxy the host
+                // trusts; a secret, so it is not left in the image.
+                secrets: Path::new(HOST_CA_BUNDLE)
+                    .is_file()
+                    .then(|| ("host-ca".to_owned(), PathBuf::from(HOST_CA_BUNDLE)))
+                    .into_iter()
+                    .collect(),
+            };
+            let mut events = OpEvents::new(events);
+            build_dockerfile(&SystemHost::new(), dir, &build, &mut events).map_err(ArtifactsError::Dockerfile)
+        })
+        .await
     }
 }
 

@@ -550,7 +550,10 @@ impl Artifacts {
             Some(recipe) => {
                 ImageBuild { name: req.name.clone(), source: ImageSource::Recipe, recipe: user_recipe(recipe)? }
             }
-            None => ImageBuild::catalog(&req.name)?,
+            None => match catalog::dockerfile_image(&req.name) {
+                Some(entry) => return self.begin_catalog_dockerfile(entry),
+                None => ImageBuild::catalog(&req.name)?,
+            },
         };
         self.begin_image_op("image.build", &req.name, move |dir, progress| {
             build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
@@ -661,25 +664,34 @@ impl Artifacts {
     pub async fn ensure_image(&self, op: &StageSink, name: &str) -> Result<(ImageRecord, BuiltImage), ArtifactsError> {
         let record = match self.fleet.store.get_image(name)? {
             Some(r) => r,
-            None => {
-                if catalog::image(name).is_err() {
-                    return Err(ArtifactsError::NotAvailable {
-                        what: "image",
-                        name: name.to_owned(),
-                        how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
-                    });
+            None => match catalog::dockerfile_image(name) {
+                Some(entry) => {
+                    op.stage("image build");
+                    self.make_catalog_dockerfile(op, entry, true).await?
                 }
-                op.stage("image build");
-                let build = ImageBuild::catalog(name)?;
-                self.make_image_locked(op, name, true, move |dir, progress| {
-                    build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
-                })
-                .await?
-            }
+                None => self.build_catalog_image(op, name).await?,
+            },
         };
         let built = open_image(&self.images_dir(), name)
             .map_err(|source| ArtifactsError::ImageFiles { name: name.to_owned(), source })?;
         Ok((record, built))
+    }
+
+    /// Builds catalog recipe image `name` (an auto-pull: one made meanwhile is taken).
+    async fn build_catalog_image(&self, op: &StageSink, name: &str) -> Result<ImageRecord, ArtifactsError> {
+        if catalog::image(name).is_err() {
+            return Err(ArtifactsError::NotAvailable {
+                what: "image",
+                name: name.to_owned(),
+                how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
+            });
+        }
+        op.stage("image build");
+        let build = ImageBuild::catalog(name)?;
+        self.make_image_locked(op, name, true, move |dir, progress| {
+            build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
+        })
+        .await
     }
 
     /// Deletes an image no VM uses.
