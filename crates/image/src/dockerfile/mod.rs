@@ -41,6 +41,8 @@ pub struct DockerfileBuild {
     /// Build secrets (`--secret id=ID,src=FILE`): files a `RUN --mount=type=secret,id=ID`
     /// step sees at `/run/secrets/ID`, never stored in the image.
     pub secrets: Vec<(String, PathBuf)>,
+    /// What the image's manifest says it came from [default: the Dockerfile's path].
+    pub origin: Option<ImageSource>,
 }
 
 /// Why a Dockerfile build failed.
@@ -196,7 +198,8 @@ pub fn build_dockerfile(
     storage.remove()?;
     check_cancel(events)?;
     let source = OciSource::Layout { path: out, tag: Some("latest".into()) };
-    let origin = ImageSource::Dockerfile { path: build.dockerfile.display().to_string() };
+    let origin =
+        build.origin.clone().unwrap_or(ImageSource::Dockerfile { path: build.dockerfile.display().to_string() });
     oci::import_image(host, images_dir, &build.name, &source, Some(origin), init, &mut |s| events.stage(s))
         .map_err(|e| DockerfileError::Import(Box::new(e)))
 }
@@ -240,6 +243,7 @@ mod tests {
             context: dir.path().to_owned(),
             build_args: Vec::new(),
             secrets: Vec::new(),
+            origin: None,
         };
         let mut events = buildah::tests::Recorded::default();
         let err = build_dockerfile(&crate::host::FakeHost::new(), &dir.path().join("images"), &build, &mut events)

@@ -55,6 +55,7 @@ impl Artifacts {
             context,
             build_args: spec.build_args.into_iter().collect(),
             secrets: Vec::new(),
+            origin: None,
         };
         let op = self.fleet.ops.begin("image.build", name);
         let snapshot = op.snapshot()?;
@@ -131,6 +132,7 @@ impl Artifacts {
                     .then(|| ("host-ca".to_owned(), PathBuf::from(HOST_CA_BUNDLE)))
                     .into_iter()
                     .collect(),
+                origin: Some(banger_image::rootfs::ImageSource::Catalog { entry: entry.name.to_owned() }),
             };
             let mut events = OpEvents::new(events);
             build_dockerfile(&SystemHost::new(), dir, &build, &mut events).map_err(ArtifactsError::Dockerfile)
