@@ -1,10 +1,12 @@
 //! The services an image declares (`/etc/banger/image.json`, written when the image was made):
 //! started at boot, each kept by a thread of its own that restarts it after a failure (backing
 //! off from 1 s to 30 s) unless it says `restart = no`. Output goes to
-//! `/var/log/banger/NAME.log`; a user other than root is taken on with `runuser`.
+//! `/var/log/banger/NAME.log`; a user other than root is taken on with `runuser`. The same
+//! declarations give `exec` its defaults: the image's user, working directory and environment.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger_proto::agent::meta::{ImageMeta, ServiceSpec, IMAGE_META_PATH, MAX_IMAGE_META};
@@ -15,10 +17,39 @@ const LOG_DIR: &str = "/var/log/banger";
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The image's declarations, once [`start`] has read them.
+static META: OnceLock<ImageMeta> = OnceLock::new();
+
+/// The image's declarations (empty when it has none, or before boot read them).
+pub fn image_meta() -> Option<&'static ImageMeta> {
+    META.get()
+}
+
+/// `exec`'s defaults from the image: `argv` run as the image's user (through `runuser` when
+/// that is not root), the image's environment under `env`, and its working directory when the
+/// request names none (`/root` otherwise).
+pub fn exec_defaults(
+    meta: Option<&ImageMeta>,
+    argv: Vec<String>,
+    env: &[(String, String)],
+) -> (Vec<String>, Vec<(String, String)>, PathBuf) {
+    let Some(meta) = meta else { return (argv, exec::default_env(env), PathBuf::from("/root")) };
+    let mut extra: Vec<(String, String)> =
+        meta.env.iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect();
+    extra.extend(env.iter().cloned());
+    let argv = match meta.user.as_deref().filter(|u| *u != "root" && *u != "0") {
+        Some(user) => ["runuser", "-u", user, "--"].iter().map(|s| (*s).to_owned()).chain(argv).collect(),
+        None => argv,
+    };
+    let cwd =
+        meta.workdir.as_deref().map(PathBuf::from).filter(|d| d.is_dir()).unwrap_or_else(|| PathBuf::from("/root"));
+    (argv, exec::default_env(&extra), cwd)
+}
+
 /// Starts the image's services, if it declares any (needs the reaper running).
 pub fn start() {
     let meta = match read(Path::new(IMAGE_META_PATH)) {
-        Ok(Some(meta)) => meta,
+        Ok(Some(meta)) => META.get_or_init(|| meta),
         Ok(None) => return,
         Err(e) => {
             log!("{IMAGE_META_PATH}: {e}; no services started");
@@ -32,7 +63,7 @@ pub fn start() {
         log!("cannot create {LOG_DIR}: {e}");
     }
     for service in &meta.services {
-        let command = command(service, &meta);
+        let command = command(service, meta);
         let (name, restart) = (service.name.clone(), service.restart);
         let spawned =
             std::thread::Builder::new().name(format!("svc-{name}")).spawn(move || supervise(&name, &command, restart));
@@ -124,6 +155,23 @@ mod tests {
         assert_eq!((meta.services.len(), meta.ports.as_slice()), (1, &[80u16][..]));
         std::fs::write(&path, vec![b' '; 70 * 1024]).unwrap();
         assert!(read(&path).unwrap_err().contains("larger than"));
+    }
+
+    #[test]
+    fn exec_takes_the_image_user_workdir_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = ImageMeta {
+            user: Some("app".into()),
+            workdir: Some(dir.path().display().to_string()),
+            env: vec!["A=1".into()],
+            ..ImageMeta::default()
+        };
+        let (argv, env, cwd) = exec_defaults(Some(&meta), vec!["id".into()], &[("B".into(), "2".into())]);
+        assert_eq!(argv, ["runuser", "-u", "app", "--", "id"]);
+        assert!(env.contains(&("A".into(), "1".into())) && env.contains(&("B".into(), "2".into())));
+        assert_eq!(cwd, dir.path());
+        let (argv, _, cwd) = exec_defaults(None, vec!["id".into()], &[]);
+        assert_eq!((argv, cwd), (vec!["id".to_owned()], PathBuf::from("/root")));
     }
 
     #[test]

@@ -98,6 +98,9 @@ fn a_dockerfile_image_runs_its_service_and_start_waits_for_its_port() {
     let probe = "exec 3<>/dev/tcp/127.0.0.1/8080 && cat <&3";
     let answer = env.banger(&["vm", "exec", "svc", "-n", "--", "bash", "-c", probe]).ok();
     assert_eq!(answer.stdout, "app sunny extra hello sunny\ncopied\n", "USER, ENV, env label, ARG+RUN, WORKDIR+COPY");
+    // exec takes the image's user, working directory and environment too.
+    let defaults = env.banger(&["vm", "exec", "svc", "-n", "--", "sh", "-c", "id -un; pwd; echo $MOOD"]).ok();
+    assert_eq!(defaults.stdout, "app\n/srv/app\nsunny\n");
     env.banger(&["vm", "delete", "svc", "--force"]).ok();
 }
 
