@@ -534,13 +534,15 @@ impl channel::Process for ExecControl {
 /// Serves one `exec` channel: starts the command, forwards stdin, streams stdout and stderr,
 /// and sends `Exit` once both pipes are at EOF and the process has been reaped.
 pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: Option<mpsc::Receiver<Vec<u8>>>) {
+    // The image's user, working directory and environment are the defaults.
+    let (argv, env, default_cwd) = crate::services::exec_defaults(crate::services::image_meta(), req.argv, &req.env);
     let cwd = match &req.cwd {
         Some(dir) if !Path::new(dir).is_dir() => {
             link.fail(&format!("working directory {dir} does not exist"));
             return link.finish();
         }
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from("/root"),
+        None => default_cwd,
     };
     let stdin_mode = if req.stdin { Stdio::Pipe } else { Stdio::Null };
     let tty = req.tty.filter(|size| size.check().is_none());
@@ -549,7 +551,7 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
         return link.finish();
     }
     let stdio = [stdin_mode, Stdio::Pipe, Stdio::Pipe];
-    let cmd = Command { argv: req.argv, env: default_env(&req.env), cwd, stdio, tty };
+    let cmd = Command { argv, env, cwd, stdio, tty };
     let child = match spawn(&cmd) {
         Ok(child) => child,
         Err(e @ (SpawnError::Nul | SpawnError::Empty | SpawnError::Sys { .. } | SpawnError::Pty(_))) => {

@@ -202,6 +202,7 @@ fn boot() -> Result<(), InitError> {
         InitMode::Fast => {
             exec::start_reaper();
             start_sshd(host_key);
+            crate::services::start();
             let transport = serve::find_transport(DEVICE_TIMEOUT)?;
             log!("ready, serving on {}", describe(&transport));
             serve::serve(&transport)?;
@@ -320,6 +321,7 @@ fn hand_over_to_systemd() -> Result<(), InitError> {
         Ok(ForkResult::Child) => {
             let _ = nix::unistd::setsid();
             exec::start_reaper();
+            crate::services::start();
             let outcome = serve::find_transport(DEVICE_TIMEOUT).and_then(|transport| {
                 log!("ready (systemd mode), serving on {}", describe(&transport));
                 serve::serve(&transport)

@@ -28,6 +28,7 @@ mod net;
 mod ports;
 mod pty;
 mod serve;
+mod services;
 mod session;
 mod tunnel;
 mod workspace;

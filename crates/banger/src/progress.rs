@@ -17,6 +17,7 @@ pub async fn follow(client: &Client, mut op: OperationRecord) -> anyhow::Result<
     let live = std::io::stderr().is_terminal();
     let mut shown = 0usize;
     let mut warned = 0usize;
+    let mut printed = 0usize;
     let mut spinner: Option<ProgressBar> = None;
     loop {
         // Warnings are shown whether or not stderr is a terminal: they are not progress.
@@ -27,6 +28,14 @@ pub async fn follow(client: &Client, mut op: OperationRecord) -> anyhow::Result<
                 None => eprintln!("{line}"),
             }
             warned += 1;
+        }
+        // A tool's output (a Dockerfile build's) is shown as it comes, like warnings.
+        for line in op.stages.iter().flat_map(|s| &s.output).skip(printed) {
+            match &spinner {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+            printed += 1;
         }
         if live {
             // Print each finished stage once; keep a spinner on the running one.

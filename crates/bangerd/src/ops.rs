@@ -221,6 +221,13 @@ impl StageSink {
     pub fn cancelled(&self) -> bool {
         self.cancel.is_set()
     }
+
+    /// Appends output lines to the current stage (batch them: each call is a store write).
+    pub fn output(&self, lines: &[String]) {
+        if !lines.is_empty() {
+            self.registry.update(&self.id, |r| r.output(lines));
+        }
+    }
 }
 
 impl OpHandle {

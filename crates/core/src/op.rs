@@ -72,7 +72,14 @@ pub struct StageRecord {
     /// Problems that did not fail the stage (e.g. a `sync_files` entry whose host file is missing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What a tool run by the stage printed (a Dockerfile step's output), at most
+    /// [`MAX_STAGE_OUTPUT`] lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
 }
+
+/// Output lines kept per stage; past it one line says the rest was dropped.
+pub const MAX_STAGE_OUTPUT: usize = 500;
 
 /// An asynchronous operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +114,7 @@ impl OperationRecord {
     /// How far it has got, as a follower sees it: its stages and its warnings, counted. A long
     /// poll answers when this changes (or the operation ends).
     pub fn progress(&self) -> (usize, usize) {
-        (self.stages.len(), self.stages.iter().map(|s| s.warnings.len()).sum())
+        (self.stages.len(), self.stages.iter().map(|s| s.warnings.len() + s.output.len()).sum())
     }
 
     /// A fresh running operation with no stages yet.
@@ -135,7 +142,20 @@ impl OperationRecord {
             started_at: now_rfc3339(),
             elapsed_ms: 0,
             warnings: Vec::new(),
+            output: Vec::new(),
         });
+    }
+
+    /// Appends output lines to the current (last) stage, up to [`MAX_STAGE_OUTPUT`].
+    pub fn output(&mut self, lines: &[String]) {
+        let Some(stage) = self.stages.last_mut() else { return };
+        for line in lines {
+            match stage.output.len() {
+                n if n < MAX_STAGE_OUTPUT => stage.output.push(line.clone()),
+                n if n == MAX_STAGE_OUTPUT => stage.output.push("… (more output dropped)".into()),
+                _ => return,
+            }
+        }
     }
 
     /// Records a warning on the current (last) stage; dropped when there is no stage yet.

@@ -49,6 +49,10 @@ pub struct Recipe {
     pub files: Vec<ExtraFile>,
     /// How the guest starts.
     pub init: InitMode,
+    /// Declarations for its guests: the Dockerfile label keys (`dev.banger.service.NAME`, …;
+    /// see [`banger_proto::agent::meta`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A root image banger can build.
@@ -89,6 +93,7 @@ impl ImageEntry {
                 })
                 .collect(),
             init: self.init,
+            labels: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -140,6 +145,41 @@ pub const IMAGES: &[ImageEntry] = &[
     },
 ];
 
+/// A catalog image built from a Dockerfile kept in the repository (`images/NAME/Dockerfile`),
+/// on top of another catalog image; banger passes `KERNEL_RELEASE` (its kernel's `uname -r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DockerfileEntry {
+    /// Catalog name.
+    pub name: &'static str,
+    /// One line for `banger image list --catalog`.
+    pub description: &'static str,
+    /// The catalog image its `FROM banger/NAME` names.
+    pub base: &'static str,
+    /// The Dockerfile.
+    pub dockerfile: &'static str,
+    /// Kernel whose modules it carries.
+    pub kernel: &'static str,
+}
+
+/// The Dockerfile images the catalog holds.
+pub const DOCKERFILE_IMAGES: &[DockerfileEntry] = &[DockerfileEntry {
+    name: "agent",
+    description: "debian-bookworm with Docker Engine, mise, tmux, Node.js and opencode serving on port 4096",
+    base: "debian-bookworm",
+    dockerfile: include_str!("../../../images/agent/Dockerfile"),
+    kernel: "debian-6.1-cloud",
+}];
+
+/// The catalog's Dockerfile image called `name`, if it is one.
+pub fn dockerfile_image(name: &str) -> Option<&'static DockerfileEntry> {
+    DOCKERFILE_IMAGES.iter().find(|i| i.name == name)
+}
+
+/// Every image name the catalog can build.
+pub fn image_names() -> Vec<&'static str> {
+    IMAGES.iter().map(|i| i.name).chain(DOCKERFILE_IMAGES.iter().map(|i| i.name)).collect()
+}
+
 /// A name the catalog does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CatalogError {
@@ -171,10 +211,10 @@ pub fn kernel(name: &str) -> Result<&'static KernelEntry, CatalogError> {
 
 /// The catalog image called `name`.
 pub fn image(name: &str) -> Result<&'static ImageEntry, CatalogError> {
-    IMAGES.iter().find(|i| i.name == name).ok_or_else(|| CatalogError::UnknownImage {
-        name: name.to_owned(),
-        known: IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", "),
-    })
+    IMAGES
+        .iter()
+        .find(|i| i.name == name)
+        .ok_or_else(|| CatalogError::UnknownImage { name: name.to_owned(), known: image_names().join(", ") })
 }
 
 #[cfg(test)]
@@ -204,7 +244,7 @@ mod tests {
         );
         assert_eq!(
             image("y").unwrap_err().to_string(),
-            "unknown image 'y'; known: minimal, debian-bookworm (see `banger image list --catalog`)"
+            "unknown image 'y'; known: minimal, debian-bookworm, agent (see `banger image list --catalog`)"
         );
     }
 

@@ -6,6 +6,7 @@
 //! - [`catalog`] lists the kernels banger pulls and the images it builds.
 //! - [`kernel::pull`] fetches a kernel package (apt, file or URL) and publishes it.
 //! - [`rootfs`] builds an ext4 root image from a recipe with mmdebstrap.
+//! - [`dockerfile`] builds a Dockerfile with buildah and imports it through [`oci`].
 //! - [`oci`] pulls an OCI image (registry, OCI layout, docker-archive) into an ext4 root image.
 //! - [`seed`] builds per-image work seeds (/root) and clones them into per-VM work disks.
 //! - [`promote`] merges a stopped VM's base and overlay disks into one tree for a new image.
@@ -15,6 +16,7 @@
 
 pub mod catalog;
 mod command;
+pub mod dockerfile;
 pub mod host;
 pub mod initramfs;
 pub mod kernel;

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::catalog::{self, CatalogError, InitMode, Recipe};
 use crate::host::{AptSourceFile, HostToolError, HostTools, MkfsRequest, MmdebstrapRequest, SUPERBLOCK_OFFSET};
 use crate::staging::{self, PublishFailure, Staging};
+use banger_proto::agent::meta::ImageMeta;
 
 /// The image file of a published image.
 pub const IMAGE_FILE: &str = "rootfs.ext4";
@@ -56,6 +57,11 @@ pub enum ImageSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
     },
+    /// A Dockerfile built with buildah (see [`crate::dockerfile`]).
+    Dockerfile {
+        /// The Dockerfile's path on the host.
+        path: String,
+    },
     /// An ext4 file registered as it was.
     File {
         /// The file it was copied from.
@@ -80,6 +86,7 @@ impl std::fmt::Display for ImageSource {
                 write!(f, "{reference}@{digest}")
             }
             Self::Oci { reference, .. } => f.write_str(reference),
+            Self::Dockerfile { path } => write!(f, "dockerfile:{path}"),
             Self::File { path } => write!(f, "file:{path}"),
             Self::Promoted { vm, from } => write!(f, "promote:{vm} (from {from})"),
         }
@@ -119,6 +126,9 @@ pub struct ImageManifest {
     /// The recipe it was built from; `None` for images pulled from OCI sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<Recipe>,
+    /// What it declares for its guests (services, ports to wait for, user, working directory).
+    #[serde(default, skip_serializing_if = "ImageMeta::is_empty")]
+    pub meta: ImageMeta,
     /// How the guest starts.
     pub init: InitMode,
     /// Image file, relative to the image directory.
@@ -197,6 +207,12 @@ pub enum BuildImageError {
         /// The cause.
         #[source]
         source: HostToolError,
+    },
+    /// A recipe's labels are invalid.
+    #[error("invalid labels: {reason}")]
+    BadLabels {
+        /// Which label and why.
+        reason: String,
     },
     /// mkfs.ext4 failed.
     #[error("making the ext4 image failed")]
@@ -291,8 +307,22 @@ pub fn build_image(
     host.mmdebstrap(&request).map_err(|source| BuildImageError::Bootstrap { suite: recipe.suite.clone(), source })?;
     customize(&rootfs, recipe)?;
 
-    let info =
-        ImageInfo { name: name.clone(), source: build.source.clone(), recipe: Some(recipe.clone()), init: recipe.init };
+    let meta = banger_proto::agent::meta::from_labels(&recipe.labels, None, None, &[])
+        .map_err(|reason| BuildImageError::BadLabels { reason })?;
+    if !meta.is_empty() {
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| BuildImageError::Io {
+            path: PathBuf::from(banger_proto::agent::meta::IMAGE_META_PATH),
+            source: e.into(),
+        })?;
+        write_guest_file(&rootfs, banger_proto::agent::meta::IMAGE_META_PATH, 0o644, &json)?;
+    }
+    let info = ImageInfo {
+        name: name.clone(),
+        source: build.source.clone(),
+        recipe: Some(recipe.clone()),
+        init: recipe.init,
+        meta,
+    };
     finish_image(host, images_dir, staging, &rootfs, info, progress)
 }
 
@@ -319,6 +349,8 @@ pub(crate) struct ImageInfo {
     pub(crate) recipe: Option<Recipe>,
     /// How the guest starts.
     pub(crate) init: InitMode,
+    /// What it declares for its guests.
+    pub(crate) meta: ImageMeta,
 }
 
 /// Turns the finished tree `rootfs` (inside `staging`) into `rootfs.ext4` with `mkfs.ext4 -d`,
@@ -368,7 +400,7 @@ pub(crate) fn publish_image(
     info: ImageInfo,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltImage, BuildImageError> {
-    let ImageInfo { name, source, recipe, init } = info;
+    let ImageInfo { name, source, recipe, init, meta } = info;
     let dest = images_dir.join(&name);
     let work = image.parent().map(Path::to_path_buf).unwrap_or_else(|| staging.path().join("image"));
     if !is_clean_ext4(image).map_err(io_error(image))? {
@@ -383,6 +415,7 @@ pub(crate) fn publish_image(
         name: name.clone(),
         source,
         recipe,
+        meta,
         init,
         file: IMAGE_FILE.to_owned(),
         format: "ext4".to_owned(),
@@ -450,7 +483,7 @@ pub fn register_image_via(
     let image = work.join(IMAGE_FILE);
     copy_file(via, &image).map_err(io_error(&image))?;
     let source = ImageSource::File { path: file.display().to_string() };
-    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
+    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init, meta: ImageMeta::default() };
     publish_image(images_dir, staging, &image, 0, info, progress)
 }
 
@@ -480,7 +513,7 @@ pub fn promote_image(
         other => BuildImageError::Merge(Box::new(other)),
     })?;
     drop(mounts);
-    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init };
+    let info = ImageInfo { name: name.to_owned(), source, recipe: None, init, meta: ImageMeta::default() };
     publish_image(images_dir, staging, &image, content_bytes, info, progress)
 }
 

@@ -71,6 +71,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod meta;
 pub mod session;
 
 /// Largest payload in one frame.

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use banger_core::size::human_mib;
 use banger_core::time::{age, human_duration};
 use banger_proto::{
-    BuildImageRequest, ImageList, ImageRecipe, ImageRecord, OperationRecord, PromoteRequest, PullImageRequest,
-    RegisterImageRequest,
+    BuildImageRequest, DockerfileBuild, ImageList, ImageRecipe, ImageRecord, OperationRecord, PromoteRequest,
+    PullImageRequest, RegisterImageRequest,
 };
 use clap::{Args, Subcommand};
 use hyper::Method;
@@ -20,7 +20,8 @@ use crate::output;
 pub enum ImageCommand {
     /// Build an image with mmdebstrap and mkfs.ext4: a catalog recipe (e.g. `minimal`), or your
     /// own with --recipe FILE.toml (keys: suite, variant, packages, init = "fast"|"systemd",
-    /// [[files]] path/mode/contents).
+    /// [[files]] path/mode/contents); or from a Dockerfile with --dockerfile (built by buildah
+    /// on the host, no Docker daemon; `FROM banger/NAME` starts from a local image).
     Build(BuildArgs),
     /// Show one image.
     Show(ShowArgs),
@@ -44,8 +45,30 @@ pub struct BuildArgs {
     /// Catalog recipe name, or the new image's name with --recipe.
     name: String,
     /// A recipe file (TOML) instead of the catalog's.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dockerfile")]
     recipe: Option<std::path::PathBuf>,
+    /// A Dockerfile to build (its RUN steps run as root on this host: build only ones you trust).
+    #[arg(long)]
+    dockerfile: Option<std::path::PathBuf>,
+    /// The build context for --dockerfile [default: the Dockerfile's directory].
+    #[arg(long, requires = "dockerfile")]
+    context: Option<std::path::PathBuf>,
+    /// A build argument for --dockerfile (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE", requires = "dockerfile", value_parser = parse_build_arg)]
+    build_args: Vec<(String, String)>,
+}
+
+fn parse_build_arg(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("'{arg}' is not KEY=VALUE")),
+    }
+}
+
+/// An absolute form of `path` (the daemon resolves nothing against the CLI's directory).
+fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
+    let path = std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    path.to_str().map(str::to_owned).with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 #[derive(Debug, Args)]
@@ -111,7 +134,15 @@ pub async fn run(client: &Client, command: ImageCommand) -> anyhow::Result<ExitC
                 }
                 None => None,
             };
-            let req = BuildImageRequest { name: a.name.clone(), recipe };
+            let dockerfile = match &a.dockerfile {
+                Some(path) => Some(DockerfileBuild {
+                    path: absolute(path)?,
+                    context: a.context.as_deref().map(absolute).transpose()?,
+                    build_args: a.build_args.iter().cloned().collect(),
+                }),
+                None => None,
+            };
+            let req = BuildImageRequest { name: a.name.clone(), recipe, dockerfile };
             let op: OperationRecord = client.call(Method::POST, "/v1/images", Some(&req)).await?;
             crate::progress::follow(client, op).await?;
             eprintln!("built image {}", a.name);

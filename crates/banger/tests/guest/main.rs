@@ -13,6 +13,7 @@ mod template;
 
 mod boot;
 mod copy;
+mod dockerfile;
 mod egress;
 mod forward;
 mod hostile_disk;

@@ -94,7 +94,17 @@ fn prepare() -> PathBuf {
 /// A fresh env whose state dir shares the template's kernels and images (hard links). Its
 /// daemon and VMs run in a network namespace of their own.
 pub fn env_from(template: &Path) -> Env {
-    let env = Env::new_in_netns();
+    fill(Env::new_in_netns(), template)
+}
+
+/// [`env_from`] with the daemon in the host's network namespace: only for tests whose daemon
+/// must reach the network itself (a Dockerfile build's RUN steps fetching from apt and npm) and
+/// whose VMs are all `--no-network` (so nothing is made in the host's namespace).
+pub fn env_from_in_host_netns(template: &Path) -> Env {
+    fill(Env::new(), template)
+}
+
+fn fill(env: Env, template: &Path) -> Env {
     std::fs::create_dir_all(&env.state).expect("state dir");
     for sub in ["kernels", "images"] {
         let status =

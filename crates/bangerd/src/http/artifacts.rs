@@ -41,20 +41,26 @@ pub(super) async fn delete_kernel(State(d): Shared, name: PathParams<String>) ->
 /// Local images and the catalog's names.
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = ImageList), (status = 500, body = ApiError)))]
 pub(super) async fn list_images(State(d): Shared) -> ApiResult<ImageList> {
-    let catalog = banger_image::catalog::IMAGES.iter().map(|i| i.name.to_owned()).collect();
+    let catalog = banger_image::catalog::image_names().into_iter().map(str::to_owned).collect();
     let images = d.fleet.store.list_images()?.into_iter().map(Into::into).collect();
     Ok(Json(ImageList { images, catalog }))
 }
 
-/// Builds a catalog image; answers with the operation to follow.
+/// Builds an image (catalog recipe, the caller's recipe or a Dockerfile); answers with the
+/// operation to follow.
 #[utoipa::path(post, path = "/v1/images", request_body = BuildImageRequest,
     responses((status = 202, body = OperationRecord), (status = 400, body = ApiError), (status = 409, body = ApiError),
         (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn build_image(
     State(d): Shared,
+    CallerOf(caller): CallerOf,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiFailure> {
-    Ok(accepted(d.artifacts.begin_build_image(body(req, "BuildImageRequest")?)?))
+    let req = body(req, "BuildImageRequest")?;
+    if req.dockerfile.is_some() {
+        return Ok(accepted(d.artifacts.begin_build_dockerfile(req, caller)?));
+    }
+    Ok(accepted(d.artifacts.begin_build_image(req)?))
 }
 
 /// Pulls an OCI image; answers with the operation to follow.

@@ -82,5 +82,13 @@ async fn another_user_cannot_read_root_files_or_forward_privileged_ports() {
         .await
         .expect("join");
     assert!(as_root.starts_with("HTTP/1.1 404"), "root gets as far as the missing vm: {as_root}");
+
+    // A Dockerfile's RUN steps run as root on the host: only trusted callers may build one.
+    let build = r#"{"name":"df","dockerfile":{"path":"/nonexistent/Dockerfile"}}"#;
+    let sock = socket.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || request_as(65534, &sock, "POST", "/v1/images", build)).await.expect("join");
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(refused.contains("only root or the daemon's user"), "{refused}");
     server.abort();
 }

@@ -305,7 +305,9 @@ impl Status for ArtifactsError {
             | Self::NoImageName(_)
             | Self::KernelPull(_)
             | Self::ImageBuild(_)
-            | Self::ImagePull { .. } => Kind::Invalid,
+            | Self::ImagePull { .. }
+            | Self::Dockerfile(_)
+            | Self::NotTrusted => Kind::Invalid,
             Self::Exists { .. } | Self::MadeMeanwhile(_) | Self::InUse { .. } | Self::Running(_) => Kind::Conflict,
             Self::Catalog(_) | Self::NotAvailable { .. } | Self::NotFound { .. } | Self::NoBase(_) => Kind::NotFound,
             Self::Dir { .. }
@@ -382,6 +384,7 @@ impl Status for LifecycleError {
             | Self::Handles(_)
             | Self::Resume { .. }
             | Self::NotReady { .. }
+            | Self::PortNotReady { .. }
             | Self::StillRunning(_)
             | Self::Injected(_) => Kind::Internal,
         }

@@ -30,12 +30,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_host::paths::ensure_dir;
 use banger_proto::{
-    ApiError, BuildImageRequest, ConfigView, CreateSnapshotRequest, CreateVmRequest, DaemonStatus, ForwardList,
-    ForwardProtocol, ForwardState, ForwardView, GitIdentity, GuestPort, ImageList, ImageRecipe, ImageRecord,
-    KernelList, KernelRecord, OperationList, OperationRecord, PortForward, PromoteRequest, PullImageRequest,
-    PullKernelRequest, RecipeFile, RegisterImageRequest, SessionList, SessionRecord, SessionStatus, SessionView,
-    SnapshotList, SnapshotRecord, SnapshotView, SshConfig, SshHost, SshInfo, StartSessionRequest, StartVmRequest,
-    StdinMode, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
+    ApiError, BuildImageRequest, ConfigView, CreateSnapshotRequest, CreateVmRequest, DaemonStatus, DockerfileBuild,
+    ForwardList, ForwardProtocol, ForwardState, ForwardView, GitIdentity, GuestPort, ImageList, ImageRecipe,
+    ImageRecord, KernelList, KernelRecord, OperationList, OperationRecord, PortForward, PromoteRequest,
+    PullImageRequest, PullKernelRequest, RecipeFile, RegisterImageRequest, SessionList, SessionRecord, SessionStatus,
+    SessionView, SnapshotList, SnapshotRecord, SnapshotView, SshConfig, SshHost, SshInfo, StartSessionRequest,
+    StartVmRequest, StdinMode, UpdateVmRequest, VmList, VmLogs, VmPorts, VmStats, VmView,
 };
 use tokio::net::UnixListener;
 use utoipa::OpenApi;
@@ -169,6 +169,7 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         ImageRecord,
         ImageList,
         BuildImageRequest,
+        DockerfileBuild,
         ImageRecipe,
         RecipeFile,
         PullImageRequest,

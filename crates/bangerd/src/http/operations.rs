@@ -22,7 +22,7 @@ pub(super) struct ShowOpQuery {
     /// How many stages the caller has seen.
     #[serde(default)]
     stages: usize,
-    /// How many warnings the caller has seen.
+    /// How many warnings and output lines the caller has seen.
     #[serde(default)]
     warnings: usize,
 }

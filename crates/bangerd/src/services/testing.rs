@@ -248,6 +248,7 @@ impl Provision for FakeProvision {
                 overlay: dir.join("overlay.ext4"),
                 work: dir.join("work.ext4"),
                 init_mode: InitMode::Fast,
+                wait_ports: Vec::new(),
             })
         })
     }

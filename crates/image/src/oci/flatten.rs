@@ -709,3 +709,28 @@ pub(crate) fn prepare_tree(root: &Path) -> Result<(), PullImageError> {
     }
     Ok(())
 }
+
+/// Writes the image's declarations to `/etc/banger/image.json` in the prepared tree `root`
+/// (none when it declares nothing), replacing what the layers put there, never through a link.
+pub(crate) fn write_meta(root: &Path, meta: &banger_proto::agent::meta::ImageMeta) -> Result<(), PullImageError> {
+    let path = banger_proto::agent::meta::IMAGE_META_PATH;
+    let fail = |e: String| PullImageError::Prepare { path: path.to_owned(), reason: e };
+    let root_fd = rfs::open(root, DIR_FLAGS, Mode::empty())
+        .map_err(|e| PullImageError::Io { path: root.to_owned(), source: e.into() })?;
+    let parts: Vec<OsString> = ["etc", "banger"].iter().map(OsString::from).collect();
+    // prepare_tree made /etc/banger a real directory.
+    let dir = open_dir(root_fd.as_fd(), &parts, false).map_err(|_| fail("not a directory".into()))?;
+    let name = OsStr::new("image.json");
+    match rfs::unlinkat(&dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    if meta.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| fail(e.to_string()))?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rfs::openat(&dir, name, flags, Mode::from_raw_mode(0o644)).map_err(|e| fail(e.to_string()))?;
+    rfs::fchmod(&fd, Mode::from_raw_mode(0o644)).map_err(|e| fail(e.to_string()))?;
+    File::from(fd).write_all(&json).map_err(|e| fail(e.to_string()))
+}

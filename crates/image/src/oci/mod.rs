@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use banger_proto::agent::meta::{from_labels, ImageMeta};
+
 use crate::catalog::InitMode;
 use crate::host::HostTools;
 use crate::rootfs::{self, BuildImageError, BuiltImage, ImageInfo, ImageSource};
@@ -173,6 +175,35 @@ pub struct ImageConfig {
     /// The layers' uncompressed digests.
     #[serde(default)]
     pub rootfs: Option<RootFs>,
+    /// How a container of it runs: user, working directory, environment, labels.
+    #[serde(default, rename = "config")]
+    pub container: Option<ContainerConfig>,
+}
+
+/// `config` of an image config: the parts banger reads into the image's declarations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ContainerConfig {
+    /// `USER`.
+    #[serde(default, rename = "User")]
+    pub user: Option<String>,
+    /// `WORKDIR`.
+    #[serde(default, rename = "WorkingDir")]
+    pub working_dir: Option<String>,
+    /// `ENV`, `KEY=VALUE`.
+    #[serde(default, rename = "Env")]
+    pub env: Option<Vec<String>>,
+    /// `LABEL`s.
+    #[serde(default, rename = "Labels")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl ContainerConfig {
+    /// The image's declarations (`dev.banger.*` labels, with USER, WORKDIR and ENV).
+    pub fn meta(&self) -> Result<ImageMeta, String> {
+        let labels = self.labels.clone().unwrap_or_default();
+        let env = self.env.clone().unwrap_or_default();
+        from_labels(&labels, self.user.as_deref(), self.working_dir.as_deref(), &env)
+    }
 }
 
 /// `rootfs` of an image config.
@@ -484,6 +515,20 @@ pub fn pull_image(
     source: &OciSource,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltImage, PullImageError> {
+    import_image(host, images_dir, name, source, None, InitMode::Fast, progress)
+}
+
+/// [`pull_image`] recording `origin` (instead of the OCI source) as where the image came from,
+/// and starting its guests with `init` (a Dockerfile build keeps its base image's).
+pub fn import_image(
+    host: &dyn HostTools,
+    images_dir: &Path,
+    name: &str,
+    source: &OciSource,
+    origin: Option<ImageSource>,
+    init: InitMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltImage, PullImageError> {
     rootfs::check_new_name(images_dir, name)?;
     let staging = Staging::new(images_dir).map_err(io_error(images_dir))?;
     let blobs = staging.path().join("blobs");
@@ -502,14 +547,27 @@ pub fn pull_image(
         "layers flattened"
     );
     flatten::prepare_tree(&root)?;
+    let meta = match &image.config.container {
+        Some(container) => container.meta().map_err(|reason| PullImageError::BadDocument {
+            what: "the labels".into(),
+            reference: image.reference.clone(),
+            reason,
+        })?,
+        None => ImageMeta::default(),
+    };
+    flatten::write_meta(&root, &meta)?;
     // Free the space of downloaded blobs before mkfs needs it.
     fs::remove_dir_all(&blobs).map_err(io_error(&blobs))?;
 
     let info = ImageInfo {
         name: name.to_owned(),
-        source: ImageSource::Oci { reference: image.reference.clone(), digest: image.manifest_digest.clone() },
+        source: origin.unwrap_or_else(|| ImageSource::Oci {
+            reference: image.reference.clone(),
+            digest: image.manifest_digest.clone(),
+        }),
         recipe: None,
-        init: InitMode::Fast,
+        init,
+        meta,
     };
     Ok(rootfs::finish_image(host, images_dir, staging, &root, info, progress)?)
 }

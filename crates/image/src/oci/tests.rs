@@ -718,7 +718,12 @@ fn refuses_other_platforms() {
     let mut image = FetchedImage {
         reference: "r".into(),
         manifest_digest: None,
-        config: ImageConfig { architecture: Some("arm64".into()), os: Some("linux".into()), rootfs: None },
+        config: ImageConfig {
+            architecture: Some("arm64".into()),
+            os: Some("linux".into()),
+            rootfs: None,
+            container: None,
+        },
         layers: Vec::new(),
     };
     let err = check_image(&mut image).unwrap_err();

@@ -360,6 +360,25 @@ pub struct BuildImageRequest {
     pub name: String,
     /// The caller's recipe (the TOML file of `banger image build --recipe`).
     pub recipe: Option<ImageRecipe>,
+    /// A Dockerfile to build instead (`banger image build NAME --dockerfile PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<DockerfileBuild>,
+}
+
+/// A Dockerfile build: buildah builds it on the host, as root, and the result is imported like
+/// an OCI image. `FROM banger/NAME` names a local banger image. Only root or the daemon's user
+/// may ask for one (its RUN steps run as root on the host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerfileBuild {
+    /// Absolute path of the Dockerfile on the daemon's host.
+    pub path: String,
+    /// Absolute path of the build context [default: the Dockerfile's directory].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Build arguments (`--build-arg KEY=VALUE`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub build_args: std::collections::BTreeMap<String, String>,
 }
 
 /// A user's image recipe. Every field but `packages` has a default.
@@ -378,6 +397,11 @@ pub struct ImageRecipe {
     pub files: Vec<RecipeFile>,
     /// How the guest starts [default: fast].
     pub init: Option<InitMode>,
+    /// Declarations for its guests, with the Dockerfile label keys: `dev.banger.service.NAME`
+    /// (command; `.user`, `.env.KEY`, `.restart` = on-failure|no), `dev.banger.ports`,
+    /// `dev.banger.user`, `dev.banger.workdir`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A file a recipe writes into the image.

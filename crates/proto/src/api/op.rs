@@ -64,6 +64,9 @@ pub struct StageRecord {
     /// Problems that did not fail the stage (e.g. a `sync_files` entry whose host file is missing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What a tool run by the stage printed (a Dockerfile step's output; at most 500 lines).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
 }
 
 /// An asynchronous operation.
@@ -92,10 +95,10 @@ pub struct OperationRecord {
 }
 
 impl OperationRecord {
-    /// How far it has got, as a follower sees it: its stages and its warnings, counted (the
-    /// `stages` and `warnings` of a long poll).
+    /// How far it has got, as a follower sees it: its stages and its warnings and output
+    /// lines, counted (the `stages` and `warnings` of a long poll).
     pub fn progress(&self) -> (usize, usize) {
-        (self.stages.len(), self.stages.iter().map(|s| s.warnings.len()).sum())
+        (self.stages.len(), self.stages.iter().map(|s| s.warnings.len() + s.output.len()).sum())
     }
 
     /// The running stage's name, if any.
@@ -130,8 +133,8 @@ impl From<banger_core::StageState> for StageState {
 
 impl From<banger_core::StageRecord> for StageRecord {
     fn from(s: banger_core::StageRecord) -> Self {
-        let banger_core::StageRecord { name, state, started_at, elapsed_ms, warnings } = s;
-        Self { name, state: state.into(), started_at, elapsed_ms, warnings }
+        let banger_core::StageRecord { name, state, started_at, elapsed_ms, warnings, output } = s;
+        Self { name, state: state.into(), started_at, elapsed_ms, warnings, output }
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod disks;
+mod dockerfile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,6 +160,12 @@ pub enum ArtifactsError {
     /// No image name can be derived from an OCI reference.
     #[error("cannot derive an image name from '{0}'; pass --name")]
     NoImageName(String),
+    /// A Dockerfile build failed (the cause names the step and holds its output).
+    #[error("cannot build the Dockerfile")]
+    Dockerfile(#[source] banger_image::dockerfile::DockerfileError),
+    /// The caller may not build Dockerfiles.
+    #[error("only root or the daemon's user may build a Dockerfile (its RUN steps run as root on the host)")]
+    NotTrusted,
     /// A VM's disks could not be made.
     #[error(transparent)]
     Disk(#[from] disks::DiskError),
@@ -543,7 +550,10 @@ impl Artifacts {
             Some(recipe) => {
                 ImageBuild { name: req.name.clone(), source: ImageSource::Recipe, recipe: user_recipe(recipe)? }
             }
-            None => ImageBuild::catalog(&req.name)?,
+            None => match catalog::dockerfile_image(&req.name) {
+                Some(entry) => return self.begin_catalog_dockerfile(entry),
+                None => ImageBuild::catalog(&req.name)?,
+            },
         };
         self.begin_image_op("image.build", &req.name, move |dir, progress| {
             build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
@@ -654,25 +664,34 @@ impl Artifacts {
     pub async fn ensure_image(&self, op: &StageSink, name: &str) -> Result<(ImageRecord, BuiltImage), ArtifactsError> {
         let record = match self.fleet.store.get_image(name)? {
             Some(r) => r,
-            None => {
-                if catalog::image(name).is_err() {
-                    return Err(ArtifactsError::NotAvailable {
-                        what: "image",
-                        name: name.to_owned(),
-                        how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
-                    });
+            None => match catalog::dockerfile_image(name) {
+                Some(entry) => {
+                    op.stage("image build");
+                    self.make_catalog_dockerfile(op, entry, true).await?
                 }
-                op.stage("image build");
-                let build = ImageBuild::catalog(name)?;
-                self.make_image_locked(op, name, true, move |dir, progress| {
-                    build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
-                })
-                .await?
-            }
+                None => self.build_catalog_image(op, name).await?,
+            },
         };
         let built = open_image(&self.images_dir(), name)
             .map_err(|source| ArtifactsError::ImageFiles { name: name.to_owned(), source })?;
         Ok((record, built))
+    }
+
+    /// Builds catalog recipe image `name` (an auto-pull: one made meanwhile is taken).
+    async fn build_catalog_image(&self, op: &StageSink, name: &str) -> Result<ImageRecord, ArtifactsError> {
+        if catalog::image(name).is_err() {
+            return Err(ArtifactsError::NotAvailable {
+                what: "image",
+                name: name.to_owned(),
+                how: "not local and not in the catalog; build a catalog image with `banger image build NAME` (see `banger image list --catalog`)".into(),
+            });
+        }
+        op.stage("image build");
+        let build = ImageBuild::catalog(name)?;
+        self.make_image_locked(op, name, true, move |dir, progress| {
+            build_image(&SystemHost::new(), dir, &build, progress).map_err(ArtifactsError::ImageBuild)
+        })
+        .await
     }
 
     /// Deletes an image no VM uses.
@@ -749,7 +768,9 @@ fn user_recipe(r: ImageRecipe) -> Result<catalog::Recipe, ArtifactsError> {
             return Err(bad(format!("file path '{}' must be absolute and stay inside the image", f.path)));
         }
     }
+    banger_proto::agent::meta::from_labels(&r.labels, None, None, &[]).map_err(bad)?;
     Ok(catalog::Recipe {
+        labels: r.labels,
         suite: r.suite.unwrap_or_else(|| "bookworm".into()),
         variant: r.variant.unwrap_or_else(|| "minbase".into()),
         packages: r.packages,

@@ -4,7 +4,7 @@
 //! Start: `Starting` is published under the VM lock; then, unlocked: kernel and image (pulled or
 //! built when missing), the overlay disk, the initramfs, the VMM launch (its handles are
 //! published at once, so a daemon crash from here on leaves an adoptable VM), and the wait for the
-//! agent. Finally `Running` is published under the lock — unless a stop came in meanwhile.
+//! agent (and for the ports its image declares, [`ports`]). Finally `Running` is published under the lock — unless a stop came in meanwhile.
 //!
 //! Stop: `Stopping` under the lock; then the agent is asked to power off, then the VMM is told to
 //! quit, then killed; finally the handles are released and `Stopped` published.
@@ -12,6 +12,7 @@
 //! A monitor task per running VM notices a VMM that exits on its own (guest poweroff, crash,
 //! kill) and cleans up after it.
 
+mod ports;
 mod provision;
 
 use std::collections::HashMap;
@@ -106,6 +107,16 @@ pub enum LifecycleError {
         why: String,
         /// The end of its console log.
         console: String,
+    },
+    /// A port the image declares did not answer.
+    #[error("vm '{vm}': guest port {port} (declared by its image) did not answer: {why}; see the service's log in /var/log/banger/ with `banger vm exec {vm} -- ls /var/log/banger`")]
+    PortNotReady {
+        /// The VM.
+        vm: String,
+        /// The port.
+        port: u16,
+        /// Why the wait ended.
+        why: String,
     },
     /// Its VMM outlived the stop.
     #[error("vm '{0}' is still running after stop")]
@@ -367,6 +378,9 @@ impl Lifecycle {
         let ((), ready) =
             tokio::join!(publish, self.guest_ready(op, vm, &launched, restore.is_some(), fork_nic.as_ref()));
         ready?;
+        if restore.is_none() && !boot.wait_ports.is_empty() {
+            self.wait_ports(op, vm, &boot.wait_ports).await?;
+        }
         crate::failpoint!(self.fleet, "vm.start.ready");
         if let Some(state) = restore {
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps

@@ -35,6 +35,8 @@ pub struct Prepared {
     pub work: PathBuf,
     /// How the guest's init runs.
     pub init_mode: InitMode,
+    /// Guest ports its image says a start waits for.
+    pub wait_ports: Vec<u16>,
 }
 
 /// Prepares what a boot of a VM needs, reporting its stages on the operation.
@@ -106,6 +108,7 @@ impl Provision for ArtifactProvision {
                 overlay: disks.overlay,
                 work: disks.work,
                 init_mode: image.init_mode,
+                wait_ports: built.manifest.meta.ports.clone(),
             })
         })
     }

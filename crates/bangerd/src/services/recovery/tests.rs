@@ -129,6 +129,7 @@ fn fake_image(name: &str) -> impl FnOnce(&Path, &mut dyn FnMut(&str)) -> ImageMa
                 name: name.clone(),
                 source: ImageSource::Catalog { entry: name.clone() },
                 recipe: None,
+                meta: Default::default(),
                 init: banger_core::InitMode::Fast,
                 file: "rootfs.ext4".into(),
                 format: "ext4".into(),
