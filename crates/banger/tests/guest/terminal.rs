@@ -152,8 +152,13 @@ impl Drop for Terminal {
 }
 
 /// How many `name` processes run in the guest (seen through a second, plain exec).
+/// How many live (not zombie) processes named `name` run in `vm`.
 fn running(env: &Env, vm: &str, name: &str) -> u32 {
-    let script = format!("grep -slx {name} /proc/[0-9]*/comm | wc -l");
+    let script = format!(
+        "n=0; for d in /proc/[0-9]*; do [ \"$(cat $d/comm 2>/dev/null)\" = {name} ] || continue; \
+         case \"$(sed -n 's/^State:[[:space:]]*//p' $d/status 2>/dev/null)\" in Z*|'') ;; *) n=$((n+1)) ;; esac; \
+         done; echo $n"
+    );
     let r = env.banger(&["vm", "exec", vm, "-n", "--", "sh", "-c", &script]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     r.stdout.trim().parse().expect("a count")
@@ -213,7 +218,14 @@ fn vm_run_it_bash_is_a_real_terminal_and_restores_the_host_one() {
     term.type_("kill -9 %1\r");
     // The shell echoes the command and prompts again (the transcript is in the failure if not).
     term.wait_for(from, "the prompt after the kill", |t| t.contains("kill -9 %1") && t.trim_end().ends_with('#'));
-    wait_until("the stopped sleep killed", DEADLINE, || !sleeping(&env, "tty1"));
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while sleeping(&env, "tty1") {
+        if std::time::Instant::now() > deadline {
+            let ps = env.banger(&["vm", "exec", "tty1", "-n", "--", "sh", "-c", "grep -s . /proc/[0-9]*/stat"]);
+            panic!("the stopped sleep was not killed; terminal: {:?}; guest processes:\n{}", term.seen, ps.stdout);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(term.child.try_wait().expect("wait").is_none(), "banger stays attached");
 
     term.type_("exit 7\r");
