@@ -164,6 +164,22 @@ impl OpRegistry {
         Ok(self.store.find_operation(reference)?)
     }
 
+    /// The operations of this daemon still in memory (the running ones), oldest first, as
+    /// [`OpRegistry::list`] orders them; read without touching the store.
+    pub fn in_memory(&self) -> Vec<OperationRecord> {
+        let mut ops: Vec<OperationRecord> = self
+            .map()
+            .values()
+            .map(|entry| {
+                let mut record = entry.record.clone();
+                record.refresh_elapsed();
+                record
+            })
+            .collect();
+        ops.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        ops
+    }
+
     /// Every kept operation, oldest first, running ones with fresh elapsed times.
     pub fn list(&self) -> Result<Vec<OperationRecord>, OpsError> {
         let mut all = self.store.list_operations()?;

@@ -71,9 +71,12 @@ async fn row(d: &Daemon, view: VmView) -> VmRow {
     VmRow { view, stats }
 }
 
+/// Polled every [`TICK`] by each open page: from memory, never the store's whole history.
 fn running_ops(d: &Daemon, target: Option<&str>) -> Vec<OperationRecord> {
-    let ops = d.fleet.ops.list().unwrap_or_default();
-    ops.into_iter()
+    d.fleet
+        .ops
+        .in_memory()
+        .into_iter()
         .map(OperationRecord::from)
         .filter(|op| op.state == OpState::Running && target.is_none_or(|t| op.target == t))
         .collect()
