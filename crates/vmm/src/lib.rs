@@ -14,6 +14,7 @@
 mod error;
 pub mod firecracker;
 pub mod logfile;
+pub mod memfile;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
