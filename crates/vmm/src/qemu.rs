@@ -224,6 +224,10 @@ impl QemuDriver {
         if let Some((what, path)) = inputs.into_iter().chain(disks).find(|(_, path)| !path.is_file()) {
             return Err(LaunchError::MissingFile { what, path: path.clone() });
         }
+        // A stale memory file (a daemon killed mid-start) would be reused as it is.
+        if let (None, Some(file)) = (state_file, &spec.memory_file) {
+            crate::memfile::unlink(file);
+        }
         // A stale socket makes QEMU fail to bind; a stale pidfile could name someone else.
         for stale in [&spec.control_socket, &spec.agent_socket, &spec.pidfile] {
             match std::fs::remove_file(stale) {
@@ -265,7 +269,9 @@ impl QemuDriver {
             .await?;
         tracing::debug!(vm = %spec.name, pid, "qemu started");
         // Until QMP answers, a failure or a dropped future must not leave QEMU behind.
-        let guard = KillGuard { children: &self.children, pid };
+        // A fresh boot's memory file is QEMU's to create: a failed start leaves none behind.
+        let memory = if state_file.is_none() { spec.memory_file.as_deref() } else { None };
+        let guard = KillGuard { children: &self.children, pid, memory };
 
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
@@ -366,15 +372,19 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for QEMU to write a guest state.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Kills and reaps a half-started VMM when dropped.
+/// Kills and reaps a half-started VMM when dropped, and unlinks its memory file.
 struct KillGuard<'a> {
     children: &'a Children,
     pid: u32,
+    memory: Option<&'a Path>,
 }
 
 impl Drop for KillGuard<'_> {
     fn drop(&mut self) {
         self.children.kill_and_reap(self.pid);
+        if let Some(file) = self.memory {
+            crate::memfile::unlink(file);
+        }
     }
 }
 
