@@ -6,6 +6,10 @@
 //! one port named [`AGENT_PORT_NAME`] whose host end is a unix socket QEMU listens on, and no
 //! network at all (no `-netdev`, so the guest has no route anywhere). Under TCG the kernel gets
 //! `tsc_early_khz=<host TSC kHz>`: without it most TCG boots hang calibrating the TSC.
+//!
+//! Guest RAM is anonymous, or a memory file mapped shared ([`LaunchSpec::memory_file`]); then a
+//! snapshot is the device state plus a frozen copy of the memory, restored lazily
+//! ([`crate::memfile`]).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -632,6 +636,22 @@ mod tests {
         let boot = self::args(&driver, &self::spec());
         let devices = |a: &[String]| values(a, "-device").into_iter().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(devices(&args), devices(&boot), "same devices, same order");
+    }
+
+    /// QEMU 7.2 discards guest pages of a file-backed RAM block by punching holes in the file,
+    /// also when it is mapped privately: a balloon (or virtio-mem) in a fork would let its guest
+    /// zero pages of the snapshot's memory file that every fork maps. None may be attached.
+    #[test]
+    fn no_device_can_discard_guest_memory() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        let mut spec = spec();
+        spec.net = Some(crate::NetSpec { tap: "bgpool3".into(), mac: "02:aa:bb:cc:dd:ee".into() });
+        let lazy = driver.lazy_restore_command_line(&spec, Path::new("/s/restore-state.mem"));
+        let lazy: Vec<String> = lazy.into_iter().map(|a| a.into_string().unwrap()).collect();
+        for args in [args(&driver, &spec), lazy] {
+            let found = args.iter().find(|a| a.contains("balloon") || a.contains("virtio-mem"));
+            assert!(found.is_none(), "{found:?}");
+        }
     }
 
     #[tokio::test]
