@@ -150,6 +150,15 @@ pub enum ControlError {
         need: &'static str,
     },
     /// Writing the guest state failed.
+    /// The guest memory could not be copied into the snapshot.
+    #[error("cannot copy the guest memory {} into the snapshot; check free space there", path.display())]
+    MemoryCopy {
+        /// The VM's memory file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing the guest state to {} failed: {reason}; check free space there", path.display())]
     SaveFailed {
         /// The state file.

@@ -14,6 +14,7 @@
 mod error;
 pub mod firecracker;
 pub mod logfile;
+pub mod memfile;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -42,9 +43,9 @@ pub use spec::{DiskSpec, LaunchSpec, NetSpec, SpecError, VmPaths, AGENT_PORT_NAM
 pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The guest memory file that belongs to the snapshot state file `state` (the same name with
-/// `.mem`). Firecracker writes the memory apart from the device state; QEMU writes one file, so
-/// its snapshots have none. Whoever copies, links or removes a state file does the same to this
-/// one when it exists.
+/// `.mem`). Firecracker writes the memory apart from the device state; QEMU does for a guest
+/// with a memory file ([`memfile`]) and writes one whole file otherwise. Whoever copies, links
+/// or removes a state file does the same to this one when it exists.
 pub fn snapshot_memory_file(state: &Path) -> PathBuf {
     state.with_extension("mem")
 }

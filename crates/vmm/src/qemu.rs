@@ -6,6 +6,10 @@
 //! one port named [`AGENT_PORT_NAME`] whose host end is a unix socket QEMU listens on, and no
 //! network at all (no `-netdev`, so the guest has no route anywhere). Under TCG the kernel gets
 //! `tsc_early_khz=<host TSC kHz>`: without it most TCG boots hang calibrating the TSC.
+//!
+//! Guest RAM is anonymous, or a memory file mapped shared ([`LaunchSpec::memory_file`]); then a
+//! snapshot is the device state plus a frozen copy of the memory, restored lazily
+//! ([`crate::memfile`]).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -86,8 +90,15 @@ impl QemuDriver {
         base.chain(tsc).chain(extra.iter().cloned()).collect::<Vec<_>>().join(" ")
     }
 
-    /// QEMU's arguments (without the program name) for `spec`.
+    /// QEMU's arguments (without the program name) for `spec`. With a memory file, guest RAM
+    /// is that file, mapped shared (see [`crate::memfile`]).
     pub fn command_line(&self, spec: &LaunchSpec) -> Vec<OsString> {
+        self.command_line_with(spec, spec.memory_file.as_deref().map(|path| (path, true)))
+    }
+
+    /// QEMU's arguments for `spec` with guest RAM backed by `memory`: a file and whether it is
+    /// mapped shared (`share=on`) or private and copy-on-write (`share=off`).
+    fn command_line_with(&self, spec: &LaunchSpec, memory: Option<(&Path, bool)>) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.push(parts.concat_os());
         let os = OsStr::new;
@@ -95,7 +106,8 @@ impl QemuDriver {
         push(&[os("-name")]);
         push(&[os("guest="), &escape_opt(OsStr::new(&spec.name)), os(",debug-threads=on")]);
         push(&[os("-M")]);
-        push(&[os("microvm,x-option-roms=off,rtc=on")]);
+        let backend = memory.map(|_| format!(",memory-backend={RAM_ID}")).unwrap_or_default();
+        push(&[os("microvm,x-option-roms=off,rtc=on"), os(&backend)]);
         push(&[os("-accel")]);
         push(&[os(self.accel.as_str())]);
         push(&[os("-cpu")]);
@@ -103,10 +115,18 @@ impl QemuDriver {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
         })]);
-        let memory = spec.memory_mib.to_string();
+        let memory_mib = spec.memory_mib.to_string();
         let vcpus = spec.vcpus.to_string();
-        for part in ["-m", &memory, "-smp", &vcpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+        for part in ["-m", &memory_mib, "-smp", &vcpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             push(&[os(part)]);
+        }
+        if let Some((file, shared)) = memory {
+            push(&[os("-object")]);
+            push(&[
+                os(&format!("memory-backend-file,id={RAM_ID},size={memory_mib}M,mem-path=")),
+                &escape_opt(file.as_os_str()),
+                os(if shared { ",share=on" } else { ",share=off" }),
+            ]);
         }
 
         push(&[os("-chardev")]);
@@ -166,8 +186,19 @@ impl QemuDriver {
         args
     }
 
+    /// QEMU's arguments for `spec` restored lazily from a device-only state and the memory
+    /// file beside it ([`crate::memfile`]): guest RAM maps `memory` privately (copy-on-write,
+    /// never written back), QEMU starts paused and waits (`-incoming defer`) for the
+    /// `x-ignore-shared` capability before it reads the state from its stdin.
+    pub fn lazy_restore_command_line(&self, spec: &LaunchSpec, memory: &Path) -> Vec<OsString> {
+        let mut args = self.command_line_with(spec, Some((memory, false)));
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        args
+    }
+
     async fn launch_inner(&self, spec: &LaunchSpec, state_file: Option<&Path>) -> Result<Launched, LaunchError> {
         spec.validate()?;
+        let mut lazy = false;
         let (args, stdin) = match state_file {
             Some(state) => {
                 if !state.is_file() {
@@ -175,7 +206,15 @@ impl QemuDriver {
                 }
                 let file =
                     File::open(state).map_err(|source| LaunchError::Prepare { path: state.to_owned(), source })?;
-                (self.restore_command_line(spec), Stdio::from(file))
+                let memory = crate::snapshot_memory_file(state);
+                lazy = memory.is_file();
+                let args = if lazy {
+                    check_memory_file(&memory, spec.memory_mib)?;
+                    self.lazy_restore_command_line(spec, &memory)
+                } else {
+                    self.restore_command_line(spec)
+                };
+                (args, Stdio::from(file))
             }
             None => (self.command_line(spec), Stdio::null()),
         };
@@ -188,6 +227,10 @@ impl QemuDriver {
         let disks = spec.disks.iter().map(|disk| ("disk", &disk.path));
         if let Some((what, path)) = inputs.into_iter().chain(disks).find(|(_, path)| !path.is_file()) {
             return Err(LaunchError::MissingFile { what, path: path.clone() });
+        }
+        // A stale memory file (a daemon killed mid-start) would be reused as it is.
+        if let (None, Some(file)) = (state_file, &spec.memory_file) {
+            crate::memfile::unlink(file);
         }
         // A stale socket makes QEMU fail to bind; a stale pidfile could name someone else.
         for stale in [&spec.control_socket, &spec.agent_socket, &spec.pidfile] {
@@ -230,7 +273,9 @@ impl QemuDriver {
             .await?;
         tracing::debug!(vm = %spec.name, pid, "qemu started");
         // Until QMP answers, a failure or a dropped future must not leave QEMU behind.
-        let guard = KillGuard { children: &self.children, pid };
+        // A fresh boot's memory file is QEMU's to create: a failed start leaves none behind.
+        let memory = if state_file.is_none() { spec.memory_file.as_deref() } else { None };
+        let guard = KillGuard { children: &self.children, pid, memory };
 
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
@@ -250,7 +295,11 @@ impl QemuDriver {
             match QmpClient::connect(&spec.control_socket, remaining).await {
                 Ok(client) => {
                     if state_file.is_some() {
-                        self.wait_restored(client, pid, spec, remaining).await?;
+                        self.wait_restored(client, pid, spec, remaining, lazy).await?;
+                    } else if let Some(file) = &spec.memory_file {
+                        // QEMU answers once its memory is mapped: from now on the memory lives
+                        // exactly as long as QEMU, whatever ends it.
+                        crate::memfile::unlink(file);
                     }
                     break;
                 }
@@ -288,11 +337,20 @@ impl QemuDriver {
         pid: u32,
         spec: &LaunchSpec,
         timeout: Duration,
+        lazy: bool,
     ) -> Result<(), LaunchError> {
         let stderr_path = spec.stderr_log();
         let timeout = timeout.max(RESTORE_TIMEOUT);
-        match client.wait_incoming(Duration::from_millis(10), timeout).await {
-            Ok(status) if status.status == "paused" || status.status == "running" => Ok(()),
+        let loaded = async {
+            if lazy {
+                client.execute("migrate-set-capabilities", Some(ignore_shared(true))).await?;
+                client.execute("migrate-incoming", Some(serde_json::json!({ "uri": "fd:0" }))).await?;
+            }
+            client.wait_incoming(Duration::from_millis(10), timeout).await
+        };
+        match loaded.await {
+            // `prelaunch`: the saved guest had never run.
+            Ok(status) if matches!(status.status.as_str(), "paused" | "running" | "prelaunch") => Ok(()),
             Ok(status) => Err(LaunchError::RestoreFailed {
                 reason: format!("run state {}", status.status),
                 stderr: process::tail_lines(&stderr_path, STDERR_LINES),
@@ -318,15 +376,19 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for QEMU to write a guest state.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Kills and reaps a half-started VMM when dropped.
+/// Kills and reaps a half-started VMM when dropped, and unlinks its memory file.
 struct KillGuard<'a> {
     children: &'a Children,
     pid: u32,
+    memory: Option<&'a Path>,
 }
 
 impl Drop for KillGuard<'_> {
     fn drop(&mut self) {
         self.children.kill_and_reap(self.pid);
+        if let Some(file) = self.memory {
+            crate::memfile::unlink(file);
+        }
     }
 }
 
@@ -362,7 +424,25 @@ impl Vmm for QemuDriver {
     ) -> VmmFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             let mut client = self.control(control_socket).await?;
-            client.save_state(state_file, Duration::from_millis(10), SAVE_TIMEOUT).await
+            let memory = shared_memory_file(&mut client).await?;
+            client.execute("migrate-set-capabilities", Some(ignore_shared(memory.is_some()))).await?;
+            client.save_state(state_file, Duration::from_millis(10), SAVE_TIMEOUT).await?;
+            if let Some(path) = memory {
+                // Still paused: the copy is the memory the device state belongs to.
+                let dest = crate::snapshot_memory_file(state_file);
+                let vm_dir = control_socket.parent().unwrap_or(Path::new("/")).to_owned();
+                let mem_path = path.clone();
+                let copied = tokio::task::spawn_blocking(move || {
+                    let src = crate::memfile::open_path_in(&vm_dir, &mem_path)?;
+                    crate::memfile::copy_sparse(&src, &dest)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|copied| copied);
+                let bytes = copied.map_err(|source| ControlError::MemoryCopy { path, source })?;
+                tracing::debug!(bytes, "guest memory copied into the snapshot");
+            }
+            Ok(())
         })
     }
 
@@ -389,6 +469,47 @@ impl Vmm for QemuDriver {
     fn stats(&self, pid: u32) -> Result<VmmStats, process::StatsError> {
         process::stats(pid)
     }
+}
+
+/// The id of the guest RAM backend: the one QEMU gives the anonymous RAM of `microvm`, so RAM
+/// block names match whatever backs it and a saved state loads into either kind of machine.
+const RAM_ID: &str = "microvm.ram";
+
+/// The migration capability that leaves shared memory (a memory file) out of a saved state.
+fn ignore_shared(on: bool) -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })
+}
+
+/// The file behind the guest RAM of the QEMU on `client` when it is mapped shared (a VM
+/// launched with a memory file); `None` for anonymous or private memory.
+async fn shared_memory_file(client: &mut QmpClient) -> Result<Option<PathBuf>, QmpError> {
+    let memdevs = client.execute("query-memdev", None).await?;
+    let shared = memdevs.as_array().into_iter().flatten().any(|dev| {
+        dev.get("id").and_then(serde_json::Value::as_str) == Some(RAM_ID)
+            && dev.get("share").and_then(serde_json::Value::as_bool) == Some(true)
+    });
+    if !shared {
+        return Ok(None);
+    }
+    let path = client
+        .execute("qom-get", Some(serde_json::json!({ "path": format!("/objects/{RAM_ID}"), "property": "mem-path" })))
+        .await?;
+    Ok(path.as_str().map(PathBuf::from))
+}
+
+/// Refuses a snapshot memory file whose size is not the guest's: QEMU would grow an empty
+/// one in place (writing into the snapshot) and refuse a short one late.
+fn check_memory_file(memory: &Path, memory_mib: u32) -> Result<(), LaunchError> {
+    let len =
+        std::fs::metadata(memory).map_err(|source| LaunchError::Prepare { path: memory.to_owned(), source })?.len();
+    let want = u64::from(memory_mib) << 20;
+    if len != want {
+        return Err(LaunchError::RestoreFailed {
+            reason: format!("memory file {} holds {len} bytes, the vm has {want}", memory.display()),
+            stderr: String::new(),
+        });
+    }
+    Ok(())
 }
 
 /// Escapes a QEMU option value: a comma is written twice.
@@ -477,6 +598,74 @@ mod tests {
             driver.restore_command_line(&spec()).into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(&restore[..boot.len()], &boot[..], "same devices, same order");
         assert_eq!(&restore[boot.len()..], ["-S", "-incoming", "fd:0"], "the state file is its stdin");
+    }
+
+    #[test]
+    fn a_memory_file_backs_guest_ram_shared() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        let mut spec = spec();
+        spec.memory_file = Some("/dev/shm/banger-01abc,x.mem".into());
+        let args = args(&driver, &spec);
+        assert_eq!(values(&args, "-M"), ["microvm,x-option-roms=off,rtc=on,memory-backend=microvm.ram"]);
+        assert_eq!(values(&args, "-m"), ["1024"], "the size QEMU checks against the backend");
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=microvm.ram,size=1024M,mem-path=/dev/shm/banger-01abc,,x.mem,share=on"]
+        );
+        let anonymous = self::args(&driver, &self::spec());
+        assert!(values(&anonymous, "-object").is_empty(), "{anonymous:?}");
+    }
+
+    #[test]
+    fn a_lazy_restore_maps_the_snapshot_memory_privately_and_defers_the_state() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        let mut spec = spec();
+        // The fork's own memory file is not used: its memory is the snapshot's.
+        spec.memory_file = Some("/dev/shm/banger-01abc.mem".into());
+        let args: Vec<String> = driver
+            .lazy_restore_command_line(&spec, Path::new("/srv/vms/01abc/restore-state.mem"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=microvm.ram,size=1024M,mem-path=/srv/vms/01abc/restore-state.mem,share=off"]
+        );
+        assert_eq!(values(&args, "-M"), ["microvm,x-option-roms=off,rtc=on,memory-backend=microvm.ram"]);
+        assert_eq!(&args[args.len() - 3..], ["-S", "-incoming", "defer"]);
+        let boot = self::args(&driver, &self::spec());
+        let devices = |a: &[String]| values(a, "-device").into_iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(devices(&args), devices(&boot), "same devices, same order");
+    }
+
+    /// QEMU 7.2 discards guest pages of a file-backed RAM block by punching holes in the file,
+    /// also when it is mapped privately: a balloon (or virtio-mem) in a fork would let its guest
+    /// zero pages of the snapshot's memory file that every fork maps. None may be attached.
+    #[test]
+    fn no_device_can_discard_guest_memory() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        let mut spec = spec();
+        spec.net = Some(crate::NetSpec { tap: "bgpool3".into(), mac: "02:aa:bb:cc:dd:ee".into() });
+        let lazy = driver.lazy_restore_command_line(&spec, Path::new("/s/restore-state.mem"));
+        let lazy: Vec<String> = lazy.into_iter().map(|a| a.into_string().unwrap()).collect();
+        for args in [args(&driver, &spec), lazy] {
+            let found = args.iter().find(|a| a.contains("balloon") || a.contains("virtio-mem"));
+            assert!(found.is_none(), "{found:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lazy_restore_refuses_a_memory_file_of_another_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = LaunchSpec::new("01abc", "web", dir.path(), "/k/vmlinuz", "/k/initrd.img");
+        spec.memory_mib = 64;
+        let state = dir.path().join("restore-state.bin");
+        std::fs::write(&state, b"state").unwrap();
+        // Empty: QEMU would grow it to the guest's size, writing into the snapshot.
+        std::fs::write(crate::snapshot_memory_file(&state), b"").unwrap();
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary("sh");
+        let error = driver.restore(&spec, &state).await.unwrap_err();
+        assert!(error.to_string().contains("holds 0 bytes, the vm has 67108864"), "{error}");
     }
 
     #[tokio::test]

@@ -163,6 +163,12 @@ pub struct LaunchSpec {
     pub pidfile: PathBuf,
     /// Network interface. Reserved for the networking work: drivers reject it for now.
     pub net: Option<NetSpec>,
+    /// A file on tmpfs to back guest memory with, mapped shared (QEMU): a snapshot then saves
+    /// the device state only and copies this file beside it, and forks map that copy privately
+    /// ([`crate::snapshot_memory_file`]). `None`: anonymous memory, saved in the state. QEMU
+    /// creates the file; the launch unlinks it once QEMU answers, so the memory goes with QEMU.
+    /// A restore ignores it.
+    pub memory_file: Option<PathBuf>,
 }
 
 impl LaunchSpec {
@@ -192,6 +198,7 @@ impl LaunchSpec {
             control_socket: paths.control_socket,
             pidfile: paths.pidfile,
             net: None,
+            memory_file: None,
         }
     }
 
@@ -218,6 +225,9 @@ impl LaunchSpec {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(SpecError::SocketPathTooLong { path: socket.clone() });
             }
+        }
+        if let Some(file) = self.memory_file.as_ref().filter(|f| !f.is_absolute()) {
+            return Err(SpecError::RelativeMemoryFile { path: file.clone() });
         }
         if let Some(arg) = self.kernel_args.iter().find(|arg| arg.is_empty() || arg.contains(char::is_whitespace)) {
             return Err(SpecError::BadKernelArg { arg: arg.clone() });
@@ -264,6 +274,12 @@ pub enum SpecError {
     PidfileOutsideVmDir {
         /// The pidfile.
         pidfile: PathBuf,
+    },
+    /// The memory file is relative.
+    #[error("memory file {} is relative; pass an absolute path", path.display())]
+    RelativeMemoryFile {
+        /// The file.
+        path: PathBuf,
     },
     /// A socket path longer than a unix socket address holds.
     #[error("socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter state dir", path.display())]

@@ -107,6 +107,16 @@ fn one_snapshot_forked_twice_gives_two_distinct_forks() {
     assert_eq!(snap["memory_mib"], 512);
     let size = snap["size_bytes"].as_u64().expect("size");
     assert!(size > 0, "{snap}");
+    // A fresh QEMU guest's memory is a file on tmpfs: the snapshot is its device state plus a
+    // sparse frozen copy of that file (lazy restores).
+    let src_id = env.banger(&["vm", "show", "src", "--json"]).ok().json()["id"].as_str().expect("id").to_owned();
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self"));
+    let src_memory = std::path::PathBuf::from(format!("/dev/shm/banger-mem-{uid}/{src_id}.mem"));
+    assert!(!src_memory.exists(), "unlinked once qemu runs: {}", src_memory.display());
+    let snap_dir = std::path::PathBuf::from(snap["dir"].as_str().expect("dir"));
+    let state_len = std::fs::metadata(snap_dir.join("state.bin")).expect("state").len();
+    assert!(state_len < 1 << 20, "device state only: {state_len} bytes");
+    assert_eq!(std::fs::metadata(snap_dir.join("state.mem")).expect("memory").len(), 512 << 20);
     assert_eq!(state_of(&env, "src"), "running", "the source runs on");
     sh(&env, "src", "echo later > /root/after-source.txt");
     let listed = env.banger(&["snapshot", "list", "--json"]).ok().json();
@@ -186,6 +196,18 @@ fn one_snapshot_forked_twice_gives_two_distinct_forks() {
         fork_ready.as_secs_f64() / cold.as_secs_f64(),
         stages.join(", ")
     );
+
+    // A fork of a fork: fork-a runs on the snapshot's memory mapped privately, so its own
+    // snapshot is saved whole (the format before lazy memory), and a fork of that works too.
+    let of_a = env.banger(&["vm", "snapshot", "fork-a", "--name", "of-a", "--json"]).ok().json();
+    let of_a_dir = std::path::PathBuf::from(of_a["dir"].as_str().expect("dir"));
+    assert!(!of_a_dir.join("state.mem").exists(), "a whole state: {of_a}");
+    env.banger(&["vm", "fork", "of-a", "--name", "fork-aa"]).ok();
+    assert_eq!(sh(&env, "fork-aa", "cat /root/a-only.txt"), "mine");
+    assert_eq!(identity(&env, "fork-aa").hostname, "fork-aa");
+    env.banger(&["vm", "stop", "fork-aa"]).ok();
+    env.banger(&["vm", "delete", "fork-aa"]).ok();
+    env.banger(&["snapshot", "delete", "of-a"]).ok();
 
     for vm in ["fork-a", "fork-b", "src"] {
         env.banger(&["vm", "stop", vm]).ok();

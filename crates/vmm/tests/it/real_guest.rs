@@ -273,3 +273,100 @@ fn driver_constructs() {
     let driver = QemuDriver::new(banger_vmm::Accel::Tcg, Some(1_000_000));
     assert!(driver.kernel_cmdline(&[]).contains("tsc_early_khz=1000000"));
 }
+
+/// Connects to the agent socket of a guest whose hello was read already and does one ping/pong.
+async fn ping(launched: &Launched, n: u32) {
+    let stream = UnixStream::connect(&launched.agent_socket).await.expect("agent socket accepts");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    write.write_all(format!("ping {n}\n").as_bytes()).await.expect("agent socket writes");
+    let pong = tokio::time::timeout(GUEST_TIMEOUT, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("no pong within {GUEST_TIMEOUT:?}; {}", console(launched)))
+        .expect("reads");
+    assert_eq!(pong, Some(format!("pong {n}")), "{}", console(launched));
+}
+
+/// Reads the hello only: the guest then waits for its one ping, which a restored copy answers.
+async fn hello_only(launched: &Launched) {
+    let stream = UnixStream::connect(&launched.agent_socket).await.expect("agent socket accepts");
+    let mut lines = BufReader::new(stream).lines();
+    let hello = tokio::time::timeout(GUEST_TIMEOUT, lines.next_line()).await.expect("hello in time").expect("reads");
+    assert_eq!(hello, Some(expected_hello()), "{}", console(launched));
+}
+
+fn digest(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Snapshots of a guest whose memory is a shared file hold the device state only plus a frozen
+/// sparse copy of the memory; a fork maps that copy privately, runs, and never writes into it.
+/// A guest with anonymous memory is still saved and restored whole. Prints both restores'
+/// figures (512 MiB guests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_snapshots_share_a_frozen_memory_file() {
+    if !enabled() {
+        return;
+    }
+    let fixture = fixture();
+    let driver: Arc<dyn Vmm> = select(VmmChoice::Qemu, &HostFacts::probe()).expect("qemu selectable").driver();
+    let shm = tempfile::Builder::new().prefix("banger-vmm-it").tempdir_in("/dev/shm").expect("tmpfs dir");
+    let mut figures = Vec::new();
+    for lazy in [true, false] {
+        let name = if lazy { "lazy" } else { "whole" };
+        let mut spec = fixture.spec(&format!("src-{name}"), &[]);
+        spec.memory_mib = 512;
+        spec.memory_file = lazy.then(|| shm.path().join("src.mem"));
+        let source = driver.launch(&spec).await.expect("qemu launches");
+        let _source_guard = VmGuard { driver: driver.clone(), pid: source.pid, vm_dir: spec.vm_dir.clone() };
+        hello_only(&source).await;
+        assert!(!shm.path().join("src.mem").exists(), "unlinked once qemu runs: its memory goes with qemu");
+        let state = fixture.dir.path().join(format!("snap-{name}/state.bin"));
+        std::fs::create_dir(state.parent().expect("parent")).expect("snapshot dir");
+        driver.pause(&source.control_socket).await.expect("pause");
+        let t = Instant::now();
+        driver.snapshot(&source.control_socket, &state).await.expect("snapshot");
+        let saved_in = t.elapsed();
+        let memory = banger_vmm::snapshot_memory_file(&state);
+        assert_eq!(memory.is_file(), lazy, "a memory file beside the state only for a file-backed guest");
+        let state_bytes = std::fs::metadata(&state).expect("state").len();
+        if lazy {
+            assert!(state_bytes < 1 << 20, "device state only: {state_bytes} bytes");
+            assert_eq!(std::fs::metadata(&memory).expect("memory").len(), 512 << 20);
+        }
+        let frozen = lazy.then(|| digest(&memory));
+        // The source runs on and answers its ping: its own file changes, the copy must not.
+        driver.resume(&source.control_socket).await.expect("resume");
+        ping(&source, 1).await;
+
+        let mut fork_spec = fixture.spec(&format!("fork-{name}"), &[]);
+        fork_spec.memory_mib = 512;
+        let t = Instant::now();
+        let fork = driver.restore(&fork_spec, &state).await.expect("restore");
+        let _fork_guard = VmGuard { driver: driver.clone(), pid: fork.pid, vm_dir: fork_spec.vm_dir.clone() };
+        driver.resume(&fork.control_socket).await.expect("resume the fork");
+        ping(&fork, 2).await;
+        let ready_in = t.elapsed();
+        let rss = driver.stats(fork.pid).expect("stats").rss_kib;
+        if lazy {
+            let cmdline =
+                String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", fork.pid)).expect("cmdline"))
+                    .replace('\0', " ");
+            assert!(cmdline.contains(",share=off"), "{cmdline}");
+        }
+        for launched in [&fork, &source] {
+            let dir = &launched.vm_dir;
+            let outcome = driver.stop(launched.pid, dir, &launched.control_socket, Duration::from_secs(10)).await;
+            assert!(outcome.is_ok(), "{outcome:?}");
+        }
+        if let Some(frozen) = frozen {
+            assert_eq!(digest(&memory), frozen, "the fork wrote into the snapshot's memory file");
+        }
+        figures.push((name, state_bytes, saved_in, ready_in, rss));
+    }
+    eprintln!("memory | state bytes | snapshot | restore to pong | fork rss");
+    for (name, bytes, saved, ready, rss) in figures {
+        eprintln!("{name} | {bytes} | {} | {} | {} MiB", secs(saved), secs(ready), rss / 1024);
+    }
+}

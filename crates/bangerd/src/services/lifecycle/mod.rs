@@ -12,6 +12,7 @@
 //! A monitor task per running VM notices a VMM that exits on its own (guest poweroff, crash,
 //! kill) and cleans up after it.
 
+pub mod memory;
 mod ports;
 mod provision;
 
@@ -140,6 +141,19 @@ const CONSOLE_TAIL: usize = 15;
 const CONSOLE_TAIL_LINE: usize = 512;
 /// Bytes of the console log a boot error's tail is taken from.
 const CONSOLE_TAIL_BYTES: u64 = 64 << 10;
+
+/// Removes the memory file of a VMM that did not start (one that answered has it unlinked by
+/// the driver already).
+fn remove_memory_file(vm: &VmRecord, file: Option<&Path>) {
+    if let Some(file) = file {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(vm = %vm.name, file = %file.display(), error = %e, "cannot remove the memory file");
+            }
+            _ => {}
+        }
+    }
+}
 
 /// The last `n` lines of a guest-written text file, each cut to `max_line` bytes, read from
 /// its last `max_bytes` bytes: never the whole file (see `banger_vmm::logfile`).
@@ -332,6 +346,11 @@ impl Lifecycle {
             spec.kernel_args.extend(nic.kernel_args.iter().cloned());
             spec.net = Some(NetSpec { tap: nic.tap.clone(), mac: nic.mac.clone() });
         }
+        // Fresh QEMU boots get a memory file (lazy snapshots); a restore maps its snapshot's
+        // memory, or loads a whole state into anonymous memory.
+        if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
+            spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
+        }
         let launching = match &restore {
             Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
             None => self.fleet.driver(vm.spec.vmm).launch(&spec).await,
@@ -342,6 +361,7 @@ impl Lifecycle {
                 if let Some(nic) = &nic {
                     self.net.release_tap(&nic.tap).await;
                 }
+                remove_memory_file(vm, spec.memory_file.as_deref());
                 return Err(e.into());
             }
         };
@@ -361,6 +381,7 @@ impl Lifecycle {
             // Unpublished handles would leave an orphan: end the VMM while we know its pid.
             let driver = self.fleet.driver(vm.spec.vmm);
             let _ = driver.stop(launched.pid, &vm_dir, &launched.control_socket, Duration::from_secs(5)).await;
+            remove_memory_file(vm, spec.memory_file.as_deref());
             if let Some(nic) = &nic {
                 self.net.release_tap(&nic.tap).await;
             }
@@ -620,6 +641,10 @@ impl Lifecycle {
         for vm in self.fleet.store.list_vms()? {
             if report.adopted.iter().any(|(a, _)| a.id == vm.id) {
                 continue;
+            }
+            // Not running: a memory file it left (its VMM died unpublished) is stale.
+            if let Err(e) = memory::remove_stale(Path::new(memory::MEMORY_BASE), &vm.id) {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot remove a stale memory file");
             }
             let dir = Path::new(&vm.vm_dir);
             let paths = banger_vmm::VmPaths::new(dir);
