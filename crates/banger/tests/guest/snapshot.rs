@@ -1,6 +1,7 @@
 //! Memory snapshots under QEMU (TCG here): pause and resume keep a guest process alive; one
 //! snapshot forked twice gives two forks with identities of their own, the snapshot's files and
-//! a corrected clock; warm start forks the first `vm run`'s snapshot. Prints the measured times.
+//! a corrected clock; ten forks of one snapshot run at once, each with its own identity; warm
+//! start forks the first `vm run`'s snapshot. Prints the measured times.
 
 use std::time::{Duration, Instant};
 
@@ -215,6 +216,86 @@ fn one_snapshot_forked_twice_gives_two_distinct_forks() {
     }
     env.banger(&["snapshot", "delete", "base"]).ok();
     assert_eq!(std::fs::read_dir(env.state.join("snapshots")).expect("snapshots dir").count(), 0);
+}
+
+/// Forks at once: ten forks of one snapshot, started concurrently, all run with identities of
+/// their own (host name, MAC, address, machine id) and resolve one another; their QEMUs map the
+/// snapshot's memory instead of each loading it (each holds far less than the guest's 512 MiB).
+#[test]
+fn ten_forks_of_one_snapshot_run_at_once_with_distinct_identities() {
+    const FORKS: usize = 10;
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    env.enter_netns();
+    env.banger(&["vm", "create", "origin", "--image", "debian-bookworm", "--memory", "512M"]).ok();
+    env.banger(&["vm", "start", "origin"]).ok();
+    sh(&env, "origin", "echo shared-before > /root/before.txt && sync");
+    env.banger(&["vm", "snapshot", "origin", "--name", "many"]).ok();
+    env.banger(&["vm", "stop", "origin"]).ok();
+
+    let names: Vec<String> = (0..FORKS).map(|i| format!("many-{i}")).collect();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let env = &env;
+        let forks: Vec<_> = names
+            .iter()
+            .map(|name| scope.spawn(move || env.banger(&["vm", "fork", "many", "--name", name]).ok()))
+            .collect();
+        for fork in forks {
+            fork.join().expect("a fork thread");
+        }
+    });
+    let all_ready = started.elapsed();
+
+    let seen: Vec<Seen> = names.iter().map(|name| identity(&env, name)).collect();
+    for (name, s) in names.iter().zip(&seen) {
+        assert_eq!(&s.hostname, name);
+        assert_eq!(state_of(&env, name), "running");
+        assert_eq!(s.addr.split('/').next(), Some(ip_of(&env, name).as_str()), "{name}: {s:?}");
+        assert_eq!(sh(&env, name, "cat /root/before.txt"), "shared-before", "{name}");
+    }
+    for field in [|s: &Seen| s.mac.clone(), |s: &Seen| s.addr.clone(), |s: &Seen| s.machine_id.clone()] {
+        let mut values: Vec<String> = seen.iter().map(field).collect();
+        assert!(values.iter().all(|v| !v.is_empty()), "{seen:?}");
+        values.sort();
+        values.dedup();
+        assert_eq!(values.len(), FORKS, "distinct: {seen:?}");
+    }
+    // Neighbours by name, both ways round the ring.
+    for i in 0..FORKS {
+        let next = &names[(i + 1) % FORKS];
+        let out = sh(&env, &names[i], &format!("getent hosts {next}.vm"));
+        assert!(out.starts_with(&format!("{} ", ip_of(&env, next))), "{} resolves {next}.vm: {out:?}", names[i]);
+    }
+    // Each QEMU holds what its guest touched, not a loaded copy of the whole 512 MiB.
+    let mut rss_mib = Vec::new();
+    for name in &names {
+        let shown = env.banger(&["vm", "show", name, "--json"]).ok().json();
+        let dir = std::path::PathBuf::from(shown["paths"]["dir"].as_str().expect("dir"));
+        let pid: u32 = std::fs::read_to_string(dir.join("vmm.pid")).expect("pidfile").trim().parse().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS");
+        rss_mib.push(kib / 1024);
+    }
+    assert!(rss_mib.iter().all(|mib| *mib < 400), "a fork loaded its whole memory: {rss_mib:?} MiB");
+    eprintln!(
+        "measured: {FORKS} concurrent forks ready in {:.2}s; fork QEMU RSS {:?} MiB",
+        all_ready.as_secs_f64(),
+        rss_mib
+    );
+
+    let mut doomed = vec!["vm", "delete", "--force"];
+    doomed.extend(names.iter().map(String::as_str));
+    env.banger(&doomed).ok();
+    env.banger(&["vm", "delete", "origin"]).ok();
+    env.banger(&["snapshot", "delete", "many"]).ok();
+    let listed = env.banger(&["vm", "list", "--json"]).ok().json();
+    assert_eq!(listed["vms"].as_array().map(Vec::len), Some(0), "{listed}");
 }
 
 #[test]
