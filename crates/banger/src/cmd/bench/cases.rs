@@ -157,10 +157,12 @@ fn at_once(cli: &Cli, names: &[String], args: impl Fn(&str) -> Vec<String>) -> a
     for child in children {
         let out = child.wait_with_output().context("cannot wait for banger")?;
         if !out.status.success() {
-            failed = Some(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+            failed = Some(format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status));
         }
     }
     let elapsed = ms(started.elapsed());
+    // Ctrl-C reached the children too: say so rather than quote them.
+    Cli::check_interrupted()?;
     if let Some(why) = failed {
         bail!("one of {} at once failed: {why}", names.len());
     }
