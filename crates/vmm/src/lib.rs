@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{ControlError, LaunchError};
 pub use firecracker::{FirecrackerDriver, FirecrackerError, FirecrackerOptions};
-pub use process::{is_alive, read_pidfile, StatsError, VmmStats};
+pub use process::{is_alive, memory as vmm_memory, read_pidfile, StatsError, VmmMemory, VmmStats};
 pub use qemu::QemuDriver;
 pub use qmp::{QmpClient, QmpError, RunStatus};
 pub use select::{

@@ -131,6 +131,90 @@ fn parse_vm_rss_kib(status: &str) -> Option<u64> {
     value.trim().strip_suffix("kB")?.trim().parse().ok()
 }
 
+/// Memory of a VMM process as the host holds it, in KiB. RSS counts every page the process maps,
+/// shared ones too (forks of one snapshot share its clean pages; a guest's memory file is shared
+/// memory), so summing RSS over VMMs double counts; PSS divides each shared page among its
+/// mappers and sums to the host's real use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmMemory {
+    /// Resident set (`Rss` of `smaps_rollup`).
+    pub rss_kib: u64,
+    /// Proportional set (`Pss`): each shared page divided among the processes that map it.
+    pub pss_kib: u64,
+    /// The part of `Pss` in shared memory (`Pss_Shmem`: a guest's tmpfs memory file).
+    pub pss_shmem_kib: u64,
+    /// Resident shared memory (`RssShmem` of `status`).
+    pub rss_shmem_kib: u64,
+    /// What the guest's memory file on `/dev/shm` holds (its allocated blocks), when the VMM
+    /// has one open: pages it holds stay in memory even where the VMM has not mapped them.
+    pub memory_file_kib: Option<u64>,
+}
+
+impl VmmMemory {
+    /// The host memory this VMM costs: its PSS, plus what its memory file holds beyond the
+    /// part of it the PSS already counts.
+    pub fn host_kib(&self) -> u64 {
+        let unmapped = self.memory_file_kib.unwrap_or(0).saturating_sub(self.pss_shmem_kib);
+        self.pss_kib.saturating_add(unmapped)
+    }
+}
+
+/// The most bytes read from one `/proc` file of a VMM (a `smaps_rollup` or `status` is ~1 KB).
+const PROC_READ_CAP: u64 = 64 * 1024;
+/// The most open files looked at for a memory file.
+const FD_SCAN_CAP: usize = 4096;
+
+/// The memory figures of `pid` from `/proc/<pid>/smaps_rollup`, `status` and its open files
+/// (reads bounded by [`PROC_READ_CAP`] and [`FD_SCAN_CAP`]).
+pub fn memory(pid: u32) -> Result<VmmMemory, StatsError> {
+    let rollup_path = PathBuf::from(format!("/proc/{pid}/smaps_rollup"));
+    let rollup = read_capped(&rollup_path).ok_or(StatsError::NotRunning { pid })?;
+    let status_path = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = read_capped(&status_path).ok_or(StatsError::NotRunning { pid })?;
+    let field = |text: &str, name: &str| kib_field(text, name);
+    let parse = |path: &Path| StatsError::Parse { path: path.to_owned() };
+    Ok(VmmMemory {
+        rss_kib: field(&rollup, "Rss").ok_or_else(|| parse(&rollup_path))?,
+        pss_kib: field(&rollup, "Pss").ok_or_else(|| parse(&rollup_path))?,
+        pss_shmem_kib: field(&rollup, "Pss_Shmem").unwrap_or(0),
+        rss_shmem_kib: field(&status, "RssShmem").unwrap_or(0),
+        memory_file_kib: memory_file_kib(pid),
+    })
+}
+
+fn read_capped(path: &Path) -> Option<String> {
+    let mut text = String::new();
+    std::fs::File::open(path).ok()?.take(PROC_READ_CAP).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of a `Name:   123 kB` line.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
+    value.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// Whether an open file's link target is a guest memory file on `/dev/shm` (its name is
+/// `banger-mem-<uid>/<vm id>.mem`, " (deleted)" once unlinked).
+fn is_guest_memory_file(target: &str) -> bool {
+    let target = target.strip_suffix(" (deleted)").unwrap_or(target);
+    target.contains("/banger-mem-") && target.ends_with(".mem")
+}
+
+/// The allocated size of the guest memory file `pid` has open, in KiB.
+fn memory_file_kib(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let found = std::fs::read_dir(&dir)
+        .ok()?
+        .take(FD_SCAN_CAP)
+        .flatten()
+        .find(|entry| std::fs::read_link(entry.path()).is_ok_and(|t| is_guest_memory_file(&t.to_string_lossy())))?;
+    // The link's target is the open file itself, so this works after it is unlinked.
+    let meta = std::fs::metadata(found.path()).ok()?;
+    Some(meta.blocks().saturating_mul(512) / 1024)
+}
+
 /// `sysconf(_SC_CLK_TCK)`, the unit of `/proc/<pid>/stat` CPU times.
 fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions and touches no memory of ours.
@@ -481,6 +565,29 @@ mod tests {
         assert!(!cmdline_names_dir(cmdline, Path::new("/var/vms/a")));
         assert!(!cmdline_names_dir(cmdline, Path::new("/")));
         assert!(!cmdline_names_dir(b"", Path::new("/var/vms/ab")));
+    }
+
+    #[test]
+    fn memory_fields_and_the_host_figure() {
+        let rollup = "55c2-7ffe ---p 00000000 00:00 0  [rollup]\nRss:   1744 kB\nPss:   242 kB\nPss_Shmem:  100 kB\n";
+        assert_eq!(kib_field(rollup, "Rss"), Some(1744));
+        assert_eq!(kib_field(rollup, "Pss"), Some(242));
+        assert_eq!(kib_field(rollup, "Pss_Shmem"), Some(100));
+        assert_eq!(kib_field(rollup, "Pss_Anon"), None);
+        let m = VmmMemory { pss_kib: 242, pss_shmem_kib: 100, memory_file_kib: Some(300), ..Default::default() };
+        assert_eq!(m.host_kib(), 242 + 200, "file pages the VMM does not map are added");
+        let m = VmmMemory { pss_kib: 242, pss_shmem_kib: 100, memory_file_kib: Some(50), ..Default::default() };
+        assert_eq!(m.host_kib(), 242);
+        assert!(is_guest_memory_file("/dev/shm/banger-mem-0/0123.mem (deleted)"));
+        assert!(is_guest_memory_file("/dev/shm/banger-mem-1000/abc.mem"));
+        assert!(!is_guest_memory_file("/var/lib/banger/snapshots/s/state.mem"));
+    }
+
+    #[test]
+    fn memory_of_this_process() {
+        let m = memory(std::process::id()).expect("memory");
+        assert!(m.rss_kib > 0 && m.pss_kib > 0 && m.pss_kib <= m.rss_kib);
+        assert_eq!(m.memory_file_kib, None);
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub enum VmCommand {
     Run(RunArgs),
     /// Print a VM's serial console log.
     Logs(LogsArgs),
-    /// Show a VM's resource use.
+    /// Show a VM's resource use: VMM CPU time, its host memory (RSS, PSS, memory file) and
+    /// the guest's own view of its memory
     Stats(StatsArgs),
     /// List the ports listening in a running VM (from its agent).
     Ports(StatsArgs),
@@ -396,7 +397,9 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
                     ("running", stats.running.to_string()),
                     ("pid", stats.pid.map_or_else(|| "-".into(), |p| p.to_string())),
                     ("cpu time", opt(stats.cpu_time_ms, &|ms| human_duration(std::time::Duration::from_millis(ms)))),
-                    ("memory", opt(stats.rss_kib, &|k| format!("{:.1} MiB RSS", k as f64 / 1024.0))),
+                    ("memory (VMM)", vmm_memory(&stats)),
+                    ("host memory", opt(stats.host_memory_kib, &|k| format!("{} (PSS + memory file)", mib(k)))),
+                    ("guest memory", guest_memory(&stats)),
                     ("uptime", opt(stats.uptime_secs, &|s| human_duration(std::time::Duration::from_secs(s)))),
                 ];
                 for (name, value) in stats.vmm_metrics.iter().flatten() {
@@ -406,6 +409,31 @@ pub async fn run(client: &Client, command: VmCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// `RSS, PSS, memory file` of a VMM, what is known of it.
+fn vmm_memory(stats: &VmStats) -> String {
+    let parts: Vec<String> = [("RSS", stats.rss_kib), ("PSS", stats.pss_kib), ("memory file", stats.memory_file_kib)]
+        .into_iter()
+        .filter_map(|(name, kib)| kib.map(|k| format!("{} {name}", mib(k))))
+        .collect();
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The guest's own view: available of total.
+fn guest_memory(stats: &VmStats) -> String {
+    match (stats.guest_mem_available_kib, stats.guest_mem_total_kib) {
+        (Some(available), Some(total)) => format!("{} available of {}", mib(available), mib(total)),
+        _ => "-".to_owned(),
     }
 }
 

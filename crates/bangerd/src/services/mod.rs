@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod files;
 pub mod forwards;
 pub mod lifecycle;
+pub mod meminfo;
 pub mod net;
 pub mod recovery;
 pub mod sessions;

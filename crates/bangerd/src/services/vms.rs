@@ -520,7 +520,8 @@ impl Vms {
         Ok(VmLogs { path, text })
     }
 
-    /// VM `reference`'s resource use.
+    /// VM `reference`'s resource use: the VMM's CPU time and memory from `/proc` (RSS and PSS,
+    /// its memory file), and the guest's own view of its memory through the agent (bounded).
     pub async fn stats(&self, reference: &str) -> Result<VmStats, VmsError> {
         let vm = self.fleet.store.find_vm(reference)?;
         let running = self.fleet.alive(&vm);
@@ -532,6 +533,11 @@ impl Vms {
             Some(socket) => driver.metrics(std::path::Path::new(&vm.vm_dir), std::path::Path::new(&socket)).await,
             None => None,
         };
+        let memory = pid.and_then(|p| banger_vmm::vmm_memory(p).ok());
+        let guest = match running {
+            true => crate::services::meminfo::guest_meminfo(&self.fleet.agent_for(&vm)).await,
+            false => None,
+        };
         let uptime_secs = pid
             .and_then(|p| std::fs::metadata(format!("/proc/{p}")).ok())
             .and_then(|m| m.modified().ok())
@@ -542,7 +548,12 @@ impl Vms {
             running,
             pid,
             cpu_time_ms: stats.map(|s| s.cpu_time_ms),
-            rss_kib: stats.map(|s| s.rss_kib),
+            rss_kib: memory.map(|m| m.rss_kib).or(stats.map(|s| s.rss_kib)),
+            pss_kib: memory.map(|m| m.pss_kib),
+            memory_file_kib: memory.and_then(|m| m.memory_file_kib),
+            host_memory_kib: memory.map(|m| m.host_kib()),
+            guest_mem_total_kib: guest.map(|g| g.total_kib),
+            guest_mem_available_kib: guest.map(|g| g.available_kib),
             uptime_secs,
             vmm_metrics,
         })

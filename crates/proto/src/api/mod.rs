@@ -323,8 +323,26 @@ pub struct VmStats {
     pub pid: Option<u32>,
     /// Host CPU time the VMM used, in milliseconds.
     pub cpu_time_ms: Option<u64>,
-    /// Resident memory of the VMM, in KiB.
+    /// Resident memory of the VMM, in KiB. Counts shared pages whole (a guest memory file,
+    /// a snapshot's pages shared with its other forks): do not sum it over VMs.
     pub rss_kib: Option<u64>,
+    /// Proportional memory of the VMM, in KiB: each shared page divided among the processes
+    /// that map it (`Pss` of `/proc/PID/smaps_rollup`).
+    #[serde(default)]
+    pub pss_kib: Option<u64>,
+    /// What the guest's memory file on `/dev/shm` holds, in KiB (QEMU guests booted fresh).
+    #[serde(default)]
+    pub memory_file_kib: Option<u64>,
+    /// The host memory this VM costs, in KiB: the VMM's PSS plus what its memory file holds
+    /// beyond the part of it the VMM maps. Sums over VMs to the host's use.
+    #[serde(default)]
+    pub host_memory_kib: Option<u64>,
+    /// The guest's own view (`MemTotal` of its `/proc/meminfo`), in KiB.
+    #[serde(default)]
+    pub guest_mem_total_kib: Option<u64>,
+    /// The guest's own view (`MemAvailable` of its `/proc/meminfo`), in KiB.
+    #[serde(default)]
+    pub guest_mem_available_kib: Option<u64>,
     /// Seconds since the VMM started.
     pub uptime_secs: Option<u64>,
     /// The VMM's own counters, totalled since it started (Firecracker's metrics:
