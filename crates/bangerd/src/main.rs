@@ -49,10 +49,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// How long a start waits for a killed daemon's last threads to let go of the state dir's lock.
+const LOCK_GRACE: Duration = Duration::from_secs(10);
+
 fn run(args: Args) -> anyhow::Result<()> {
     let layout = Layout::resolve(args.state_dir, args.socket);
     prepare_state_dir(&layout.state_dir)?;
-    let lock = lockfile::acquire(&layout.lock_file(), &layout.state_dir)?;
+    let lock = lockfile::acquire_waiting(&layout.lock_file(), &layout.state_dir, LOCK_GRACE)?;
     let (config, config_source) = config::load(&layout.config_candidates())?;
     let tightened = restrict_state(&layout, !config.socket_group.is_empty())?;
     let _log_guard = init_logging(&layout, &config.log_level, !args.detached)?;
