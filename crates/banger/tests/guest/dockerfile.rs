@@ -245,7 +245,7 @@ fn the_agent_image_runs_docker_mise_tmux_and_opencode() {
     let shown = env.banger(&["image", "show", "agent", "--json"]).ok().json();
     eprintln!("agent image size: {} bytes", shown["size_bytes"]);
 
-    env.banger(&["vm", "create", "agent", "--image", "agent", "--memory", "2G", "--no-network"]).ok();
+    env.banger(&["vm", "create", "agent", "--image", "agent", "--cpus", "2", "--memory", "2G", "--no-network"]).ok();
     let started = std::time::Instant::now();
     env.banger(&["vm", "start", "agent"]).ok();
     eprintln!("agent vm started (port 4096 answering) in {:?}", started.elapsed());
