@@ -161,8 +161,10 @@ pub fn agent_template(base: &Path) -> (PathBuf, bool) {
     if std::fs::read_to_string(&ready).is_ok_and(|m| m == "agent") {
         return (state, true);
     }
-    // What an earlier, failed preparation left (its daemon was stopped by its env's drop).
+    // What an earlier, failed preparation left. A run killed mid-build (Ctrl-C) never ran its
+    // env's drop: stop its daemon (this env's drop does) before removing its state.
     if dir.exists() {
+        drop(Env::at(state.clone(), dir.join("bangerd.sock")));
         std::fs::remove_dir_all(&dir).expect("remove a half-made agent template");
     }
     std::fs::create_dir_all(&dir).expect("agent template dir");
