@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::harness::{wait_until, Env};
-use crate::template::{env_from, template};
+use crate::template::{env_from, sha256, template};
 
 /// Stops and deletes a VM when the test ends, pass or fail, so no VMM outlives it.
 pub(crate) struct VmGuard<'a>(pub(crate) &'a Env, pub(crate) &'a str);
@@ -34,17 +34,6 @@ fn get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
     let head = String::from_utf8_lossy(&answer[..split]).into_owned();
     let status = head.lines().next().unwrap_or_default().to_owned();
     Ok((status, answer[split + 4..].to_vec()))
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    child.stdin.take().expect("stdin").write_all(bytes).expect("write");
-    let out = child.wait_with_output().expect("wait");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
 }
 
 fn states(env: &Env, vm: &str) -> Vec<(u64, String)> {

@@ -10,8 +10,10 @@ use super::{Lifecycle, LifecycleError};
 use crate::ops::OpHandle;
 use crate::tunnel::Tunnel;
 
-/// How long a start waits for the image's ports, all together.
-pub const PORT_WAIT: Duration = Duration::from_secs(180);
+/// How long a start waits for the image's ports, all together. Generous: under TCG on a busy
+/// host a big service is slow to listen (the `agent` image's opencode, a 185 MB binary, took
+/// over 180 s on 2 cores at load 10); a service that never listens still fails the start.
+pub const PORT_WAIT: Duration = Duration::from_secs(600);
 /// Pause between two tries of a port that refused.
 const RETRY: Duration = Duration::from_millis(250);
 
