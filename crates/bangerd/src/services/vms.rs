@@ -523,6 +523,16 @@ impl Vms {
     /// VM `reference`'s resource use: the VMM's CPU time and memory from `/proc` (RSS and PSS,
     /// its memory file), and the guest's own view of its memory through the agent (bounded).
     pub async fn stats(&self, reference: &str) -> Result<VmStats, VmsError> {
+        self.stats_with(reference, true).await
+    }
+
+    /// [`Self::stats`] without the guest's view: no agent round trip, for pages that poll every
+    /// running VM each second (a slow or silent guest must not hold up the others' rows).
+    pub async fn host_stats(&self, reference: &str) -> Result<VmStats, VmsError> {
+        self.stats_with(reference, false).await
+    }
+
+    async fn stats_with(&self, reference: &str, guest_view: bool) -> Result<VmStats, VmsError> {
         let vm = self.fleet.store.find_vm(reference)?;
         let running = self.fleet.alive(&vm);
         let handles = self.fleet.handles.get(&vm).filter(|_| running);
@@ -534,7 +544,7 @@ impl Vms {
             None => None,
         };
         let memory = pid.and_then(|p| banger_vmm::vmm_memory(p).ok());
-        let guest = match running {
+        let guest = match running && guest_view {
             true => crate::services::meminfo::guest_meminfo(&self.fleet.agent_for(&vm)).await,
             false => None,
         };

@@ -67,7 +67,7 @@ struct OneVm {
 
 /// A VM's row: its view, and its resource use while it runs.
 async fn row(d: &Daemon, view: VmView) -> VmRow {
-    let stats = if view.alive { d.vms.stats(&view.record.id).await.ok() } else { None };
+    let stats = if view.alive { d.vms.host_stats(&view.record.id).await.ok() } else { None };
     VmRow { view, stats }
 }
 
