@@ -120,15 +120,9 @@ pub fn stats(pid: u32) -> Result<VmmStats, StatsError> {
     }
     let status_path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = std::fs::read_to_string(&status_path).map_err(|_| StatsError::NotRunning { pid })?;
-    let rss_kib = parse_vm_rss_kib(&status).ok_or(StatsError::Parse { path: status_path })?;
+    let rss_kib = kib_field(&status, "VmRSS").ok_or(StatsError::Parse { path: status_path })?;
     let ticks = stat.utime.saturating_add(stat.stime);
     Ok(VmmStats { cpu_time_ms: ticks.saturating_mul(1000) / clock_ticks_per_second(), rss_kib })
-}
-
-/// `VmRSS` of a `/proc/<pid>/status` text, in KiB.
-fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let value = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
-    value.trim().strip_suffix("kB")?.trim().parse().ok()
 }
 
 /// Memory of a VMM process as the host holds it, in KiB. RSS counts every page the process maps,
@@ -171,13 +165,12 @@ pub fn memory(pid: u32) -> Result<VmmMemory, StatsError> {
     let rollup = read_capped(&rollup_path).ok_or(StatsError::NotRunning { pid })?;
     let status_path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = read_capped(&status_path).ok_or(StatsError::NotRunning { pid })?;
-    let field = |text: &str, name: &str| kib_field(text, name);
     let parse = |path: &Path| StatsError::Parse { path: path.to_owned() };
     Ok(VmmMemory {
-        rss_kib: field(&rollup, "Rss").ok_or_else(|| parse(&rollup_path))?,
-        pss_kib: field(&rollup, "Pss").ok_or_else(|| parse(&rollup_path))?,
-        pss_shmem_kib: field(&rollup, "Pss_Shmem").unwrap_or(0),
-        rss_shmem_kib: field(&status, "RssShmem").unwrap_or(0),
+        rss_kib: kib_field(&rollup, "Rss").ok_or_else(|| parse(&rollup_path))?,
+        pss_kib: kib_field(&rollup, "Pss").ok_or_else(|| parse(&rollup_path))?,
+        pss_shmem_kib: kib_field(&rollup, "Pss_Shmem").unwrap_or(0),
+        rss_shmem_kib: kib_field(&status, "RssShmem").unwrap_or(0),
         memory_file_kib: memory_file_kib(pid),
     })
 }
@@ -188,7 +181,7 @@ fn read_capped(path: &Path) -> Option<String> {
     Some(text)
 }
 
-/// The value of a `Name:   123 kB` line.
+/// The value of a `Name:   123 kB` line (`status`, `smaps_rollup`).
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
     value.trim().strip_suffix("kB")?.trim().parse().ok()
@@ -552,8 +545,8 @@ mod tests {
 
     #[test]
     fn parses_rss() {
-        assert_eq!(parse_vm_rss_kib("Name:\tqemu\nVmRSS:\t  123456 kB\nThreads: 3\n"), Some(123_456));
-        assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\n"), None);
+        assert_eq!(kib_field("Name:\tqemu\nVmRSS:\t  123456 kB\nThreads: 3\n", "VmRSS"), Some(123_456));
+        assert_eq!(kib_field("Name:\tkthreadd\n", "VmRSS"), None);
     }
 
     #[test]
