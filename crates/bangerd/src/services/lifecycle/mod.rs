@@ -350,6 +350,7 @@ impl Lifecycle {
         // memory, or loads a whole state into anonymous memory.
         if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
             spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
+            spec.balloon = self.fleet.config.balloon;
         }
         let launching = match &restore {
             Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
@@ -406,7 +407,7 @@ impl Lifecycle {
         if let Some(state) = restore {
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps
             // its pages after the unlink.)
-            for file in [banger_vmm::snapshot_memory_file(&state), state] {
+            for file in [banger_vmm::snapshot_memory_file(&state), banger_vmm::snapshot_devices_file(&state), state] {
                 match std::fs::remove_file(&file) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         tracing::warn!(vm = %vm.name, file = %file.display(), error = %e, "cannot remove the restored state");
