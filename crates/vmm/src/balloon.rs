@@ -86,8 +86,7 @@ impl SealedMemory {
         let meta = source.metadata()?;
         let slot = {
             let mut slots = self.slots.lock().map_err(|_| io::Error::other("sealed memory lock poisoned"))?;
-            // Copies of files whose last name is gone serve nobody new.
-            slots.retain(|_, slot| slot.source.metadata().is_ok_and(|m| m.nlink() > 0));
+            release_unused(&mut slots);
             Arc::clone(
                 slots
                     .entry((meta.dev(), meta.ino()))
@@ -105,6 +104,14 @@ impl SealedMemory {
         Ok(PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), memfd.as_raw_fd())))
     }
 
+    /// Drops the copies of files whose last name is gone: they serve nobody new (forks that
+    /// map one keep it mapped).
+    pub fn release_unused(&self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            release_unused(&mut slots);
+        }
+    }
+
     /// How many sealed copies are held.
     pub fn len(&self) -> usize {
         self.slots.lock().map(|slots| slots.values().filter(|s| s.memfd.initialized()).count()).unwrap_or(0)
@@ -114,6 +121,10 @@ impl SealedMemory {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn release_unused(slots: &mut HashMap<(u64, u64), Arc<Slot>>) {
+    slots.retain(|_, slot| slot.source.metadata().is_ok_and(|m| m.nlink() > 0));
 }
 
 /// A memfd with `source`'s bytes (holes stay holes), sealed against writes, growing and
@@ -234,10 +245,15 @@ mod tests {
         assert_eq!(sealed.len(), 1);
 
         std::fs::remove_file(&path).unwrap();
+        assert_eq!(sealed.len(), 1, "a name is left");
+        sealed.release_unused();
+        assert_eq!(sealed.len(), 1, "a name is still left");
         std::fs::remove_file(&link).unwrap();
+        sealed.release_unused();
+        assert_eq!(sealed.len(), 0, "no name left: released");
         // A new file of the same name is another inode.
         sealed.path_for(&memory_file(dir.path())).await.unwrap();
-        assert_eq!(sealed.len(), 1, "the copy of the removed file was dropped");
+        assert_eq!(sealed.len(), 1, "only the new file's copy");
     }
 
     #[test]

@@ -145,6 +145,10 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Lets go of what the driver keeps for snapshots whose files are gone (QEMU: the sealed
+    /// memory copies of [`balloon`]). Call it after a snapshot is deleted.
+    fn release_unused_snapshot_memory(&self) {}
+
     /// The VMM's own counters for a running VM (Firecracker's metrics: bytes through disks,
     /// NIC and vsock), by name; `None` when the VMM keeps none.
     fn metrics<'a>(

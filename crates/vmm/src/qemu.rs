@@ -500,6 +500,10 @@ impl Vmm for QemuDriver {
     fn stats(&self, pid: u32) -> Result<VmmStats, process::StatsError> {
         process::stats(pid)
     }
+
+    fn release_unused_snapshot_memory(&self) {
+        self.sealed.release_unused();
+    }
 }
 
 /// The id of the guest RAM backend: the one QEMU gives the anonymous RAM of `microvm`, so RAM

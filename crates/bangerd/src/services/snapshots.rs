@@ -634,6 +634,7 @@ impl Snapshots {
             .await?
             .map_err(|source| SnapshotsError::Remove { path: dir, source })?;
         crate::failpoint!(self.fleet, "snapshot.delete.files");
+        self.fleet.driver(record.vmm).release_unused_snapshot_memory();
         Ok(())
     }
 
