@@ -281,8 +281,8 @@ impl QemuDriver {
             }
         }
         let stderr_path = spec.stderr_log();
-        let stderr =
-            File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
+        let stderr = crate::logfile::create_for_append(&stderr_path)
+            .map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
 
         // Gated: the pid is in the pidfile before QEMU runs (QEMU rewrites it with the same pid),
         // so a daemon killed at any moment leaves no VMM the next one cannot find.
