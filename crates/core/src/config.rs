@@ -158,8 +158,8 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
-    /// Give QEMU guests a memory balloon with free page reporting, so memory a guest frees goes
-    /// back to the host a few seconds later (forks of a snapshot keep theirs on QEMU 7.2).
+    /// Give guests a memory balloon with free page reporting (QEMU and Firecracker), so memory a
+    /// guest frees goes back to the host a few seconds later (QEMU 7.2 forks keep theirs).
     pub balloon: bool,
     /// The egress mode of new VMs when `--network-mode` is not given: `open`, `allowlist` or
     /// `closed` (docs/security.md "Egress policy").

@@ -169,8 +169,8 @@ pub struct LaunchSpec {
     /// creates the file; the launch unlinks it once QEMU answers, so the memory goes with QEMU.
     /// A restore ignores it.
     pub memory_file: Option<PathBuf>,
-    /// Give the guest a memory balloon with free page reporting (QEMU), so memory it frees goes
-    /// back to the host ([`crate::balloon`]). A restore ignores it: a saved guest gets the
+    /// Give the guest a memory balloon with free page reporting (QEMU: [`crate::balloon`];
+    /// Firecracker: `PUT /balloon`), so memory it frees goes back to the host. A restore ignores it: a saved guest gets the
     /// devices it was saved with ([`crate::snapshot_devices_file`]).
     #[serde(default)]
     pub balloon: bool,

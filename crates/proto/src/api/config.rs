@@ -114,7 +114,7 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
-    /// Whether QEMU guests get a memory balloon with free page reporting.
+    /// Whether guests get a memory balloon with free page reporting.
     pub balloon: bool,
     /// The egress mode of new VMs unless `--network-mode` is given.
     pub egress_mode: super::EgressMode,

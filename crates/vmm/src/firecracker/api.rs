@@ -321,6 +321,19 @@ pub struct Vsock {
     pub uds_path: String,
 }
 
+/// `PUT /balloon` (`Balloon`): a balloon that never inflates (a target of 0 MiB) and only
+/// reports the guest's free pages, which Firecracker gives back to the host (`madvise`, never a
+/// write to a snapshot's memory file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Balloon {
+    /// Target balloon size in MiB.
+    pub amount_mib: u32,
+    /// Whether the balloon deflates when the guest runs short.
+    pub deflate_on_oom: bool,
+    /// Whether the guest reports its free pages.
+    pub free_page_reporting: bool,
+}
+
 /// `PATCH /vm` (`Vm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct VmState {

@@ -7,7 +7,8 @@
 //! `PUT /serial` (the console log), `PUT /machine-config`, `PUT /boot-source` (the ELF
 //! `vmlinux`, the initramfs, the command line), `PUT /drives/driveN` per disk in guest order,
 //! `PUT /network-interfaces/eth0` (the VM's TAP, which must exist: Firecracker would make a
-//! missing one), `PUT /vsock` (the hybrid socket at the agent socket path), and
+//! missing one), `PUT /vsock` (the hybrid socket at the agent socket path), `PUT /balloon` (free
+//! page reporting only, when the spec asks for a balloon), and
 //! `PUT /actions InstanceStart`. A refused call ends the launch with Firecracker's
 //! `fault_message`; the VMM is killed.
 //!
@@ -414,6 +415,10 @@ impl FirecrackerDriver {
             ));
         }
         calls.push(ApiCall::new("/vsock", &api::Vsock { guest_cid: GUEST_CID, uds_path: text(&view.vsock) }));
+        if spec.balloon {
+            let balloon = api::Balloon { amount_mib: 0, deflate_on_oom: true, free_page_reporting: true };
+            calls.push(ApiCall::new("/balloon", &balloon));
+        }
         calls
     }
 

@@ -47,6 +47,7 @@ impl Setup {
         spec.kernel_args = vec!["banger.root=/dev/vda".into(), "banger.hostname=web".into()];
         // `lo` exists on every host: the driver checks the TAP is there before using it.
         spec.net = Some(NetSpec { tap: "lo".into(), mac: "02:aa:bb:cc:dd:ee".into() });
+        spec.balloon = true;
         let socket = dir.join("contract.sock");
         let binary = FakeBinary::write(&dir, "firecracker", &socket, &vm_dir, fail);
         let server = ContractServer::start(socket, script, binary.pidfile.clone());
@@ -82,6 +83,7 @@ const BOOT_CALLS: &[&str] = &[
     "PUT /drives/drive2",
     "PUT /network-interfaces/eth0",
     "PUT /vsock",
+    "PUT /balloon",
 ];
 
 /// Every call of a VM's life, each checked against the spec: launch, metrics, pause, resume,
@@ -110,6 +112,10 @@ async fn every_call_fits_the_spec() {
     let text = |p: &Path| p.display().to_string();
     let server = &setup.server;
     assert_eq!(server.body("/machine-config"), serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false}));
+    assert_eq!(
+        server.body("/balloon"),
+        serde_json::json!({"amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true})
+    );
     let boot = server.body("/boot-source");
     assert_eq!(boot["kernel_image_path"], text(&setup.dir.join("vmlinux")), "the ELF kernel, not the bzImage");
     assert_eq!(boot["initrd_path"], text(&setup.dir.join("initrd.img")));

@@ -351,8 +351,9 @@ impl Lifecycle {
         // memory, or loads a whole state into anonymous memory.
         if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
             spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
-            spec.balloon = self.fleet.config.balloon;
         }
+        // A restored guest has the devices it was saved with.
+        spec.balloon = restore.is_none() && self.fleet.config.balloon;
         let launching = match &restore {
             Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
             None => self.fleet.driver(vm.spec.vmm).launch(&spec).await,
