@@ -12,6 +12,7 @@ mod harness;
 mod template;
 
 mod boot;
+mod containerd;
 mod copy;
 mod dockerfile;
 mod egress;
