@@ -104,18 +104,10 @@ impl Client {
             req = req.header("content-type", "application/json");
         }
         let resp = self.send(req.body(Full::new(Bytes::from(body.unwrap_or_default())))?).await?;
-        let status = resp.status();
-        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Refused { status, message });
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
         }
+        let bytes = read_body(resp).await;
         Ok(serde_json::from_slice(&bytes)?)
     }
 
@@ -166,19 +158,25 @@ impl Client {
             .body(Full::new(Bytes::new()))?;
         let resp = self.send(req).await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status();
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Refused { status, message });
+            return Err(refusal(resp).await);
         }
         Ok(TokioIo::new(hyper::upgrade::on(resp).await?))
     }
+}
+
+/// An answer's body, at most [`MAX_ANSWER`] bytes (empty when longer or broken).
+async fn read_body(resp: hyper::Response<hyper::body::Incoming>) -> Bytes {
+    http_body_util::Limited::new(resp.into_body(), MAX_ANSWER).collect().await.map(|b| b.to_bytes()).unwrap_or_default()
+}
+
+/// bangerd's refusal: its status and `{code, message}`'s message (or the raw text).
+async fn refusal(resp: hyper::Response<hyper::body::Incoming>) -> ClientError {
+    let status = resp.status();
+    let bytes = read_body(resp).await;
+    let message = serde_json::from_slice::<ApiError>(&bytes)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+    ClientError::Refused { status, message }
 }
 
 /// How long a VM may take to boot before the task's create fails (TCG guests are slow).

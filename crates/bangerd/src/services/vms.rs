@@ -277,9 +277,7 @@ impl Vms {
         let snapshot = op.snapshot()?;
         let this = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(
-            async move { this.run_create_with(op, req.name, spec, start, (publish, egress), origin, disk).await },
-        );
+        tokio::spawn(async move { this.run_create(op, req.name, spec, start, (publish, egress), origin, disk).await });
         Ok(snapshot)
     }
 
@@ -293,23 +291,11 @@ impl Vms {
 
     /// The create operation's body; with `start`, the VM is booted too (with that git identity).
     /// A fork's dir gets the snapshot's files (its start restores them); a warm boot is
-    /// snapshotted as the warm-start snapshot once ready. Returns the new record; on failure or
-    /// cancellation nothing it made is left behind.
+    /// snapshotted as the warm-start snapshot once ready; a container disk is copied into the
+    /// VM's dir before it starts. Returns the new record; on failure or cancellation nothing it
+    /// made is left behind.
+    #[expect(clippy::too_many_arguments, reason = "a create's parts, each used once")]
     pub async fn run_create(
-        self: Arc<Self>,
-        op: OpHandle,
-        name: String,
-        spec: VmSpec,
-        start: Option<Option<GitIdentity>>,
-        (publish, egress): (Vec<PortForward>, EgressPolicy),
-        origin: Origin,
-    ) -> Result<VmRecord, VmsError> {
-        self.run_create_with(op, name, spec, start, (publish, egress), origin, None).await
-    }
-
-    /// [`Vms::run_create`] with a container disk to copy into the VM's dir before it starts.
-    #[expect(clippy::too_many_arguments, reason = "run_create's arguments and the disk")]
-    async fn run_create_with(
         self: Arc<Self>,
         op: OpHandle,
         name: String,
@@ -690,7 +676,10 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, VmsError> {
         let spec = d.vms.resolve_spec(&req(name))?;
         let op = d.fleet.ops.begin("vm.create", name);
-        d.vms.clone().run_create(op, name.into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot).await
+        d.vms
+            .clone()
+            .run_create(op, name.into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
+            .await
     }
 
     #[tokio::test]
@@ -863,7 +852,7 @@ mod tests {
         let vm = d
             .vms
             .clone()
-            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await;
         let vm = vm.expect("created and started");
         assert_eq!(vm.state, banger_core::ObservedState::Running);
@@ -895,7 +884,7 @@ mod tests {
         let e = d
             .vms
             .clone()
-            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await;
         let e = e.expect_err("launch fails");
         assert!(matches!(e, VmsError::Lifecycle(LifecycleError::Launch(_))), "{e}");
@@ -923,7 +912,7 @@ mod tests {
         let vm = d
             .vms
             .clone()
-            .run_create(op, "offline".into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "offline".into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await
             .expect("no address needed");
         assert_eq!(vm.guest_ip, None, "--no-network takes no address");
