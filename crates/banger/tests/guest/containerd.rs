@@ -108,7 +108,15 @@ impl Drop for Containerd<'_> {
     fn drop(&mut self) {
         self.stop();
         for pid in self.shims() {
+            // Its socket (`-socket unix:///run/containerd/s/HASH`) goes with it.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> =
+                cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let socket = args.iter().skip_while(|a| *a != "-socket").nth(1).cloned();
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            if let Some(path) = socket.as_deref().map(|s| s.trim_start_matches("unix://")) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         // A bundle rootfs a failed create left mounted.
         let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
