@@ -158,6 +158,9 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
+    /// Give QEMU guests a memory balloon with free page reporting, so memory a guest frees goes
+    /// back to the host a few seconds later (forks of a snapshot keep theirs on QEMU 7.2).
+    pub balloon: bool,
     /// The egress mode of new VMs when `--network-mode` is not given: `open`, `allowlist` or
     /// `closed` (docs/security.md "Egress policy").
     pub egress_mode: crate::egress::EgressMode,
@@ -208,6 +211,7 @@ impl Default for Config {
             jailer_cgroup_version: 2,
             jailer_cgroups: Vec::new(),
             warm_start: false,
+            balloon: true,
             egress_mode: crate::egress::EgressMode::Open,
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),

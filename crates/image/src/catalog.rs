@@ -7,8 +7,16 @@
 use serde::{Deserialize, Serialize};
 
 /// Modules banger's guest needs loaded from the initramfs, in the order they are requested.
-pub const GUEST_MODULES: &[&str] =
-    &["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "overlay", "vsock", "vmw_vsock_virtio_transport"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "overlay",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "virtio_balloon",
+];
 
 /// A kernel banger can pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

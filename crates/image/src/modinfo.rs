@@ -482,6 +482,7 @@ pub(crate) mod tests {
                 "vmw_vsock_virtio_transport",
                 "vmw_vsock_virtio_transport_common,virtio,virtio_ring,vsock",
             ),
+            ("kernel/drivers/virtio/virtio_balloon.ko", "virtio_balloon", "virtio,virtio_ring"),
         ];
         for (relative, name, depends) in mods {
             write_module(root, relative, name, depends);
@@ -563,7 +564,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         virtio_tree(dir.path());
         let index = ModuleIndex::scan(dir.path()).unwrap();
-        assert_eq!(index.len(), 12);
+        assert_eq!(index.len(), 13);
         let order = index.load_order(&GUEST_MODULES).unwrap();
         assert_eq!(
             names(&order),

@@ -149,6 +149,15 @@ pub enum ControlError {
         /// What was needed, as words.
         need: &'static str,
     },
+    /// The list of the saved guest's devices could not be written beside its state.
+    #[error("cannot write {} beside the snapshot state; check free space there", path.display())]
+    DevicesFile {
+        /// The devices file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing the guest state failed.
     /// The guest memory could not be copied into the snapshot.
     #[error("cannot copy the guest memory {} into the snapshot; check free space there", path.display())]

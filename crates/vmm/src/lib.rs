@@ -11,6 +11,7 @@
 //! the VMM to exit now), [`Vmm::kill`] (SIGKILL, last resort) and [`Vmm::wait_exit`];
 //! [`Vmm::stop`] chains them.
 
+pub mod balloon;
 mod error;
 pub mod firecracker;
 pub mod logfile;
@@ -48,6 +49,14 @@ pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// or removes a state file does the same to this one when it exists.
 pub fn snapshot_memory_file(state: &Path) -> PathBuf {
     state.with_extension("mem")
+}
+
+/// The file beside snapshot state `state` that lists the optional devices the saved guest has
+/// (the same name with `.devices`; [`balloon`]): a restore must give the guest exactly those.
+/// A state without one was saved with none. Whoever copies, links or removes a state file does
+/// the same to this one when it exists.
+pub fn snapshot_devices_file(state: &Path) -> PathBuf {
+    state.with_extension("devices")
 }
 
 /// A running VMM, as [`Vmm::launch`] leaves it: the control socket answers and the guest is
@@ -135,6 +144,10 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
         None
     }
+
+    /// Lets go of what the driver keeps for snapshots whose files are gone (QEMU: the sealed
+    /// memory copies of [`balloon`]). Call it after a snapshot is deleted.
+    fn release_unused_snapshot_memory(&self) {}
 
     /// The VMM's own counters for a running VM (Firecracker's metrics: bytes through disks,
     /// NIC and vsock), by name; `None` when the VMM keeps none.

@@ -21,6 +21,18 @@ use std::path::{Path, PathBuf};
 /// (plus what the guest writes between two checks).
 pub const CONSOLE_LOG_CAP: u64 = 2 << 20;
 
+/// Byte cap of a VMM's stderr file before it is rotated the same way (QEMU reports there what a
+/// guest's devices make it do, e.g. every discard a fork's balloon asks for and the kernel
+/// refuses: the guest decides how often).
+pub const VMM_STDERR_CAP: u64 = 1 << 20;
+
+/// Creates (or empties) `path` for a VMM to write as its stderr, opened with `O_APPEND`, so
+/// [`rotate_if_over`] may truncate it while the VMM writes.
+pub fn create_for_append(path: &Path) -> io::Result<File> {
+    File::create(path)?;
+    OpenOptions::new().append(true).open(path)
+}
+
 /// Longest line `vm logs` returns; longer lines are cut and marked.
 pub const MAX_LINE_BYTES: usize = 4096;
 
@@ -132,6 +144,20 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
 #[expect(clippy::unwrap_used, reason = "a failed unwrap fails the test")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_append_file_rotates_and_the_writer_goes_on_at_the_new_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmm.stderr");
+        std::fs::write(&path, b"old run").unwrap();
+        let mut writer = create_for_append(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "emptied");
+        writer.write_all(&[b'x'; 100]).unwrap();
+        assert!(rotate_if_over(&path, 10).unwrap());
+        writer.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"after", "no hole before the next write");
+        assert_eq!(std::fs::read(rotated_path(&path)).unwrap(), [b'x'; 10]);
+    }
 
     #[test]
     fn read_tail_reads_only_the_end() {

@@ -47,6 +47,8 @@ pub struct QemuDriver {
     ready_timeout: Duration,
     control_timeout: Duration,
     children: Children,
+    /// Sealed copies of snapshot memory for forks with a balloon ([`crate::balloon`]).
+    sealed: crate::balloon::SealedMemory,
 }
 
 impl QemuDriver {
@@ -60,6 +62,7 @@ impl QemuDriver {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             control_timeout: Duration::from_secs(5),
             children: Children::default(),
+            sealed: crate::balloon::SealedMemory::default(),
         }
     }
 
@@ -93,12 +96,13 @@ impl QemuDriver {
     /// QEMU's arguments (without the program name) for `spec`. With a memory file, guest RAM
     /// is that file, mapped shared (see [`crate::memfile`]).
     pub fn command_line(&self, spec: &LaunchSpec) -> Vec<OsString> {
-        self.command_line_with(spec, spec.memory_file.as_deref().map(|path| (path, true)))
+        self.command_line_with(spec, spec.memory_file.as_deref().map(|path| (path, true)), spec.balloon)
     }
 
     /// QEMU's arguments for `spec` with guest RAM backed by `memory`: a file and whether it is
-    /// mapped shared (`share=on`) or private and copy-on-write (`share=off`).
-    fn command_line_with(&self, spec: &LaunchSpec, memory: Option<(&Path, bool)>) -> Vec<OsString> {
+    /// mapped shared (`share=on`) or private and copy-on-write (`share=off`); with `balloon`, a
+    /// balloon with free page reporting ([`crate::balloon`]).
+    fn command_line_with(&self, spec: &LaunchSpec, memory: Option<(&Path, bool)>, balloon: bool) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.push(parts.concat_os());
         let os = OsStr::new;
@@ -168,6 +172,12 @@ impl QemuDriver {
         push(&[os("socket,id=agent,path="), &escape_opt(spec.agent_socket.as_os_str()), os(",server=on,wait=off")]);
         push(&[os("-device")]);
         push(&[os("virtserialport,chardev=agent,name="), os(AGENT_PORT_NAME)]);
+        if balloon {
+            // Last: the devices before it keep their virtio-mmio slots, so states saved
+            // without it still fit the machine without it.
+            push(&[os("-device")]);
+            push(&[os(crate::balloon::QEMU_DEVICE)]);
+        }
 
         push(&[os("-qmp")]);
         push(&[os("unix:"), &escape_opt(spec.control_socket.as_os_str()), os(",server=on,wait=off")]);
@@ -180,8 +190,9 @@ impl QemuDriver {
     /// paused (`-S`), reading the state from its stdin (`-incoming fd:0`), which the launch
     /// opens on the state file. QEMU reads the file itself: no `cat` and no pipe in between,
     /// which loads a fresh guest's ~90 MiB about a third faster.
-    pub fn restore_command_line(&self, spec: &LaunchSpec) -> Vec<OsString> {
-        let mut args = self.command_line(spec);
+    /// `balloon`: whether the saved guest has one.
+    pub fn restore_command_line(&self, spec: &LaunchSpec, balloon: bool) -> Vec<OsString> {
+        let mut args = self.command_line_with(spec, spec.memory_file.as_deref().map(|path| (path, true)), balloon);
         args.extend(["-S".into(), "-incoming".into(), "fd:0".into()]);
         args
     }
@@ -189,9 +200,10 @@ impl QemuDriver {
     /// QEMU's arguments for `spec` restored lazily from a device-only state and the memory
     /// file beside it ([`crate::memfile`]): guest RAM maps `memory` privately (copy-on-write,
     /// never written back), QEMU starts paused and waits (`-incoming defer`) for the
-    /// `x-ignore-shared` capability before it reads the state from its stdin.
-    pub fn lazy_restore_command_line(&self, spec: &LaunchSpec, memory: &Path) -> Vec<OsString> {
-        let mut args = self.command_line_with(spec, Some((memory, false)));
+    /// `x-ignore-shared` capability before it reads the state from its stdin. `balloon`: whether
+    /// the saved guest has one (then `memory` must be a sealed copy: [`crate::balloon`]).
+    pub fn lazy_restore_command_line(&self, spec: &LaunchSpec, memory: &Path, balloon: bool) -> Vec<OsString> {
+        let mut args = self.command_line_with(spec, Some((memory, false)), balloon);
         args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
         args
     }
@@ -207,12 +219,25 @@ impl QemuDriver {
                 let file =
                     File::open(state).map_err(|source| LaunchError::Prepare { path: state.to_owned(), source })?;
                 let memory = crate::snapshot_memory_file(state);
+                let devices = crate::snapshot_devices_file(state);
+                let balloon = crate::balloon::state_has_balloon(state)
+                    .map_err(|source| LaunchError::Prepare { path: devices, source })?;
                 lazy = memory.is_file();
                 let args = if lazy {
                     check_memory_file(&memory, spec.memory_mib)?;
-                    self.lazy_restore_command_line(spec, &memory)
+                    if balloon {
+                        // Discards must never reach the file every fork of the snapshot reads.
+                        let sealed = self
+                            .sealed
+                            .path_for(&memory)
+                            .await
+                            .map_err(|source| LaunchError::Prepare { path: memory.clone(), source })?;
+                        self.lazy_restore_command_line(spec, &sealed, true)
+                    } else {
+                        self.lazy_restore_command_line(spec, &memory, false)
+                    }
                 } else {
-                    self.restore_command_line(spec)
+                    self.restore_command_line(spec, balloon)
                 };
                 (args, Stdio::from(file))
             }
@@ -256,8 +281,8 @@ impl QemuDriver {
             }
         }
         let stderr_path = spec.stderr_log();
-        let stderr =
-            File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
+        let stderr = crate::logfile::create_for_append(&stderr_path)
+            .map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
 
         // Gated: the pid is in the pidfile before QEMU runs (QEMU rewrites it with the same pid),
         // so a daemon killed at any moment leaves no VMM the next one cannot find.
@@ -427,6 +452,12 @@ impl Vmm for QemuDriver {
             let memory = shared_memory_file(&mut client).await?;
             client.execute("migrate-set-capabilities", Some(ignore_shared(memory.is_some()))).await?;
             client.save_state(state_file, Duration::from_millis(10), SAVE_TIMEOUT).await?;
+            if has_balloon(&mut client).await? {
+                crate::balloon::mark_state(state_file).map_err(|source| ControlError::DevicesFile {
+                    path: crate::snapshot_devices_file(state_file),
+                    source,
+                })?;
+            }
             if let Some(path) = memory {
                 // Still paused: the copy is the memory the device state belongs to.
                 let dest = crate::snapshot_memory_file(state_file);
@@ -469,6 +500,10 @@ impl Vmm for QemuDriver {
     fn stats(&self, pid: u32) -> Result<VmmStats, process::StatsError> {
         process::stats(pid)
     }
+
+    fn release_unused_snapshot_memory(&self) {
+        self.sealed.release_unused();
+    }
 }
 
 /// The id of the guest RAM backend: the one QEMU gives the anonymous RAM of `microvm`, so RAM
@@ -495,6 +530,15 @@ async fn shared_memory_file(client: &mut QmpClient) -> Result<Option<PathBuf>, Q
         .execute("qom-get", Some(serde_json::json!({ "path": format!("/objects/{RAM_ID}"), "property": "mem-path" })))
         .await?;
     Ok(path.as_str().map(PathBuf::from))
+}
+
+/// Whether the QEMU on `client` has a balloon device (`query-balloon` answers only then).
+async fn has_balloon(client: &mut QmpClient) -> Result<bool, QmpError> {
+    match client.execute("query-balloon", None).await {
+        Ok(_) => Ok(true),
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotActive" => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Refuses a snapshot memory file whose size is not the guest's: QEMU would grow an empty
@@ -595,7 +639,7 @@ mod tests {
         let driver = QemuDriver::new(Accel::Tcg, Some(2_596_096));
         let boot = args(&driver, &spec());
         let restore: Vec<String> =
-            driver.restore_command_line(&spec()).into_iter().map(|a| a.into_string().unwrap()).collect();
+            driver.restore_command_line(&spec(), false).into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(&restore[..boot.len()], &boot[..], "same devices, same order");
         assert_eq!(&restore[boot.len()..], ["-S", "-incoming", "fd:0"], "the state file is its stdin");
     }
@@ -623,7 +667,7 @@ mod tests {
         // The fork's own memory file is not used: its memory is the snapshot's.
         spec.memory_file = Some("/dev/shm/banger-01abc.mem".into());
         let args: Vec<String> = driver
-            .lazy_restore_command_line(&spec, Path::new("/srv/vms/01abc/restore-state.mem"))
+            .lazy_restore_command_line(&spec, Path::new("/srv/vms/01abc/restore-state.mem"), false)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -638,20 +682,67 @@ mod tests {
         assert_eq!(devices(&args), devices(&boot), "same devices, same order");
     }
 
-    /// QEMU 7.2 discards guest pages of a file-backed RAM block by punching holes in the file,
-    /// also when it is mapped privately: a balloon (or virtio-mem) in a fork would let its guest
-    /// zero pages of the snapshot's memory file that every fork maps. None may be attached.
+    /// The balloon comes last, so the devices before it keep their virtio-mmio slots; a
+    /// restore gives the guest the balloon exactly when its state was saved with one.
     #[test]
-    fn no_device_can_discard_guest_memory() {
+    fn a_balloon_is_the_last_device_and_restores_match_the_saved_guest() {
         let driver = QemuDriver::new(Accel::Tcg, None);
         let mut spec = spec();
         spec.net = Some(crate::NetSpec { tap: "bgpool3".into(), mac: "02:aa:bb:cc:dd:ee".into() });
-        let lazy = driver.lazy_restore_command_line(&spec, Path::new("/s/restore-state.mem"));
-        let lazy: Vec<String> = lazy.into_iter().map(|a| a.into_string().unwrap()).collect();
-        for args in [args(&driver, &spec), lazy] {
-            let found = args.iter().find(|a| a.contains("balloon") || a.contains("virtio-mem"));
-            assert!(found.is_none(), "{found:?}");
+        let plain = args(&driver, &spec);
+        spec.balloon = true;
+        let boot = args(&driver, &spec);
+        let devices = |a: &[String]| values(a, "-device").into_iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(devices(&boot).last().map(String::as_str), Some("virtio-balloon-device,free-page-reporting=on"));
+        assert_eq!(devices(&boot)[..devices(&boot).len() - 1], devices(&plain)[..], "the others keep their order");
+        let strings = |a: Vec<OsString>| a.into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>();
+        // A restore ignores `spec.balloon`: the saved guest decides.
+        let lazy = strings(driver.lazy_restore_command_line(&spec, Path::new("/s/restore-state.mem"), false));
+        assert_eq!(devices(&lazy), devices(&plain));
+        let lazy = strings(driver.lazy_restore_command_line(&spec, Path::new("/proc/1/fd/9"), true));
+        assert_eq!(devices(&lazy), devices(&boot));
+        assert_eq!(devices(&strings(driver.restore_command_line(&spec, true))), devices(&boot));
+        assert_eq!(devices(&strings(driver.restore_command_line(&spec, false))), devices(&plain));
+    }
+
+    /// A fork of a snapshot saved with a balloon never maps the snapshot's memory file itself
+    /// (QEMU 7.2 would punch its guest's freed pages out of it): it maps a sealed copy.
+    #[tokio::test]
+    async fn a_lazy_restore_with_a_balloon_maps_a_sealed_copy_of_the_snapshot_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec =
+            LaunchSpec::new("01abc", "web", dir.path(), dir.path().join("vmlinuz"), dir.path().join("initrd"));
+        spec.memory_mib = 64;
+        for file in ["vmlinuz", "initrd"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
         }
+        let state = dir.path().join("restore-state.bin");
+        std::fs::write(&state, b"state").unwrap();
+        let memory = crate::snapshot_memory_file(&state);
+        std::fs::write(&memory, vec![5u8; 64 << 20]).unwrap();
+        crate::balloon::mark_state(&state).unwrap();
+        // A stand-in QEMU that records its arguments and what its memory path holds, then fails.
+        let record = dir.path().join("args");
+        let fake = dir.path().join("qemu");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {0}\nfor a in \"$@\"; do case $a in *mem-path=*) p=${{a#*mem-path=}}; p=${{p%%,*}}; \
+                 head -c 4 \"$p\" >> {0};; esac; done\nexit 3\n",
+                record.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let driver = QemuDriver::new(Accel::Tcg, None).with_binary(&fake);
+        let error = driver.restore(&spec, &state).await.unwrap_err();
+        assert!(matches!(error, LaunchError::Exited { .. }), "{error}");
+        let recorded = std::fs::read_to_string(&record).unwrap();
+        let own = format!("mem-path=/proc/{}/fd/", std::process::id());
+        assert!(recorded.contains(&own), "{recorded}");
+        assert!(recorded.contains("share=off") && recorded.contains("virtio-balloon-device"), "{recorded}");
+        assert!(!recorded.contains(&*memory.to_string_lossy()), "never the snapshot's own file: {recorded}");
+        assert!(recorded.ends_with("\u{5}\u{5}\u{5}\u{5}"), "the copy holds the snapshot's bytes: {recorded:?}");
     }
 
     #[tokio::test]

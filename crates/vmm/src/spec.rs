@@ -169,6 +169,11 @@ pub struct LaunchSpec {
     /// creates the file; the launch unlinks it once QEMU answers, so the memory goes with QEMU.
     /// A restore ignores it.
     pub memory_file: Option<PathBuf>,
+    /// Give the guest a memory balloon with free page reporting (QEMU), so memory it frees goes
+    /// back to the host ([`crate::balloon`]). A restore ignores it: a saved guest gets the
+    /// devices it was saved with ([`crate::snapshot_devices_file`]).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 impl LaunchSpec {
@@ -199,6 +204,7 @@ impl LaunchSpec {
             pidfile: paths.pidfile,
             net: None,
             memory_file: None,
+            balloon: false,
         }
     }
 

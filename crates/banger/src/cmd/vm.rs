@@ -417,12 +417,17 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// `RSS, PSS, memory file` of a VMM, what is known of it.
+/// `RSS, PSS, memory file, not held` of a VMM, what is known of it.
 fn vmm_memory(stats: &VmStats) -> String {
-    let parts: Vec<String> = [("RSS", stats.rss_kib), ("PSS", stats.pss_kib), ("memory file", stats.memory_file_kib)]
-        .into_iter()
-        .filter_map(|(name, kib)| kib.map(|k| format!("{} {name}", mib(k))))
-        .collect();
+    let parts: Vec<String> = [
+        ("RSS", stats.rss_kib),
+        ("PSS", stats.pss_kib),
+        ("memory file", stats.memory_file_kib),
+        ("not held (returned or untouched)", stats.memory_returned_kib),
+    ]
+    .into_iter()
+    .filter_map(|(name, kib)| kib.map(|k| format!("{} {name}", mib(k))))
+    .collect();
     if parts.is_empty() {
         "-".to_owned()
     } else {

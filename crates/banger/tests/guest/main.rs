@@ -11,6 +11,7 @@
 mod harness;
 mod template;
 
+mod balloon;
 mod boot;
 mod containerd;
 mod copy;

@@ -16,7 +16,7 @@ use crate::harness::Env;
 /// again, so the databases that tests copy out of it never change under them. (v1 templates
 /// were re-opened by every test process, and a copy taken while another process's daemon wrote
 /// to it came out malformed.)
-const TEMPLATE_KEY: &str = "template-v2-debian-6.1-cloud-minimal";
+const TEMPLATE_KEY: &str = "template-v3-debian-6.1-cloud-minimal";
 /// The images every template holds.
 const TEMPLATE_IMAGES: &[&str] = &["minimal", "debian-bookworm"];
 

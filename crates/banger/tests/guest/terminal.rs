@@ -215,9 +215,11 @@ fn vm_run_it_bash_is_a_real_terminal_and_restores_the_host_one() {
         t.split_once("Stopped").is_some_and(|(_, rest)| rest.trim_end().ends_with('#'))
     });
     let from = term.at();
-    term.type_("kill -9 %1\r");
-    // The shell echoes the command and prompts again (the transcript is in the failure if not).
-    term.wait_for(from, "the prompt after the kill", |t| t.contains("kill -9 %1") && t.trim_end().ends_with('#'));
+    // `wait` reaps the killed job before the next prompt: without it a loaded guest's shell
+    // could still list the job as stopped when `exit` comes, and refuse to exit (it did once).
+    term.type_("kill -9 %1; wait %1; echo reaped-$?\r");
+    term.expect(from, "reaped-137");
+    term.wait_for(from, "the prompt after the kill", |t| t.contains("reaped-137") && t.trim_end().ends_with('#'));
     let deadline = std::time::Instant::now() + DEADLINE;
     while sleeping(&env, "tty1") {
         if std::time::Instant::now() > deadline {

@@ -48,6 +48,8 @@ pub(super) async fn config(State(d): Shared) -> ApiResult<ConfigView> {
 pub(super) async fn doctor(State(d): Shared) -> ApiResult<DoctorReport> {
     let mut report = crate::services::doctor::report(&d.fleet.layout, &d.fleet.config);
     report.checks.push(super::web::doctor_check(&d));
+    let kernels = d.fleet.store.list_kernels().unwrap_or_default();
+    report.checks.extend(crate::services::doctor::balloon_check(&d.fleet.config, &kernels));
     Ok(Json(report))
 }
 

@@ -90,9 +90,78 @@ fn egress_checks() -> Vec<DoctorCheck> {
         .collect()
 }
 
+/// The most bytes of a kernel's `modules.json` read (a real one is ~3 KB).
+const MODULES_JSON_CAP: u64 = 256 * 1024;
+
+/// Whether the default kernel's initramfs loads the guest's balloon driver (`virtio_balloon`):
+/// kernels pulled before the balloon lack it, and their guests then never give memory back.
+/// `None` when the balloon is off or the kernel is not pulled yet (a pull includes it).
+pub fn balloon_check(config: &Config, kernels: &[banger_core::KernelRecord]) -> Option<DoctorCheck> {
+    use std::io::Read as _;
+    if !config.balloon {
+        return None;
+    }
+    let kernel = kernels.iter().find(|k| k.name == config.default_kernel)?;
+    let path = std::path::Path::new(&kernel.dir).join("modules.json");
+    let mut text = String::new();
+    let read = std::fs::File::open(&path).and_then(|f| f.take(MODULES_JSON_CAP).read_to_string(&mut text));
+    let listed = read.is_ok()
+        && serde_json::from_str::<serde_json::Value>(&text)
+            .is_ok_and(|v| v["modules"].as_array().is_some_and(|m| m.iter().any(|m| m["name"] == "virtio_balloon")));
+    let name = &kernel.name;
+    Some(if listed {
+        DoctorCheck {
+            name: "balloon".into(),
+            status: DoctorStatus::Ok,
+            detail: format!("kernel {name} loads virtio_balloon: guests give freed memory back"),
+            fix: None,
+        }
+    } else {
+        DoctorCheck {
+            name: "balloon".into(),
+            status: DoctorStatus::Warn,
+            detail: format!(
+                "kernel {name} was pulled without the guest balloon driver: its guests never give freed memory back"
+            ),
+            fix: Some(format!(
+                "pull it again: `banger kernel delete {name}` (after deleting the VMs that use it), then `banger kernel pull {name}`"
+            )),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_balloon_check_warns_about_a_kernel_pulled_without_the_driver() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = banger_core::KernelRecord {
+            name: "debian-6.1-cloud".into(),
+            version: "1".into(),
+            release: "6.1.0".into(),
+            source: "apt:x".into(),
+            dir: dir.path().display().to_string(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let config = Config::default();
+        let modules = |names: &[&str]| {
+            let list: Vec<_> = names.iter().map(|n| serde_json::json!({ "name": n })).collect();
+            std::fs::write(dir.path().join("modules.json"), serde_json::json!({ "modules": list }).to_string())
+                .expect("write");
+        };
+        modules(&["virtio_blk", "virtio_balloon"]);
+        let check = balloon_check(&config, std::slice::from_ref(&kernel)).expect("a check");
+        assert_eq!(check.status, DoctorStatus::Ok, "{check:?}");
+        modules(&["virtio_blk"]);
+        let check = balloon_check(&config, std::slice::from_ref(&kernel)).expect("a check");
+        assert_eq!(check.status, DoctorStatus::Warn, "{check:?}");
+        assert!(check.fix.as_deref().is_some_and(|f| f.contains("banger kernel pull debian-6.1-cloud")), "{check:?}");
+        assert!(balloon_check(&config, &[]).is_none(), "no kernel yet: nothing to say");
+        let off = Config { balloon: false, ..Config::default() };
+        assert!(balloon_check(&off, std::slice::from_ref(&kernel)).is_none());
+    }
 
     #[test]
     fn the_report_has_every_check_and_ok_means_none_failed() {

@@ -634,6 +634,7 @@ impl Snapshots {
             .await?
             .map_err(|source| SnapshotsError::Remove { path: dir, source })?;
         crate::failpoint!(self.fleet, "snapshot.delete.files");
+        self.fleet.driver(record.vmm).release_unused_snapshot_memory();
         Ok(())
     }
 
@@ -648,13 +649,17 @@ impl Snapshots {
                 banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
                     .map_err(|source| CopyError::Disk { src, source })?;
             }
-            // The state (and Firecracker's memory file beside it) is only read: a hard link
+            // The state (and the memory and devices files beside it) is only read: a hard link
             // costs nothing (a copy across file systems).
             let state = PathBuf::from(&from.state);
             let memory = banger_vmm::snapshot_memory_file(&state);
+            let devices = banger_vmm::snapshot_devices_file(&state);
             let mut files = vec![(state, restore.clone())];
             if memory.is_file() {
                 files.push((memory, banger_vmm::snapshot_memory_file(&restore)));
+            }
+            if devices.is_file() {
+                files.push((devices, banger_vmm::snapshot_devices_file(&restore)));
             }
             for (src, dest) in files {
                 if std::fs::hard_link(&src, &dest).is_err() {

@@ -602,6 +602,9 @@ impl Vms {
             rss_kib: memory.map(|m| m.rss_kib).or(stats.map(|s| s.rss_kib)),
             pss_kib: memory.map(|m| m.pss_kib),
             memory_file_kib: memory.and_then(|m| m.memory_file_kib),
+            memory_returned_kib: memory
+                .and_then(|m| m.memory_file_kib)
+                .map(|file| (vm.spec.memory_mib * 1024).saturating_sub(file)),
             host_memory_kib: memory.map(|m| m.host_kib()),
             guest_mem_total_kib: guest.map(|g| g.total_kib),
             guest_mem_available_kib: guest.map(|g| g.available_kib),

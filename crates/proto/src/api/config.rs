@@ -114,6 +114,8 @@ pub struct Config {
     /// Keep a memory snapshot of a freshly booted VM per image, kernel, vCPUs, memory and agent,
     /// and start `vm run` VMs from it (as forks) whenever nothing about their boot differs.
     pub warm_start: bool,
+    /// Whether QEMU guests get a memory balloon with free page reporting.
+    pub balloon: bool,
     /// The egress mode of new VMs unless `--network-mode` is given.
     pub egress_mode: super::EgressMode,
     /// Hosts new VMs may reach (`--allow-host` adds to them).
@@ -199,6 +201,7 @@ impl From<banger_core::Config> for Config {
             jailer_cgroup_version,
             jailer_cgroups,
             warm_start,
+            balloon,
             egress_mode,
             egress_allow,
             egress_deny,
@@ -238,6 +241,7 @@ impl From<banger_core::Config> for Config {
             jailer_cgroup_version,
             jailer_cgroups,
             warm_start,
+            balloon,
             egress_mode: egress_mode.into(),
             egress_allow: text(egress_allow),
             egress_deny: text(egress_deny),

@@ -338,6 +338,11 @@ pub struct VmStats {
     /// What the guest's memory file on `/dev/shm` holds, in KiB (QEMU guests booted fresh).
     #[serde(default)]
     pub memory_file_kib: Option<u64>,
+    /// Guest memory the host does not hold, in KiB: the guest's size less its memory file,
+    /// i.e. pages never touched plus pages the guest freed and its balloon gave back (QEMU
+    /// guests booted fresh).
+    #[serde(default)]
+    pub memory_returned_kib: Option<u64>,
     /// The host memory this VM costs, in KiB: the VMM's PSS plus what its memory file holds
     /// beyond the part of it the VMM maps. Sums over VMs to the host's use.
     #[serde(default)]

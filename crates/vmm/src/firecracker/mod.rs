@@ -483,8 +483,8 @@ impl FirecrackerDriver {
         }
 
         let stderr_path = spec.stderr_log();
-        let stderr =
-            File::create(&stderr_path).map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
+        let stderr = crate::logfile::create_for_append(&stderr_path)
+            .map_err(|source| LaunchError::Prepare { path: stderr_path.clone(), source })?;
         // Before `PUT /logger`, Firecracker logs to stdout: keep that with its stderr.
         let stdout = if append_console {
             console

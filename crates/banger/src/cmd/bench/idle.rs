@@ -48,6 +48,9 @@ pub struct IdleReport {
     /// Host memory per VM (PSS + memory file beyond it), MiB.
     host_mib_per_vm: Option<Spread>,
     pss_mib_per_vm: Option<Spread>,
+    /// Guest memory the host holds (the memory file), MiB: the rest of the VMM's memory is
+    /// QEMU's own (TCG's code cache, device state, heap).
+    guest_held_mib_per_vm: Option<Spread>,
     rss_mib_per_vm: Option<Spread>,
     guest_used_mib_per_vm: Option<Spread>,
     host_total_mib: f64,
@@ -149,6 +152,7 @@ fn measure_started(
         settle_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         host_mib_per_vm: mib_spread(&last, |v| Some(v.host_kib)),
         pss_mib_per_vm: mib_spread(&last, |v| Some(v.pss_kib)),
+        guest_held_mib_per_vm: mib_spread(&last, |v| v.memory_file_kib),
         rss_mib_per_vm: mib_spread(&last, |v| Some(v.rss_kib)),
         guest_used_mib_per_vm: mib_spread(&last, |v| v.guest_used_kib),
         host_total_mib: total(|v| v.host_kib),
@@ -173,6 +177,7 @@ pub fn print(idle: &IdleReport) -> anyhow::Result<()> {
     let rows = vec![
         row("host memory (PSS + memory file)", &idle.host_mib_per_vm),
         row("VMM PSS", &idle.pss_mib_per_vm),
+        row("guest memory the host holds (memory file)", &idle.guest_held_mib_per_vm),
         row("VMM RSS (counts shared pages)", &idle.rss_mib_per_vm),
         row("used inside the guest", &idle.guest_used_mib_per_vm),
     ];

@@ -161,22 +161,23 @@ pub fn tail_lines(path: &Path, n: usize, max_line: usize, max_bytes: u64) -> Str
     banger_vmm::logfile::tail_lines(path, n, max_line, max_bytes)
 }
 
-/// Rotates a running VM's console log once it passes its cap (the guest decides how much it
-/// writes; see `banger_vmm::logfile`). A stat per call; the copy runs off the runtime.
-async fn keep_console_capped(vm: &str, console: &Path) {
-    use banger_vmm::logfile::{rotate_if_over, CONSOLE_LOG_CAP};
-    if std::fs::metadata(console).map_or(true, |m| m.len() <= CONSOLE_LOG_CAP) {
+/// Rotates a running VM's console log, or its VMM's stderr, once it passes `cap` (the guest
+/// decides how much is written; see `banger_vmm::logfile`). A stat per call; the copy runs off
+/// the runtime.
+async fn keep_capped(vm: &str, log: &Path, cap: u64) {
+    use banger_vmm::logfile::rotate_if_over;
+    if std::fs::metadata(log).map_or(true, |m| m.len() <= cap) {
         return;
     }
-    let path = console.to_owned();
-    match tokio::task::spawn_blocking(move || rotate_if_over(&path, CONSOLE_LOG_CAP)).await {
+    let path = log.to_owned();
+    match tokio::task::spawn_blocking(move || rotate_if_over(&path, cap)).await {
         Ok(Ok(rotated)) => {
             if rotated {
-                tracing::debug!(vm, "console log rotated");
+                tracing::debug!(vm, log = %log.display(), "log rotated");
             }
         }
-        Ok(Err(e)) => tracing::warn!(vm, error = %e, "cannot rotate the console log"),
-        Err(e) => tracing::warn!(vm, error = %e, "console log rotation task failed"),
+        Ok(Err(e)) => tracing::warn!(vm, log = %log.display(), error = %e, "cannot rotate the log"),
+        Err(e) => tracing::warn!(vm, error = %e, "log rotation task failed"),
     }
 }
 
@@ -356,6 +357,7 @@ impl Lifecycle {
         // memory, or loads a whole state into anonymous memory.
         if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
             spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
+            spec.balloon = self.fleet.config.balloon;
         }
         let launching = match &restore {
             Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
@@ -412,7 +414,7 @@ impl Lifecycle {
         if let Some(state) = restore {
             // From now on this VM boots like any other. (A VMM that maps the memory file keeps
             // its pages after the unlink.)
-            for file in [banger_vmm::snapshot_memory_file(&state), state] {
+            for file in [banger_vmm::snapshot_memory_file(&state), banger_vmm::snapshot_devices_file(&state), state] {
                 match std::fs::remove_file(&file) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         tracing::warn!(vm = %vm.name, file = %file.display(), error = %e, "cannot remove the restored state");
@@ -715,13 +717,15 @@ impl Lifecycle {
         tokio::spawn(async move {
             let dir = PathBuf::from(&vm.vm_dir);
             let console = PathBuf::from(vm.paths().console_log);
+            let stderr = banger_vmm::VmPaths::new(&dir).stderr_log;
             let Some(driver) = daemon.upgrade().map(|d| d.fleet.driver(vm.spec.vmm)) else { return };
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(d) = daemon.upgrade() else { return };
                 // `is_alive` also reaps the VMM when it is our child.
                 if driver.is_alive(pid, &dir) {
-                    keep_console_capped(&vm.name, &console).await;
+                    keep_capped(&vm.name, &console, banger_vmm::logfile::CONSOLE_LOG_CAP).await;
+                    keep_capped(&vm.name, &stderr, banger_vmm::logfile::VMM_STDERR_CAP).await;
                     continue;
                 }
                 // Only act if these handles are still the VM's (a restart publishes new ones).

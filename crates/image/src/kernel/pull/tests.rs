@@ -127,7 +127,8 @@ fn pulls_through_apt_and_publishes() {
             "overlay",
             "vsock",
             "vmw_vsock_virtio_transport_common",
-            "vmw_vsock_virtio_transport"
+            "vmw_vsock_virtio_transport",
+            "virtio_balloon"
         ]
     );
     for module in &kernel.modules {
