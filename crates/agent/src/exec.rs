@@ -265,9 +265,18 @@ fn reap_forever() {
 /// Resolves, forks and execs `cmd` in its own session. The child is reaped by the reaper
 /// thread; its status arrives on [`Child::exit`].
 pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
+    spawn_in(cmd, None)
+}
+
+/// [`spawn`], in a container when `container` is given: the program is then looked up on
+/// `PATH` inside the container's root, by the child (`container.rs`).
+pub fn spawn_in(cmd: &Command, container: Option<&crate::container::Entry>) -> Result<Child, SpawnError> {
     let first = cmd.argv.first().ok_or(SpawnError::Empty)?;
     let path_var = cmd.env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-    let program = resolve(first, path_var)?;
+    let program = match container {
+        Some(_) => PathBuf::from(first),
+        None => resolve(first, path_var)?,
+    };
     let program_c = cstring(program.as_os_str().as_bytes())?;
     let argv: Vec<CString> = cmd.argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_, _>>()?;
     let env: Vec<CString> =
@@ -329,7 +338,7 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
         if pid == 0 {
             // SAFETY: see above; every pointer refers to a live, NUL-terminated buffer.
             unsafe {
-                let io = ChildIo { stdio: child_raw, ctty, err_fd: err_write_raw };
+                let io = ChildIo { stdio: child_raw, ctty, err_fd: err_write_raw, container };
                 exec_child(program_c.as_ptr(), &argv_ptrs, &env_ptrs, &cwd, &root, io)
             }
         }
@@ -371,10 +380,11 @@ pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
 
 /// The forked child's fds: stdin, stdout, stderr (-1 = inherit), whether stdin becomes the
 /// controlling terminal, and where a failed exec's errno goes.
-struct ChildIo {
+struct ChildIo<'a> {
     stdio: [i32; 3],
     ctty: bool,
     err_fd: i32,
+    container: Option<&'a crate::container::Entry>,
 }
 
 /// The forked child: new session, default signals, stdio (with `ctty`, stdin becomes the
@@ -388,9 +398,9 @@ unsafe fn exec_child(
     env: &[*const libc::c_char],
     cwd: &CString,
     root: &CString,
-    io: ChildIo,
+    io: ChildIo<'_>,
 ) -> ! {
-    let ChildIo { stdio, ctty, err_fd } = io;
+    let ChildIo { stdio, ctty, err_fd, container } = io;
     // SAFETY: plain syscalls on values owned by this (single-threaded) child; the caller
     // guarantees the pointer arrays are NUL-terminated.
     unsafe {
@@ -414,11 +424,23 @@ unsafe fn exec_child(
             // foreground group (Ctrl-C, Ctrl-Z) and its window size changes send SIGWINCH.
             libc::ioctl(0, libc::TIOCSCTTY, 0);
         }
+        if let Some(entry) = container {
+            if let Err(errno) = crate::container::enter(entry) {
+                let bytes = errno.to_ne_bytes();
+                libc::write(err_fd, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(126)
+            }
+        }
         if libc::chdir(cwd.as_ptr()) != 0 {
             libc::chdir(root.as_ptr());
         }
-        libc::execve(program, argv.as_ptr(), env.as_ptr());
-        let errno = *libc::__errno_location();
+        let errno = match container {
+            Some(entry) => crate::container::exec(entry, argv, env),
+            None => {
+                libc::execve(program, argv.as_ptr(), env.as_ptr());
+                *libc::__errno_location()
+            }
+        };
         let bytes = errno.to_ne_bytes();
         libc::write(err_fd, bytes.as_ptr().cast(), bytes.len());
         libc::_exit(127)
@@ -534,9 +556,21 @@ impl channel::Process for ExecControl {
 /// Serves one `exec` channel: starts the command, forwards stdin, streams stdout and stderr,
 /// and sends `Exit` once both pipes are at EOF and the process has been reaped.
 pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: Option<mpsc::Receiver<Vec<u8>>>) {
-    // The image's user, working directory and environment are the defaults.
-    let (argv, env, default_cwd) = crate::services::exec_defaults(crate::services::image_meta(), req.argv, &req.env);
+    let container = match container_entry(&req) {
+        Ok(entry) => entry,
+        Err(e) => {
+            link.fail(&chain(&e));
+            return link.finish();
+        }
+    };
+    // The image's user, working directory and environment are the defaults (a container's
+    // come whole from its spec).
+    let (argv, env, default_cwd) = match &container {
+        Some(_) => (req.argv, crate::container::environment(&req.env), PathBuf::from("/")),
+        None => crate::services::exec_defaults(crate::services::image_meta(), req.argv, &req.env),
+    };
     let cwd = match &req.cwd {
+        Some(dir) if container.is_some() => PathBuf::from(dir),
         Some(dir) if !Path::new(dir).is_dir() => {
             link.fail(&format!("working directory {dir} does not exist"));
             return link.finish();
@@ -552,7 +586,7 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
     }
     let stdio = [stdin_mode, Stdio::Pipe, Stdio::Pipe];
     let cmd = Command { argv, env, cwd, stdio, tty };
-    let child = match spawn(&cmd) {
+    let child = match spawn_in(&cmd, container.as_ref()) {
         Ok(child) => child,
         Err(e @ (SpawnError::Nul | SpawnError::Empty | SpawnError::Sys { .. } | SpawnError::Pty(_))) => {
             link.fail(&chain(&e));
@@ -598,6 +632,15 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
         Err(_) => link.fail("the command's exit status was lost"),
     }
     link.finish();
+}
+
+/// A container request's entry (its root mounted first), or `None` for a plain exec.
+fn container_entry(req: &ExecRequest) -> Result<Option<crate::container::Entry>, crate::container::ContainerError> {
+    let Some(spec) = &req.container else { return Ok(None) };
+    crate::container::prepare()?;
+    let path = req.env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let program = req.argv.first().map_or("", String::as_str);
+    crate::container::Entry::new(spec, program, path).map(Some)
 }
 
 /// The rest of a `tty` exec: host stdin is typed into the master, the master's output streams

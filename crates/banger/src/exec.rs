@@ -77,7 +77,14 @@ pub async fn exec(client: &Client, vm: &str, opts: ExecOptions) -> anyhow::Resul
             env.push(("TERM".into(), term));
         }
     }
-    let request = AgentRequest::Exec(ExecRequest { argv: opts.argv, env, cwd: opts.cwd, stdin: opts.stdin, tty });
+    let request = AgentRequest::Exec(ExecRequest {
+        argv: opts.argv,
+        env,
+        cwd: opts.cwd,
+        stdin: opts.stdin,
+        tty,
+        container: None,
+    });
     tx.send(Frame::json(1, FrameKind::Request, &request)).ok();
     tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {

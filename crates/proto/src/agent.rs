@@ -486,6 +486,27 @@ pub struct ExecRequest {
     /// Run on a pseudo-terminal of this size (stdout and stderr become one `Stdout` stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// Run it as a container process: in a private mount namespace whose root is the VM's
+    /// container disk, with exactly `env` and as this user (the containerd shim's tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerExec>,
+}
+
+/// How a container process runs (from its OCI spec's `process`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerExec {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary group ids (at most [`ContainerExec::MAX_GROUPS`]).
+    #[serde(default)]
+    pub groups: Vec<u32>,
+}
+
+impl ContainerExec {
+    /// The most supplementary groups a container process gets.
+    pub const MAX_GROUPS: usize = 64;
 }
 
 /// A terminal's window size, in character cells.

@@ -97,6 +97,7 @@ fn exec_defaults_cwd_env_and_null_stdin() {
             cwd: Some("/tmp".into()),
             stdin: false,
             tty: None,
+            container: None,
         }))
         .expect("open");
     let out = client.finish(channel).expect("exec");

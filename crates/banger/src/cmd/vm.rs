@@ -209,6 +209,7 @@ impl SpecArgs {
             from_snapshot: self.from_snapshot,
             warm_start: false,
             egress: self.egress.policy(),
+            container_disk: None,
         }
     }
 }

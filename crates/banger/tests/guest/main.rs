@@ -13,6 +13,7 @@ mod template;
 
 mod balloon;
 mod boot;
+mod containerd;
 mod copy;
 mod dockerfile;
 mod egress;

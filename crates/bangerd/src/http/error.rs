@@ -222,6 +222,15 @@ impl Status for CallerError {
     }
 }
 
+impl Status for crate::services::container_disk::ContainerDiskError {
+    fn kind(&self) -> Kind {
+        match self {
+            Self::Copy { .. } => Kind::Internal,
+            _ => Kind::Invalid,
+        }
+    }
+}
+
 impl Status for GitIdentityError {
     fn kind(&self) -> Kind {
         Kind::Invalid
@@ -415,6 +424,7 @@ impl Status for VmsError {
             Self::Ssh(e) => e.kind(),
             Self::Snapshots(e) => e.kind(),
             Self::Lifecycle(e) => e.kind(),
+            Self::ContainerDisk(e) => e.kind(),
             Self::Name(_)
             | Self::RefName { .. }
             | Self::Size(_)

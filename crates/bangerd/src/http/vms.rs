@@ -41,7 +41,7 @@ pub(super) async fn create_vm(
 ) -> Result<impl IntoResponse, ApiFailure> {
     let req = body(req, "CreateVmRequest")?;
     req.publish.iter().try_for_each(|f| caller.check_port(f.host_port))?;
-    let op = d.vms.begin_create_vm(req)?;
+    let op = d.vms.begin_create_vm_as(req, caller)?;
     Ok(accepted(op))
 }
 

@@ -9,6 +9,7 @@
 
 pub mod artifacts;
 pub mod caller;
+pub mod container_disk;
 pub mod doctor;
 pub mod files;
 pub mod forwards;

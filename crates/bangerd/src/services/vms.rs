@@ -20,6 +20,8 @@ use banger_proto::{CreateVmRequest, GitIdentity, GuestPort, UpdateVmRequest, VmL
 use banger_store::{Pending, StoreError, Table};
 
 use crate::ops::{Cancelled, OpHandle};
+use crate::services::caller::Caller;
+use crate::services::container_disk::{self, ContainerDiskError};
 use crate::services::forwards::{Forwards, ForwardsError};
 use crate::services::lifecycle::{Lifecycle, LifecycleError};
 use crate::services::net::{Net, NetError};
@@ -117,6 +119,9 @@ pub enum VmsError {
     /// Its first start.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    /// Its container disk.
+    #[error(transparent)]
+    ContainerDisk(#[from] ContainerDiskError),
     /// The guest agent could not be asked.
     #[error("cannot list ports of vm '{vm}'")]
     Ports {
@@ -217,7 +222,19 @@ impl Vms {
     /// Validates a create request and starts its operation; the VM is recorded in the
     /// background. Bad input and taken names are refused here, before anything is written.
     pub fn begin_create_vm(self: &Arc<Self>, req: CreateVmRequest) -> Result<OperationRecord, VmsError> {
+        self.begin_create_vm_as(req, Caller::UNKNOWN)
+    }
+
+    /// [`Vms::begin_create_vm`] for `caller`, whose own rights open a `container_disk`.
+    pub fn begin_create_vm_as(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        caller: Caller,
+    ) -> Result<OperationRecord, VmsError> {
         validate_name(&req.name)?;
+        if req.container_disk.is_some() && (req.from_snapshot.is_some() || req.warm_start) {
+            return Err(ContainerDiskError::WithSnapshot.into());
+        }
         let git = crate::services::ssh::check_git_identity(req.git_identity.clone())?;
         let (spec, origin) = match &req.from_snapshot {
             Some(reference) => {
@@ -254,12 +271,13 @@ impl Vms {
         let publish: Vec<PortForward> = req.publish.iter().map(|&f| f.into()).collect();
         self.forwards.check_publish(&publish)?;
         self.ensure_name_free(&req.name)?;
+        let disk = req.container_disk.as_deref().map(|p| container_disk::open(&caller, p)).transpose()?;
         let op = self.fleet.ops.begin("vm.create", &req.name);
         let _ = op.stage("validate");
         let snapshot = op.snapshot()?;
         let this = self.clone();
         let start = req.start.then_some(git);
-        tokio::spawn(async move { this.run_create(op, req.name, spec, start, (publish, egress), origin).await });
+        tokio::spawn(async move { this.run_create(op, req.name, spec, start, (publish, egress), origin, disk).await });
         Ok(snapshot)
     }
 
@@ -273,8 +291,10 @@ impl Vms {
 
     /// The create operation's body; with `start`, the VM is booted too (with that git identity).
     /// A fork's dir gets the snapshot's files (its start restores them); a warm boot is
-    /// snapshotted as the warm-start snapshot once ready. Returns the new record; on failure or
-    /// cancellation nothing it made is left behind.
+    /// snapshotted as the warm-start snapshot once ready; a container disk is copied into the
+    /// VM's dir before it starts. Returns the new record; on failure or cancellation nothing it
+    /// made is left behind.
+    #[expect(clippy::too_many_arguments, reason = "a create's parts, each used once")]
     pub async fn run_create(
         self: Arc<Self>,
         op: OpHandle,
@@ -283,8 +303,9 @@ impl Vms {
         start: Option<Option<GitIdentity>>,
         (publish, egress): (Vec<PortForward>, EgressPolicy),
         origin: Origin,
+        disk: Option<container_disk::Opened>,
     ) -> Result<VmRecord, VmsError> {
-        let mut result = self.create_stages(&op, &name, spec, (&publish, &egress), &origin).await;
+        let mut result = self.create_stages(&op, &name, spec, (&publish, &egress), (&origin, disk)).await;
         if let (Some(git), Ok(vm)) = (start, &result) {
             result = match self.lifecycle.start_vm(&op, &vm.id, git.as_ref()).await {
                 Ok(vm) => Ok(vm),
@@ -323,7 +344,7 @@ impl Vms {
         name: &str,
         spec: VmSpec,
         (publish, egress): (&[PortForward], &EgressPolicy),
-        origin: &Origin,
+        (origin, disk): (&Origin, Option<container_disk::Opened>),
     ) -> Result<VmRecord, CreateFailure> {
         op.stage("reserve")?;
         let fork = match origin {
@@ -367,6 +388,26 @@ impl Vms {
                     Ok(()) => self.fork_copied().map_err(CreateFailure::Failed),
                     Err(e) => Err(CreateFailure::Failed(e.into())),
                 },
+                Err(c) => Err(c.into()),
+            };
+            if let Err(e) = copied {
+                undo(self, &vm);
+                return Err(e);
+            }
+        }
+        if let Some(disk) = disk {
+            let copied = match op.stage("container-disk") {
+                Ok(()) => {
+                    let dir = std::path::PathBuf::from(&vm.vm_dir);
+                    match tokio::task::spawn_blocking(move || container_disk::copy_into(disk, &dir)).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(CreateFailure::Failed(e.into())),
+                        Err(e) => Err(CreateFailure::Failed(VmsError::VmDir {
+                            dir: vm.vm_dir.clone(),
+                            source: std::io::Error::other(e),
+                        })),
+                    }
+                }
                 Err(c) => Err(c.into()),
             };
             if let Err(e) = copied {
@@ -638,7 +679,10 @@ mod tests {
     async fn create(d: &Arc<Daemon>, name: &str) -> Result<VmRecord, VmsError> {
         let spec = d.vms.resolve_spec(&req(name))?;
         let op = d.fleet.ops.begin("vm.create", name);
-        d.vms.clone().run_create(op, name.into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot).await
+        d.vms
+            .clone()
+            .run_create(op, name.into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
+            .await
     }
 
     #[tokio::test]
@@ -811,7 +855,7 @@ mod tests {
         let vm = d
             .vms
             .clone()
-            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await;
         let vm = vm.expect("created and started");
         assert_eq!(vm.state, banger_core::ObservedState::Running);
@@ -843,7 +887,7 @@ mod tests {
         let e = d
             .vms
             .clone()
-            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "web".into(), spec, Some(None), (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await;
         let e = e.expect_err("launch fails");
         assert!(matches!(e, VmsError::Lifecycle(LifecycleError::Launch(_))), "{e}");
@@ -871,7 +915,7 @@ mod tests {
         let vm = d
             .vms
             .clone()
-            .run_create(op, "offline".into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot)
+            .run_create(op, "offline".into(), spec, None, (Vec::new(), EgressPolicy::default()), Origin::Boot, None)
             .await
             .expect("no address needed");
         assert_eq!(vm.guest_ip, None, "--no-network takes no address");

@@ -272,6 +272,7 @@ async fn relay_export(
         cwd: Some("/".into()),
         stdin: false,
         tty: None,
+        container: None,
     });
     let lost = || "the agent connection was lost (did the vm stop?)".to_owned();
     let mut channel = target.agent.open(&request).await.map_err(|e| e.to_string())?;

@@ -110,6 +110,11 @@ pub struct CreateVmRequest {
     /// (what `banger vm run` asks for); otherwise boot as usual.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub warm_start: bool,
+    /// A host file holding an ext4 image of a container's root (the containerd shim's tasks):
+    /// the daemon opens it as the caller, keeps a copy in the VM's dir and attaches that,
+    /// writable, as the guest's container disk. Not with `from_snapshot` or `warm_start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_disk: Option<String>,
 }
 
 /// `POST /v1/vms/{vm}/start`: the body is optional.

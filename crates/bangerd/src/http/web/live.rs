@@ -226,6 +226,7 @@ async fn bridge(mut socket: WebSocket, mut pipe: tokio::io::DuplexStream, size: 
         cwd: None,
         stdin: true,
         tty: Some(size),
+        container: None,
     };
     if pipe.write_all(&Frame::json(1, FrameKind::Request, &AgentRequest::Exec(exec)).encode()).await.is_err() {
         return;

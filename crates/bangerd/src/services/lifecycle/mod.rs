@@ -343,6 +343,12 @@ impl Lifecycle {
             format!("banger.hostname={}", vm.name),
             format!("banger.init={}", boot.init_mode.as_str()),
         ];
+        // A containerd task's root, given at create (services/container_disk.rs).
+        let container = crate::services::container_disk::path_in(&vm_dir);
+        if container.exists() {
+            spec.disks.push(DiskSpec::writable(container));
+            spec.kernel_args.push(format!("banger.container={}", crate::services::container_disk::GUEST_DEVICE));
+        }
         if let Some(nic) = &nic {
             spec.kernel_args.extend(nic.kernel_args.iter().cloned());
             spec.net = Some(NetSpec { tap: nic.tap.clone(), mac: nic.mac.clone() });

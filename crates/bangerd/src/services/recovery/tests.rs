@@ -79,7 +79,7 @@ async fn create(d: &Arc<Daemon>, name: &str, origin: Origin) -> Option<VmRecord>
         },
     };
     let op = d.fleet.ops.begin("vm.create", name);
-    d.vms.clone().run_create(op, name.into(), spec, None, (Vec::new(), Default::default()), origin).await.ok()
+    d.vms.clone().run_create(op, name.into(), spec, None, (Vec::new(), Default::default()), origin, None).await.ok()
 }
 
 async fn start(d: &Arc<Daemon>, name: &str) {
