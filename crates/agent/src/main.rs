@@ -17,6 +17,7 @@
 #[macro_use]
 mod log;
 mod channel;
+mod disks;
 mod exec;
 mod files;
 mod fsops;

@@ -351,6 +351,8 @@ impl Lifecycle {
         if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
             spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
             spec.balloon = self.fleet.config.balloon;
+            // Spare disk slots for attach (fast workspace imports; `banger_vmm::slots`).
+            spec.slots = banger_vmm::slots::QEMU_SLOTS;
         }
         let launching = match &restore {
             Some(state) => self.fleet.driver(vm.spec.vmm).restore(&spec, state).await,
