@@ -161,6 +161,8 @@ fn boot() -> Result<(), InitError> {
     log!("switched root to the overlay of {root} and {overlay}");
     if let Some(work) = &params.work {
         mounts::mount_work(work, "/root")?;
+        // Workspaces attached as disks before a restart live on in their slots.
+        crate::disks::mount_attached();
     }
     // The host key banger made for this VM (and pinned) replaces any the image would generate.
     let host_key = match install_host_key(Path::new(BANGER_HOST_KEY_DIR), Path::new(SSH_DIR)) {

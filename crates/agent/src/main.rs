@@ -18,6 +18,7 @@
 mod log;
 mod channel;
 mod container;
+mod disks;
 mod exec;
 mod files;
 mod fsops;

@@ -405,6 +405,12 @@ fn request_frame(request: AgentRequest, link: Link) -> bool {
             link.route(Route::Upload(tx));
             spawn_channel(link, "write", move |link| fsops::serve_write(&link, &path, mode, parents, &rx));
         }
+        AgentRequest::MountDisk { serial, dir } => {
+            spawn_channel(link, "mount_disk", move |link| crate::disks::serve_mount(&link, &serial, &dir));
+        }
+        AgentRequest::UnmountDisk { dir } => {
+            spawn_channel(link, "unmount_disk", move |link| crate::disks::serve_unmount(&link, &dir));
+        }
         request @ (AgentRequest::Stat { .. }
         | AgentRequest::List { .. }
         | AgentRequest::Mkdir { .. }

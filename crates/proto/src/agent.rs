@@ -422,6 +422,20 @@ pub enum AgentRequest {
         /// Absolute guest path.
         path: String,
     },
+    /// Mount the ext4 file system on the spare disk whose virtio serial is `serial` (the host
+    /// has just grown it from empty) read-write at `dir` (made when missing; an existing one
+    /// must be an empty directory): answers `Ok`, or `Error`.
+    MountDisk {
+        /// The disk's serial (`/sys/block/vd*/serial`), e.g. `banger-slot0`.
+        serial: String,
+        /// Absolute guest directory.
+        dir: String,
+    },
+    /// Unmount what is mounted at `dir` (a disk `mount_disk` mounted): answers `Ok`, or `Error`.
+    UnmountDisk {
+        /// Absolute guest directory.
+        dir: String,
+    },
 }
 
 /// What a guest restored from a memory snapshot becomes. The clock is always set; every other

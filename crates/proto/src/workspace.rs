@@ -7,6 +7,12 @@
 //! - import: client → daemon `Data` frames holding a tar stream, an empty `Data` at the end;
 //!   daemon → client one final `Response` ([`WorkspaceImported`]) or `Error`. The daemon reads
 //!   the client only as fast as the guest unpacks, so the socket carries the back-pressure.
+//! - import as a disk (the query names `disk_bytes`): client → daemon `Data` frames each
+//!   holding a little-endian `u64` offset and the bytes of an ext4 image the CLI built at that
+//!   offset (all-zero ranges are left out: they read as zeros), an empty `Data` at the end;
+//!   every piece must lie within `disk_bytes`. The daemon writes them into a free spare slot of
+//!   the VM, grows the slot to `disk_bytes` and has the agent mount it at `dir` (which must be
+//!   missing or empty); then the final `Response` or `Error` as above.
 //! - export: daemon → client `Data` frames (a git bundle, or a patch), then one final
 //!   `Response` ([`WorkspaceExported`]) or `Error`; the client sends nothing.
 
@@ -21,7 +27,18 @@ pub const WORKSPACE_PROTOCOL: &str = "banger-workspace";
 pub struct WorkspaceImportQuery {
     /// Absolute guest directory to unpack into, e.g. `/root/myrepo` (made when missing).
     pub dir: String,
+    /// The stream is an ext4 image of this many bytes, attached as a disk and mounted at
+    /// `dir` (QEMU VMs; at most [`MAX_DISK_BYTES`]), instead of a tar stream.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
+
+/// The largest image a disk import may attach: 256 GiB (sparse: only what is written uses
+/// host disk).
+pub const MAX_DISK_BYTES: u64 = 256 << 30;
+
+/// Bytes of the offset that starts each `Data` frame of a disk import.
+pub const DISK_OFFSET_BYTES: usize = 8;
 
 /// The final answer of an import.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -20,6 +20,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod select;
+pub mod slots;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -195,6 +196,18 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     ) -> VmmFuture<'a, Result<Launched, LaunchError>> {
         let _ = (spec, state_file);
         Box::pin(async move { Err(LaunchError::NotSupported { kind: self.kind(), what: "restore" }) })
+    }
+
+    /// Sets the capacity the guest sees of spare slot `index` ([`crate::slots`]) to `size`
+    /// bytes, what its file holds now (0 frees it). Only QEMU has slots.
+    fn resize_slot<'a>(
+        &'a self,
+        control_socket: &'a Path,
+        index: u8,
+        size: u64,
+    ) -> VmmFuture<'a, Result<(), ControlError>> {
+        let _ = (control_socket, index, size);
+        Box::pin(async move { Err(ControlError::NotSupported { kind: self.kind(), what: "attaching a disk" }) })
     }
 
     /// Ends the VMM: [`Self::quit`], up to `timeout` for it to exit, then [`Self::kill`].

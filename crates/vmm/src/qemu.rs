@@ -2,7 +2,8 @@
 //! own session, and waits for its QMP socket.
 //!
 //! The guest gets: a serial console written to the console log, the kernel and initramfs, one
-//! `virtio-blk-device` per disk in spec order (`vda`, `vdb`, ...), a `virtio-serial-device` with
+//! `virtio-blk-device` per disk in spec order (`vda`, `vdb`, ...) and the spare slots last
+//! ([`crate::slots`]), a `virtio-serial-device` with
 //! one port named [`AGENT_PORT_NAME`] whose host end is a unix socket QEMU listens on, and no
 //! network at all (no `-netdev`, so the guest has no route anywhere). Under TCG the kernel gets
 //! `tsc_early_khz=<host TSC kHz>`: without it most TCG boots hang calibrating the TSC.
@@ -178,6 +179,22 @@ impl QemuDriver {
             push(&[os("-device")]);
             push(&[os(crate::balloon::QEMU_DEVICE)]);
         }
+        // Spare slots after the balloon, so older states keep their virtio-mmio slots.
+        for index in 0..spec.slots {
+            let file = crate::slots::slot_file(&spec.vm_dir, index);
+            push(&[os("-drive")]);
+            push(&[
+                os(&format!("id={},file=", crate::slots::drive_id(index))),
+                &escape_opt(file.as_os_str()),
+                os(",format=raw,if=none,readonly=off,cache=writeback,aio=threads,discard=unmap"),
+            ]);
+            push(&[os("-device")]);
+            push(&[os(&format!(
+                "virtio-blk-device,drive={},serial={}",
+                crate::slots::drive_id(index),
+                crate::slots::slot_serial(index)
+            ))]);
+        }
 
         push(&[os("-qmp")]);
         push(&[os("unix:"), &escape_opt(spec.control_socket.as_os_str()), os(",server=on,wait=off")]);
@@ -210,6 +227,14 @@ impl QemuDriver {
 
     async fn launch_inner(&self, spec: &LaunchSpec, state_file: Option<&Path>) -> Result<Launched, LaunchError> {
         spec.validate()?;
+        let mut spec = std::borrow::Cow::Borrowed(spec);
+        if let Some(state) = state_file {
+            // A saved guest gets exactly the slots it was saved with.
+            let slots = crate::slots::state_slots(state)
+                .map_err(|source| LaunchError::Prepare { path: crate::snapshot_devices_file(state), source })?;
+            spec.to_mut().slots = slots;
+        }
+        let spec = spec.as_ref();
         let mut lazy = false;
         let (args, stdin) = match state_file {
             Some(state) => {
@@ -252,6 +277,14 @@ impl QemuDriver {
         let disks = spec.disks.iter().map(|disk| ("disk", &disk.path));
         if let Some((what, path)) = inputs.into_iter().chain(disks).find(|(_, path)| !path.is_file()) {
             return Err(LaunchError::MissingFile { what, path: path.clone() });
+        }
+        if state_file.is_none() {
+            crate::slots::create_missing(&spec.vm_dir, spec.slots)
+                .map_err(|source| LaunchError::Prepare { path: spec.vm_dir.clone(), source })?;
+        } else if let Some(path) =
+            (0..spec.slots).map(|i| crate::slots::slot_file(&spec.vm_dir, i)).find(|path| !path.is_file())
+        {
+            return Err(LaunchError::MissingFile { what: "slot disk", path });
         }
         // A stale memory file (a daemon killed mid-start) would be reused as it is.
         if let (None, Some(file)) = (state_file, &spec.memory_file) {
@@ -458,6 +491,13 @@ impl Vmm for QemuDriver {
                     source,
                 })?;
             }
+            let slots = crate::slots::count(&mut client).await?;
+            if slots > 0 {
+                crate::slots::mark_state(state_file, slots).map_err(|source| ControlError::DevicesFile {
+                    path: crate::snapshot_devices_file(state_file),
+                    source,
+                })?;
+            }
             if let Some(path) = memory {
                 // Still paused: the copy is the memory the device state belongs to.
                 let dest = crate::snapshot_memory_file(state_file);
@@ -479,6 +519,20 @@ impl Vmm for QemuDriver {
 
     fn is_alive(&self, pid: u32, vm_dir: &Path) -> bool {
         self.children.is_alive(pid, vm_dir)
+    }
+
+    fn resize_slot<'a>(
+        &'a self,
+        control_socket: &'a Path,
+        index: u8,
+        size: u64,
+    ) -> VmmFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let mut client = self.control(control_socket).await?;
+            let args = serde_json::json!({ "device": crate::slots::drive_id(index), "size": size });
+            client.execute("block_resize", Some(args)).await?;
+            Ok(())
+        })
     }
 
     fn quit<'a>(&'a self, control_socket: &'a Path) -> VmmFuture<'a, Result<(), ControlError>> {
@@ -703,6 +757,27 @@ mod tests {
         assert_eq!(devices(&lazy), devices(&boot));
         assert_eq!(devices(&strings(driver.restore_command_line(&spec, true))), devices(&boot));
         assert_eq!(devices(&strings(driver.restore_command_line(&spec, false))), devices(&plain));
+    }
+
+    /// Spare slots come after the balloon, named by serial, backed by the VM dir's slot files.
+    #[test]
+    fn slots_follow_the_balloon() {
+        let driver = QemuDriver::new(Accel::Tcg, None);
+        let mut spec = spec();
+        spec.balloon = true;
+        let plain = args(&driver, &spec);
+        spec.slots = 2;
+        let boot = args(&driver, &spec);
+        let devices = |a: &[String]| values(a, "-device").into_iter().map(str::to_owned).collect::<Vec<_>>();
+        let all = devices(&boot);
+        let (before, after) = all.split_at(devices(&plain).len());
+        assert_eq!(before, &devices(&plain)[..], "the other devices keep their order");
+        assert_eq!(
+            after,
+            ["virtio-blk-device,drive=slot0,serial=banger-slot0", "virtio-blk-device,drive=slot1,serial=banger-slot1"]
+        );
+        let slot1 = format!("id=slot1,file={}/slot1.img,format=raw", spec.vm_dir.display());
+        assert!(values(&boot, "-drive").iter().any(|d| d.starts_with(&slot1)), "{boot:?}");
     }
 
     /// A fork of a snapshot saved with a balloon never maps the snapshot's memory file itself

@@ -174,6 +174,10 @@ pub struct LaunchSpec {
     /// devices it was saved with ([`crate::snapshot_devices_file`]).
     #[serde(default)]
     pub balloon: bool,
+    /// Spare drive slots to boot with (QEMU; [`crate::slots`]), their files in the VM dir. A
+    /// restore ignores it: a saved guest gets the slots it was saved with.
+    #[serde(default)]
+    pub slots: u8,
 }
 
 impl LaunchSpec {
@@ -205,6 +209,7 @@ impl LaunchSpec {
             net: None,
             memory_file: None,
             balloon: false,
+            slots: 0,
         }
     }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::client::Client;
 use crate::output;
-use crate::workspace::{bring_back, patch, stream, tarball, Repo};
+use crate::workspace::{bring_back, disk, patch, stream, tarball, Repo};
 
 #[derive(Debug, Subcommand)]
 pub enum WorkspaceCommand {
@@ -36,6 +36,10 @@ pub struct PrepareArgs {
     /// Print what was imported as JSON.
     #[arg(long)]
     json: bool,
+    /// How the files go in: `disk` attaches an ext4 image the CLI builds (fast for large
+    /// repositories; QEMU VMs, new directories), `tar` streams them to the agent, `auto` picks.
+    #[arg(long, value_enum, default_value_t)]
+    by: disk::By,
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +79,8 @@ pub struct ImportReport {
     elapsed_ms: u64,
     /// Millions of bytes of file contents per second, over the whole stream.
     mb_per_s: f64,
+    /// `tar` or `disk` (an attached file system image).
+    method: disk::Method,
     skipped: Vec<Skipped>,
 }
 
@@ -89,7 +95,7 @@ pub async fn run(client: &Client, command: WorkspaceCommand) -> anyhow::Result<E
         WorkspaceCommand::Prepare(a) => {
             let repo = discover(a.path.as_deref())?;
             client.ensure_daemon().await?;
-            let report = import(client, &a.vm, &repo).await?;
+            let report = import_by(client, &a.vm, &repo, a.by).await?;
             if a.json {
                 output::json(&report)?;
             } else {
@@ -108,11 +114,16 @@ pub fn discover(path: Option<&Path>) -> anyhow::Result<Repo> {
 
 /// Imports `repo` into running VM `vm`, with progress and warnings on stderr.
 pub async fn import(client: &Client, vm: &str, repo: &Repo) -> anyhow::Result<ImportReport> {
+    import_by(client, vm, repo, disk::By::Auto).await
+}
+
+/// [`import`], going in as `by` says.
+pub async fn import_by(client: &Client, vm: &str, repo: &Repo, by: disk::By) -> anyhow::Result<ImportReport> {
     let dir = repo.guest_dir();
     let files = tarball::list_files(repo)?;
     eprintln!("workspace: importing {} into {vm}:{dir}", repo.top.display());
     let started = Instant::now();
-    let (done, stats) = stream::import(client, vm, repo.top.clone(), files, &dir).await?;
+    let (done, stats, method) = disk::import(client, vm, repo.top.clone(), files, &dir, by).await?;
     let elapsed = started.elapsed();
     for (path, why) in &stats.skipped {
         eprintln!("warning: workspace: left out {}: {why}", path.display());
@@ -125,6 +136,7 @@ pub async fn import(client: &Client, vm: &str, repo: &Repo) -> anyhow::Result<Im
         bytes: done.bytes,
         elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         mb_per_s: done.bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-3),
+        method,
         skipped: stats
             .skipped
             .iter()

@@ -1,9 +1,11 @@
 //! The host side of workspaces: finding the git repository, building the import's tar stream
 //! (`tarball`), checking and fetching what an export brings back (`bring_back` for bundles,
-//! `patch` for patches), and the streams to and from the daemon (`stream`). Everything here
+//! `patch` for patches), the streams to and from the daemon (`stream`), and large imports as
+//! an attached disk (`disk`). Everything here
 //! runs as the calling user, in their repository; git is the system `git`.
 
 pub mod bring_back;
+pub mod disk;
 pub mod patch;
 pub mod stream;
 pub mod tarball;

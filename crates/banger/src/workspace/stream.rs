@@ -24,7 +24,7 @@ const CHUNK: usize = 512 * 1024;
 
 /// The daemon's final frame: `Response` parsed as `T`, `Error` as an error. `Data` frames go to
 /// `data`.
-async fn final_frame<T: serde::de::DeserializeOwned>(
+pub(crate) async fn final_frame<T: serde::de::DeserializeOwned>(
     rd: &mut (impl AsyncRead + Unpin),
     mut data: impl FnMut(&[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<T> {

@@ -67,12 +67,28 @@ pub fn list_files(repo: &Repo) -> Result<Vec<PathBuf>, TarError> {
 
 /// Writes the tar stream of `files` (relative to `top`) and `top/.git` into `out`.
 pub fn write_tar(top: &Path, files: &[PathBuf], out: impl Write) -> Result<Stats, TarError> {
+    write_tar_under(top, files, None, out)
+}
+
+/// [`write_tar`] with every entry named under `prefix` (the disk import stages the stream
+/// with `banger vm cp`'s extractor, which wants one top entry).
+pub fn write_tar_under(
+    top: &Path,
+    files: &[PathBuf],
+    prefix: Option<&Path>,
+    out: impl Write,
+) -> Result<Stats, TarError> {
     let read_err = |path: &Path| {
         let path = path.display().to_string();
         move |e: Errno| TarError::Read { path, source: e.into() }
     };
     let root = open_dir_at(None, top.as_os_str()).map_err(read_err(top))?;
-    let mut w = Writer { builder: tar::Builder::new(out), stats: Stats::default() };
+    let mut w = Writer { builder: tar::Builder::new(out), stats: Stats::default(), prefix: prefix.map(Path::to_owned) };
+    if let Some(prefix) = prefix {
+        let st = nix::sys::stat::fstat(root.as_raw_fd()).map_err(read_err(top))?;
+        let mut header = header(&st, tar::EntryType::Directory, 0);
+        w.builder.append_data(&mut header, prefix, std::io::empty()).map_err(TarError::Write)?;
+    }
     let mut cache: Option<(PathBuf, OwnedFd)> = None;
     for rel in files {
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { continue };
@@ -103,7 +119,7 @@ pub fn write_tar(top: &Path, files: &[PathBuf], out: impl Write) -> Result<Stats
 /// Writes each `(name, rel)`: entry `name` of directory `dir` (a file, a symlink, or a whole
 /// tree), stored as `rel`, with the same rules as the import (`banger vm cp` uses it).
 pub fn write_named(dir: &OwnedFd, names: &[(OsString, PathBuf)], out: impl Write) -> Result<Stats, TarError> {
-    let mut w = Writer { builder: tar::Builder::new(out), stats: Stats::default() };
+    let mut w = Writer { builder: tar::Builder::new(out), stats: Stats::default(), prefix: None };
     for (name, rel) in names {
         w.add(dir, name, rel, true)?;
     }
@@ -115,9 +131,16 @@ pub fn write_named(dir: &OwnedFd, names: &[(OsString, PathBuf)], out: impl Write
 struct Writer<W: Write> {
     builder: tar::Builder<W>,
     stats: Stats,
+    /// What every entry is named under.
+    prefix: Option<PathBuf>,
 }
 
 impl<W: Write> Writer<W> {
+    /// The stream's name for `rel`.
+    fn entry_name(&self, rel: &Path) -> PathBuf {
+        self.prefix.as_ref().map_or_else(|| rel.to_owned(), |p| p.join(rel))
+    }
+
     /// Adds `dir`/`name` as `rel`; directories only as an entry unless `recurse`.
     fn add(&mut self, dir: &OwnedFd, name: &OsStr, rel: &Path, recurse: bool) -> Result<(), TarError> {
         let read_err = |e: Errno| TarError::Read { path: rel.display().to_string(), source: e.into() };
@@ -146,7 +169,8 @@ impl<W: Write> Writer<W> {
                 let size = u64::try_from(st.st_size).unwrap_or(0);
                 let mut header = header(&st, tar::EntryType::Regular, size);
                 let exact = Exact { file, left: size };
-                self.builder.append_data(&mut header, rel, exact).map_err(|e| self.stream_error(rel, e))?;
+                let named = self.entry_name(rel);
+                self.builder.append_data(&mut header, named, exact).map_err(|e| self.stream_error(rel, e))?;
                 self.stats.bytes += size;
             }
             SFlag::S_IFLNK => {
@@ -157,7 +181,8 @@ impl<W: Write> Writer<W> {
                     return Ok(());
                 }
                 let mut header = header(&st, tar::EntryType::Symlink, 0);
-                self.builder.append_link(&mut header, rel, &target).map_err(|e| self.stream_error(rel, e))?;
+                let named = self.entry_name(rel);
+                self.builder.append_link(&mut header, named, &target).map_err(|e| self.stream_error(rel, e))?;
             }
             SFlag::S_IFDIR if recurse => {
                 let sub = open_dir_at(Some(dir), name).map_err(read_err)?;
@@ -167,7 +192,10 @@ impl<W: Write> Writer<W> {
             SFlag::S_IFDIR => {
                 // A listed directory is a submodule's checkout: its entry only.
                 let mut header = header(&st, tar::EntryType::Directory, 0);
-                self.builder.append_data(&mut header, rel, std::io::empty()).map_err(|e| self.stream_error(rel, e))?;
+                let named = self.entry_name(rel);
+                self.builder
+                    .append_data(&mut header, named, std::io::empty())
+                    .map_err(|e| self.stream_error(rel, e))?;
             }
             _ => {
                 self.stats.skipped.push((rel.to_owned(), "not a regular file, directory or symlink".into()));
@@ -183,7 +211,8 @@ impl<W: Write> Writer<W> {
         let read_err = |e: Errno| TarError::Read { path: rel.display().to_string(), source: e.into() };
         let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(read_err)?;
         let mut header = header(&st, tar::EntryType::Directory, 0);
-        self.builder.append_data(&mut header, rel, std::io::empty()).map_err(|e| self.stream_error(rel, e))?;
+        let named = self.entry_name(rel);
+        self.builder.append_data(&mut header, named, std::io::empty()).map_err(|e| self.stream_error(rel, e))?;
         self.stats.entries += 1;
         let listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd()).map_err(read_err)?).map_err(read_err)?;
         let mut names: Vec<OsString> = Vec::new();

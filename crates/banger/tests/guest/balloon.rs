@@ -73,7 +73,8 @@ fn a_forks_freed_pages_never_reach_its_snapshots_memory() {
     sh(&env, "origin", "yes banger-snapshot | head -c 100M > /dev/shm/keep && sync");
     let snap = env.banger(&["vm", "snapshot", "origin", "--name", "held", "--json"]).ok().json();
     let dir = std::path::PathBuf::from(snap["dir"].as_str().expect("dir"));
-    assert_eq!(std::fs::read_to_string(dir.join("state.devices")).expect("devices file").trim(), "balloon");
+    let devices = std::fs::read_to_string(dir.join("state.devices")).expect("devices file");
+    assert_eq!(devices.lines().collect::<Vec<_>>(), ["balloon", "slots 2"], "{devices}");
     let memory = dir.join("state.mem");
     let before = std::fs::read(&memory).expect("snapshot memory");
 

@@ -1,7 +1,8 @@
 //! Workspaces with a real guest (image `debian-bookworm`, which has git): a round trip (import
 //! with uncommitted changes, commit in the guest, export as a branch, the host's checkout
-//! untouched; a patch of what is left uncommitted), and a stop that does not wait for a large
-//! import to finish.
+//! untouched; a patch of what is left uncommitted), a stop that does not wait for a large
+//! import to finish, and a large import attached as a disk (kept across a restart, a snapshot
+//! and a fork; a small one still goes by tar).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -209,7 +210,7 @@ fn stop_returns_promptly_while_a_large_import_streams() {
     env.banger(&["vm", "create", "big", "--image", "minimal", "--no-network", "--disk", "1G"]).ok();
     env.banger(&["vm", "start", "big"]).ok();
     let mut import = host
-        .banger(&env, &repo, &["workspace", "prepare", "big"])
+        .banger(&env, &repo, &["workspace", "prepare", "big", "--by", "tar"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -232,4 +233,83 @@ fn stop_returns_promptly_while_a_large_import_streams() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the agent connection was lost (did the vm stop?)"), "{stderr}");
     env.banger(&["vm", "delete", "big"]).ok();
+}
+
+/// `sh -c script` in `vm`, in `dir`; its stdout, trimmed.
+fn guest_sh(host: &Host, env: &Env, repo: &Path, vm: &str, dir: &str, script: &str) -> String {
+    host.run(env, repo, &["vm", "exec", vm, "-n", "-w", dir, "--", "sh", "-c", script]).ok().stdout.trim().to_owned()
+}
+
+#[test]
+fn a_large_import_is_attached_as_a_disk_and_lives_on_in_restarts_snapshots_and_forks() {
+    let Some(t) = template() else { return };
+    let env = env_from(t);
+    let host = Host::new(&env);
+    let repo = env.dir.path().join("proj");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    host.git(&repo, &["init", "-q"]);
+    // 2,500 files: over the disk threshold by count.
+    big_tree(&repo, 2_500, 1_024);
+    std::os::unix::fs::symlink("d000/f00000.bin", repo.join("inner-link")).expect("symlink");
+    host.git(&repo, &["add", "."]);
+    host.git(&repo, &["commit", "-qm", "many files"]);
+    std::os::unix::fs::symlink("/etc/passwd", repo.join("out-link")).expect("symlink");
+    std::fs::write(repo.join("notes.txt"), "untracked\n").expect("write");
+    let head = host.git(&repo, &["rev-parse", "HEAD"]).trim().to_owned();
+    let tracked = host.git(&repo, &["ls-files"]).lines().count();
+
+    let created = host
+        .run(&env, &repo, &["vm", "create", "dk", "--image", "debian-bookworm", "--no-network", "--workspace"])
+        .ok();
+    assert!(created.stderr.contains("attaching a"), "went in as a disk: {}", created.stderr);
+    assert!(created.stderr.contains("left out out-link"), "{}", created.stderr);
+    let sh = |vm: &str, script: &str| guest_sh(&host, &env, &repo, vm, "/root/proj", script);
+    let check = |vm: &str| {
+        let mount = sh(vm, "grep ' /root/proj ' /proc/mounts | cut -d' ' -f1,3");
+        assert!(mount.starts_with("/dev/vd") && mount.ends_with(" ext4"), "{vm}: mounted disk: {mount:?}");
+        assert_eq!(sh(vm, "git rev-parse HEAD"), head, "{vm}: same HEAD");
+        assert_eq!(sh(vm, "git status --porcelain"), "?? notes.txt", "{vm}: same tree");
+        assert_eq!(sh(vm, "git ls-files | wc -l"), tracked.to_string(), "{vm}: same file count");
+        assert_eq!(sh(vm, "stat -c %u:%g d000/f00000.bin; test ! -e out-link && echo no-out-link"), "0:0\nno-out-link");
+    };
+    check("dk");
+
+    // A small import into the same VM goes by tar.
+    let small = env.dir.path().join("small");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    host.git(&small, &["init", "-q"]);
+    std::fs::write(small.join("a.txt"), "a\n").expect("write");
+    let prepared = host.run(&env, &small, &["workspace", "prepare", "dk", "--json"]).ok().json();
+    assert_eq!(prepared["method"], "tar", "{prepared}");
+    assert_eq!(guest_sh(&host, &env, &small, "dk", "/root/small", "cat a.txt"), "a");
+    // A re-import into the attached directory goes by tar too (the directory exists).
+    let again = host.run(&env, &repo, &["workspace", "prepare", "dk", "--json"]).ok().json();
+    assert_eq!(again["method"], "tar", "{again}");
+
+    // Work in the guest lands on the disk, and comes back by export.
+    sh("dk", "echo guest > from-guest.txt && git add from-guest.txt && git commit -qm 'from the guest'");
+    let exported = host.run(&env, &repo, &["workspace", "export", "dk"]).ok();
+    assert_eq!(exported.stdout.trim(), "banger/dk");
+    assert_eq!(host.git(&repo, &["show", "banger/dk:from-guest.txt"]), "guest\n");
+
+    // A snapshot copies the disk; a fork sees the files and gets its own copy.
+    env.banger(&["vm", "snapshot", "dk", "--name", "dks"]).ok();
+    env.banger(&["vm", "fork", "dks", "--name", "dkf"]).ok();
+    sh("dkf", "echo fork-only > fork.txt && sync");
+    assert_eq!(sh("dkf", "git log -1 --format=%s"), "from the guest");
+    assert_eq!(sh("dk", "test -e fork.txt && echo shared || echo own"), "own", "the fork writes its own copy");
+
+    // A restart mounts the disk again where it was.
+    env.banger(&["vm", "stop", "dk"]).ok();
+    env.banger(&["vm", "start", "dk"]).ok();
+    wait_until("the disk to be mounted again", Duration::from_secs(60), || {
+        host.run(&env, &repo, &["vm", "exec", "dk", "-n", "--", "grep", "-q", " /root/proj ", "/proc/mounts"]).code == 0
+    });
+    assert_eq!(sh("dk", "git log -1 --format=%s"), "from the guest");
+
+    for vm in ["dkf", "dk"] {
+        env.banger(&["vm", "stop", vm]).ok();
+        env.banger(&["vm", "delete", vm]).ok();
+    }
+    env.banger(&["snapshot", "delete", "dks"]).ok();
 }

@@ -70,6 +70,7 @@ pub(super) enum WorkspaceUpgrade {
 #[utoipa::path(post, path = "/v1/vms/{vm}/workspace/import",
     params(("vm" = String, Path, description = "name, id or id prefix"),
         ("dir" = String, Query, description = "absolute guest directory to unpack into, e.g. `/root/myrepo` (made when missing)"),
+        ("disk_bytes" = Option<u64>, Query, description = "the stream is an ext4 image of this many bytes (a multiple of 1 MiB), attached to the VM as a disk in a free slot and mounted at `dir`; 409 when the VM has no free slot"),
         ("Connection" = String, Header, description = "`upgrade`"),
         ("Upgrade" = inline(WorkspaceUpgrade), Header, description = "the protocol to switch to: `banger-workspace`")),
     responses(
@@ -89,14 +90,27 @@ pub async fn import(
         let vm = path(vm)?;
         let q = query(q)?;
         check_dir(&q.dir)?;
-        Ok::<_, ApiFailure>((q, d.workspace.target(&vm).await?))
+        let target = d.workspace.target(&vm).await?;
+        if let Some(size) = q.disk_bytes {
+            use crate::services::workspace::attach::{free_slot, valid_disk_size, AttachError};
+            if !valid_disk_size(size) {
+                return Err(ApiFailure::invalid(AttachError::BadSize { size }.to_string()));
+            }
+            if free_slot(&target.vm_dir).is_none() {
+                return Err(ApiFailure::conflict(AttachError::NoFreeSlot { vm: target.name.clone() }.to_string()));
+            }
+        }
+        Ok::<_, ApiFailure>((q, target))
     };
     let (q, target) = match checked.await {
         Ok(ok) => ok,
         Err(e) => return e.into_response(),
     };
     upgrade_then(&mut req, "import", move |mut io| async move {
-        d.workspace.import_into(&mut io, &target, &q.dir).await;
+        match q.disk_bytes {
+            Some(size) => d.workspace.attach_into(&mut io, &target, &q.dir, size).await,
+            None => d.workspace.import_into(&mut io, &target, &q.dir).await,
+        }
     })
 }
 

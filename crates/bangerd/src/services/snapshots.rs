@@ -350,6 +350,16 @@ fn dir_usage(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The spare disk slots (`banger_vmm::slots`) in `from` to copy to `to`, as path strings:
+/// they are disks like the work disk (an attached workspace lives on one).
+fn slot_copies(from: &Path, to: &Path) -> Vec<(String, String)> {
+    (0..banger_vmm::slots::QEMU_SLOTS)
+        .map(|i| (banger_vmm::slots::slot_file(from, i), banger_vmm::slots::slot_file(to, i)))
+        .filter(|(src, _)| src.is_file())
+        .map(|(src, dest)| (src.display().to_string(), dest.display().to_string()))
+        .collect()
+}
+
 fn control_failure(vm: &VmRecord, what: &'static str) -> impl FnOnce(banger_vmm::ControlError) -> SnapshotsError {
     let name = vm.name.clone();
     move |source| SnapshotsError::Control { what, vm: name, source }
@@ -571,7 +581,9 @@ impl Snapshots {
             crate::failpoint!(self.fleet, "snapshot.state");
             let state_ms = t.elapsed().as_millis();
             let from = vm.paths();
-            let copies = [(from.overlay_disk, paths.overlay_disk.clone()), (from.work_disk, paths.work_disk.clone())];
+            let mut copies =
+                vec![(from.overlay_disk, paths.overlay_disk.clone()), (from.work_disk, paths.work_disk.clone())];
+            copies.extend(slot_copies(Path::new(&vm.vm_dir), &dir));
             let t = Instant::now();
             tokio::task::spawn_blocking(move || -> Result<(), CopyError> {
                 for (src, dest) in copies {
@@ -644,8 +656,12 @@ impl Snapshots {
         crate::failpoint!(self.fleet, "vm.fork.copy");
         let (from, to) = (snapshot.paths(), vm.paths());
         let restore = Path::new(&vm.vm_dir).join(RESTORE_STATE);
+        let (snapshot_dir, fork_dir) = (snapshot.dir.clone(), vm.vm_dir.clone());
         tokio::task::spawn_blocking(move || -> Result<(), CopyError> {
-            for (src, dest) in [(from.overlay_disk, to.overlay_disk), (from.work_disk, to.work_disk)] {
+            let slots = slot_copies(Path::new(&snapshot_dir), Path::new(&fork_dir));
+            for (src, dest) in
+                [(from.overlay_disk, to.overlay_disk), (from.work_disk, to.work_disk)].into_iter().chain(slots)
+            {
                 banger_image::seed::copy_disk(Path::new(&src), Path::new(&dest))
                     .map_err(|source| CopyError::Disk { src, source })?;
             }

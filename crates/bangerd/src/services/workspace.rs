@@ -100,6 +100,12 @@ pub struct Target {
     pub name: String,
     /// Its agent connection.
     pub agent: Arc<AgentConn>,
+    /// Its VM dir (where its disk slots are).
+    pub vm_dir: std::path::PathBuf,
+    /// Its VMM.
+    pub vmm: banger_core::config::VmmKind,
+    /// Its VMM's control socket.
+    pub control: Option<std::path::PathBuf>,
 }
 
 /// The workspace service.
@@ -129,7 +135,15 @@ impl Workspace {
         if !self.fleet.alive(&vm) || vm.state != ObservedState::Running {
             return Err(FleetError::NotRunning { vm: vm.name }.into());
         }
-        Ok(Target { id: vm.id.clone(), name: vm.name.clone(), agent: self.fleet.agent_for(&vm) })
+        let control = self.fleet.handles.get(&vm).and_then(|h| h.control_socket).map(std::path::PathBuf::from);
+        Ok(Target {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            agent: self.fleet.agent_for(&vm),
+            vm_dir: vm.vm_dir.clone().into(),
+            vmm: vm.spec.vmm,
+            control,
+        })
     }
 
     /// Whether `target` still runs (it may have been stopped while we waited for its
@@ -330,6 +344,9 @@ fn export_failure(vm: &str, code: i32, stderr: &str) -> String {
         _ => format!("git in vm '{vm}' failed (exit {code}): {said}"),
     }
 }
+
+#[path = "workspace_attach.rs"]
+pub mod attach;
 
 #[cfg(test)]
 #[path = "workspace_tests.rs"]

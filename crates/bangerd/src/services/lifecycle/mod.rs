@@ -357,6 +357,8 @@ impl Lifecycle {
         // memory, or loads a whole state into anonymous memory.
         if restore.is_none() && vm.spec.vmm == banger_core::config::VmmKind::Qemu {
             spec.memory_file = memory::memory_file(Path::new(memory::MEMORY_BASE), &vm.id);
+            // Spare disk slots for attach (fast workspace imports; `banger_vmm::slots`).
+            spec.slots = banger_vmm::slots::QEMU_SLOTS;
         }
         // A restored guest has the devices it was saved with.
         spec.balloon = restore.is_none() && self.fleet.config.balloon;
