@@ -25,14 +25,23 @@ const CHUNK: usize = 1 << 20;
 /// Copies memory file `src` to a new file `dest` (mode 0600; an existing one is an error),
 /// leaving holes for pages of zeros. Returns the bytes written.
 pub fn copy_sparse(src: &Path, dest: &Path) -> io::Result<u64> {
-    static ZERO: [u8; PAGE] = [0; PAGE];
     let mut input = File::open(src)?;
     let len = input.metadata()?.len();
+    copy_sparse_from(&mut input, dest, len).map(|(_, written)| written)
+}
+
+/// Copies at most `len` bytes of `input`, from where it stands, to a new file `dest` (mode
+/// 0600; an existing one is an error) of `len` bytes, leaving holes for pages of zeros. A
+/// shorter input leaves the rest a hole; a longer one is cut at `len`. Returns the new file
+/// and the bytes written.
+pub fn copy_sparse_from(input: &mut File, dest: &Path, len: u64) -> io::Result<(File, u64)> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
     let out = OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)?;
     let mut buf = vec![0u8; CHUNK];
     let (mut offset, mut written) = (0u64, 0u64);
-    loop {
-        let n = read_full(&mut input, &mut buf)?;
+    while offset < len {
+        let want = usize::try_from(len - offset).map_or(CHUNK, |left| left.min(CHUNK));
+        let n = read_full(input, &mut buf[..want])?;
         if n == 0 {
             break;
         }
@@ -54,7 +63,7 @@ pub fn copy_sparse(src: &Path, dest: &Path) -> io::Result<u64> {
         offset += n as u64;
     }
     out.set_len(len)?;
-    Ok(written)
+    Ok((out, written))
 }
 
 /// Removes the name of a memory file QEMU has open (its memory then goes with QEMU); a

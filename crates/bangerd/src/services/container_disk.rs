@@ -5,7 +5,7 @@
 //! after the check changes nothing (docs/security.md, "Container disks").
 
 use std::fs::File;
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::services::caller::{Caller, CallerError};
@@ -77,33 +77,14 @@ pub fn path_in(vm_dir: &Path) -> PathBuf {
     vm_dir.join(FILE_NAME)
 }
 
-/// Copies `disk` into `vm_dir` (private, sparse: all-zero blocks are skipped). Blocking.
+/// Copies `disk` into `vm_dir` (private, sparse: all-zero pages are skipped). Blocking.
 pub fn copy_into(disk: Opened, vm_dir: &Path) -> Result<PathBuf, ContainerDiskError> {
     let dest = path_in(vm_dir);
     let fail = |source| ContainerDiskError::Copy { dest: dest.display().to_string(), source };
     let Opened { mut file, size } = disk;
-    let mut out = {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&dest).map_err(fail)?
-    };
     file.seek(SeekFrom::Start(0)).map_err(fail)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
     // Never past the size checked at open: a file growing meanwhile is cut there.
-    while done < size {
-        let want = usize::try_from((size - done).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = file.read(&mut buf[..want]).map_err(fail)?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(i64::try_from(n).unwrap_or(i64::MAX))).map_err(fail)?;
-        } else {
-            out.write_all(&buf[..n]).map_err(fail)?;
-        }
-        done += n as u64;
-    }
-    out.set_len(size).map_err(fail)?;
+    let (out, _) = banger_vmm::memfile::copy_sparse_from(&mut file, &dest, size).map_err(fail)?;
     out.sync_all().map_err(fail)?;
     Ok(dest)
 }
@@ -111,6 +92,7 @@ pub fn copy_into(disk: Opened, vm_dir: &Path) -> Result<PathBuf, ContainerDiskEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 
     #[test]
