@@ -6,12 +6,16 @@
 //! at most that many bytes; [`tail_lines`] splits such a tail into lines (UTF-8 lossy) and cuts
 //! each one to a byte cap, so a guest that never writes a newline still yields short text.
 //!
-//! The console log is kept under a byte cap by [`rotate_if_over`]: its newest bytes are copied
-//! to `<log>.1` (one old file, replaced each time) and the log is truncated to zero. This is
-//! safe while the VMM writes because the VMM writes it with `O_APPEND` (QEMU's
-//! `-chardev file,append=on`, Firecracker's serial file): after the truncation its next write
-//! lands at the new end, never at an old offset that would leave a sparse hole. Bytes written
-//! between the copy and the truncation are lost; that is the price of not stopping the guest.
+//! The console log is kept under a byte cap by [`rotate_if_over`]. The VMM writes it with
+//! `O_APPEND` (QEMU's `-chardev file,append=on`, Firecracker's serial file), so every write
+//! lands at the end the kernel sees at that moment. A rotation copies the log's older bytes to
+//! `<log>.1` (one old file, replaced each time) and then removes exactly those bytes from the
+//! log's head with `fallocate(FALLOC_FL_COLLAPSE_RANGE)`: the kernel shifts the file under the
+//! inode lock that appends take too, so a byte the guest writes during a rotation is never lost
+//! and `.1` followed by the log is always a contiguous stretch of the guest's output. On a
+//! filesystem without collapse (tmpfs, some network ones) the log is copied and truncated to
+//! zero instead; bytes written between that copy and the truncation are lost, the price of not
+//! stopping the guest.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -114,9 +118,9 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// When the file at `path` is larger than `cap`, moves its last `cap` bytes to `<path>.1`
-/// (written anew) and truncates it to zero; returns whether it did. The writer must append
-/// (`O_APPEND`), see the module doc. A missing file is left alone.
+/// When the file at `path` is larger than `cap`, moves its older bytes out: the last `cap` of
+/// them to `<path>.1` (written anew), and off the log's head; returns whether it did. The
+/// writer must append (`O_APPEND`), see the module doc. A missing file is left alone.
 pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
     let len = match std::fs::metadata(path) {
         Ok(meta) => meta.len(),
@@ -126,18 +130,55 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
     if len <= cap {
         return Ok(false);
     }
-    let tail = read_tail(path, cap)?;
+    let mut log = OpenOptions::new().read(true).write(true).open(path)?;
+    // Collapse takes whole filesystem blocks and must leave at least one byte.
+    let block = std::os::unix::fs::MetadataExt::blksize(&log.metadata()?).max(1);
+    let head = (len - 1) / block * block;
+    if head > 0 {
+        write_rotated(path, &read_range(&mut log, head.saturating_sub(cap), head)?)?;
+        match collapse_head(&log, head) {
+            Ok(()) => return Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // No collapse here: copy the newest bytes and start the log again (see the module doc).
+    write_rotated(path, &read_tail(path, cap)?)?;
+    log.set_len(0)?;
+    Ok(true)
+}
+
+/// Bytes `from..to` of `file`.
+fn read_range(file: &mut File, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0).min(4 << 20));
+    file.take(to - from).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Replaces `<path>.1` with `bytes` (through a rename, so a reader sees the old or the new).
+fn write_rotated(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let old = rotated_path(path);
     let mut tmp = old.clone().into_os_string();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
         let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        out.write_all(&tail)?;
+        out.write_all(bytes)?;
     }
-    std::fs::rename(&tmp, &old)?;
-    OpenOptions::new().write(true).open(path)?.set_len(0)?;
-    Ok(true)
+    std::fs::rename(&tmp, &old)
+}
+
+/// Removes the first `len` bytes of `file`, shifting the rest down, atomically with respect to
+/// appends (both hold the inode lock).
+fn collapse_head(file: &File, len: u64) -> nix::Result<()> {
+    let len = i64::try_from(len).map_err(|_| nix::errno::Errno::EINVAL)?;
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(file),
+        nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+        0,
+        len,
+    )
 }
 
 #[cfg(test)]
@@ -157,6 +198,37 @@ mod tests {
         writer.write_all(b"after").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"after", "no hole before the next write");
         assert_eq!(std::fs::read(rotated_path(&path)).unwrap(), [b'x'; 10]);
+    }
+
+    #[test]
+    fn a_rotation_under_appends_loses_no_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut log = create_for_append(&path).unwrap();
+        let cap = 16 << 10;
+        // Another thread appends while this one rotates, as a VMM and the monitor do.
+        let writer = std::thread::spawn(move || {
+            let mut written = Vec::new();
+            for i in 0..20_000u32 {
+                let line = format!("line {i}\n");
+                log.write_all(line.as_bytes()).unwrap();
+                written.extend_from_slice(line.as_bytes());
+            }
+            written
+        });
+        let mut rotations = 0;
+        while !writer.is_finished() {
+            if rotate_if_over(&path, cap).unwrap() {
+                rotations += 1;
+                assert!(std::fs::read(rotated_path(&path)).unwrap().len() as u64 <= cap);
+            }
+        }
+        let written = writer.join().unwrap();
+        assert!(rotations > 0, "never rotated");
+        let mut kept = std::fs::read(rotated_path(&path)).unwrap();
+        kept.extend(std::fs::read(&path).unwrap());
+        assert!(written.ends_with(&kept), "`.1` and the log are the newest bytes, in order ({rotations} rotations)");
+        assert!(kept.ends_with(b"line 19999\n"));
     }
 
     #[test]
