@@ -1,10 +1,19 @@
-//! Container processes (the containerd shim's tasks): the VM's container disk (`banger.container=`
-//! on the kernel command line, an ext4 image of the container's root made on the host) is mounted
-//! once at [`ROOT`] with `/proc`, `/sys` and `/dev` inside it; each process then enters it in
-//! the forked child, before exec: a private mount namespace, `pivot_root` into [`ROOT`] (the old
-//! root detached, so nothing of the guest's own tree stays reachable; `chroot` only when the
-//! kernel refuses the pivot), then the OCI spec's user and groups. Everything else (stdio, pty,
-//! signals, exit status, flow control) is the plain exec path's.
+//! Container processes (the containerd shim's tasks). A process enters one of two roots, both
+//! ext4 images made on the host:
+//! - the VM's container disk (`banger.container=` on the kernel command line: a task VM, or a
+//!   pod's sandbox), mounted once at [`ROOT`];
+//! - a pod container's root ([`ContainerExec::root`]): a disk the host attached to the running
+//!   VM in a spare slot and had mounted at a directory under [`ContainerExec::ROOTS_DIR`] (the
+//!   workspace attach path, `disks.rs`); checked to be such a mount point.
+//!
+//! Each process enters its root in the forked child, before exec: a private mount namespace,
+//! `/proc`, `/sys`, `/dev` and `/dev/pts` mounted inside the root (in that namespace only, so
+//! the guest's own tree holds nothing but the root's mount and the host can unmount a pod
+//! container's disk at its Delete), `pivot_root` into it (the old root detached, so nothing of
+//! the guest's own tree stays reachable; `chroot` only when the kernel refuses the pivot), then
+//! the OCI spec's user and groups. Processes of one VM share its network namespace: a pod's
+//! containers see each other on `localhost`. Everything else (stdio, pty, signals, exit status,
+//! flow control) is the plain exec path's.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
@@ -15,7 +24,7 @@ use std::time::Duration;
 use banger_proto::agent::ContainerExec;
 use nix::mount::{mount, MsFlags};
 
-/// Where the container's root is mounted in the guest.
+/// Where the VM's own container disk is mounted in the guest.
 pub const ROOT: &str = "/run/banger/container/rootfs";
 
 /// Why a container process could not be set up.
@@ -24,7 +33,13 @@ pub enum ContainerError {
     /// The VM was made without a container disk.
     #[error("this vm has no container disk (it was not created by the containerd shim)")]
     NoDisk,
-    /// Mounting the disk or its API filesystems failed.
+    /// The root asked for is not a pod container's directory.
+    #[error("{0} is not a container root (a directory under {dir})", dir = ContainerExec::ROOTS_DIR)]
+    BadRoot(String),
+    /// Nothing is mounted at the root asked for.
+    #[error("no disk is mounted at {0}: the container's root was not attached (or was already detached)")]
+    NotMounted(String),
+    /// Mounting the disk failed.
     #[error(transparent)]
     Mount(#[from] crate::mounts::MountError),
     /// Too many supplementary groups.
@@ -44,9 +59,8 @@ fn device() -> Option<String> {
     cmdline.split_whitespace().find_map(|w| w.strip_prefix("banger.container=")).map(str::to_owned)
 }
 
-/// Mounts the container disk at [`ROOT`] and `/proc`, `/sys`, `/dev` (and `/dev/pts`) inside it,
-/// once.
-pub fn prepare() -> Result<(), ContainerError> {
+/// Mounts the VM's container disk at [`ROOT`], once.
+fn prepare_vm_root() -> Result<(), ContainerError> {
     let mut prepared = PREPARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if *prepared {
         return Ok(());
@@ -55,22 +69,31 @@ pub fn prepare() -> Result<(), ContainerError> {
     crate::mounts::wait_for_devices(&[&dev], Duration::from_secs(10))?;
     mkdir(ROOT)?;
     mount_one(Some(dev.as_str()), ROOT, Some("ext4"), MsFlags::MS_NOATIME)?;
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    for (fstype, dir, flags) in [
-        ("proc", "proc", nosuid),
-        ("sysfs", "sys", nosuid | MsFlags::MS_RDONLY),
-        ("devtmpfs", "dev", MsFlags::MS_NOSUID),
-    ] {
-        let target = format!("{ROOT}/{dir}");
-        mkdir(&target)?;
-        mount_one(Some(fstype), &target, Some(fstype), flags)?;
-    }
-    let pts = format!("{ROOT}/dev/pts");
-    mkdir(&pts)?;
-    // The guest's own devpts, so the agent's ptys are the container's /dev/pts/N too.
-    mount_one(Some("/dev/pts"), &pts, None, MsFlags::MS_BIND)?;
     *prepared = true;
     Ok(())
+}
+
+/// The root `spec` enters, ready: the VM's container disk (mounted on first use) or a pod
+/// container's attached disk (it must be mounted at its directory).
+fn prepare(spec: &ContainerExec) -> Result<String, ContainerError> {
+    let Some(root) = &spec.root else {
+        prepare_vm_root()?;
+        return Ok(ROOT.to_owned());
+    };
+    if !ContainerExec::valid_root(root) {
+        return Err(ContainerError::BadRoot(root.clone()));
+    }
+    if !is_mount_point(Path::new(root)) {
+        return Err(ContainerError::NotMounted(root.clone()));
+    }
+    Ok(root.clone())
+}
+
+/// Whether `dir` is a directory with another file system than its parent's.
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let (Ok(meta), Some(parent)) = (std::fs::symlink_metadata(dir), dir.parent()) else { return false };
+    meta.is_dir() && std::fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev())
 }
 
 fn mkdir(path: &str) -> Result<(), ContainerError> {
@@ -90,6 +113,15 @@ fn mount_one(source: Option<&str>, target: &str, fstype: Option<&str>, flags: Ms
     })
 }
 
+/// One mount the child makes inside the root before the pivot.
+#[derive(Debug)]
+struct ApiMount {
+    source: CString,
+    target: CString,
+    fstype: Option<CString>,
+    flags: libc::c_ulong,
+}
+
 /// What the forked child needs to enter the container, made before the fork (the child only
 /// makes syscalls on it).
 #[derive(Debug)]
@@ -97,6 +129,8 @@ pub struct Entry {
     root: CString,
     dot: CString,
     slash: CString,
+    /// `/proc`, `/sys`, `/dev`, `/dev/pts` inside the root, in mount order.
+    mounts: Vec<ApiMount>,
     /// Where the program may be, in the container's tree, in `PATH` order.
     programs: Vec<CString>,
     uid: libc::uid_t,
@@ -106,8 +140,14 @@ pub struct Entry {
 
 impl Entry {
     /// The entry for `spec`, running `program` (looked up on `path` inside the container when it
-    /// has no `/`).
+    /// has no `/`); its root is made ready first.
     pub fn new(spec: &ContainerExec, program: &str, path: &str) -> Result<Self, ContainerError> {
+        let root = prepare(spec)?;
+        Self::at(&root, spec, program, path)
+    }
+
+    /// The entry into `root` (already mounted); the mount points inside it are made.
+    fn at(root: &str, spec: &ContainerExec, program: &str, path: &str) -> Result<Self, ContainerError> {
         if spec.groups.len() > ContainerExec::MAX_GROUPS {
             return Err(ContainerError::Groups(spec.groups.len()));
         }
@@ -120,10 +160,32 @@ impl Entry {
                 .map(|p| c(p.as_os_str().as_bytes()))
                 .collect::<Result<_, _>>()?
         };
+        let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        let mut mounts = Vec::new();
+        for (source, dir, fstype, flags) in [
+            ("proc", "proc", Some("proc"), nosuid),
+            ("sysfs", "sys", Some("sysfs"), nosuid | libc::MS_RDONLY),
+            ("devtmpfs", "dev", Some("devtmpfs"), libc::MS_NOSUID),
+            // The guest's own devpts, so the agent's ptys are the container's /dev/pts/N too
+            // (its directory is in the devtmpfs mounted just before).
+            ("/dev/pts", "dev/pts", None, libc::MS_BIND),
+        ] {
+            let target = format!("{root}/{dir}");
+            if fstype.is_some() {
+                mkdir(&target)?;
+            }
+            mounts.push(ApiMount {
+                source: c(source.as_bytes())?,
+                target: c(target.as_bytes())?,
+                fstype: fstype.map(|f| c(f.as_bytes())).transpose()?,
+                flags,
+            });
+        }
         Ok(Self {
-            root: c(ROOT.as_bytes())?,
+            root: c(root.as_bytes())?,
             dot: c(b".")?,
             slash: c(b"/")?,
+            mounts,
             programs,
             uid: spec.uid,
             gid: spec.gid,
@@ -132,8 +194,8 @@ impl Entry {
     }
 }
 
-/// Enters the container in a freshly forked child: private mounts, pivot into [`ROOT`], the
-/// user. On failure, the errno.
+/// Enters the container in a freshly forked child: private mounts, the API file systems inside
+/// the root, pivot into it, the user. On failure, the errno.
 ///
 /// # Safety
 /// Only in a freshly forked, single-threaded child; makes async-signal-safe syscalls only.
@@ -154,6 +216,12 @@ pub unsafe fn enter(e: &Entry) -> Result<(), i32> {
         ) != 0
         {
             return Err(errno());
+        }
+        for m in &e.mounts {
+            let fstype = m.fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr());
+            if libc::mount(m.source.as_ptr(), m.target.as_ptr(), fstype, m.flags, std::ptr::null()) != 0 {
+                return Err(errno());
+            }
         }
         if libc::chdir(e.root.as_ptr()) != 0 {
             return Err(errno());
@@ -216,14 +284,31 @@ mod tests {
 
     #[test]
     fn programs_are_looked_up_on_the_containers_path() {
-        let spec = ContainerExec { uid: 1, gid: 2, groups: vec![3] };
-        let e = Entry::new(&spec, "sh", "/usr/bin:/bin").expect("entry");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_str().expect("utf-8");
+        let spec = ContainerExec { uid: 1, gid: 2, groups: vec![3], root: None };
+        let e = Entry::at(root, &spec, "sh", "/usr/bin:/bin").expect("entry");
         let names: Vec<_> = e.programs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         assert_eq!(names, ["/usr/bin/sh", "/bin/sh"]);
-        let e = Entry::new(&spec, "/bin/true", "/usr/bin").expect("entry");
+        let e = Entry::at(root, &spec, "/bin/true", "/usr/bin").expect("entry");
         assert_eq!(e.programs.len(), 1);
+        let targets: Vec<_> = e.mounts.iter().map(|m| m.target.to_string_lossy().into_owned()).collect();
+        assert_eq!(targets, ["proc", "sys", "dev", "dev/pts"].map(|d| format!("{root}/{d}")));
+        assert!(tmp.path().join("proc").is_dir() && tmp.path().join("dev").is_dir(), "mount points made");
         let many = ContainerExec { groups: vec![0; ContainerExec::MAX_GROUPS + 1], ..spec };
-        assert!(matches!(Entry::new(&many, "sh", "/bin"), Err(ContainerError::Groups(_))));
+        assert!(matches!(Entry::at(root, &many, "sh", "/bin"), Err(ContainerError::Groups(_))));
+    }
+
+    #[test]
+    fn a_pod_containers_root_must_be_a_mounted_container_directory() {
+        let spec = |root: &str| ContainerExec { root: Some(root.to_owned()), ..ContainerExec::default() };
+        let err = Entry::new(&spec("/etc"), "sh", "/bin").expect_err("not a container root");
+        assert!(matches!(err, ContainerError::BadRoot(_)), "{err}");
+        let unmounted = ContainerExec::root_dir("never-attached");
+        let err = Entry::new(&spec(&unmounted), "sh", "/bin").expect_err("nothing mounted");
+        assert!(matches!(err, ContainerError::NotMounted(_)), "{err}");
+        assert!(!is_mount_point(Path::new("/nonexistent/x")));
+        assert!(is_mount_point(Path::new("/proc")));
     }
 
     #[test]

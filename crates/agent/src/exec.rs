@@ -637,7 +637,6 @@ pub fn session(link: Link, req: ExecRequest, control: Arc<ExecControl>, stdin: O
 /// A container request's entry (its root mounted first), or `None` for a plain exec.
 fn container_entry(req: &ExecRequest) -> Result<Option<crate::container::Entry>, crate::container::ContainerError> {
     let Some(spec) = &req.container else { return Ok(None) };
-    crate::container::prepare()?;
     let path = req.env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program = req.argv.first().map_or("", String::as_str);
     crate::container::Entry::new(spec, program, path).map(Some)

@@ -516,11 +516,38 @@ pub struct ContainerExec {
     /// Supplementary group ids (at most [`ContainerExec::MAX_GROUPS`]).
     #[serde(default)]
     pub groups: Vec<u32>,
+    /// The root to enter: a disk attached to the running VM and mounted at a directory under
+    /// [`ContainerExec::ROOTS_DIR`] (a pod's container); `None` for the VM's own container disk
+    /// (a task VM, a pod's sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 impl ContainerExec {
     /// The most supplementary groups a container process gets.
     pub const MAX_GROUPS: usize = 64;
+    /// Where the roots of a pod's containers are mounted in the guest, one directory each.
+    pub const ROOTS_DIR: &'static str = "/run/banger/containers";
+
+    /// The guest directory the root of container `name` is mounted at: under
+    /// [`ContainerExec::ROOTS_DIR`], `name` reduced to at most 64 of `[a-z0-9_-]`.
+    pub fn root_dir(name: &str) -> String {
+        let clean: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '-' })
+            .take(64)
+            .collect();
+        format!("{}/{clean}/rootfs", Self::ROOTS_DIR)
+    }
+
+    /// Whether `dir` is a directory [`ContainerExec::root_dir`] can give (what the agent enters).
+    pub fn valid_root(dir: &str) -> bool {
+        let Some(rest) = dir.strip_prefix(Self::ROOTS_DIR).and_then(|r| r.strip_prefix('/')) else { return false };
+        let Some(name) = rest.strip_suffix("/rootfs") else { return false };
+        !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    }
 }
 
 /// A terminal's window size, in character cells.
@@ -767,6 +794,27 @@ mod tests {
         );
         let back: AgentRequest = serde_json::from_str(r#"{"op":"reidentify","time_unix_ms":7}"#).expect("parse");
         assert_eq!(back, AgentRequest::Reidentify(Identity { time_unix_ms: 7, ..Default::default() }));
+    }
+
+    #[test]
+    fn container_roots_are_plain_directories_under_the_roots_dir() {
+        let dir = ContainerExec::root_dir("Abc.123/../x");
+        assert_eq!(dir, "/run/banger/containers/abc-123----x/rootfs");
+        assert!(ContainerExec::valid_root(&dir));
+        assert!(ContainerExec::valid_root(&ContainerExec::root_dir(&"f".repeat(200))));
+        for bad in [
+            "/run/banger/containers/rootfs",
+            "/run/banger/containers//rootfs",
+            "/run/banger/containers/../rootfs",
+            "/run/banger/containers/a/b/rootfs",
+            "/run/banger/container/rootfs",
+            "/run/banger/containers/a/rootfs/x",
+        ] {
+            assert!(!ContainerExec::valid_root(bad), "{bad}");
+        }
+        // A request without `root` (an older shim) enters the VM's own container disk.
+        let old: ContainerExec = serde_json::from_str(r#"{"uid":0,"gid":0}"#).expect("parse");
+        assert_eq!(old.root, None);
     }
 
     #[test]

@@ -90,9 +90,17 @@ async fn start(flags: &Flags) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    // One shim process per task: the task's id groups it.
-    let grouping = opts.id.clone();
-    let address = spawn(opts, &grouping, Vec::new()).await.context("cannot start the shim server")?;
+    // One shim process per task, or per pod: a pod's containers go to the shim of its sandbox
+    // (the sandbox id groups them, as Kata's and runc's v2 shims do), which runs them in the
+    // pod's VM.
+    let grouping = match spec::read_role(std::path::Path::new(".")) {
+        Ok(spec::Role::PodContainer(sandbox)) => sandbox,
+        _ => opts.id.clone(),
+    };
+    let address = match running_shim(&opts.socket_address(&grouping)) {
+        Some(address) => address,
+        None => spawn(opts, &grouping, Vec::new()).await.context("cannot start the shim server")?,
+    };
     // containerd (1.6) finds a running shim again after its own restart by this file in the
     // bundle, our working directory.
     std::fs::write("address", &address).context("cannot write the bundle's address file")?;
@@ -110,6 +118,12 @@ async fn start(flags: &Flags) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     stdout.write_all(&answer).and_then(|()| stdout.flush()).context("cannot answer containerd")?;
     Ok(())
+}
+
+/// `address` when a shim serves there already (the pod's, for one of its containers).
+fn running_shim(address: &str) -> Option<String> {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).ok().map(|_| address.to_owned())
 }
 
 /// The task service's ttrpc name in containerd 1.6 and 1.7; 2.x calls the same messages v3.

@@ -2,6 +2,13 @@
 //! container's rootfs as its container disk; the init process and every exec are container
 //! processes in it (`process.rs`). The VM is removed at the init's `Delete`.
 //!
+//! Pods (CRI): the sandbox task is such a VM, the pod's. A pod container's task (CRI
+//! annotations, `spec::Role`) reaches this same shim (the `start` action groups by sandbox id)
+//! and runs in the pod's VM: its rootfs image is attached to the running VM in a free spare
+//! disk slot and mounted at its own guest directory (`ContainerExec::root_dir`), which its
+//! processes enter; at its `Delete` the disk is detached and the slot freed. A VM has two
+//! spare slots, so a pod holds at most [`MAX_POD_CONTAINERS`] containers besides its sandbox.
+//!
 //! Restarts: containerd reconnects to this same shim process (its address is in the bundle),
 //! which has kept its tasks and exec streams, and bangerd keeps the VM. A shim that died is
 //! cleaned up by containerd's `delete` action, which removes the VM named in the bundle's
@@ -40,11 +47,17 @@ pub struct BundleState {
     pub socket: String,
 }
 
+/// The most containers a pod holds besides its sandbox: its VM's spare disk slots
+/// (`banger_vmm::slots::QEMU_SLOTS`).
+pub const MAX_POD_CONTAINERS: usize = 2;
+
 /// One task: its VM and processes.
 #[derive(Debug)]
 struct Container {
     bundle: String,
     vm: String,
+    /// For a pod container: its sandbox's task id and the guest directory of its root.
+    pod: Option<(String, String)>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
@@ -138,9 +151,14 @@ impl Service {
         }
     }
 
-    async fn create_vm(&self, req: &api::CreateTaskRequest, vm: &str) -> Result<(), String> {
+    async fn create_vm(
+        &self,
+        req: &api::CreateTaskRequest,
+        vm: &str,
+        files: &[(String, String)],
+    ) -> Result<(), String> {
         let bundle = Path::new(&req.bundle);
-        let image = rootfs::build(bundle, &req.rootfs).await.map_err(|e| banger_core::error_chain(&e))?;
+        let image = rootfs::build(bundle, &req.rootfs, files).await.map_err(|e| banger_core::error_chain(&e))?;
         let state = BundleState { vm: vm.to_owned(), socket: self.client.socket().display().to_string() };
         let written = serde_json::to_vec(&state)
             .map_err(|e| e.to_string())
@@ -173,6 +191,71 @@ impl Service {
         created
     }
 }
+
+impl Service {
+    /// Attaches pod container `req`'s root to the VM of its pod's `sandbox`, mounted at its own
+    /// guest directory; the VM and the directory.
+    async fn attach_root(
+        &self,
+        req: &api::CreateTaskRequest,
+        sandbox: &str,
+        files: &[(String, String)],
+    ) -> Result<(String, String), String> {
+        let too_many = || {
+            format!(
+                "pod sandbox {sandbox} already holds {MAX_POD_CONTAINERS} containers: a banger pod runs at most \
+                 {MAX_POD_CONTAINERS} containers besides its sandbox (one spare disk slot of its VM each; \
+                 docs/kubernetes.md)"
+            )
+        };
+        let vm = {
+            let tasks = self.tasks.lock().map_err(|_| "task table poisoned".to_owned())?;
+            let Some(pod) = tasks.get(sandbox).filter(|t| t.pod.is_none()) else {
+                return Err(format!(
+                    "pod sandbox {sandbox} does not run in this shim; its sandbox task must be created first"
+                ));
+            };
+            if tasks.values().filter(|t| t.pod.as_ref().is_some_and(|(s, _)| s == sandbox)).count()
+                >= MAX_POD_CONTAINERS
+            {
+                return Err(too_many());
+            }
+            pod.vm.clone()
+        };
+        let dir = banger_proto::agent::ContainerExec::root_dir(&req.id);
+        let image = rootfs::build(Path::new(&req.bundle), &req.rootfs, files)
+            .await
+            .map_err(|e| banger_core::error_chain(&e))?;
+        let attached = self.client.attach_disk(&vm, &dir, &image).await;
+        // bangerd wrote it into the slot: the image is not needed any more.
+        let _ = std::fs::remove_file(&image);
+        match attached {
+            Ok(()) => Ok((vm, dir)),
+            Err(e @ crate::client::ClientError::Refused { status: hyper::StatusCode::CONFLICT, .. }) => {
+                Err(format!("{}: {}", too_many(), banger_core::error_chain(&e)))
+            }
+            Err(e) => Err(banger_core::error_chain(&e)),
+        }
+    }
+
+    /// Ends what still runs of pod container `task` (SIGKILL; containerd kills it before its
+    /// `Delete`), then detaches its root at `dir` from the pod's VM.
+    async fn detach_root(&self, task: &Container, dir: &str) -> Result<(), crate::client::ClientError> {
+        let mut all = vec![task.init.clone()];
+        all.extend(task.execs.lock().map(|e| e.values().cloned().collect::<Vec<_>>()).unwrap_or_default());
+        for process in &all {
+            let killed = matches!(process.status(), Status::Running(_)) && process.signal(libc::SIGKILL);
+            if killed && tokio::time::timeout(KILL_WAIT, process.wait()).await.is_err() {
+                log::warn!("a process of {} outlived SIGKILL for {KILL_WAIT:?}", task.bundle);
+            }
+        }
+        self.client.detach_disk(&task.vm, dir).await
+    }
+}
+
+/// How long a killed process of a pod container may take to be seen gone before its root is
+/// detached anyway.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Removes the VM a dead shim left (the `delete` action), from the bundle's state file.
 pub async fn cleanup_bundle(bundle: &Path) -> Result<(), String> {
@@ -209,12 +292,25 @@ impl Task for Service {
         if !req.checkpoint.is_empty() {
             return Err(status(ttrpc::Code::UNIMPLEMENTED, "banger tasks cannot be restored from a checkpoint"));
         }
-        let mut process = spec::read_bundle(&bundle_path(&req.bundle)).map_err(|e| failed(&e))?;
+        let spec::Bundle { mut process, role, files } =
+            spec::read_bundle(&bundle_path(&req.bundle)).map_err(|e| failed(&e))?;
         process.terminal = req.terminal;
-        let vm = vm_name(&self.namespace, &req.id);
-        self.create_vm(&req, &vm).await.map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, &e))?;
+        let refused = |e: String| status(ttrpc::Code::FAILED_PRECONDITION, &e);
+        let (vm, pod) = match role {
+            spec::Role::PodContainer(sandbox) => {
+                let (vm, dir) = self.attach_root(&req, &sandbox, &files).await.map_err(refused)?;
+                (vm, Some((sandbox, dir)))
+            }
+            spec::Role::Task | spec::Role::Sandbox => {
+                let vm = vm_name(&self.namespace, &req.id);
+                self.create_vm(&req, &vm, &files).await.map_err(refused)?;
+                (vm, None)
+            }
+        };
+        process.root = pod.as_ref().map(|(_, dir)| dir.clone());
         let init = Process::new([req.stdin.clone(), req.stdout.clone(), req.stderr.clone()], process);
-        let container = Container { bundle: req.bundle.clone(), vm, init: Arc::new(init), execs: Mutex::default() };
+        let container =
+            Container { bundle: req.bundle.clone(), vm, pod, init: Arc::new(init), execs: Mutex::default() };
         self.tasks.lock().map_err(|_| internal("task table poisoned"))?.insert(req.id.clone(), Arc::new(container));
         let pid = std::process::id();
         let event = TaskCreate {
@@ -327,6 +423,7 @@ impl Task for Service {
         let bytes = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
         let mut process = spec::parse_process(&bytes).map_err(|e| failed(&e))?;
         process.terminal = req.terminal;
+        process.root = task.pod.as_ref().map(|(_, dir)| dir.clone());
         {
             let mut execs = task.execs.lock().map_err(|_| internal("exec table poisoned"))?;
             if execs.contains_key(&req.exec_id) {
@@ -415,8 +512,19 @@ impl Task for Service {
                 ..Default::default()
             });
         }
-        // The task's VM goes with it; processes still running end with it (killed).
-        self.client.remove_vm(&task.vm).await.map_err(|e| failed(&e))?;
+        match &task.pod {
+            // A pod container: its processes end, its root leaves the pod's VM.
+            Some((_, dir)) => self.detach_root(&task, dir).await.map_err(|e| failed(&e))?,
+            // The task's VM goes with it; processes still running end with it (killed), and
+            // so do those of the pod's containers if it was a sandbox.
+            None => {
+                self.client.remove_vm(&task.vm).await.map_err(|e| failed(&e))?;
+                let tasks: Vec<_> = self.tasks.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+                for other in tasks.iter().filter(|t| t.pod.as_ref().is_some_and(|(s, _)| *s == req.id)) {
+                    other.init.mark_exited(137);
+                }
+            }
+        }
         task.init.mark_exited(137);
         let _ = std::fs::remove_file(Path::new(&task.bundle).join(STATE_FILE));
         self.tasks.lock().map_err(|_| internal("task table poisoned"))?.remove(&req.id);

@@ -1,6 +1,7 @@
 //! The parts of an OCI runtime spec the shim honours: the process's args, env, cwd, user and
-//! terminal, from the bundle's `config.json` (the task) or an exec's process spec. Read with a
-//! bound: a spec is containerd's, but the bundle is a directory on disk.
+//! terminal, from the bundle's `config.json` (the task) or an exec's process spec, and the CRI
+//! annotations that make a task a pod's sandbox or one of its containers. Read with a bound: a
+//! spec is containerd's, but the bundle is a directory on disk.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -34,6 +35,54 @@ pub enum SpecError {
 #[derive(Debug, Deserialize)]
 struct Spec {
     process: Option<Process>,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
+    #[serde(default)]
+    mounts: Vec<Mount>,
+}
+
+/// An OCI mount.
+#[derive(Debug, Deserialize)]
+struct Mount {
+    destination: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    options: Vec<String>,
+}
+
+/// The files a container gets from the node as bind mounts (CRI's `/etc/hosts`, for
+/// `localhost`, and the others kubelet expects), copied into its root image instead: the
+/// guest cannot mount a host file.
+pub const NODE_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+/// A task's bundle, as the shim reads it.
+#[derive(Debug)]
+pub struct Bundle {
+    /// Its process.
+    pub process: Process,
+    /// Its part in a pod.
+    pub role: Role,
+    /// [`NODE_FILES`] bind-mounted from the host: (destination, host source).
+    pub files: Vec<(String, String)>,
+}
+
+/// The CRI annotation naming a task's part in a pod.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The CRI annotation naming a pod container's sandbox.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// What a task is to the shim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A task of its own (`ctr run`): one VM.
+    Task,
+    /// A pod's sandbox (CRI `container-type: sandbox`): the pod's VM.
+    Sandbox,
+    /// A container of the pod whose sandbox is this task id: a root attached to that VM.
+    PodContainer(String),
 }
 
 /// An OCI `process`.
@@ -54,6 +103,10 @@ pub struct Process {
     /// Working directory.
     #[serde(default)]
     pub cwd: String,
+    /// The guest directory of the root it enters when that is not the VM's own container disk
+    /// (a pod container's; set by the shim, never read from the spec).
+    #[serde(skip)]
+    pub root: Option<String>,
 }
 
 /// An OCI `user`.
@@ -78,7 +131,12 @@ impl Process {
 
     /// The agent's container settings for it.
     pub fn container(&self) -> ContainerExec {
-        ContainerExec { uid: self.user.uid, gid: self.user.gid, groups: self.user.additional_gids.clone() }
+        ContainerExec {
+            uid: self.user.uid,
+            gid: self.user.gid,
+            groups: self.user.additional_gids.clone(),
+            root: self.root.clone(),
+        }
     }
 
     /// The working directory, `/` when unset.
@@ -91,14 +149,39 @@ impl Process {
     }
 }
 
-/// The task's process, from `<bundle>/config.json`.
-pub fn read_bundle(bundle: &Path) -> Result<Process, SpecError> {
+fn read_spec(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let fail = |source| SpecError::Read { path: path.display().to_string(), source };
     let mut bytes = Vec::new();
     std::fs::File::open(&path).map_err(fail)?.take(MAX_SPEC).read_to_end(&mut bytes).map_err(fail)?;
-    let spec: Spec = serde_json::from_slice(&bytes)?;
-    checked(spec.process.ok_or(SpecError::NoArgs)?)
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// The task's process, role and node files, from `<bundle>/config.json`.
+pub fn read_bundle(bundle: &Path) -> Result<Bundle, SpecError> {
+    let spec = read_spec(bundle)?;
+    let role = role(&spec.annotations);
+    let files = spec
+        .mounts
+        .iter()
+        .filter(|m| NODE_FILES.contains(&m.destination.as_str()) && !m.source.is_empty())
+        .filter(|m| m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind"))
+        .map(|m| (m.destination.clone(), m.source.clone()))
+        .collect();
+    Ok(Bundle { process: checked(spec.process.ok_or(SpecError::NoArgs)?)?, role, files })
+}
+
+/// The task's role alone (the `start` action groups a pod's tasks in one shim by it).
+pub fn read_role(bundle: &Path) -> Result<Role, SpecError> {
+    Ok(role(&read_spec(bundle)?.annotations))
+}
+
+fn role(annotations: &std::collections::HashMap<String, String>) -> Role {
+    match (annotations.get(CONTAINER_TYPE).map(String::as_str), annotations.get(SANDBOX_ID)) {
+        (Some("sandbox"), _) => Role::Sandbox,
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => Role::PodContainer(sandbox.clone()),
+        _ => Role::Task,
+    }
 }
 
 /// An exec's process spec (JSON, as containerd sends it).
@@ -124,12 +207,40 @@ mod tests {
             "additionalGids":[10]},"args":["sh","-c","exit 7"],"env":["PATH=/bin","X=a=b","junk"],"cwd":""},
             "root":{"path":"rootfs"}}"#;
         std::fs::write(dir.path().join("config.json"), spec).expect("write");
-        let p = read_bundle(dir.path()).expect("spec");
+        let Bundle { process: p, role, files } = read_bundle(dir.path()).expect("spec");
+        assert_eq!(role, Role::Task);
+        assert!(files.is_empty());
         assert!(p.terminal);
         assert_eq!(p.args, ["sh", "-c", "exit 7"]);
         assert_eq!(p.env_pairs(), [("PATH".to_owned(), "/bin".to_owned()), ("X".to_owned(), "a=b".to_owned())]);
         assert_eq!(p.cwd(), "/");
-        assert_eq!(p.container(), ContainerExec { uid: 1000, gid: 100, groups: vec![10] });
+        assert_eq!(p.container(), ContainerExec { uid: 1000, gid: 100, groups: vec![10], root: None });
         assert!(matches!(parse_process(br#"{"args":[]}"#), Err(SpecError::NoArgs)));
+    }
+
+    #[test]
+    fn cri_annotations_give_the_tasks_part_in_its_pod() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |annotations: &str| {
+            let spec = format!(r#"{{"process":{{"args":["/pause"]}},"annotations":{annotations}}}"#);
+            std::fs::write(dir.path().join("config.json"), spec).expect("write");
+        };
+        write(r#"{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"s1"}"#);
+        assert_eq!(read_role(dir.path()).expect("role"), Role::Sandbox);
+        write(r#"{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"s1"}"#);
+        assert_eq!(read_role(dir.path()).expect("role"), Role::PodContainer("s1".into()));
+        write(r#"{"io.kubernetes.cri.container-type":"container"}"#);
+        assert_eq!(read_role(dir.path()).expect("role"), Role::Task, "no sandbox named: a task of its own");
+        write("{}");
+        assert_eq!(read_bundle(dir.path()).expect("spec").role, Role::Task);
+        let spec = r#"{"process":{"args":["sh"]},"mounts":[
+            {"destination":"/etc/hosts","type":"bind","source":"/s/hosts","options":["rbind","ro"]},
+            {"destination":"/etc/resolv.conf","source":"/s/resolv","options":["rbind"]},
+            {"destination":"/etc/passwd","type":"bind","source":"/etc/passwd"},
+            {"destination":"/etc/hostname","type":"tmpfs","source":"tmpfs"}]}"#;
+        std::fs::write(dir.path().join("config.json"), spec).expect("write");
+        let files = read_bundle(dir.path()).expect("spec").files;
+        let want = [("/etc/hosts", "/s/hosts"), ("/etc/resolv.conf", "/s/resolv")].map(|(a, b)| (a.into(), b.into()));
+        assert_eq!(files, want, "only node files, only bind mounts");
     }
 }

@@ -2,7 +2,8 @@
 //! `containerd` and `ctr` (scripts/deps --test): containerd runs on a root, state dir and
 //! socket of its own inside the test's network namespace, with the workspace's shim first on
 //! its `PATH` and the test daemon's socket in its environment. The image is an OCI archive the
-//! test builds from busybox-static and imports with `ctr image import`.
+//! test builds from busybox-static and imports with `ctr image import`. The harness here
+//! (`Containerd`, `busybox_archive`) also serves the CRI test (`cri.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,29 +12,35 @@ use std::time::{Duration, Instant};
 use crate::harness::{banger_exe, wait_until, Env, Run};
 use crate::template::{env_from, sha256, template};
 
-const RUNTIME: &str = "io.containerd.banger.v2";
-const IMAGE: &str = "docker.io/library/banger-busybox:test";
+pub const RUNTIME: &str = "io.containerd.banger.v2";
+pub const IMAGE: &str = "docker.io/library/banger-busybox:test";
 /// TCG boots under load take long: a task's whole life gets this much.
 const TASK_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// A containerd of the test's own.
-struct Containerd<'a> {
+pub struct Containerd<'a> {
     env: &'a Env,
-    dir: PathBuf,
+    pub dir: PathBuf,
     child: Option<Child>,
 }
 
 impl<'a> Containerd<'a> {
+    /// Without its CRI plugin (`ctr` only).
     fn start(env: &'a Env) -> Self {
-        for tool in ["containerd", "ctr", "busybox", "mkfs.ext4", "script"] {
+        Self::start_with(env, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n", "")
+    }
+
+    /// With top-level keys `top` and then `tables` (TOML) in its config.
+    pub fn start_with(env: &'a Env, top: &str, tables: &str) -> Self {
+        for tool in ["containerd", "ctr", "busybox", "mkfs.ext4", "script", "nsenter"] {
             let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
             assert!(found.is_ok_and(|o| o.status.success()), "{tool} is missing: run scripts/deps --test");
         }
         let dir = env.dir.path().join("containerd");
         std::fs::create_dir_all(&dir).expect("containerd dir");
         let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{top}\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n{tables}",
             d = dir.display()
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
@@ -49,9 +56,17 @@ impl<'a> Containerd<'a> {
         assert!(shim.is_file(), "{} is missing: run `cargo build --workspace --bins`", shim.display());
         let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = std::fs::File::create(self.dir.join("containerd.log")).expect("log");
-        let child = self
-            .env
-            .in_netns("containerd")
+        // Only the network namespace: `ip netns exec` would also give it a private mount
+        // namespace with a fresh /sys, hiding the host's cgroup mounts from runc.
+        let mut command = match &self.env.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = command
             .arg("--config")
             .arg(self.dir.join("config.toml"))
             .env("PATH", path)
@@ -70,25 +85,25 @@ impl<'a> Containerd<'a> {
     /// Stops containerd (SIGTERM; its shims and their tasks go on).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // `ip netns exec` execs containerd: the pid is containerd's.
+            // `nsenter` execs containerd: the pid is containerd's.
             let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let _ = child.wait();
         }
     }
 
-    fn ctr_cmd(&self, args: &[&str]) -> Command {
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut c = self.env.in_netns("ctr");
         c.arg("--address").arg(self.dir.join("containerd.sock")).args(args).stdin(Stdio::null());
         c
     }
 
-    fn ctr(&self, args: &[&str]) -> Run {
+    pub fn ctr(&self, args: &[&str]) -> Run {
         Run::from(self.ctr_cmd(args).output().expect("run ctr"))
     }
 
     /// Live shim processes of this containerd.
-    fn shims(&self) -> Vec<i32> {
+    pub fn shims(&self) -> Vec<i32> {
         let sock = self.dir.join("containerd.sock").display().to_string();
         let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
         dir.filter_map(Result::ok)
@@ -118,21 +133,36 @@ impl Drop for Containerd<'_> {
                 let _ = std::fs::remove_file(path);
             }
         }
-        // A bundle rootfs a failed create left mounted.
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
+        // What a failed run left mounted under containerd's dirs (a bundle rootfs, a CRI
+        // sandbox's shm; containerd shares the host's mount namespace), deepest first.
+        let prefix = format!("{}/", self.dir.display());
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut left: Vec<&str> =
+            mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in left {
+            let _ = Command::new("umount").arg("-l").arg(mount).stderr(Stdio::null()).status();
+        }
     }
 }
 
-/// Writes an OCI image archive of a busybox-static root (with `/banger-marker`) and returns its
-/// path.
+/// Writes an OCI image archive of a busybox-static root (with `/banger-marker`) named [`IMAGE`]
+/// and returns its path.
 fn busybox_archive(dir: &Path) -> PathBuf {
+    busybox_image(dir, IMAGE, &["sh"])
+}
+
+/// Writes an OCI image archive of a busybox-static root (with `/banger-marker`) named `name`
+/// whose command is `cmd`, in a directory of its own under `dir`; returns its path.
+pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
+    let dir = &dir.join(format!("image-{}", sha256(name.as_bytes())));
     let root = dir.join("rootfs");
     std::fs::create_dir_all(root.join("bin")).expect("bin");
     for sub in ["proc", "sys", "dev", "tmp", "etc"] {
         std::fs::create_dir_all(root.join(sub)).expect("dir");
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    for applet in ["sh", "echo", "cat", "sleep", "uname", "tty", "id", "pwd", "ls", "true"] {
+    for applet in ["sh", "echo", "cat", "sleep", "uname", "tty", "id", "pwd", "ls", "true", "mkdir", "touch", "test"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet");
     }
     std::fs::write(root.join("banger-marker"), "inside the container\n").expect("marker");
@@ -157,7 +187,7 @@ fn busybox_archive(dir: &Path) -> PathBuf {
     let (layer_digest, layer_size) = blob(&std::fs::read(&layer).expect("layer"));
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = blob(config.to_string().as_bytes());
@@ -171,7 +201,7 @@ fn busybox_archive(dir: &Path) -> PathBuf {
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
             "size": manifest_size, "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "test"}}],
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "test"}}],
     });
     std::fs::write(layout.join("index.json"), index.to_string()).expect("index");
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
@@ -183,7 +213,7 @@ fn busybox_archive(dir: &Path) -> PathBuf {
 
 /// Waits for `ctr task ls` to show task `id` in `status`; on a timeout, says what it showed
 /// and what containerd logged.
-fn wait_status(cd: &Containerd<'_>, id: &str, status: &str) {
+pub fn wait_status(cd: &Containerd<'_>, id: &str, status: &str) {
     let deadline = Instant::now() + TASK_TIMEOUT;
     loop {
         let ls = cd.ctr(&["task", "ls"]);
@@ -209,7 +239,7 @@ fn wait_status(cd: &Containerd<'_>, id: &str, status: &str) {
 }
 
 /// Nothing of the tasks is left: no VM, no shim, no mount under containerd's dirs, no tap.
-fn nothing_left(env: &Env, cd: &Containerd<'_>) {
+pub fn nothing_left(env: &Env, cd: &Containerd<'_>) {
     wait_until("the shims to exit", Duration::from_secs(30), || cd.shims().is_empty());
     let list = env.banger(&["vm", "list", "--json"]).ok().json();
     assert_eq!(list["vms"].as_array().map(Vec::len), Some(0), "vms left: {list}");

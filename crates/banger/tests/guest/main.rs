@@ -15,6 +15,7 @@ mod balloon;
 mod boot;
 mod containerd;
 mod copy;
+mod cri;
 mod dockerfile;
 mod egress;
 mod forward;

@@ -469,6 +469,17 @@ impl Status for WorkspaceError {
     }
 }
 
+impl Status for crate::services::workspace::attach::AttachError {
+    fn kind(&self) -> Kind {
+        match self {
+            Self::NoFreeSlot { .. } | Self::Stopped { .. } => Kind::Conflict,
+            Self::NotAttached { .. } => Kind::NotFound,
+            Self::BadSize { .. } | Self::OutOfBounds { .. } | Self::Stream(_) | Self::ClientGone => Kind::Invalid,
+            Self::Io { .. } | Self::Resize { .. } | Self::Agent { .. } => Kind::Internal,
+        }
+    }
+}
+
 impl Status for OpsError {
     fn kind(&self) -> Kind {
         match self {

@@ -127,6 +127,7 @@ type QueryParams<T> = Result<Query<T>, QueryRejection>;
         exec::exec,
         workspace::import,
         workspace::export,
+        workspace::detach_disk,
         operations::list_ops,
         operations::show_op,
         operations::cancel_op,
@@ -233,6 +234,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/exec", post(exec::exec))
         .route("/v1/vms/{vm}/workspace/import", post(workspace::import))
         .route("/v1/vms/{vm}/workspace/export", post(workspace::export))
+        .route("/v1/vms/{vm}/workspace/disk", axum::routing::delete(workspace::detach_disk))
         .route("/v1/vms/{vm}/start", post(vms::start_vm))
         .route("/v1/vms/{vm}/stop", post(vms::stop_vm))
         .route("/v1/vms/{vm}/pause", post(snapshots::pause_vm))
@@ -479,6 +481,7 @@ mod tests {
             "/v1/vms/{vm}/exec",
             "/v1/vms/{vm}/workspace/import",
             "/v1/vms/{vm}/workspace/export",
+            "/v1/vms/{vm}/workspace/disk",
             "/v1/vms/{vm}/promote",
             "/v1/images/pull",
             "/v1/images/register",

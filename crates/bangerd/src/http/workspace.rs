@@ -114,6 +114,32 @@ pub async fn import(
     })
 }
 
+/// What `DELETE .../workspace/disk` takes.
+#[derive(Debug, serde::Deserialize)]
+pub struct DetachQuery {
+    /// The guest directory the disk is mounted at.
+    dir: String,
+}
+
+/// Detaches a disk that an import with `disk_bytes` attached: unmounts it in the guest and
+/// empties its slot (the containerd shim frees a pod container's root this way).
+#[utoipa::path(delete, path = "/v1/vms/{vm}/workspace/disk",
+    params(("vm" = String, Path, description = "name, id or id prefix"),
+        ("dir" = String, Query, description = "the guest directory the disk was attached at")),
+    responses((status = 204, description = "detached: the slot is free again"), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 500, body = ApiError)))]
+pub async fn detach_disk(
+    State(d): State<Arc<Daemon>>,
+    vm: PathParams<String>,
+    q: QueryParams<DetachQuery>,
+) -> Result<StatusCode, ApiFailure> {
+    let (vm, q) = (path(vm)?, query(q)?);
+    check_dir(&q.dir)?;
+    let target = d.workspace.target(&vm).await?;
+    d.workspace.detach_dir(&target, &q.dir).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Sends a git bundle or patch of a repository in a running VM, over an HTTP upgrade.
 ///
 /// The client sends `Connection: upgrade` and `Upgrade: banger-workspace`. After `101

@@ -5,7 +5,9 @@
 //! writes, not what the emulated guest would create file by file.
 //!
 //! The API is two calls on [`Workspace`]: [`Workspace::attach_into`] (a stream in, a slot
-//! out) and [`Workspace::detach`] (unmount, then the slot is empty again). The daemon never
+//! out; the slot's guest directory recorded beside it, `slotN.dir`) and
+//! [`Workspace::detach_dir`] (the disk mounted at a directory unmounted, then its slot empty
+//! again: the containerd shim frees a pod container's root at its Delete). The daemon never
 //! mounts or reads the image: it only checks that every piece lies within the size the client
 //! named ([`ImageWriter`]) and writes it; the guest mounts what it gets.
 
@@ -88,6 +90,14 @@ pub enum AttachError {
         /// The VM.
         vm: String,
     },
+    /// No disk attached by this daemon is mounted at the directory.
+    #[error("vm '{vm}' has no disk attached at {dir}")]
+    NotAttached {
+        /// The VM.
+        vm: String,
+        /// The guest directory.
+        dir: String,
+    },
     /// The agent could not mount or unmount it.
     #[error("the agent of vm '{vm}' could not {what} {dir}")]
     Agent {
@@ -112,6 +122,22 @@ pub fn valid_disk_size(size: u64) -> bool {
 pub fn free_slot(vm_dir: &Path) -> Option<u8> {
     (0..slots::QEMU_SLOTS)
         .find(|&i| std::fs::metadata(slots::slot_file(vm_dir, i)).is_ok_and(|m| m.is_file() && m.len() == 0))
+}
+
+/// The file beside slot `index` of `vm_dir` that names the guest directory its disk is mounted
+/// at (written by the daemon: never read from the guest).
+fn dir_record(vm_dir: &Path, index: u8) -> PathBuf {
+    vm_dir.join(format!("slot{index}.dir"))
+}
+
+/// The slot whose disk was attached at `dir` (its file holds a disk and its record names `dir`).
+pub fn slot_at(vm_dir: &Path, dir: &str) -> Option<u8> {
+    (0..slots::QEMU_SLOTS).find(|&i| {
+        let attached = std::fs::metadata(slots::slot_file(vm_dir, i)).is_ok_and(|m| m.is_file() && m.len() > 0);
+        // A record is a path the API accepted: at most a few KiB.
+        let record = std::fs::read(dir_record(vm_dir, i)).ok().filter(|r| r.len() <= 4096);
+        attached && record.is_some_and(|r| r == dir.as_bytes())
+    })
 }
 
 /// Writes the pieces of an image (`offset` + bytes, as the stream carries them) into a slot
@@ -242,16 +268,32 @@ impl Workspace {
                 source,
             });
         }
+        let record = dir_record(&target.vm_dir, index);
+        if let Err(e) = std::fs::write(&record, dir) {
+            tracing::warn!(vm = %target.name, path = %record.display(), error = %e, "cannot record the slot's directory");
+        }
         Ok((index, writer.written))
     }
 
-    /// Unmounts the disk in slot `index` of `target` from `dir` and empties the slot.
-    pub async fn detach(&self, target: &Target, index: u8, dir: &str) -> Result<(), AttachError> {
+    /// Unmounts the disk attached at `dir` of `target` and empties its slot, under the VM's
+    /// workspace lock.
+    pub async fn detach_dir(&self, target: &Target, dir: &str) -> Result<(), AttachError> {
         let _ws = self.locks.lock(&target.id).await;
+        let not_attached = || AttachError::NotAttached { vm: target.name.clone(), dir: dir.to_owned() };
+        let index = slot_at(&target.vm_dir, dir).ok_or_else(not_attached)?;
         let control = target.control.clone().ok_or_else(|| AttachError::Stopped { vm: target.name.clone() })?;
         let request = AgentRequest::UnmountDisk { dir: dir.to_owned() };
         match target.agent.call(&request, MOUNT_TIMEOUT).await {
-            Ok(_) => {}
+            Ok(AgentResponse::Ok) => {}
+            Ok(other) => {
+                let source = AgentError::Unexpected(format!("{other:?}"));
+                return Err(AttachError::Agent {
+                    vm: target.name.clone(),
+                    what: "unmount",
+                    dir: dir.to_owned(),
+                    source,
+                });
+            }
             Err(source) => {
                 return Err(AttachError::Agent {
                     vm: target.name.clone(),
@@ -268,7 +310,10 @@ impl Workspace {
         })?;
         let path = slots::slot_file(&target.vm_dir, index);
         let file = std::fs::OpenOptions::new().write(true).open(&path);
-        file.and_then(|f| f.set_len(0)).map_err(|source| AttachError::Io { path, source })
+        file.and_then(|f| f.set_len(0)).map_err(|source| AttachError::Io { path, source })?;
+        let _ = std::fs::remove_file(dir_record(&target.vm_dir, index));
+        tracing::info!(vm = %target.name, dir, slot = index, "disk detached");
+        Ok(())
     }
 }
 
@@ -352,6 +397,12 @@ mod tests {
         assert_eq!(free_slot(dir.path()), Some(1));
         std::fs::write(slots::slot_file(dir.path(), 1), b"attached").unwrap();
         assert_eq!(free_slot(dir.path()), None);
+        assert_eq!(slot_at(dir.path(), "/root/a"), None);
+        std::fs::write(dir_record(dir.path(), 1), "/root/a").unwrap();
+        assert_eq!(slot_at(dir.path(), "/root/a"), Some(1), "found by the daemon's record");
+        assert_eq!(slot_at(dir.path(), "/root/b"), None);
+        std::fs::write(slots::slot_file(dir.path(), 1), b"").unwrap();
+        assert_eq!(slot_at(dir.path(), "/root/a"), None, "an empty slot holds nothing to detach");
         assert!(valid_disk_size(1 << 30));
         for bad in [0, 1 << 19, MAX_DISK_BYTES + (1 << 20)] {
             assert!(!valid_disk_size(bad), "{bad}");
