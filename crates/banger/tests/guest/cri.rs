@@ -27,11 +27,16 @@ const PAUSE: &str = "docker.io/library/banger-pause:test";
 /// How long one pod step may take (TCG boots under load are slow).
 const STEP: Duration = Duration::from_secs(300);
 
-/// containerd's CRI configuration: `banger` and `runc` handlers, the test's sandbox image.
+/// containerd's CRI configuration: `banger` and `runc` handlers, the test's sandbox image, and
+/// an empty CNI config dir of the test's own (host-network pods need none; the host's is not
+/// read). `restrict_oom_score_adj`: CRI gives a sandbox an OOM score adjustment of -998, which
+/// runc cannot set where root lacks CAP_SYS_RESOURCE (these test machines' root does): its
+/// child then dies before exec ("can't get final child's PID from pipe: EOF").
 fn cri_tables(cd_dir: &std::path::Path) -> String {
     format!(
         r#"[plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.banger]
@@ -39,7 +44,6 @@ fn cri_tables(cd_dir: &std::path::Path) -> String {
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
 "#,
         d = cd_dir.display()
@@ -48,13 +52,15 @@ fn cri_tables(cd_dir: &std::path::Path) -> String {
 
 /// The CRI clients over containerd's socket.
 struct Cri {
+    /// containerd's log, shown when a call fails.
+    log: std::path::PathBuf,
     rt: tokio::runtime::Runtime,
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
 }
 
 impl Cri {
-    fn connect(socket: std::path::PathBuf) -> Self {
+    fn connect(socket: std::path::PathBuf, log: std::path::PathBuf) -> Self {
         let rt = tokio::runtime::Runtime::new().expect("tokio");
         let channel = rt.block_on(async {
             tonic::transport::Endpoint::try_from("http://[::]:0")
@@ -70,7 +76,19 @@ impl Cri {
                 .await
                 .expect("connect to the CRI socket")
         });
-        Self { rt, runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) }
+        Self { log, rt, runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) }
+    }
+
+    /// `result`'s value, or a panic naming `what` with the end of containerd's log.
+    fn ok<T>(&self, what: &str, result: Result<tonic::Response<T>, tonic::Status>) -> T {
+        match result {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<_> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("{what}: {status:?}\ncontainerd.log:\n{}", tail.join("\n"));
+            }
+        }
     }
 
     /// Waits until the CRI plugin knows `image` (an import reaches it through an event).
@@ -110,8 +128,8 @@ impl Cri {
             ..Default::default()
         };
         let req = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
-        let id =
-            self.rt.block_on(self.runtime.run_pod_sandbox(req)).expect("RunPodSandbox").into_inner().pod_sandbox_id;
+        let resp = self.rt.block_on(self.runtime.run_pod_sandbox(req));
+        let id = self.ok("RunPodSandbox", resp).pod_sandbox_id;
         (id, config)
     }
 
@@ -129,7 +147,8 @@ impl Cri {
             config: Some(config),
             sandbox_config: Some(pod.1.clone()),
         };
-        self.rt.block_on(self.runtime.create_container(req)).expect("CreateContainer").into_inner().container_id
+        let resp = self.rt.block_on(self.runtime.create_container(req));
+        self.ok("CreateContainer", resp).container_id
     }
 
     fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
@@ -143,7 +162,8 @@ impl Cri {
             cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
             timeout: i64::try_from(STEP.as_secs()).unwrap_or(300),
         };
-        let resp = self.rt.block_on(self.runtime.exec_sync(req)).expect("ExecSync").into_inner();
+        let resp = self.rt.block_on(self.runtime.exec_sync(req));
+        let resp = self.ok("ExecSync", resp);
         (resp.exit_code, String::from_utf8_lossy(&resp.stdout).into(), String::from_utf8_lossy(&resp.stderr).into())
     }
 
@@ -185,13 +205,13 @@ fn setup(env: &Env) -> (Containerd<'_>, Cri) {
     env.banger(&["daemon", "start"]).ok();
     let dir = env.dir.path().join("containerd");
     std::fs::create_dir_all(dir.join("cni")).expect("cni dir");
-    let cd = Containerd::start_with(env, "", &cri_tables(&dir));
+    let cd = Containerd::start_with(env, "[debug]\n  level = \"debug\"\n", &cri_tables(&dir));
     let images = env.dir.path().join("images");
     for (name, cmd) in [(IMAGE, &["sh"][..]), (PAUSE, &["sleep", "2147483647"][..])] {
         let archive = busybox_image(&images, name, cmd);
         cd.ctr(&["-n", "k8s.io", "image", "import", &archive.display().to_string()]).ok();
     }
-    let mut cri = Cri::connect(cd.dir.join("containerd.sock"));
+    let mut cri = Cri::connect(cd.dir.join("containerd.sock"), cd.dir.join("containerd.log"));
     cri.wait_image(IMAGE);
     cri.wait_image(PAUSE);
     (cd, cri)
@@ -292,7 +312,8 @@ fn bench_pod_start_banger_against_runc() {
             let begun = Instant::now();
             let pod = cri.run_pod(&format!("bench-{run}-{handler}"), handler, &logs);
             let ctr = cri.create(&pod, "c", &["sleep", "1000"]);
-            cri.start(&ctr).expect("StartContainer");
+            let started = cri.start(&ctr);
+            cri.ok("StartContainer", started.map(tonic::Response::new));
             took.insert(handler, begun.elapsed().as_secs_f64());
             cri.end_pod(&pod.0);
         }
