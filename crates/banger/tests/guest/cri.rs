@@ -281,6 +281,16 @@ fn a_pods_containers_share_its_vm_and_leave_nothing_behind() {
     assert!(log.contains("stdout F hello-from-server"), "{log}");
     eprintln!("cri: exec, exit code done at {:?}", started.elapsed());
 
+    // The client's Delete (containerd's, on its exit) freed its slot: another container fits.
+    let vm = vms["vms"][0]["id"].as_str().expect("vm id").to_owned();
+    let vm_dir = env.state.join("vms").join(&vm);
+    crate::harness::wait_until("the client's slot to be freed", STEP, || {
+        (0..2).any(|i| std::fs::metadata(vm_dir.join(format!("slot{i}.img"))).is_ok_and(|m| m.len() == 0))
+    });
+    let again = cri.create(&pod, "again", &["sh", "-c", "exec busybox sleep 1000"]);
+    let started_again = cri.start(&again);
+    cri.ok("StartContainer again", started_again.map(tonic::Response::new));
+
     cri.end_pod(&pod.0);
     nothing_left(&env, &cd);
     assert!(!loop_devices_of(&env), "a loop device of the test is left");
