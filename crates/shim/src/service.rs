@@ -249,7 +249,14 @@ impl Service {
                 log::warn!("a process of {} outlived SIGKILL for {KILL_WAIT:?}", task.bundle);
             }
         }
-        self.client.detach_disk(&task.vm, dir).await
+        match self.client.detach_disk(&task.vm, dir).await {
+            // The pod's VM stopped: the disk goes with it when the sandbox is deleted.
+            Err(crate::client::ClientError::Refused { status: hyper::StatusCode::CONFLICT, message }) => {
+                log::warn!("cannot detach {dir} from vm {}: {message}", task.vm);
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
