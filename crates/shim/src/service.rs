@@ -231,9 +231,12 @@ impl Service {
         let _ = std::fs::remove_file(&image);
         match attached {
             Ok(()) => Ok((vm, dir)),
-            Err(e @ crate::client::ClientError::Refused { status: hyper::StatusCode::CONFLICT, .. }) => {
-                Err(format!("{}: {}", too_many(), banger_core::error_chain(&e)))
-            }
+            Err(e @ crate::client::ClientError::Refused { status: hyper::StatusCode::CONFLICT, .. }) => Err(format!(
+                "cannot attach the root of container {} to the pod's vm {vm}: {}; a banger pod runs at most \
+                 {MAX_POD_CONTAINERS} containers besides its sandbox, and only on QEMU (docs/kubernetes.md)",
+                req.id,
+                banger_core::error_chain(&e)
+            )),
             Err(e) => Err(banger_core::error_chain(&e)),
         }
     }
