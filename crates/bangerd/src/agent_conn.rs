@@ -535,6 +535,7 @@ impl AgentConn {
                 Err(AgentError::Failed(why)) => return Err(format!("the agent says: {why}")),
                 Ok(other) => format!("unexpected answer {other:?}"),
                 Err(e) => {
+                    tracing::debug!(error = %e, "the agent did not answer yet");
                     if !matches!(e, AgentError::Timeout(_)) {
                         self.reset().await;
                         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -352,8 +352,10 @@ impl QemuDriver {
             }
             match QmpClient::connect(&spec.control_socket, remaining).await {
                 Ok(client) => {
+                    tracing::debug!(vm = %spec.name, "qmp answered");
                     if state_file.is_some() {
                         self.wait_restored(client, pid, spec, remaining, lazy).await?;
+                        tracing::debug!(vm = %spec.name, "state loaded");
                     } else if let Some(file) = &spec.memory_file {
                         // QEMU answers once its memory is mapped: from now on the memory lives
                         // exactly as long as QEMU, whatever ends it.
@@ -362,7 +364,7 @@ impl QemuDriver {
                     break;
                 }
                 // Not listening yet.
-                Err(QmpError::Connect { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(QmpError::Connect { .. }) => tokio::time::sleep(Duration::from_millis(2)).await,
                 Err(source) => {
                     // QEMU opens its QMP socket before it checks every device: a bad command
                     // line shows up as a reset connection and an exited process.
@@ -404,7 +406,7 @@ impl QemuDriver {
                 client.execute("migrate-set-capabilities", Some(ignore_shared(true))).await?;
                 client.execute("migrate-incoming", Some(serde_json::json!({ "uri": "fd:0" }))).await?;
             }
-            client.wait_incoming(Duration::from_millis(10), timeout).await
+            client.wait_incoming(Duration::from_millis(2), timeout).await
         };
         match loaded.await {
             // `prelaunch`: the saved guest had never run.

@@ -104,11 +104,14 @@ pub struct Built {
     pub size: u64,
     /// What the tar reader put in (and left out).
     pub stats: Stats,
+    /// Time spent staging the files, then running `mkfs.ext4`.
+    pub took: (std::time::Duration, std::time::Duration),
 }
 
 /// Builds the image of `files` under `top` (and `.git`) in `scratch`, to be mounted at
 /// `guest_dir`.
 pub fn build_image(top: &Path, files: Vec<PathBuf>, guest_dir: &str, scratch: &Path) -> Result<Built, ImageError> {
+    let started = std::time::Instant::now();
     let stage = scratch.join("stage");
     std::fs::create_dir(&stage).map_err(|e| ImageError::Scratch(scratch.display().to_string(), e))?;
     let (reader, writer) = std::io::pipe().map_err(|e| ImageError::Scratch(scratch.display().to_string(), e))?;
@@ -121,10 +124,12 @@ pub fn build_image(top: &Path, files: Vec<PathBuf>, guest_dir: &str, scratch: &P
     let summary = staged.map_err(ImageError::Stage)?;
     let size = image_size(summary.bytes, summary.entries);
     let image = scratch.join("workspace.ext4");
+    let staged_at = std::time::Instant::now();
     mkfs(&stage, &image, size, summary.entries, guest_dir)?;
+    let took = (staged_at - started, staged_at.elapsed());
     // The image holds it all now: free the staging copy early.
     let _ = std::fs::remove_dir_all(&stage);
-    Ok(Built { image, size, stats })
+    Ok(Built { image, size, stats, took })
 }
 
 /// `mkfs.ext4 -d stage image`, as root in a user namespace when the caller is not root.
@@ -280,7 +285,12 @@ pub async fn import(
             return by_tar(client, vm, top, files, dir).await;
         }
     };
-    eprintln!("workspace: attaching a {} MiB disk to {vm} at {dir}", built.size >> 20);
+    eprintln!(
+        "workspace: staged in {} ms, image made in {} ms; attaching a {} MiB disk to {vm} at {dir}",
+        built.took.0.as_millis(),
+        built.took.1.as_millis(),
+        built.size >> 20
+    );
     match send(client, vm, dir, &built).await {
         Ok(mut done) => {
             // What went in, as the tar path counts it (the daemon counts image bytes).

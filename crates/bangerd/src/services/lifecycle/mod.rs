@@ -446,6 +446,7 @@ impl Lifecycle {
                 .resume(&launched.control_socket)
                 .await
                 .map_err(|source| LifecycleError::Resume { vm: vm.name.clone(), source })?;
+            tracing::debug!(vm = %vm.name, "resumed");
         }
         let probe = if restored {
             op.stage("identity")?;
