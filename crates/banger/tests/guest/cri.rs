@@ -29,7 +29,7 @@ const STEP: Duration = Duration::from_secs(300);
 
 /// containerd's CRI configuration: `banger` and `runc` handlers, the test's sandbox image, and
 /// an empty CNI config dir of the test's own (host-network pods need none; the host's is not
-/// read). `restrict_oom_score_adj`: CRI gives a sandbox an OOM score adjustment of -998, which
+/// read), and runc's state under the test's dir. `restrict_oom_score_adj`: CRI gives a sandbox an OOM score adjustment of -998, which
 /// runc cannot set where root lacks CAP_SYS_RESOURCE (these test machines' root does): its
 /// child then dies before exec ("can't get final child's PID from pipe: EOF").
 fn cri_tables(cd_dir: &std::path::Path) -> String {
@@ -43,6 +43,8 @@ fn cri_tables(cd_dir: &std::path::Path) -> String {
       runtime_type = "io.containerd.banger.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{d}/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     conf_dir = "{d}/cni"
 "#,
