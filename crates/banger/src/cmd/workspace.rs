@@ -95,7 +95,15 @@ pub async fn run(client: &Client, command: WorkspaceCommand) -> anyhow::Result<E
         WorkspaceCommand::Prepare(a) => {
             let repo = discover(a.path.as_deref())?;
             client.ensure_daemon().await?;
-            let report = import_by(client, &a.vm, &repo, a.by).await?;
+            // On Ctrl-C the import is dropped, which removes its scratch files (and the daemon
+            // frees a slot whose stream broke) before the process ends.
+            let report = tokio::select! {
+                report = import_by(client, &a.vm, &repo, a.by) => report?,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted; the import into {} did not finish", a.vm);
+                    return Ok(ExitCode::from(130));
+                }
+            };
             if a.json {
                 output::json(&report)?;
             } else {

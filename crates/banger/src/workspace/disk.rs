@@ -271,8 +271,8 @@ pub async fn import(
     }
     eprintln!("workspace: building a file system image of {} entries, {:.1} MB", measured.1, measured.0 as f64 / 1e6);
     let base = scratch_base(measured.0);
-    let scratch =
-        tempfile::Builder::new().prefix("banger-workspace-").tempdir_in(&base).context("cannot make a scratch dir")?;
+    // Dropped (removed) however this future ends: done, failed, or dropped on Ctrl-C.
+    let scratch = Scratch::new(&base).with_context(|| format!("cannot make a scratch dir in {}", base.display()))?;
     let built = {
         let (top, files, dir, scratch) = (top.clone(), files.clone(), dir.to_owned(), scratch.path().to_owned());
         tokio::task::spawn_blocking(move || build_image(&top, files, &dir, &scratch)).await.context("image build")?
@@ -303,6 +303,35 @@ pub async fn import(
             by_tar(client, vm, top, files, dir).await
         }
         Err(e) => Err(e),
+    }
+}
+
+/// An import's scratch directory (`banger-workspace-PID-XXXXXX`, the staging copy and the
+/// image), removed when dropped. The staging thread or `mkfs` may still be writing into it then
+/// (the import was dropped on Ctrl-C while they ran): removal is retried until the directory
+/// itself is gone, after which nothing can be created in it.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn new(base: &Path) -> std::io::Result<Self> {
+        let prefix = format!("banger-workspace-{}-", std::process::id());
+        Ok(Self(tempfile::Builder::new().prefix(&prefix).tempdir_in(base)?))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(self.0.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => continue,
+                _ => return,
+            }
+        }
+        eprintln!("warning: workspace: cannot remove the scratch dir {}", self.0.path().display());
     }
 }
 

@@ -282,6 +282,40 @@ fn a_large_import_is_attached_as_a_disk_and_lives_on_in_restarts_snapshots_and_f
     let prepared = host.run(&env, &small, &["workspace", "prepare", "dk", "--json"]).ok().json();
     assert_eq!(prepared["method"], "tar", "{prepared}");
     assert_eq!(guest_sh(&host, &env, &small, "dk", "/root/small", "cat a.txt"), "a");
+    // Ctrl-C while a disk import stages its files: exit 130, and its scratch dir is gone.
+    let big = env.dir.path().join("big");
+    std::fs::create_dir_all(&big).expect("mkdir");
+    host.git(&big, &["init", "-q"]);
+    big_tree(&big, 20_000, 1_024);
+    let child = host.banger(&env, &big, &["workspace", "prepare", "dk", "--by", "disk"]);
+    let mut child = {
+        let mut c = child;
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        c.spawn().expect("spawn the import")
+    };
+    let prefix = format!("banger-workspace-{}-", child.id());
+    let scratch = || -> Vec<PathBuf> {
+        [PathBuf::from("/dev/shm"), std::env::temp_dir()]
+            .iter()
+            .filter_map(|base| std::fs::read_dir(base).ok())
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    wait_until("the import's scratch dir", Duration::from_secs(120), || {
+        !scratch().is_empty() || child.try_wait().expect("try_wait").is_some()
+    });
+    assert!(child.try_wait().expect("try_wait").is_none(), "the import ended before it could be interrupted");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "interrupted mid-import: {stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(scratch().is_empty(), "scratch left: {:?}", scratch());
+
     // A re-import into the attached directory goes by tar too (the directory exists).
     let again = host.run(&env, &repo, &["workspace", "prepare", "dk", "--json"]).ok().json();
     assert_eq!(again["method"], "tar", "{again}");
