@@ -318,7 +318,11 @@ fn ctr_runs_tasks_in_banger_vms() {
     eprintln!("containerd: tty done at {:?}", started.elapsed());
 
     // A containerd restart while a task runs: the task is found again and kill still works.
-    cd.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "kept", "sleep", "1000"]).ok();
+    // A detached task's FIFOs stay behind once ctr exits: keep them in the test's dir, not in
+    // ctr's default /run/containerd/fifo.
+    let fifos = cd.dir.join("fifo");
+    let fifo_dir = fifos.to_str().expect("utf-8 path");
+    cd.ctr(&["run", "-d", "--fifo-dir", fifo_dir, "--runtime", RUNTIME, IMAGE, "kept", "sleep", "1000"]).ok();
     wait_status(&cd, "kept", "RUNNING");
     cd.stop();
     cd.launch();
