@@ -152,6 +152,16 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     let path = flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket);
     // A socket left by a shim of this task that died: containerd started us in its place.
     let _ = std::fs::remove_file(path);
+    // Its directory (`/run/containerd/s`) exists only once some shim made it: on a host whose
+    // containerd never ran another runtime's shim, this one is the first.
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot make the shim socket's directory {}", dir.display()))?;
+    }
     let mut server = Server::new().bind(&flags.socket).context("cannot listen on the shim socket")?;
     server = server.register_service(services);
     server.start().await.context("cannot start the ttrpc server")?;
