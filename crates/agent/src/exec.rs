@@ -1,6 +1,6 @@
-//! Running commands: `PATH` lookup, fork/exec into a new session with piped stdio, and the one
-//! reaper that `waitpid(-1)`s every child (and, as PID 1, every orphan) and routes each exit
-//! status by pid to whoever spawned it.
+//! Running commands: `PATH` lookup, a `CLONE_VFORK` child (a fork to enter a container) that
+//! execs in a new session with piped stdio, and the one reaper that `waitpid(-1)`s every child
+//! (and, as PID 1, every orphan) and routes each exit status by pid to whoever spawned it.
 //!
 //! With a `tty` the child's stdio is the slave of a new pty (`pty.rs`), its controlling
 //! terminal, and its output one stream read from the master.
@@ -262,7 +262,7 @@ fn reap_forever() {
     }
 }
 
-/// Resolves, forks and execs `cmd` in its own session. The child is reaped by the reaper
+/// Resolves `cmd` and starts it in its own session ([`vfork_exec`]). The child is reaped by the reaper
 /// thread; its status arrives on [`Child::exit`].
 pub fn spawn(cmd: &Command) -> Result<Child, SpawnError> {
     spawn_in(cmd, None)
@@ -329,19 +329,22 @@ pub fn spawn_in(cmd: &Command, container: Option<&crate::container::Entry>) -> R
     let (tx, rx) = mpsc::channel();
     let reaper = reaper();
     let pid = {
-        // Held across fork so the reaper cannot look up this pid before its route exists.
+        // Held across the spawn so the reaper cannot look up this pid before its route exists.
         let mut state =
             reaper.state.lock().map_err(|_| SpawnError::Sys { what: "lock the reaper", errno: Errno::EDEADLK })?;
-        // SAFETY: the child only makes async-signal-safe calls (setsid, sigprocmask, signal,
-        // dup2, chdir, execve, write, _exit) on memory prepared before the fork.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: see above; every pointer refers to a live, NUL-terminated buffer.
-            unsafe {
-                let io = ChildIo { stdio: child_raw, ctty, err_fd: err_write_raw, container };
-                exec_child(program_c.as_ptr(), &argv_ptrs, &env_ptrs, &cwd, &root, io)
-            }
-        }
+        let child = ChildExec {
+            program: program_c.as_ptr(),
+            argv: &argv_ptrs,
+            env: &env_ptrs,
+            cwd: &cwd,
+            root: &root,
+            io: ChildIo { stdio: child_raw, ctty, err_fd: err_write_raw, container },
+        };
+        let pid = match container {
+            // Entering a container (mounts, pivot_root) runs in a forked child of its own.
+            Some(_) => fork_exec(&child),
+            None => vfork_exec(&child),
+        };
         if pid < 0 {
             return Err(SpawnError::Sys { what: "fork", errno: Errno::last() });
         }
@@ -378,8 +381,76 @@ pub fn spawn_in(cmd: &Command, container: Option<&crate::container::Entry>) -> R
     Ok(Child { pid: Pid::from_raw(pid), pipes: ours, pty, exit: rx })
 }
 
+/// What the child of a spawn runs: everything prepared before the fork or clone.
+struct ChildExec<'a> {
+    program: *const libc::c_char,
+    argv: &'a [*const libc::c_char],
+    env: &'a [*const libc::c_char],
+    cwd: &'a CString,
+    root: &'a CString,
+    io: ChildIo<'a>,
+}
+
+/// The child's stack for [`vfork_exec`]: it only makes syscalls before `execve`.
+const VFORK_STACK: usize = 64 * 1024;
+
+/// `fork`s a child that runs `child`; returns its pid (-1 on failure, with `errno` set).
+fn fork_exec(child: &ChildExec<'_>) -> libc::pid_t {
+    // SAFETY: the child only makes async-signal-safe calls (setsid, sigprocmask, signal,
+    // dup2, chdir, execve, write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: see above; every pointer refers to a live, NUL-terminated buffer.
+        unsafe { exec_child(child) }
+    }
+    pid
+}
+
+/// Starts a child that shares this process's memory until its `execve` (`CLONE_VM |
+/// CLONE_VFORK`, as `posix_spawn` does): no page tables are copied and the agent takes no
+/// copy-on-write faults afterwards, which under TCG is most of what a fork costs. This thread
+/// waits until the child has exec'd or exited. Returns its pid (-1 on failure, `errno` set).
+fn vfork_exec(child: &ChildExec<'_>) -> libc::pid_t {
+    extern "C" fn run(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `ChildExec` that `vfork_exec` keeps alive (its thread is
+        // suspended until this child execs or exits); the child only makes syscalls.
+        unsafe { exec_child(&*arg.cast::<ChildExec<'_>>()) }
+    }
+    let mut stack = vec![0u8; VFORK_STACK];
+    // The stack grows down: the child starts at its 16-byte aligned top.
+    let top = {
+        let end = stack.as_mut_ptr_range().end as usize;
+        (end & !15) as *mut libc::c_void
+    };
+    // Every signal is blocked across the clone: no handler of the agent may run on the child's
+    // stack in the shared memory. The child resets every handler before it unblocks them.
+    // SAFETY: sigset_t is plain data, initialised by sigfillset before use; pthread_sigmask
+    // only swaps this thread's mask.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        // SAFETY: `top` is the top of a live, writable stack owned by this frame; `child`
+        // outlives the call, which returns only once the child exec'd or exited.
+        let pid = libc::clone(
+            run,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(child).cast_mut().cast(),
+        );
+        let saved = *libc::__errno_location();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        *libc::__errno_location() = saved;
+        pid
+    };
+    drop(stack);
+    pid
+}
+
 /// The forked child's fds: stdin, stdout, stderr (-1 = inherit), whether stdin becomes the
 /// controlling terminal, and where a failed exec's errno goes.
+#[derive(Clone, Copy)]
 struct ChildIo<'a> {
     stdio: [i32; 3],
     ctty: bool,
@@ -392,28 +463,24 @@ struct ChildIo<'a> {
 ///
 /// # Safety
 /// Only call in a freshly forked child, with NUL-terminated pointer arrays.
-unsafe fn exec_child(
-    program: *const libc::c_char,
-    argv: &[*const libc::c_char],
-    env: &[*const libc::c_char],
-    cwd: &CString,
-    root: &CString,
-    io: ChildIo<'_>,
-) -> ! {
-    let ChildIo { stdio, ctty, err_fd, container } = io;
-    // SAFETY: plain syscalls on values owned by this (single-threaded) child; the caller
-    // guarantees the pointer arrays are NUL-terminated.
+unsafe fn exec_child(child: &ChildExec<'_>) -> ! {
+    let ChildExec { program, argv, env, cwd, root, io } = child;
+    let ChildIo { stdio, ctty, err_fd, container } = *io;
+    let (program, err_fd) = (*program, err_fd);
+    // SAFETY: plain syscalls on values owned by this child (which shares no stack with a
+    // running thread); the caller guarantees the pointer arrays are NUL-terminated.
     unsafe {
         libc::setsid();
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        // The agent ignores SIGPIPE (Rust's runtime does); commands expect the default.
+        // The agent ignores SIGPIPE (Rust's runtime does); commands expect the default. Reset
+        // before unblocking: a signal must not reach one of the agent's handlers here.
         for sig in 1..32 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         for (target, fd) in (0..).zip(stdio) {
             if fd >= 0 {
                 libc::dup2(fd, target);
