@@ -52,6 +52,16 @@ pub fn mark_state(state: &Path) -> io::Result<()> {
     std::fs::write(crate::snapshot_devices_file(state), format!("{BALLOON_MARK}\n"))
 }
 
+/// The memfd's name: `/proc/PID/fd` links of a process that maps one read
+/// `/memfd:banger-snapshot-memory (deleted)`.
+const MEMFD_NAME: &str = "banger-snapshot-memory";
+
+/// Whether an open file's link target is a sealed snapshot memory copy.
+pub(crate) fn is_snapshot_memory(target: &str) -> bool {
+    let target = target.strip_suffix(" (deleted)").unwrap_or(target);
+    target.strip_prefix("/memfd:") == Some(MEMFD_NAME)
+}
+
 /// How much a fill reads at once.
 const CHUNK: usize = 1 << 20;
 
@@ -254,6 +264,14 @@ mod tests {
         // A new file of the same name is another inode.
         sealed.path_for(&memory_file(dir.path())).await.unwrap();
         assert_eq!(sealed.len(), 1, "only the new file's copy");
+    }
+
+    #[test]
+    fn the_sealed_copy_is_known_by_its_fd_link() {
+        assert!(is_snapshot_memory("/memfd:banger-snapshot-memory (deleted)"));
+        assert!(is_snapshot_memory("/memfd:banger-snapshot-memory"));
+        assert!(!is_snapshot_memory("/memfd:banger-snapshot-memory-x (deleted)"));
+        assert!(!is_snapshot_memory("/dev/shm/banger-mem-0/ab.mem"));
     }
 
     #[test]

@@ -37,6 +37,9 @@ use serde::{Deserialize, Serialize};
 
 /// How often waits poll `/proc`.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// The first pause of [`Children::wait_exit`], doubled up to [`POLL_INTERVAL`]: a VMM told to
+/// quit is usually gone within milliseconds.
+const FIRST_POLL: Duration = Duration::from_millis(2);
 
 /// Resource use of a VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +145,10 @@ pub struct VmmMemory {
     /// What the guest's memory file on `/dev/shm` holds (its allocated blocks), when the VMM
     /// has one open: pages it holds stay in memory even where the VMM has not mapped them.
     pub memory_file_kib: Option<u64>,
+    /// What the snapshot memory a fork maps holds (the sealed copy of [`crate::balloon`]), when
+    /// the VMM has one open. Every fork of that snapshot maps the same pages: this is shared,
+    /// and not part of [`Self::host_kib`] beyond the share the PSS counts.
+    pub snapshot_memory_kib: Option<u64>,
 }
 
 impl VmmMemory {
@@ -171,7 +178,8 @@ pub fn memory(pid: u32) -> Result<VmmMemory, StatsError> {
         pss_kib: kib_field(&rollup, "Pss").ok_or_else(|| parse(&rollup_path))?,
         pss_shmem_kib: kib_field(&rollup, "Pss_Shmem").unwrap_or(0),
         rss_shmem_kib: kib_field(&status, "RssShmem").unwrap_or(0),
-        memory_file_kib: memory_file_kib(pid),
+        memory_file_kib: open_file_kib(pid, is_guest_memory_file),
+        snapshot_memory_kib: open_file_kib(pid, crate::balloon::is_snapshot_memory),
     })
 }
 
@@ -194,15 +202,15 @@ fn is_guest_memory_file(target: &str) -> bool {
     target.contains("/banger-mem-") && target.ends_with(".mem")
 }
 
-/// The allocated size of the guest memory file `pid` has open, in KiB.
-fn memory_file_kib(pid: u32) -> Option<u64> {
+/// The allocated size of the first file `pid` has open whose link target `is` accepts, in KiB.
+fn open_file_kib(pid: u32, is: fn(&str) -> bool) -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let dir = PathBuf::from(format!("/proc/{pid}/fd"));
     let found = std::fs::read_dir(&dir)
         .ok()?
         .take(FD_SCAN_CAP)
         .flatten()
-        .find(|entry| std::fs::read_link(entry.path()).is_ok_and(|t| is_guest_memory_file(&t.to_string_lossy())))?;
+        .find(|entry| std::fs::read_link(entry.path()).is_ok_and(|t| is(&t.to_string_lossy())))?;
     // The link's target is the open file itself, so this works after it is unlinked.
     let meta = std::fs::metadata(found.path()).ok()?;
     Some(meta.blocks().saturating_mul(512) / 1024)
@@ -469,6 +477,7 @@ impl Children {
     /// before it turns zombie.
     pub(crate) async fn wait_exit(&self, pid: u32, vm_dir: &Path, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = FIRST_POLL;
         loop {
             let alive = self.is_alive(pid, vm_dir);
             if !alive && !self.is_tracked(pid) {
@@ -477,7 +486,8 @@ impl Children {
             if tokio::time::Instant::now() >= deadline {
                 return !alive;
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_INTERVAL);
         }
     }
 

@@ -519,12 +519,12 @@ impl Lifecycle {
         }
     }
 
-    /// Network clean-up once a VM's VMM is gone (no lock held): its TAP goes back to the pool,
-    /// and rules and names are republished without it.
+    /// Network clean-up once a VM's VMM is gone (no lock held): rules and names are
+    /// republished without it, then its TAP goes back to the pool (`Net::release_tap` does
+    /// both, in that order; one `nft` run).
     async fn after_vmm_gone(&self, tap: Option<String>) {
         if let Some(tap) = tap {
             self.net.release_tap(&tap).await;
-            self.net.publish().await;
         }
     }
 
