@@ -423,6 +423,7 @@ fn vmm_memory(stats: &VmStats) -> String {
         ("RSS", stats.rss_kib),
         ("PSS", stats.pss_kib),
         ("memory file", stats.memory_file_kib),
+        ("snapshot memory (shared by its forks)", stats.snapshot_memory_kib),
         ("not held (returned or untouched)", stats.memory_returned_kib),
     ]
     .into_iter()

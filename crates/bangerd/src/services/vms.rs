@@ -606,6 +606,7 @@ impl Vms {
                 .and_then(|m| m.memory_file_kib)
                 .map(|file| (vm.spec.memory_mib * 1024).saturating_sub(file)),
             host_memory_kib: memory.map(|m| m.host_kib()),
+            snapshot_memory_kib: memory.and_then(|m| m.snapshot_memory_kib),
             guest_mem_total_kib: guest.map(|g| g.total_kib),
             guest_mem_available_kib: guest.map(|g| g.available_kib),
             uptime_secs,

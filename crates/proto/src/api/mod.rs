@@ -347,6 +347,11 @@ pub struct VmStats {
     /// beyond the part of it the VMM maps. Sums over VMs to the host's use.
     #[serde(default)]
     pub host_memory_kib: Option<u64>,
+    /// What the snapshot memory a fork maps holds, in KiB: one copy per snapshot, shared by all
+    /// of its forks (their clean pages), so not in `host_memory_kib` beyond the fork's PSS share.
+    /// Absent for guests booted fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_memory_kib: Option<u64>,
     /// The guest's own view (`MemTotal` of its `/proc/meminfo`), in KiB.
     #[serde(default)]
     pub guest_mem_total_kib: Option<u64>,

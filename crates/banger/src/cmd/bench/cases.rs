@@ -32,7 +32,7 @@ impl Snapshots {
         Ok(snapshot)
     }
 
-    fn small(&mut self, cli: &Cli, image: &str) -> anyhow::Result<String> {
+    pub fn small(&mut self, cli: &Cli, image: &str) -> anyhow::Result<String> {
         if self.small.is_none() {
             self.small = Some(Self::make(cli, image, SMALL)?);
         }

@@ -1,11 +1,16 @@
 //! The idle group of `banger bench`: N VMs started one after another and left idle until each
 //! VMM's memory stops growing (a condition with a deadline), then the host memory each costs.
 //!
+//! The VMs are booted fresh, or are forks of one snapshot ([`Start`]): forks map the snapshot's
+//! memory copy-on-write, so its clean pages are held once for all of them.
+//!
 //! RSS double counts: a page shared by several processes (a snapshot's clean pages mapped by
 //! its forks, a guest's memory file) counts whole in each. The figure per VM is the daemon's
 //! `host_memory_kib` (`vm stats`): the VMM's PSS (`/proc/PID/smaps_rollup`: each shared page
 //! divided among its mappers) plus what its memory file on `/dev/shm` holds beyond the part the
-//! VMM maps. RSS, PSS and the drop of the host's `MemAvailable` are reported beside it.
+//! VMM maps; for forks, plus an equal share of the snapshot memory they map (all of it, not
+//! only the pages mapped so far: a conservative figure). RSS, PSS and the drop of the host's
+//! `MemAvailable` are reported beside it.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,15 @@ const STILL_KIB: u64 = 1024;
 /// ... this many polls in a row.
 const STILL_POLLS: u32 = 2;
 
+/// How the idle VMs start.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Booted fresh (`vm create --image`, `vm start`).
+    Boot,
+    /// Forks of this snapshot (`vm create --from-snapshot`, `vm start`).
+    Fork(&'a str),
+}
+
 /// One idle VM's memory, in KiB.
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleVm {
@@ -33,6 +47,9 @@ pub struct IdleVm {
     pss_kib: u64,
     memory_file_kib: Option<u64>,
     host_kib: u64,
+    /// The snapshot memory a fork maps (shared by every fork of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_memory_kib: Option<u64>,
     /// `MemTotal - MemAvailable` inside the guest.
     guest_used_kib: Option<u64>,
 }
@@ -40,18 +57,23 @@ pub struct IdleVm {
 /// What the idle group measured.
 #[derive(Debug, Serialize)]
 pub struct IdleReport {
+    /// `boot` or `fork`.
+    start: &'static str,
     vms: u32,
     memory_mib: u64,
     /// Whether the memory settled before the deadline (the figures are taken either way).
     settled: bool,
     settle_secs: f64,
-    /// Host memory per VM (PSS + memory file beyond it), MiB.
+    /// Host memory per VM (PSS + memory file beyond it + a share of the snapshot memory), MiB.
     host_mib_per_vm: Option<Spread>,
     pss_mib_per_vm: Option<Spread>,
     /// Guest memory the host holds (the memory file), MiB: the rest of the VMM's memory is
     /// QEMU's own (TCG's code cache, device state, heap).
     guest_held_mib_per_vm: Option<Spread>,
     rss_mib_per_vm: Option<Spread>,
+    /// Forks: the snapshot memory they all map, MiB (once, not per VM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_memory_mib: Option<f64>,
     guest_used_mib_per_vm: Option<Spread>,
     host_total_mib: f64,
     /// The sum of RSS: counts shared pages once per VM.
@@ -83,6 +105,7 @@ fn read_vm(cli: &Cli, name: &str) -> anyhow::Result<IdleVm> {
         pss_kib: kib("pss_kib").with_context(|| format!("vm stats of {name} has no pss_kib"))?,
         memory_file_kib: kib("memory_file_kib"),
         host_kib: kib("host_memory_kib").with_context(|| format!("vm stats of {name} has no host_memory_kib"))?,
+        snapshot_memory_kib: kib("snapshot_memory_kib"),
         guest_used_kib,
     })
 }
@@ -97,12 +120,16 @@ fn mib_spread(vms: &[IdleVm], kib: impl Fn(&IdleVm) -> Option<u64>) -> Option<Sp
     stats::spread(&figures)
 }
 
-/// Starts `n` VMs of `image`, waits (up to `settle`) for their memory to settle, measures it
-/// and deletes them.
-pub fn measure(cli: &Cli, image: &str, n: u32, settle: Duration) -> anyhow::Result<IdleReport> {
-    let names: Vec<String> = (0..n).map(|i| cli.name(&format!("idle-{i}"))).collect();
+/// Starts `n` VMs of `image` (or forks), waits (up to `settle`) for their memory to settle,
+/// measures it and deletes them.
+pub fn measure(cli: &Cli, image: &str, n: u32, settle: Duration, start: Start<'_>) -> anyhow::Result<IdleReport> {
+    let label = match start {
+        Start::Boot => "idle",
+        Start::Fork(_) => "idle-fork",
+    };
+    let names: Vec<String> = (0..n).map(|i| cli.name(&format!("{label}-{i}"))).collect();
     let available_before = host_available_kib()?;
-    let result = measure_started(cli, image, &names, settle, available_before);
+    let result = measure_started(cli, image, &names, settle, available_before, start);
     let mut delete = vec!["vm", "delete", "--force"];
     delete.extend(names.iter().map(String::as_str));
     // Some may not exist (a failed start): the final sweep takes what is left.
@@ -116,9 +143,13 @@ fn measure_started(
     names: &[String],
     settle: Duration,
     available_before: u64,
+    start: Start<'_>,
 ) -> anyhow::Result<IdleReport> {
     for (i, name) in names.iter().enumerate() {
-        cli.run(&["vm", "create", name, "--image", image, "--memory", MEMORY])?;
+        match start {
+            Start::Boot => cli.run(&["vm", "create", name, "--image", image, "--memory", MEMORY])?,
+            Start::Fork(snapshot) => cli.run(&["vm", "create", name, "--from-snapshot", snapshot])?,
+        };
         cli.run(&["vm", "start", name])?;
         eprintln!("bench: idle: started {}/{}", i + 1, names.len());
     }
@@ -144,8 +175,20 @@ fn measure_started(
     }
     let available_after = host_available_kib()?;
     let count = names.len().max(1) as f64;
+    // Forks: the snapshot memory is held once; each VM gets an equal share of it.
+    let snapshot_kib = last.iter().filter_map(|v| v.snapshot_memory_kib).max();
+    if let Some(shared) = snapshot_kib {
+        let share = shared / u64::try_from(names.len().max(1)).unwrap_or(1);
+        for vm in &mut last {
+            vm.host_kib = vm.host_kib.saturating_add(share);
+        }
+    }
     let total = |kib: fn(&IdleVm) -> u64| last.iter().map(kib).sum::<u64>() as f64 / 1024.0;
     Ok(IdleReport {
+        start: match start {
+            Start::Boot => "boot",
+            Start::Fork(_) => "fork",
+        },
         vms: u32::try_from(names.len()).unwrap_or(u32::MAX),
         memory_mib: MEMORY_MIB,
         settled,
@@ -154,6 +197,7 @@ fn measure_started(
         pss_mib_per_vm: mib_spread(&last, |v| Some(v.pss_kib)),
         guest_held_mib_per_vm: mib_spread(&last, |v| v.memory_file_kib),
         rss_mib_per_vm: mib_spread(&last, |v| Some(v.rss_kib)),
+        snapshot_memory_mib: snapshot_kib.map(|k| k as f64 / 1024.0),
         guest_used_mib_per_vm: mib_spread(&last, |v| v.guest_used_kib),
         host_total_mib: total(|v| v.host_kib),
         rss_total_mib: total(|v| v.rss_kib),
@@ -165,7 +209,11 @@ fn measure_started(
 /// The idle group for people.
 pub fn print(idle: &IdleReport) -> anyhow::Result<()> {
     let settled = if idle.settled { "settled" } else { "NOT settled" };
-    println!("idle: {} VMs of {} MiB, {settled} after {:.0} s", idle.vms, idle.memory_mib, idle.settle_secs);
+    let how = match idle.start {
+        "fork" => "forks of one snapshot",
+        _ => "booted fresh",
+    };
+    println!("idle: {} VMs of {} MiB, {how}, {settled} after {:.0} s", idle.vms, idle.memory_mib, idle.settle_secs);
     let row = |what: &str, s: &Option<Spread>| -> Vec<String> {
         match s {
             Some(s) => {
@@ -175,7 +223,7 @@ pub fn print(idle: &IdleReport) -> anyhow::Result<()> {
         }
     };
     let rows = vec![
-        row("host memory (PSS + memory file)", &idle.host_mib_per_vm),
+        row("host memory (PSS + memory file + snapshot share)", &idle.host_mib_per_vm),
         row("VMM PSS", &idle.pss_mib_per_vm),
         row("guest memory the host holds (memory file)", &idle.guest_held_mib_per_vm),
         row("VMM RSS (counts shared pages)", &idle.rss_mib_per_vm),
@@ -186,6 +234,9 @@ pub fn print(idle: &IdleReport) -> anyhow::Result<()> {
         "in all: {:.0} MiB host memory, {:.0} MiB RSS summed; host MemAvailable fell {:.1} MiB per VM",
         idle.host_total_mib, idle.rss_total_mib, idle.host_available_drop_mib_per_vm
     );
+    if let Some(shared) = idle.snapshot_memory_mib {
+        println!("the snapshot memory all forks map: {shared:.1} MiB, held once (shared out in the host figure)");
+    }
     Ok(())
 }
 
@@ -194,7 +245,15 @@ mod tests {
     use super::*;
 
     fn vm(host_kib: u64) -> IdleVm {
-        IdleVm { name: "v".into(), rss_kib: 0, pss_kib: 0, memory_file_kib: None, host_kib, guest_used_kib: None }
+        IdleVm {
+            name: "v".into(),
+            rss_kib: 0,
+            pss_kib: 0,
+            memory_file_kib: None,
+            host_kib,
+            snapshot_memory_kib: None,
+            guest_used_kib: None,
+        }
     }
 
     #[test]

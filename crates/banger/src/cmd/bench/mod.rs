@@ -10,8 +10,8 @@
 //!   and powering off (`banger.run=/bin/true`: the floor banger's own work is measured against);
 //! - ready: `vm start` to ready of a recorded VM: a cold boot, a fork of a 512 MiB guest's
 //!   snapshot and a fork of a 4 GiB guest's (restore until it has its own identity);
-//! - idle: N VMs started and left idle until each VMM's memory stops growing, then the host
-//!   memory each costs ([`idle`]);
+//! - idle: N VMs booted fresh, and N forks of one snapshot, left idle until each VMM's memory
+//!   stops growing, then the host memory each costs ([`idle`]);
 //! - concurrent: one cold `vm run --rm -- true` against N at once (wall time of all N);
 //! - runsc: gVisor's `runsc --network=none do true` against `vm run --rm --from-snapshot S --
 //!   true` (when `runsc` is installed);
@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// How many VMs the idle group starts (512 MiB each)
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
     idle: u32,
+    /// How the idle group's VMs start, comma-separated: booted fresh, forks of one snapshot
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [IdleStart::Boot, IdleStart::Fork])]
+    idle_start: Vec<IdleStart>,
     /// How long the idle VMs may take to settle, in seconds
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=3600))]
     settle_timeout: u64,
@@ -63,6 +66,15 @@ pub struct BenchArgs {
     /// Print the results as JSON (progress stays on stderr)
     #[arg(long)]
     json: bool,
+}
+
+/// How the idle group's VMs start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdleStart {
+    /// `vm create --image`, `vm start`
+    Boot,
+    /// Forks of one 512 MiB snapshot (`vm create --from-snapshot`)
+    Fork,
 }
 
 /// A group of cases compared with each other.
@@ -122,6 +134,8 @@ struct Report {
     ratios: Vec<Ratio>,
     #[serde(skip_serializing_if = "Option::is_none")]
     idle: Option<idle::IdleReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_forks: Option<idle::IdleReport>,
 }
 
 /// The cases of one alternated group and the comparisons made of them (indices into `cases`).
@@ -315,7 +329,7 @@ fn print_report(report: &Report) -> anyhow::Result<()> {
         })
         .collect();
     crate::output::table(&["RATIO (PER ROUND)", "MEDIAN", "MIN", "MAX", "PAIRS"], &rows)?;
-    if let Some(idle) = &report.idle {
+    for idle in [&report.idle, &report.idle_forks].into_iter().flatten() {
         println!();
         idle::print(idle)?;
     }
@@ -348,6 +362,7 @@ fn measure(cli: &Cli, args: &BenchArgs) -> anyhow::Result<Report> {
         cases: Vec::new(),
         ratios: Vec::new(),
         idle: None,
+        idle_forks: None,
     };
     let chosen = if args.cases.is_empty() { ALL_GROUPS.to_vec() } else { args.cases.clone() };
     let runsc = in_path("runsc");
@@ -370,7 +385,14 @@ fn measure(cli: &Cli, args: &BenchArgs) -> anyhow::Result<Report> {
             CaseGroup::Ready => cases::ready(&ctx, &mut snapshots, &mut report)?,
             CaseGroup::Idle => {
                 let settle = Duration::from_secs(args.settle_timeout);
-                report.idle = Some(idle::measure(cli, image, args.idle, settle)?);
+                if args.idle_start.contains(&IdleStart::Boot) {
+                    report.idle = Some(idle::measure(cli, image, args.idle, settle, idle::Start::Boot)?);
+                }
+                if args.idle_start.contains(&IdleStart::Fork) {
+                    let snapshot = snapshots.small(cli, image)?;
+                    let start = idle::Start::Fork(&snapshot);
+                    report.idle_forks = Some(idle::measure(cli, image, args.idle, settle, start)?);
+                }
             }
             CaseGroup::Concurrent => cases::concurrent(&ctx, args.concurrent, &mut report)?,
             CaseGroup::Runsc if runsc => cases::runsc(&ctx, &mut snapshots, &mut report)?,
