@@ -245,6 +245,8 @@ pub fn runsc(ctx: &Ctx, snapshots: &mut Snapshots, report: &mut Report) -> anyho
 /// for each boot and the guest told to run `/bin/true` and power off.
 pub struct BareVmm {
     argv: Vec<String>,
+    /// The VM dir's drive files (disks and spare slots), by name.
+    disks: Vec<String>,
     templates: PathBuf,
     bare_dir: PathBuf,
     /// Where the bare guest's memory file goes (tmpfs, as banger's), removed after each boot.
@@ -281,7 +283,8 @@ impl BareVmm {
         let scratch = tempfile::Builder::new().prefix("banger-bench-").tempdir()?;
         let templates = scratch.path().join("templates");
         std::fs::create_dir_all(&templates)?;
-        for disk in ["overlay.ext4", "work.ext4"] {
+        let disks = vm_drives(&argv, &vm_dir);
+        for disk in &disks {
             sparse_copy(&vm_dir.join(disk), &templates.join(disk))?;
         }
         let bare_dir = scratch.path().join("bare");
@@ -291,7 +294,7 @@ impl BareVmm {
             .context("cannot make a scratch dir in /dev/shm")?;
         let memory_file = shm.path().join("bare.mem");
         let argv = bare_command(&argv, &vm_dir, &bare_dir, &memory_file);
-        Ok(Self { argv, templates, bare_dir, memory_file, _scratch: scratch, _shm: shm })
+        Ok(Self { argv, disks, templates, bare_dir, memory_file, _scratch: scratch, _shm: shm })
     }
 
     /// One bare boot, in ms (the disks' copy untimed).
@@ -299,7 +302,7 @@ impl BareVmm {
         Cli::check_interrupted()?;
         let _ = std::fs::remove_dir_all(&self.bare_dir);
         std::fs::create_dir_all(&self.bare_dir)?;
-        for disk in ["overlay.ext4", "work.ext4"] {
+        for disk in &self.disks {
             sparse_copy(&self.templates.join(disk), &self.bare_dir.join(disk))?;
         }
         let (program, rest) = self.argv.split_first().context("empty VMM command line")?;
@@ -319,6 +322,18 @@ impl BareVmm {
         }
         Ok(figure)
     }
+}
+
+/// The names of the drive files (`-drive ...,file=PATH,...`) a VMM command line has in `vm_dir`:
+/// its writable disks and spare slots (the base image lives elsewhere and is only read).
+fn vm_drives(argv: &[String], vm_dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", vm_dir.display());
+    argv.iter()
+        .filter_map(|arg| arg.split(',').find_map(|part| part.strip_prefix("file=")))
+        .filter_map(|path| path.strip_prefix(&prefix))
+        .filter(|name| !name.is_empty() && !name.contains('/'))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The VMM command line of a VM in `vm_dir`, moved to `bare_dir` (its memory file, when it has
@@ -354,6 +369,24 @@ fn sparse_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drives_in_the_vm_dir_are_found() {
+        let argv: Vec<String> = [
+            "qemu",
+            "-drive",
+            "id=d0,file=/s/images/base.ext4,format=raw,readonly=on",
+            "-drive",
+            "id=d1,file=/s/vms/a/overlay.ext4,format=raw",
+            "-drive",
+            "id=s0,file=/s/vms/a/slot0.img,format=raw",
+            "-pidfile",
+            "/s/vms/a/vmm.pid",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(vm_drives(&argv, Path::new("/s/vms/a")), ["overlay.ext4", "slot0.img"]);
+    }
 
     #[test]
     fn bare_command_moves_paths_and_runs_true() {
