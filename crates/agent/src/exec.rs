@@ -465,8 +465,7 @@ struct ChildIo<'a> {
 /// Only call in a freshly forked child, with NUL-terminated pointer arrays.
 unsafe fn exec_child(child: &ChildExec<'_>) -> ! {
     let ChildExec { program, argv, env, cwd, root, io } = child;
-    let ChildIo { stdio, ctty, err_fd, container } = *io;
-    let (program, err_fd) = (*program, err_fd);
+    let (program, ChildIo { stdio, ctty, err_fd, container }) = (*program, *io);
     // SAFETY: plain syscalls on values owned by this child (which shares no stack with a
     // running thread); the caller guarantees the pointer arrays are NUL-terminated.
     unsafe {

@@ -54,12 +54,12 @@ pub fn mark_state(state: &Path) -> io::Result<()> {
 
 /// The memfd's name: `/proc/PID/fd` links of a process that maps one read
 /// `/memfd:banger-snapshot-memory (deleted)`.
-const MEMFD_NAME: &str = "banger-snapshot-memory";
+const MEMFD_NAME: &std::ffi::CStr = c"banger-snapshot-memory";
 
 /// Whether an open file's link target is a sealed snapshot memory copy.
 pub(crate) fn is_snapshot_memory(target: &str) -> bool {
     let target = target.strip_suffix(" (deleted)").unwrap_or(target);
-    target.strip_prefix("/memfd:") == Some(MEMFD_NAME)
+    target.strip_prefix("/memfd:").map(str::as_bytes) == Some(MEMFD_NAME.to_bytes())
 }
 
 /// How much a fill reads at once.
@@ -141,8 +141,7 @@ fn release_unused(slots: &mut HashMap<(u64, u64), Arc<Slot>>) {
 /// shrinking, and against further seals.
 fn sealed_copy(source: &File) -> io::Result<OwnedFd> {
     let len = source.metadata()?.len();
-    let memfd =
-        memfd_create(c"banger-snapshot-memory", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
+    let memfd = memfd_create(MEMFD_NAME, MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
     let out = File::from(memfd);
     out.set_len(len)?;
     let mut buf = vec![0u8; CHUNK];

@@ -173,13 +173,14 @@ pub fn memory(pid: u32) -> Result<VmmMemory, StatsError> {
     let status_path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = read_capped(&status_path).ok_or(StatsError::NotRunning { pid })?;
     let parse = |path: &Path| StatsError::Parse { path: path.to_owned() };
+    let (memory_file_kib, snapshot_memory_kib) = memory_files_kib(pid);
     Ok(VmmMemory {
         rss_kib: kib_field(&rollup, "Rss").ok_or_else(|| parse(&rollup_path))?,
         pss_kib: kib_field(&rollup, "Pss").ok_or_else(|| parse(&rollup_path))?,
         pss_shmem_kib: kib_field(&rollup, "Pss_Shmem").unwrap_or(0),
         rss_shmem_kib: kib_field(&status, "RssShmem").unwrap_or(0),
-        memory_file_kib: open_file_kib(pid, is_guest_memory_file),
-        snapshot_memory_kib: open_file_kib(pid, crate::balloon::is_snapshot_memory),
+        memory_file_kib,
+        snapshot_memory_kib,
     })
 }
 
@@ -202,18 +203,27 @@ fn is_guest_memory_file(target: &str) -> bool {
     target.contains("/banger-mem-") && target.ends_with(".mem")
 }
 
-/// The allocated size of the first file `pid` has open whose link target `is` accepts, in KiB.
-fn open_file_kib(pid: u32, is: fn(&str) -> bool) -> Option<u64> {
+/// The allocated sizes, in KiB, of the guest memory file and of the sealed snapshot memory
+/// `pid` has open (one scan of its open files).
+fn memory_files_kib(pid: u32) -> (Option<u64>, Option<u64>) {
     use std::os::unix::fs::MetadataExt as _;
-    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
-    let found = std::fs::read_dir(&dir)
-        .ok()?
-        .take(FD_SCAN_CAP)
-        .flatten()
-        .find(|entry| std::fs::read_link(entry.path()).is_ok_and(|t| is(&t.to_string_lossy())))?;
     // The link's target is the open file itself, so this works after it is unlinked.
-    let meta = std::fs::metadata(found.path()).ok()?;
-    Some(meta.blocks().saturating_mul(512) / 1024)
+    let kib = |fd: &Path| std::fs::metadata(fd).ok().map(|m| m.blocks().saturating_mul(512) / 1024);
+    let (mut file, mut snapshot) = (None, None);
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return (file, snapshot) };
+    for entry in entries.take(FD_SCAN_CAP).flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let target = target.to_string_lossy();
+        if file.is_none() && is_guest_memory_file(&target) {
+            file = kib(&entry.path());
+        } else if snapshot.is_none() && crate::balloon::is_snapshot_memory(&target) {
+            snapshot = kib(&entry.path());
+        }
+        if file.is_some() && snapshot.is_some() {
+            break;
+        }
+    }
+    (file, snapshot)
 }
 
 /// `sysconf(_SC_CLK_TCK)`, the unit of `/proc/<pid>/stat` CPU times.

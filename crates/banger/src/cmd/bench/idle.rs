@@ -39,6 +39,16 @@ pub enum Start<'a> {
     Fork(&'a str),
 }
 
+impl Start<'_> {
+    /// `boot` or `fork`: the report's key, and part of the VMs' names.
+    fn key(self) -> &'static str {
+        match self {
+            Start::Boot => "boot",
+            Start::Fork(_) => "fork",
+        }
+    }
+}
+
 /// One idle VM's memory, in KiB.
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleVm {
@@ -123,11 +133,7 @@ fn mib_spread(vms: &[IdleVm], kib: impl Fn(&IdleVm) -> Option<u64>) -> Option<Sp
 /// Starts `n` VMs of `image` (or forks), waits (up to `settle`) for their memory to settle,
 /// measures it and deletes them.
 pub fn measure(cli: &Cli, image: &str, n: u32, settle: Duration, start: Start<'_>) -> anyhow::Result<IdleReport> {
-    let label = match start {
-        Start::Boot => "idle",
-        Start::Fork(_) => "idle-fork",
-    };
-    let names: Vec<String> = (0..n).map(|i| cli.name(&format!("{label}-{i}"))).collect();
+    let names: Vec<String> = (0..n).map(|i| cli.name(&format!("idle-{}-{i}", start.key()))).collect();
     let available_before = host_available_kib()?;
     let result = measure_started(cli, image, &names, settle, available_before, start);
     let mut delete = vec!["vm", "delete", "--force"];
@@ -185,10 +191,7 @@ fn measure_started(
     }
     let total = |kib: fn(&IdleVm) -> u64| last.iter().map(kib).sum::<u64>() as f64 / 1024.0;
     Ok(IdleReport {
-        start: match start {
-            Start::Boot => "boot",
-            Start::Fork(_) => "fork",
-        },
+        start: start.key(),
         vms: u32::try_from(names.len()).unwrap_or(u32::MAX),
         memory_mib: MEMORY_MIB,
         settled,
